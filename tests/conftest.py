@@ -1,0 +1,64 @@
+"""Shared fixtures: one real SeaweedFS S3 server and one local Ray per test session.
+
+Both bind to 127.0.0.1 and are stopped at session end. Tests that need S3 take ``s3_bucket`` (a unique
+``s3://`` prefix); tests that need Ray take ``ray_local``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from mplug2.runtime import setup_process_env
+
+setup_process_env()
+
+
+@pytest.fixture(scope="session")
+def scratch_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="mplug2-tests-"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server(scratch_root):
+    """A real SeaweedFS S3 endpoint; its client env vars are exported for the whole session."""
+    from mplug2.s3server import S3Server
+
+    srv = S3Server(root=scratch_root / "s3", buckets=("mplug2",))
+    srv.start()
+    saved = {k: os.environ.get(k) for k in srv.env()}
+    os.environ.update(srv.env())
+    yield srv
+    srv.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A fresh ``s3://mplug2/<uuid>`` prefix on the session's S3 server."""
+    return f"s3://mplug2/t-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A local Ray (2 CPUs, small object store) whose workers see the S3 env vars."""
+    import ray
+
+    from mplug2.runtime import init_ray
+
+    temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    init_ray(num_cpus=2, object_store_memory=512 << 20, temp_dir=temp)
+    yield ray
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
