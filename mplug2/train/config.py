@@ -1,0 +1,159 @@
+"""Typed configuration of a training run (pretraining or fine-tuning), loadable from YAML.
+
+A run is identified by ``run_name`` + ``storage``: re-running the same command resumes it. Fields that
+change the numerics (model, optimiser, seed, data mixture, global batch, horizon) are fingerprinted and
+must match on resume, so a silently different run never continues an old one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TASKS = ("pretrain", "retrieval", "caption", "qa", "classify")
+
+
+@dataclass
+class CorpusConfig:
+    """One shard dataset written by ``pipelines`` (a local folder or ``s3://`` prefix)."""
+
+    name: str
+    path: str
+    weight: float = 1.0
+    num_frames: int = 4          # frames fed to the model; images use 1
+
+
+@dataclass
+class DataConfig:
+    train: list[CorpusConfig] = field(default_factory=list)
+    eval: CorpusConfig | None = None
+    batch_size: int = 8          # per rank, per micro-step
+    eval_batch_size: int = 16
+    num_workers: int = 0         # DataLoader workers per rank
+    shuffle_buffer: int = 64
+    shards_in_flight: int = 2
+    max_text_len: int = 16
+    augment: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    lr_vision: float = 1e-5      # the spec's lower visual learning rate
+    weight_decay: float = 0.02
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+
+
+@dataclass
+class ScheduleConfig:
+    total_steps: int = 100
+    ckpt_every_steps: int = 50
+    eval_every_steps: int = 0    # 0: evaluate at the end only
+    log_every_steps: int = 10
+    keep_last: int = 3
+
+
+@dataclass
+class ScaleConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 0.5  # below 1 so Ray Data / loader tasks still get a CPU on small nodes
+    max_failures: int = 3
+    strategy: str = "ddp"        # ddp | fsdp
+    precision: str = "fp32"      # fp32 | bf16
+    backend: str | None = None   # default: nccl with GPUs, gloo otherwise
+    timeout_s: int = 900
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for tests and drills: fail once at this step (a marker file prevents repeats)."""
+
+    fail_at_step: int | None = None
+    fail_rank: int = 0
+    deterministic: bool = False
+
+
+@dataclass
+class TrainConfig:
+    run_name: str
+    storage: str = "outputs/runs"
+    task: str = "pretrain"
+    model: Any = "tiny"          # preset name, YAML path, or a dict of MPLUG2Config fields
+    init_from: str | None = None  # checkpoint dir / save_pretrained folder to start from
+    seed: int = 0
+    resume: str = "auto"         # auto | never
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"itc": 1.0, "itm": 1.0, "mlm": 1.0,
+                                                                     "prefix_lm": 1.0})
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.resume not in ("auto", "never"):
+            raise ValueError("resume must be 'auto' or 'never'")
+        if not self.run_name or "/" in self.run_name:
+            raise ValueError("run_name must be a non-empty name without '/'")
+
+    # --- (de)serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        data = dict(d.pop("data", {}) or {})
+        data["train"] = [c if isinstance(c, CorpusConfig) else CorpusConfig(**c) for c in data.get("train", [])]
+        if data.get("eval") is not None and not isinstance(data["eval"], CorpusConfig):
+            data["eval"] = CorpusConfig(**data["eval"])
+        optim = dict(d.pop("optim", {}) or {})
+        if "betas" in optim:
+            optim["betas"] = tuple(optim["betas"])
+        return cls(
+            data=DataConfig(**data), optim=OptimConfig(**optim),
+            schedule=ScheduleConfig(**(d.pop("schedule", {}) or {})),
+            scale=ScaleConfig(**(d.pop("scale", {}) or {})),
+            debug=DebugConfig(**(d.pop("debug", {}) or {})),
+            **d,
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "TrainConfig":
+        d = yaml.safe_load(Path(path).read_text()) or {}
+        for dotted, value in (overrides or {}).items():
+            set_dotted(d, dotted, value)
+        return cls.from_dict(d)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that change numerics; ``total_steps`` included (the LR schedule depends on it)."""
+        d = self.to_dict()
+        keep = {k: d[k] for k in ("task", "model", "seed", "loss_weights", "optim")}
+        keep["data"] = {k: d["data"][k] for k in ("train", "batch_size", "max_text_len")}
+        keep["global_batch"] = self.data.batch_size * self.optim.grad_accum * self.scale.num_workers
+        keep["total_steps"] = self.schedule.total_steps
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(d, "optim.lr", 3e-4)``; values given as strings are parsed as YAML scalars."""
+    keys = dotted.split(".")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = yaml.safe_load(value) if isinstance(value, str) else value

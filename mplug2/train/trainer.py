@@ -1,0 +1,73 @@
+"""Ray Train wiring: one ``TorchTrainer`` per run, resumable by name.
+
+Ray appears only here and in :mod:`mplug2.train.loop`'s thin reporting calls. Resume semantics (Ray Train V2):
+re-running with the same ``RunConfig(name, storage_path)`` restores the newest reported checkpoint
+(``checkpoint_manager_snapshot.json``); a lost worker restarts the worker group from that checkpoint,
+up to ``scale.max_failures`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from mplug2 import storage
+from mplug2.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def run_dir(cfg: TrainConfig) -> str:
+    return storage.join(cfg.storage, cfg.run_name)
+
+
+def has_previous_run(cfg: TrainConfig) -> bool:
+    return storage.exists(storage.join(run_dir(cfg), SNAPSHOT))
+
+
+def build_trainer(cfg: TrainConfig):
+    """A ``TorchTrainer`` for ``cfg`` (nothing starts until ``.fit()``)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from mplug2.runtime import forwarded_env
+    from mplug2.train.loop import train_loop_per_worker
+
+    fs, path = storage.pyarrow_fs(cfg.storage)
+    if not storage.is_remote(cfg.storage):
+        os.makedirs(path, exist_ok=True)
+    backend = cfg.scale.backend or ("nccl" if cfg.scale.use_gpu else "gloo")
+    resources = {"CPU": cfg.scale.cpus_per_worker}
+    if cfg.scale.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=cfg.to_dict(),
+        torch_config=TorchConfig(backend=backend, timeout_s=cfg.scale.timeout_s),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu, resources_per_worker=resources,
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scale.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.schedule.keep_last),
+            worker_runtime_env={"env_vars": forwarded_env()},
+        ),
+    )
+
+
+def fit(cfg: TrainConfig):
+    """Run (or resume) training; returns Ray's ``Result``. ``resume: never`` refuses an existing run."""
+    exists = has_previous_run(cfg)
+    if exists and cfg.resume == "never":
+        raise FileExistsError(
+            f"run {cfg.run_name!r} already exists at {run_dir(cfg)}; choose a new run_name or use resume: auto")
+    log.info("%s run %s at %s", "resuming" if exists else "starting", cfg.run_name, run_dir(cfg))
+    result = build_trainer(cfg).fit()
+    if result.error is not None:
+        raise result.error
+    return result
