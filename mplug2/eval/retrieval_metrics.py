@@ -1,0 +1,63 @@
+"""Retrieval recall R@K from similarity matrices, aware of several captions per image/video.
+
+Rows are images/videos, columns are texts. ``text_to_item[j]`` is the item that text j describes (an item
+may own several texts, MSRVTT/COCO style). Image→text: an item's rank is the best rank of any of its texts
+(ALBEF/mPLUG ``itm_eval``). Text→image: the rank of the text's own item. Ties are broken pessimistically
+(a tie with a wrong candidate counts against the query), so a constant matrix never scores R@1 = 100.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["retrieval_ranks", "recall_at_k", "retrieval_recall"]
+
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def retrieval_ranks(sim_i2t, text_to_item: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """0-based ranks ``(i2t_ranks (N_items,), t2i_ranks (N_texts,))`` of the best correct match."""
+    sim = _as_numpy(sim_i2t)
+    n_items, n_texts = sim.shape
+    t2i = np.asarray(text_to_item, dtype=np.int64)
+    if t2i.shape != (n_texts,):
+        raise ValueError(f"text_to_item has {t2i.shape[0]} entries for {n_texts} text columns")
+    if n_texts and (t2i.min() < 0 or t2i.max() >= n_items):
+        raise ValueError("text_to_item holds an item index outside the similarity matrix rows")
+    correct = t2i[None, :] == np.arange(n_items)[:, None]          # (items, texts)
+    if not correct.any(axis=1).all():
+        missing = np.flatnonzero(~correct.any(axis=1))[:5].tolist()
+        raise ValueError(f"items {missing} have no text; every row needs at least one caption")
+    # i2t: best correct score per row; rank = number of wrong texts scoring >= it.
+    best = np.where(correct, sim, -np.inf).max(axis=1)
+    i2t = ((sim >= best[:, None]) & ~correct).sum(axis=1)
+    # t2i: for text j, rank of its item among all items (column view).
+    own = sim[t2i, np.arange(n_texts)]
+    t2i_rank = ((sim >= own[None, :]) & ~correct).sum(axis=0)
+    return i2t, t2i_rank
+
+
+def recall_at_k(ranks: np.ndarray, k: int) -> float:
+    """Percentage of queries whose correct answer ranks in the top ``k``."""
+    return 100.0 * float((np.asarray(ranks) < k).mean()) if len(ranks) else float("nan")
+
+
+def retrieval_recall(sim_i2t, text_to_item: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """``txt_r{k}`` (image→text), ``img_r{k}`` (text→image), their means and ``r_mean`` (in percent)."""
+    i2t, t2i = retrieval_ranks(sim_i2t, text_to_item)
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"txt_r{k}"] = recall_at_k(i2t, k)
+    for k in ks:
+        out[f"img_r{k}"] = recall_at_k(t2i, k)
+    out["txt_r_mean"] = float(np.mean([out[f"txt_r{k}"] for k in ks]))
+    out["img_r_mean"] = float(np.mean([out[f"img_r{k}"] for k in ks]))
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
