@@ -1,0 +1,143 @@
+"""Rank-0 training metrics: TensorBoard scalars, a jsonl copy, and PNG curves at the end of a run.
+
+Ray Train V2 keeps only metrics attached to checkpoints, so per-step numbers go straight from rank 0 to
+TensorBoard (``training-and-ops.md`` §1.3); the jsonl copy makes runs diffable and plottable without TB.
+MFU = (FLOPs per sample x samples/s per device) / peak FLOP/s, with FLOPs per sample measured once
+(:func:`flops_per_sample`, ``torch.utils.flop_counter`` on a real forward + backward).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Mapping
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["MetricsLogger", "plot_curves", "flops_per_sample", "PEAK_FLOPS"]
+
+# Dense bf16 peaks (datasheets), for the MFU estimate.
+PEAK_FLOPS = {"A100": 312e12, "H100-SXM": 989e12, "H100-PCIe": 756e12, "H200": 989e12}
+
+
+def flops_per_sample(step_fn: Callable[[], Any], batch_size: int) -> float:
+    """FLOPs of one sample's forward + backward, counted on a real call of ``step_fn`` (which must run the
+    forward and ``backward()`` for a batch of ``batch_size``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step_fn()
+    return counter.get_total_flops() / batch_size
+
+
+class MetricsLogger:
+    """Log scalars per step on rank 0 (other ranks get a no-op logger, so the loop needs no rank checks).
+
+    Derived values, when their inputs are given to :meth:`log_step`: ``samples_per_s`` (= samples / step_time),
+    ``samples_per_s_per_device``, ``data_wait_frac`` (= data_wait_s / step_time), ``mfu``.
+    """
+
+    def __init__(self, log_dir: str, *, rank: int = 0, flops_per_sample: float | None = None,
+                 peak_flops: float | None = None, num_devices: int = 1, flush_every: int = 20) -> None:
+        self.enabled = rank == 0
+        self.log_dir, self.flops_per_sample, self.peak_flops = log_dir, flops_per_sample, peak_flops
+        self.num_devices, self.flush_every = max(1, num_devices), flush_every
+        self.jsonl_path = os.path.join(log_dir, "metrics.jsonl")
+        self._writer = None
+        self._jsonl = None
+        self._n = 0
+        if self.enabled:
+            os.makedirs(log_dir, exist_ok=True)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=log_dir)
+            self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
+
+    def derived(self, metrics: Mapping[str, float], samples: int | None) -> dict[str, float]:
+        out = dict(metrics)
+        step_time = metrics.get("step_time_s")
+        if step_time and step_time > 0:
+            if samples is not None:
+                out["samples_per_s"] = samples / step_time
+                out["samples_per_s_per_device"] = out["samples_per_s"] / self.num_devices
+                if self.flops_per_sample and self.peak_flops:
+                    out["mfu"] = self.flops_per_sample * out["samples_per_s_per_device"] / self.peak_flops
+            if "data_wait_s" in metrics:
+                out["data_wait_frac"] = metrics["data_wait_s"] / step_time
+        return out
+
+    def log_step(self, step: int, metrics: Mapping[str, float], *, samples: int | None = None) -> dict[str, float]:
+        """Record one optimizer step. ``metrics`` holds e.g. ``loss/itc``, ``lr``, ``step_time_s``,
+        ``data_wait_s``, ``ckpt_wait_s``; ``samples`` = global samples in the step. Returns what was logged."""
+        if not self.enabled:
+            return {}
+        values = {k: float(v.item() if isinstance(v, torch.Tensor) else v) for k, v in metrics.items()}
+        values = self.derived(values, samples)
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            log.warning("step %d: non-finite metrics %s", step, bad)
+        for k, v in values.items():
+            self._writer.add_scalar(k, v, step)
+        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}, sort_keys=True) + "\n")
+        self._n += 1
+        if self._n % self.flush_every == 0:
+            self.flush()
+        return values
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._writer.flush()
+            self._jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._writer is not None:
+            self._writer.close()
+            self._jsonl.close()
+            self._writer = None
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def plot_curves(jsonl_path: str, out_png: str, *, keys: list[str] | None = None) -> list[str]:
+    """One panel per metric (default: every numeric key) against step; returns the keys plotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    with open(jsonl_path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    if not rows:
+        raise ValueError(f"{jsonl_path}: no metrics to plot")
+    all_keys = sorted({k for r in rows for k, v in r.items() if k not in ("step", "time") and isinstance(v, (int, float))})
+    keys = [k for k in (keys or all_keys) if k in all_keys]
+    if not keys:
+        raise ValueError(f"{jsonl_path}: none of the requested metrics present (have {all_keys})")
+    cols = min(3, len(keys))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3 * nrows), squeeze=False)
+    for ax, k in zip(axes.flat, keys):
+        pts = [(r["step"], r[k]) for r in rows if k in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return keys
