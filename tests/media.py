@@ -58,6 +58,48 @@ def make_video(path: str | Path, seconds: float = 2.0, fps: float = 25, size: tu
     return path
 
 
+def make_index_video(path: str | Path, frames: int = 50, fps: float = 25, size: tuple[int, int] = (64, 48),
+                     gop: int = 10, vfr: bool = False, faststart: bool = False) -> Path:
+    """A clip whose frame ``n`` is flat grey at luma ``16 + 3 n`` (n < 70), so a decoded frame names itself.
+
+    With ``vfr`` frame ``n`` is shown at ``index_video_pts(n, fps, vfr=True)``.
+    """
+    if frames > 70:
+        raise ValueError("at most 70 distinguishable frames")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    vf = ["geq=lum='16+3*N':cb=128:cr=128", "format=yuv420p"]
+    if vfr:
+        vf.append(f"setpts=(N+2*floor(N/5))/({fps}*TB)")
+    args = ["-f", "lavfi", "-i", f"color=c=black:size={w}x{h}:rate={fps}", "-frames:v", str(frames),
+            "-vf", ",".join(vf), "-c:v", "libx264", "-preset", "veryfast", "-qp", "0", "-bf", "2",
+            "-x264-params", f"keyint={gop}:min-keyint={gop}:scenecut=0", "-threads", "1"]
+    if vfr:
+        args += ["-fps_mode", "passthrough", "-video_track_timescale", "1000"]
+    if faststart:
+        args += ["-movflags", "+faststart"]
+    _ffmpeg([*args, str(path)])
+    return path
+
+
+def index_video_pts(n: int, fps: float = 25, vfr: bool = False) -> float:
+    """Presentation time (s) of frame ``n`` in :func:`make_index_video`."""
+    return (n + 2 * (n // 5)) / fps if vfr else n / fps
+
+
+def frame_index_of(jpeg: bytes) -> int:
+    """Which :func:`make_index_video` frame a decoded JPEG shows (from its mean luma)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    # limited-range Y = 16 + 3n decodes to full-range grey (Y - 16) * 255 / 219
+    grey = np.asarray(Image.open(io.BytesIO(jpeg)).convert("L"), dtype=np.float64).mean()
+    return int(round(grey * 219 / 255 / 3))
+
+
 def make_audio(path: str | Path, seconds: float = 1.0) -> Path:
     """An audio-only m4a (a valid container with no video stream)."""
     path = Path(path)
