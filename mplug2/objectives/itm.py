@@ -1,0 +1,90 @@
+"""Image/video-text matching (ITM) with hard negatives mined from the ITC similarities (model-spec §4).
+
+Negatives are drawn per rank from the local (B, B) similarity block: the softmax over a row, restricted to
+valid candidates (not the positive, not a same-id item), is the sampling distribution, so harder negatives
+(more similar) are drawn more often. Masking with −inf before the softmax is the same distribution as
+"softmax, zero the positives, renormalise", but never underflows to an all-zero row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ITMOutput", "ITMHead", "sample_hard_negatives", "itm_loss", "FuseFn"]
+
+FuseFn = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]  # (text, tmask, vis, vmask) -> (V_f, T_f)
+
+
+@dataclass
+class ITMOutput:
+    loss: Tensor
+    logits: Tensor      # (3B, 2)
+    labels: Tensor      # (3B,) = [1]*B + [0]*2B
+    neg_text_for_image: Tensor   # (B,) index of the negative text paired with image i
+    neg_image_for_text: Tensor   # (B,) index of the negative image paired with text i
+
+
+class ITMHead(nn.Module):
+    """Linear(D, 2) on the fusion [CLS] state: logit 1 = "matched"."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(width, 2)
+
+    def forward(self, fused_text: Tensor) -> Tensor:
+        return self.fc(fused_text[:, 0])
+
+
+def _valid_mask(b: int, ids: Tensor | None, device: torch.device) -> Tensor:
+    if ids is None:
+        return ~torch.eye(b, dtype=torch.bool, device=device)
+    return ids.view(-1, 1) != ids.view(1, -1)
+
+
+@torch.no_grad()
+def sample_hard_negatives(local_i2t: Tensor, local_t2i: Tensor, ids: Tensor | None = None,
+                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """Draw one negative text per image and one negative image per text.
+
+    ``local_i2t[i, j]`` is the similarity of image i with text j on this rank. Returns
+    ``(neg_text_for_image, neg_image_for_text)``, each (B,) long. Raises ``ValueError`` when a row has no
+    valid negative (batch of one, or every item sharing the row's id).
+    """
+    b = local_i2t.shape[0]
+    if local_i2t.shape != (b, b) or local_t2i.shape != (b, b):
+        raise ValueError(f"ITM needs square local similarity blocks, got {tuple(local_i2t.shape)}")
+    valid = _valid_mask(b, ids, local_i2t.device)
+    empty = ~valid.any(dim=1)
+    if bool(empty.any()):
+        rows = empty.nonzero().flatten().tolist()
+        raise ValueError(
+            f"ITM: rows {rows} have no valid negative in the local batch of {b} "
+            "(every other item is the positive or shares its id); use a larger or more diverse batch")
+    neg = float("-inf")
+    w_i2t = F.softmax(local_i2t.float().masked_fill(~valid, neg), dim=1)
+    w_t2i = F.softmax(local_t2i.float().masked_fill(~valid, neg), dim=1)
+    neg_text_for_image = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
+    neg_image_for_text = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
+    return neg_text_for_image, neg_image_for_text
+
+
+def itm_loss(fuse: FuseFn, head: ITMHead, vis: Tensor, vis_mask: Tensor, text: Tensor, text_mask: Tensor,
+             local_i2t: Tensor, local_t2i: Tensor, ids: Tensor | None = None,
+             generator: torch.Generator | None = None) -> ITMOutput:
+    """B positives plus 2B hard negatives through ``fuse`` in one call; CE on the ITM head."""
+    b = vis.shape[0]
+    neg_t, neg_v = sample_hard_negatives(local_i2t, local_t2i, ids, generator)
+    vis_all = torch.cat([vis, vis[neg_v], vis], 0)
+    vmask_all = torch.cat([vis_mask, vis_mask[neg_v], vis_mask], 0)
+    text_all = torch.cat([text, text, text[neg_t]], 0)
+    tmask_all = torch.cat([text_mask, text_mask, text_mask[neg_t]], 0)
+    _, fused_text = fuse(text_all, tmask_all, vis_all, vmask_all)
+    logits = head(fused_text).float()
+    labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(vis.device)
+    return ITMOutput(loss=F.cross_entropy(logits, labels), logits=logits, labels=labels,
+                     neg_text_for_image=neg_t, neg_image_for_text=neg_v)
