@@ -1,0 +1,160 @@
+"""``mplug2-data``: command-line front end of the corpus pipeline.
+
+    mplug2-data shard --manifest cc3m.tsv --output s3://bucket/cc3m/train --modality image
+    mplug2-data shard --config configs/webvid.yaml --mode extend --manifest new_rows.csv
+    mplug2-data verify --output s3://bucket/cc3m/train
+
+Every ``PreprocessConfig`` field is a flag (``image_size`` -> ``--image-size``); a ``--config`` YAML file
+sets defaults that explicit flags override.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import typing
+
+from pipelines.config import FORMATS, MODALITIES, MODES, PRESETS, SAMPLERS, PreprocessConfig
+from pipelines.errors import ConfigError
+from pipelines.resize import RESIZE_MODES
+from pipelines.shards import LeaseError
+
+HELP: dict[str, str] = {
+    "manifest": "manifest file(s), folder(s) or glob(s), local or s3:// (read in sorted order)",
+    "output": "dataset prefix: local folder or s3://bucket/prefix",
+    "modality": "one dataset holds one modality",
+    "split": "shard name prefix: {split}-NNNNNN.tar",
+    "samples_per_shard": "input rows per shard (failures included)",
+    "preset": "column flags for a known corpus",
+    "input_format": "force the manifest format instead of using the suffix",
+    "column_names": "column names for header-less csv/tsv (CC3M: caption url)",
+    "url_col": "media column: http(s)/s3/file URL or local path ('path' is an alias of 'url')",
+    "caption_col": "caption column(s): one, or several (each may hold a list of references)",
+    "label_col": "integer label column, written as the cls field",
+    "start_col": "clip start column (seconds or HH:MM:SS.fff)",
+    "end_col": "clip end column (seconds or HH:MM:SS.fff; empty = end of file)",
+    "clips_col": "column holding a list of [start, end] pairs: one sample per clip",
+    "drop_cols": "manifest columns not to copy into json/parquet",
+    "allow_empty_caption": "keep rows with an empty caption (default: counted as empty_caption)",
+    "media_root": "base for relative media paths (default: each manifest's folder)",
+    "threads": "fetch/decode threads per shard task",
+    "timeout_s": "per-download timeout in seconds",
+    "retries": "extra attempts for HTTP 429/5xx and connection errors (exponential backoff)",
+    "max_bytes": "largest accepted media file in bytes (too_large beyond)",
+    "honor_robots": "skip sources whose X-Robots-Tag says noai/noindex (opted_out)",
+    "user_agent": "HTTP User-Agent",
+    "image_size": "output image side in pixels",
+    "resize_mode": "img2dataset resize mode",
+    "jpeg_quality": "JPEG quality of images and video frames",
+    "min_image_size": "smaller side below this is too_small",
+    "max_aspect_ratio": "long/short side above this is filtered",
+    "num_frames": "frames per video sample (middle/random_segment)",
+    "sampler": "frame sampler: middle (eval), random_segment (train), fps",
+    "fps": "frame rate for --sampler fps",
+    "max_frames": "frame cap for --sampler fps",
+    "frame_size": "video frame side in pixels",
+    "frame_resize_mode": "resize mode for video frames",
+    "video_backend": "pyav or ffmpeg",
+    "video_timeout_s": "decode deadline per video",
+    "min_duration": "clips shorter than this are too_small",
+    "keep_video": "also store the re-encoded clip as an mp4 field",
+    "seed": "dataset seed (random_segment draws from seed and key)",
+    "mode": "incremental: skip committed shards; overwrite: delete contract objects first; extend: append new rows",
+    "retry_failed": "re-fetch rows of committed shards whose failure reason is retryable",
+    "max_shard_retry": "retries of a whole-shard failure (storage error, dead worker)",
+    "max_in_flight": "shard tasks in flight (default 2 x cluster CPUs)",
+    "shard_timeout_s": "deadline per shard task",
+    "watchdog_s": "global deadline: cancel what is left and report",
+    "max_failure_ratio": "exit non-zero (after writing everything) when failed/attempted exceeds this",
+    "executor": "ray (default; RAY_ADDRESS or a local cluster) or local (process pool, no Ray)",
+    "ray_address": "Ray cluster address (default RAY_ADDRESS, else a local cluster)",
+    "num_cpus": "CPUs for a local Ray cluster / local executor",
+    "progress": "show a progress bar",
+    "force_unlock": "take over the writer lease even if it looks alive",
+    "lease_ttl_s": "writer lease lifetime without heartbeat",
+}
+CHOICES = {"modality": MODALITIES, "mode": MODES, "input_format": FORMATS, "preset": tuple(PRESETS),
+           "resize_mode": RESIZE_MODES, "frame_resize_mode": RESIZE_MODES, "sampler": SAMPLERS,
+           "executor": ("ray", "local"), "video_backend": ("pyav", "ffmpeg")}
+
+
+def _scalar_type(tp) -> type:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    for cand in (int, float, str):
+        if tp is cand or cand in args:
+            return cand
+    return str
+
+
+def add_config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per :class:`PreprocessConfig` field; defaults are None so YAML/dataclass defaults apply."""
+    hints = typing.get_type_hints(PreprocessConfig)
+    for f in dataclasses.fields(PreprocessConfig):
+        tp = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, "", []) else "")
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif "list" in str(tp):
+            p.add_argument(flag, nargs="+", default=None, help=help_)
+        else:
+            p.add_argument(flag, type=_scalar_type(tp), default=None, choices=CHOICES.get(f.name), help=help_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mplug2-data", description="Corpus preprocessing into WebDataset shards.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    shard = sub.add_parser("shard", help="turn manifests into WebDataset shards (Ray)",
+                           description="Fetch, decode and shard a manifest; resumable (see --mode).",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    shard.add_argument("--config", help="YAML file of PreprocessConfig fields (flags override it)")
+    shard.add_argument("--local", action="store_true", help="shorthand for --executor local")
+    shard.add_argument("--log-level", default="INFO")
+    add_config_flags(shard)
+    verify = sub.add_parser("verify", help="check a written dataset against the contract (tars, sidecars, index)")
+    verify.add_argument("--output", required=True)
+    verify.add_argument("--split", default="train")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
+    names = {f.name for f in dataclasses.fields(PreprocessConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if getattr(args, "local", False):
+        overrides["executor"] = "local"
+    if isinstance(overrides.get("caption_col"), list) and len(overrides["caption_col"]) == 1:
+        overrides["caption_col"] = overrides["caption_col"][0]
+    if args.config:
+        return PreprocessConfig.from_yaml(args.config, **overrides)
+    return PreprocessConfig.from_dict({}, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "verify":
+        from pipelines.verify import verify_dataset
+
+        problems = verify_dataset(args.output, args.split)
+        for p in problems:
+            print("PROBLEM:", p)
+        print("OK" if not problems else f"{len(problems)} problem(s)")
+        return 0 if not problems else 1
+    try:
+        config = config_from_args(args)
+        from pipelines.run import preprocess
+
+        summary = preprocess(config)
+    except (ConfigError, LeaseError) as exc:
+        print(f"mplug2-data: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary.table())
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

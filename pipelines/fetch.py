@@ -1,0 +1,220 @@
+"""Fetch media bytes from local paths, ``file://``, ``s3://`` and ``http(s)://`` with honest failure reasons.
+
+Content is validated, not trusted (data-contract §11): an HTTP 404 page is ``not_found`` (never a sample),
+other non-2xx statuses are ``download_error`` (retried with backoff for 429/5xx and connection errors),
+bodies are capped at ``max_bytes`` *while streaming*, and ``X-Robots-Tag: noai``/``noindex`` is honoured
+as ``opted_out``, as img2dataset does. One pooled keep-alive ``requests.Session`` serves all threads of a
+shard task (urllib3 pools are thread-safe).
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import random
+import time
+from dataclasses import dataclass
+from urllib.parse import unquote, urlparse
+
+from mplug2 import storage
+from pipelines.errors import (DOWNLOAD_ERROR, INVALID_INPUT, NOT_FOUND, OPTED_OUT, TIMEOUT, TOO_LARGE,
+                              SampleError)
+
+# Directives that opt a page out of AI training / indexing (img2dataset's default disallow list).
+OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
+_CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    timeout_s: float = 10.0
+    retries: int = 2  # extra attempts for retryable errors (429, 5xx, connection errors)
+    max_bytes: int = 256 << 20
+    honor_robots: bool = True
+    user_agent: str = "mplug2-ray/0.1"
+    backoff_s: float = 0.25
+    pool_size: int = 32
+
+
+@dataclass
+class Fetched:
+    data: bytes
+    attempts: int
+    url: str
+
+
+def resolve_source(url: str, media_root: str | None = None, manifest_path: str | None = None) -> str:
+    """Make a relative local path absolute: against ``media_root`` if given, else the manifest's folder."""
+    if "://" in url or os.path.isabs(url):
+        return url
+    base = media_root or (posixpath.dirname(manifest_path) if manifest_path else None)
+    if not base:
+        return os.path.abspath(url)
+    return storage.join(base, url)
+
+
+def robots_opt_out(header_values: list[str], agent_token: str = "mplug2-ray") -> bool:
+    """True if an ``X-Robots-Tag`` header forbids use by all agents or by ours.
+
+    ``X-Robots-Tag: googlebot: noindex`` only binds Google; ``noai`` and ``otherbot: none`` apply as named.
+    """
+    for value in header_values:
+        for part in value.split(","):
+            part = part.strip().lower()
+            if not part:
+                continue
+            if ":" in part:
+                agent, _, directive = part.partition(":")
+                if agent.strip() not in ("*", agent_token.lower()):
+                    continue
+                part = directive.strip()
+            if part in OPT_OUT_DIRECTIVES or part == "none":
+                return True
+    return False
+
+
+class Fetcher:
+    """Downloads one source at a time; safe to share between the threads of one shard task."""
+
+    def __init__(self, opts: FetchOptions):
+        self.opts = opts
+        self._session = None
+
+    @property
+    def session(self):
+        if self._session is None:
+            import requests
+            from requests.adapters import HTTPAdapter
+
+            s = requests.Session()
+            adapter = HTTPAdapter(pool_connections=16, pool_maxsize=self.opts.pool_size, max_retries=0)
+            s.mount("http://", adapter)
+            s.mount("https://", adapter)
+            s.headers["User-Agent"] = self.opts.user_agent
+            self._session = s
+        return self._session
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+    # ------------------------------------------------------------------------------------------
+    def fetch(self, url: str) -> Fetched:
+        """Return the bytes behind ``url`` or raise :class:`SampleError` with the failure reason."""
+        if not url:
+            raise SampleError(INVALID_INPUT, "empty source")
+        scheme = urlparse(url).scheme.lower()
+        if scheme in ("http", "https"):
+            return self._http(url)
+        if scheme == "s3":
+            return Fetched(self._s3(url), 1, url)
+        if scheme == "file":
+            return Fetched(self._local(unquote(urlparse(url).path)), 1, url)
+        if scheme and len(scheme) > 1:  # "c:" style drive letters are not schemes
+            raise SampleError(INVALID_INPUT, f"unsupported URL scheme {scheme!r}")
+        return Fetched(self._local(url), 1, url)
+
+    def local_path(self, url: str) -> str | None:
+        """The local file behind ``url`` when it needs no download (videos are decoded in place)."""
+        scheme = urlparse(url).scheme.lower()
+        if scheme == "file":
+            return unquote(urlparse(url).path)
+        if not scheme or len(scheme) == 1:
+            return url
+        return None
+
+    def _local(self, path: str) -> bytes:
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            raise SampleError(NOT_FOUND, f"no such file: {path}") from None
+        except OSError as exc:
+            raise SampleError(DOWNLOAD_ERROR, f"{type(exc).__name__}: {exc}") from None
+        if os.path.isdir(path):
+            raise SampleError(INVALID_INPUT, f"{path} is a directory")
+        if size > self.opts.max_bytes:
+            raise SampleError(TOO_LARGE, f"{size} bytes > max_bytes {self.opts.max_bytes}")
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise SampleError(DOWNLOAD_ERROR, f"{type(exc).__name__}: {exc}") from None
+
+    def _s3(self, url: str) -> bytes:
+        fs, path = storage.get_fs(url)
+        try:
+            size = storage.retry_io(lambda: fs.size(path), attempts=self.opts.retries + 1)
+            if size is not None and size > self.opts.max_bytes:
+                raise SampleError(TOO_LARGE, f"{size} bytes > max_bytes {self.opts.max_bytes}")
+            return storage.retry_io(lambda: fs.cat_file(path), attempts=self.opts.retries + 1)
+        except FileNotFoundError:
+            raise SampleError(NOT_FOUND, f"no such object: {url}") from None
+        except SampleError:
+            raise
+        except Exception as exc:  # s3fs/botocore error types vary by version
+            raise SampleError(DOWNLOAD_ERROR, f"{type(exc).__name__}: {exc}") from None
+
+    def _http(self, url: str) -> Fetched:
+        import requests
+
+        opts = self.opts
+        last: SampleError | None = None
+        for attempt in range(1, opts.retries + 2):
+            try:
+                return Fetched(self._http_once(url), attempt, url)
+            except SampleError as exc:
+                last = exc
+                if not getattr(exc, "retryable", False) or attempt > opts.retries:
+                    break
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                reason = TIMEOUT if isinstance(exc, requests.Timeout) else DOWNLOAD_ERROR
+                last = SampleError(reason, f"{type(exc).__name__}: {_short(exc)}")
+                if attempt > opts.retries:
+                    break
+            except requests.RequestException as exc:
+                last = SampleError(DOWNLOAD_ERROR, f"{type(exc).__name__}: {_short(exc)}")
+                break
+            time.sleep(opts.backoff_s * (2 ** (attempt - 1)) * (1 + random.random() * 0.25))
+        assert last is not None
+        last.attempts = attempt  # type: ignore[attr-defined]
+        raise last
+
+    def _http_once(self, url: str) -> bytes:
+        opts = self.opts
+        deadline = time.monotonic() + opts.timeout_s
+        with self.session.get(url, stream=True, timeout=opts.timeout_s, allow_redirects=True) as resp:
+            code = resp.status_code
+            if code in (404, 410):
+                raise SampleError(NOT_FOUND, f"HTTP {code}")
+            if not 200 <= code < 300:
+                err = SampleError(DOWNLOAD_ERROR, f"HTTP {code}")
+                err.retryable = code == 429 or code >= 500  # type: ignore[attr-defined]
+                raise err
+            if opts.honor_robots and robots_opt_out(_header_values(resp, "X-Robots-Tag")):
+                raise SampleError(OPTED_OUT, "X-Robots-Tag forbids use")
+            length = resp.headers.get("Content-Length")
+            if length and length.isdigit() and int(length) > opts.max_bytes:
+                raise SampleError(TOO_LARGE, f"Content-Length {length} > max_bytes {opts.max_bytes}")
+            buf = bytearray()
+            for chunk in resp.iter_content(_CHUNK):
+                buf += chunk
+                if len(buf) > opts.max_bytes:
+                    raise SampleError(TOO_LARGE, f"body over max_bytes {opts.max_bytes}")
+                if time.monotonic() > deadline:
+                    raise SampleError(TIMEOUT, f"download exceeded {opts.timeout_s}s")
+            return bytes(buf)
+
+
+def _header_values(resp, name: str) -> list[str]:
+    """All values of a (possibly repeated) header; requests folds repeats into one comma-joined value."""
+    raw = getattr(resp, "raw", None)
+    if raw is not None and hasattr(raw, "headers") and hasattr(raw.headers, "getlist"):
+        return list(raw.headers.getlist(name))
+    v = resp.headers.get(name)
+    return [v] if v else []
+
+
+def _short(exc: BaseException, n: int = 200) -> str:
+    s = str(exc)
+    return s if len(s) <= n else s[:n] + "..."

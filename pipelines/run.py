@@ -1,0 +1,366 @@
+"""Run a preprocessing job: stream the manifest on the driver, one Ray task per output shard.
+
+Why one task per shard (img2dataset's Ray distributor) and not ``Dataset.write_webdataset``: shard names
+must be deterministic (``train-000012.tar`` owns input rows ``[12·S, 13·S)``), each shard is committed
+as a unit with its sidecars, and resume/retry are shard-granular (data-contract §8, §10). The driver
+keeps at most ``max_in_flight`` tasks running, enforces a per-shard deadline and a global watchdog, and
+retries whole-shard failures (storage errors, a dead worker) up to ``max_shard_retry`` times.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from mplug2.runtime import setup_process_env
+from pipelines import shards
+from pipelines.config import PreprocessConfig
+from pipelines.errors import ConfigError
+from pipelines.shard_task import ShardTask, run_shard
+from pipelines.sources import check_manifests, expand_manifests, file_info, iter_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    """What a run did; ``exit_code`` is what the CLI returns."""
+
+    output: str
+    mode: str
+    fingerprint: str
+    shards_written: list[int] = field(default_factory=list)
+    shards_skipped: list[int] = field(default_factory=list)
+    shards_failed: dict[int, str] = field(default_factory=dict)
+    rows: int = 0  # samples attempted in this run (rows, or clips for clip lists)
+    successes: int = 0
+    failures: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    watchdog_fired: bool = False
+    max_failure_ratio: float = 1.0
+    dataset: dict | None = None
+
+    @property
+    def failed(self) -> int:
+        return sum(self.failures.values())
+
+    @property
+    def failure_ratio(self) -> float:
+        return self.failed / self.rows if self.rows else 0.0
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.successes / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        if self.shards_failed or self.watchdog_fired:
+            return 2
+        return 1 if self.failure_ratio > self.max_failure_ratio else 0
+
+    def table(self) -> str:
+        lines = [
+            f"output            {self.output}",
+            f"mode              {self.mode}  (config {self.fingerprint})",
+            f"shards            {len(self.shards_written)} written, {len(self.shards_skipped)} skipped "
+            f"(committed), {len(self.shards_failed)} failed",
+            f"samples           {self.rows} attempted, {self.successes} written, {self.failed} failed "
+            f"({100 * self.failure_ratio:.1f}%)",
+        ]
+        for reason, n in sorted(self.failures.items(), key=lambda kv: -kv[1]):
+            lines.append(f"  {reason:<16}{n}")
+        lines.append(f"wall time         {self.wall_s:.1f} s  ({self.samples_per_s:.1f} samples/s)")
+        for sid, why in sorted(self.shards_failed.items()):
+            lines.append(f"FAILED shard {sid}: {why}")
+        if self.watchdog_fired:
+            lines.append("WATCHDOG: the global deadline ended the run early")
+        if self.failure_ratio > self.max_failure_ratio:
+            lines.append(f"failure ratio {self.failure_ratio:.3f} > --max-failure-ratio {self.max_failure_ratio}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- executors
+class _RayExecutor:
+    """One Ray task per shard, 1 CPU each, no Ray-level retries (the driver retries and reports)."""
+
+    def __init__(self, config: PreprocessConfig):
+        import ray
+
+        from mplug2.runtime import init_ray
+
+        self.ray = ray
+        self.started = not ray.is_initialized() and not (config.ray_address or os.environ.get("RAY_ADDRESS"))
+        init_ray(config.ray_address, num_cpus=config.num_cpus, log_to_driver=True)
+        self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        self.remote = ray.remote(num_cpus=1, max_retries=0)(run_shard)
+
+    def submit(self, config_dict: dict, task: ShardTask):
+        return self.remote.remote(config_dict, task)
+
+    def wait(self, handles: list, timeout: float) -> list:
+        done, _ = self.ray.wait(handles, num_returns=1, timeout=timeout)
+        if done:  # collect everything already finished, not just one
+            more, _ = self.ray.wait(handles, num_returns=len(handles), timeout=0)
+            done = list({id(h): h for h in done + more}.values())
+        return done
+
+    def result(self, handle) -> dict:
+        return self.ray.get(handle)
+
+    def cancel(self, handle) -> None:
+        self.ray.cancel(handle, force=True)
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+class _LocalExecutor:
+    """Processes on this machine, no Ray: debugging, or a single box where Ray start-up is not wanted."""
+
+    def __init__(self, config: PreprocessConfig):
+        import concurrent.futures as cf
+        import multiprocessing as mp
+
+        self.cf = cf
+        self.cpus = config.num_cpus or os.cpu_count() or 1
+        self.pool = cf.ProcessPoolExecutor(self.cpus, mp_context=mp.get_context("spawn"))
+
+    def submit(self, config_dict: dict, task: ShardTask):
+        return self.pool.submit(run_shard, config_dict, task)
+
+    def wait(self, handles: list, timeout: float) -> list:
+        done, _ = self.cf.wait(handles, timeout=timeout, return_when=self.cf.FIRST_COMPLETED)
+        return list(done)
+
+    def result(self, handle) -> dict:
+        return handle.result()
+
+    def cancel(self, handle) -> None:
+        handle.cancel()  # a running local task cannot be interrupted; its result is ignored
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------- planning
+@dataclass
+class _Plan:
+    tasks: Iterator[ShardTask]
+    manifests: list[dict]  # filled while streaming: path, skip_rows, rows, shards [first, last]
+
+
+def _plan(config: PreprocessConfig, paths: list[str], cmaps: dict, existing: dict[int, dict],
+          start_shard: int, skip: dict[str, int], owner: str, summary: RunSummary) -> _Plan:
+    """Group streamed rows into shards; skip committed ones (or schedule them for --retry-failed)."""
+    S = config.samples_per_shard
+    records: dict[str, dict] = {p: {"path": p, "skip_rows": skip.get(p, 0), "rows": 0, "shards": None}
+                                for p in paths}
+
+    def gen() -> Iterator[ShardTask]:
+        shard, rows = start_shard, []
+
+        def emit(shard_id: int, chunk: list) -> ShardTask | None:
+            for r in chunk:
+                rec = records[r.source]
+                rec["rows"] += 1
+                lo, hi = rec["shards"] or (shard_id, shard_id)
+                rec["shards"] = [min(lo, shard_id), max(hi, shard_id)]
+            if shard_id in existing:
+                st = existing[shard_id]
+                if config.retry_failed and st.get("retryable_failures", 0) > 0:
+                    return ShardTask(shard_id, [], cmaps, retry_failed=True, lease_owner=owner)
+                summary.shards_skipped.append(shard_id)
+                return None
+            return ShardTask(shard_id, chunk, cmaps, lease_owner=owner)
+
+        for row in iter_rows(paths, config, skip):
+            rows.append(row)
+            if len(rows) == S:
+                t = emit(shard, rows)
+                if t:
+                    yield t
+                shard, rows = shard + 1, []
+        if rows:
+            t = emit(shard, rows)
+            if t:
+                yield t
+
+    return _Plan(tasks=gen(), manifests=[records[p] for p in paths])
+
+
+def _check_fingerprints(existing: dict[int, dict], prev: dict | None, fp: str) -> None:
+    bad = sorted(i for i, s in existing.items() if s.get("config_fingerprint") != fp)
+    if prev and prev.get("config_fingerprint") not in (None, fp):
+        bad = bad or [-1]
+    if bad:
+        raise ConfigError(f"the output already holds shards written with another config (fingerprint mismatch on "
+                          f"shards {bad[:5]}{'...' if len(bad) > 5 else ''}); re-run with --mode overwrite to "
+                          "replace them, or restore the original config")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def preprocess(config: PreprocessConfig) -> RunSummary:
+    """Preprocess ``config.manifest`` into WebDataset shards under ``config.output``; see module doc."""
+    setup_process_env()
+    t0 = time.monotonic()
+    config.validate()
+    fp = config.fingerprint()
+    out = shards.Output(config.output)
+    summary = RunSummary(output=out.url, mode=config.mode + (" +retry-failed" if config.retry_failed else ""),
+                         fingerprint=fp, max_failure_ratio=config.max_failure_ratio)
+
+    # Start-up checks: everything that can be wrong with the inputs fails here, before any write.
+    paths = expand_manifests(config.manifest)
+    cmaps = check_manifests(paths, config)
+    log.info("%d manifest file(s); columns %s", len(paths), {p: cm.url for p, cm in cmaps.items()})
+
+    out.ensure()
+    lease = shards.WriterLease(out, ttl_s=config.lease_ttl_s)
+    lease.acquire(force=config.force_unlock)
+    executor = None
+    try:
+        if not out.remote:  # staging folders of killed runs (never contract objects)
+            for name in os.listdir(out.url):
+                if name.startswith(".staging-"):
+                    shutil.rmtree(os.path.join(out.url, name), ignore_errors=True)
+        prev = out.read_json("dataset.json")
+        if config.mode == "overwrite":
+            n = shards.delete_contract_objects(out, config.split)
+            log.info("overwrite: deleted %d contract objects under %s", n, out.url)
+            existing, prev = {}, None
+        else:
+            existing = shards.committed_stats(out, config.split)
+            _check_fingerprints(existing, prev, fp)
+        skip: dict[str, int] = {}
+        start_shard = 0
+        if config.mode == "extend":
+            start_shard = max(existing) + 1 if existing else 0
+            for m in (prev or {}).get("manifests", []):
+                skip[m["path"]] = max(skip.get(m["path"], 0), int(m.get("skip_rows", 0)) + int(m.get("rows", 0)))
+            log.info("extend: new shards from %d; rows already consumed: %s", start_shard, skip)
+        plan = _plan(config, paths, cmaps, existing if config.mode != "extend" else {}, start_shard, skip,
+                     lease.owner, summary)
+        config_dict = config.to_dict()
+        tasks_iter = iter(plan.tasks)
+        first = next(tasks_iter, None)
+        if first is not None:
+            executor = _RayExecutor(config) if config.executor == "ray" else _LocalExecutor(config)
+            _drive(config, config_dict, executor, first, tasks_iter, lease, summary, t0)
+        else:
+            for _ in tasks_iter:  # pragma: no cover - nothing left after the first None
+                pass
+
+        wrote = bool(summary.shards_written)
+        if wrote or (prev is None and existing):
+            all_stats = shards.committed_stats(out, config.split)
+            manifests = _manifest_records(plan.manifests, prev, config.mode)
+            summary.dataset = shards.finalize_dataset(out, config.split, config=config.to_dict(), fingerprint=fp,
+                                                      manifests=manifests, stats=all_stats)
+        else:
+            summary.dataset = prev
+            log.info("nothing new to write; dataset files left as they are")
+    finally:
+        if executor is not None:
+            executor.close()
+        lease.release()
+    summary.wall_s = time.monotonic() - t0
+    return summary
+
+
+def _manifest_records(current: list[dict], prev: dict | None, mode: str) -> list[dict]:
+    """Manifest entries for dataset.json: earlier runs' entries (extend) plus this run's, with hashes."""
+    records = list((prev or {}).get("manifests", [])) if mode == "extend" else []
+    for rec in current:
+        if mode == "extend" and rec["rows"] == 0:
+            continue
+        try:
+            info = file_info(rec["path"])
+        except OSError as exc:
+            info = {"path": rec["path"], "error": str(exc)}
+        records.append({**info, **rec})
+    return records
+
+
+def _drive(config: PreprocessConfig, config_dict: dict, executor, first: ShardTask, tasks: Iterator[ShardTask],
+           lease: shards.WriterLease, summary: RunSummary, t0: float) -> None:
+    """Submit shard tasks with bounded concurrency; collect, retry, time out, report progress."""
+    from tqdm import tqdm
+
+    max_in_flight = config.max_in_flight or 2 * executor.cpus
+    in_flight: dict[Any, tuple[ShardTask, float, int]] = {}  # handle -> (task, started, attempt)
+    pending_retry: list[tuple[ShardTask, int]] = []
+    next_task: ShardTask | None = first
+    bar = tqdm(unit="sample", desc="shards 0", disable=not config.progress, dynamic_ncols=True, mininterval=1.0)
+    done_shards = 0
+
+    def submit(task: ShardTask, attempt: int) -> None:
+        in_flight[executor.submit(config_dict, task)] = (task, time.monotonic(), attempt)
+
+    try:
+        while True:
+            while len(in_flight) < max_in_flight and not summary.watchdog_fired:
+                if pending_retry:
+                    submit(*pending_retry.pop(0))
+                elif next_task is not None:
+                    submit(next_task, 1)
+                    next_task = next(tasks, None)
+                else:
+                    break
+            if not in_flight:
+                break
+            done = executor.wait(list(in_flight), timeout=1.0)
+            now = time.monotonic()
+            for h in done:
+                task, _, attempt = in_flight.pop(h)
+                try:
+                    stats = executor.result(h)
+                except Exception as exc:  # whole-shard failure: storage, lost lease, dead worker
+                    why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                    _shard_failed(task, attempt, why, config, pending_retry, summary)
+                    continue
+                done_shards += 1
+                summary.shards_written.append(task.shard)
+                summary.rows += stats["count"]
+                summary.successes += stats["successes"]
+                for r, n in stats["failures"].items():
+                    summary.failures[r] = summary.failures.get(r, 0) + n
+                bar.update(stats["count"])
+                bar.set_description(f"shards {done_shards}")
+                bar.set_postfix(ok=summary.successes, failed=summary.failed,
+                                sps=f"{summary.successes / max(1e-9, now - t0):.0f}")
+                log.info("shard %d committed: %d/%d samples in %.1fs", task.shard, stats["successes"],
+                         stats["count"], stats["duration"])
+            for h, (task, started, attempt) in list(in_flight.items()):
+                if now - started > config.shard_timeout_s:
+                    executor.cancel(h)
+                    in_flight.pop(h)
+                    _shard_failed(task, attempt, f"past the per-shard deadline of {config.shard_timeout_s}s",
+                                  config, pending_retry, summary)
+            if config.watchdog_s and now - t0 > config.watchdog_s and not summary.watchdog_fired:
+                log.error("watchdog: %.0fs elapsed, cancelling %d running shards", now - t0, len(in_flight))
+                summary.watchdog_fired = True
+                for h, (task, _, _) in list(in_flight.items()):
+                    executor.cancel(h)
+                    summary.shards_failed[task.shard] = "cancelled by the global watchdog"
+                in_flight.clear()
+                pending_retry.clear()
+                break
+            lease.renew()
+    finally:
+        bar.close()
+
+
+def _shard_failed(task: ShardTask, attempt: int, why: str, config: PreprocessConfig,
+                  pending_retry: list, summary: RunSummary) -> None:
+    if attempt <= config.max_shard_retry and "lease" not in why:
+        log.warning("shard %d failed (attempt %d/%d), retrying: %s", task.shard, attempt,
+                    config.max_shard_retry + 1, why)
+        pending_retry.append((task, attempt + 1))
+    else:
+        log.error("shard %d failed for good after %d attempt(s): %s", task.shard, attempt, why)
+        summary.shards_failed[task.shard] = why

@@ -1,0 +1,337 @@
+"""The work of one output shard: fetch + decode every row, then write and commit the shard.
+
+This runs inside one Ray task per shard (or in a local process for ``--executor local``); it never
+raises for a bad *sample*: every row ends as a sample or as a parquet row with a failure reason.
+I/O-bound fetching and GIL-releasing Pillow/PyAV work run on a thread pool inside the task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines import shards
+from pipelines.config import PreprocessConfig
+from pipelines.errors import INTERNAL_ERROR, RETRYABLE, SampleError
+from pipelines.fetch import Fetcher, FetchOptions, resolve_source
+from pipelines.image import ImageOptions, process_image
+from pipelines.sources import ColumnMap, Item, RawRow, normalize_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardTask:
+    """What the driver ships to a worker: the shard id and its manifest rows (row r -> key shard_r)."""
+
+    shard: int
+    rows: list[RawRow] = field(default_factory=list)
+    column_maps: dict[str, ColumnMap] = field(default_factory=dict)
+    retry_failed: bool = False  # rebuild a committed shard, re-fetching only retryable failures
+    lease_owner: str | None = None
+
+
+@dataclass
+class RowOutcome:
+    """One parquet row plus, on success, the sample's tar fields."""
+
+    key: str
+    record: dict[str, Any]
+    fields: dict[str, bytes] | None = None
+
+
+def _fail(record: dict, exc: SampleError, attempts: int) -> dict:
+    record.update(status="failed", error_reason=exc.reason, error_message=exc.message or exc.reason,
+                  attempts=int(getattr(exc, "attempts", attempts)))
+    return record
+
+
+def _text_fields(item: Item, meta: dict, key: str) -> dict[str, bytes]:
+    fields = {"txt": item.caption.encode("utf-8"), "json": shards.canonical_json(meta)}
+    if item.label is not None:
+        fields["cls"] = str(item.label).encode()
+    return fields
+
+
+class RowProcessor:
+    """Turns one manifest row into outcomes (several for a video row with a ``clips`` list)."""
+
+    def __init__(self, config: PreprocessConfig, media_root: str | None = None):
+        self.config = config
+        self.media_root = media_root
+        self.fetcher = Fetcher(FetchOptions(timeout_s=config.timeout_s, retries=config.retries,
+                                            max_bytes=config.max_bytes, honor_robots=config.honor_robots,
+                                            user_agent=config.user_agent, pool_size=max(config.threads, 4)))
+        self.image_opts = ImageOptions(size=config.image_size, resize_mode=config.resize_mode,
+                                       jpeg_quality=config.jpeg_quality, min_image_size=config.min_image_size,
+                                       max_aspect_ratio=config.max_aspect_ratio)
+        self._video_opts = None
+
+    @property
+    def video_opts(self):
+        if self._video_opts is None:
+            from pipelines.video import VideoOptions
+
+            c = self.config
+            self._video_opts = VideoOptions(num_frames=c.num_frames, sampler=c.sampler, fps=c.fps,
+                                            max_frames=c.max_frames, size=c.frame_size,
+                                            resize_mode=c.frame_resize_mode, jpeg_quality=c.jpeg_quality,
+                                            backend=c.video_backend, timeout_s=c.video_timeout_s,
+                                            min_duration=c.min_duration, keep_video=c.keep_video, seed=c.seed)
+        return self._video_opts
+
+    # ------------------------------------------------------------------------------------------
+    def base_record(self, key: str, row: RawRow, item: Item | None) -> dict[str, Any]:
+        rec: dict[str, Any] = {"key": key, "source": row.source, "source_index": row.source_index,
+                               "status": "success", "error_reason": None, "error_message": None, "attempts": 0}
+        if item is not None:
+            rec.update(url=item.url, caption=item.caption, captions=item.captions, label=item.label, **item.extras)
+        else:
+            v = row.values
+            rec["url"] = str(v.get("url") or v.get("path") or "") or None
+        return rec
+
+    def process(self, shard: int, r: int, row: RawRow, cmap: ColumnMap) -> list[RowOutcome]:
+        key = shards.make_key(shard, r)
+        try:
+            item = normalize_row(row.values, cmap, self.config.modality, self.config.allow_empty_caption)
+        except SampleError as exc:
+            return [RowOutcome(key, _fail(self.base_record(key, row, None), exc, 0))]
+        try:
+            if self.config.modality == "image":
+                return [self._image(key, row, item)]
+            return self._video(key, row, item)
+        except Exception as exc:  # a bug, not a bad sample: recorded with type and message, run goes on
+            log.exception("internal error on %s", key)
+            err = SampleError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            return [RowOutcome(key, _fail(self.base_record(key, row, item), err, 1))]
+
+    def retry_item(self, key: str, row: RawRow, item: Item, clip: tuple | None) -> RowOutcome:
+        """Re-run one row (or one clip) of a committed shard under ``--retry-failed``."""
+        if self.config.modality == "image":
+            return self._image(key, row, item)
+        return self._video_clip(key, row, item, clip, None)
+
+    def _image(self, key: str, row: RawRow, item: Item) -> RowOutcome:
+        rec = self.base_record(key, row, item)
+        url = resolve_source(item.url, self.media_root, row.source)
+        try:
+            got = self.fetcher.fetch(url)
+            rec["attempts"] = got.attempts
+            sample = process_image(got.data, self.image_opts)
+        except SampleError as exc:
+            return RowOutcome(key, _fail(rec, exc, rec["attempts"] or 1))
+        rec.update(sample.meta)
+        meta = {"key": key, "url": item.url, "source": row.source, "source_index": row.source_index,
+                **sample.meta, **item.extras}
+        if len(item.captions) > 1:
+            meta["captions"] = item.captions
+        fields = _text_fields(item, meta, key)
+        fields["jpg"] = sample.jpg
+        return RowOutcome(key, rec, fields)
+
+    def _video(self, key: str, row: RawRow, item: Item, fixed_key: str | None = None) -> list[RowOutcome]:
+        url = resolve_source(item.url, self.media_root, row.source)
+        local = self.fetcher.local_path(url)
+        tmp_dir = None
+        attempts, fetch_err, data_sha, nbytes = 1, None, None, None
+        try:
+            if local is None:
+                try:
+                    got = self.fetcher.fetch(url)
+                    attempts = got.attempts
+                    tmp_dir = tempfile.mkdtemp(prefix="mplug2-video-")
+                    local = os.path.join(tmp_dir, "media")
+                    with open(local, "wb") as f:
+                        f.write(got.data)
+                    data_sha, nbytes = _sha256(got.data), len(got.data)
+                except SampleError as exc:
+                    fetch_err = exc
+            else:
+                try:
+                    with open(local, "rb") as f:  # also proves the file exists and is readable
+                        head = f.read()
+                    if len(head) > self.config.max_bytes:
+                        from pipelines.errors import TOO_LARGE
+                        raise SampleError(TOO_LARGE, f"{len(head)} bytes > max_bytes {self.config.max_bytes}")
+                    data_sha, nbytes = _sha256(head), len(head)
+                except FileNotFoundError:
+                    from pipelines.errors import NOT_FOUND
+                    fetch_err = SampleError(NOT_FOUND, f"no such file: {local}")
+                except IsADirectoryError:
+                    from pipelines.errors import INVALID_INPUT
+                    fetch_err = SampleError(INVALID_INPUT, f"{local} is a directory")
+                except SampleError as exc:
+                    fetch_err = exc
+            clips: list[tuple | None] = list(item.clips) if item.clips else [None]
+            # With a clips column every key gets a clip suffix, even for one-clip rows (stable key shape).
+            multi = fixed_key is None and (bool(self.config.clips_col) or (item.clips is not None and len(item.clips) > 1))
+            outs = []
+            for ci, clip in enumerate(clips):
+                ckey = fixed_key or (shards.make_key(*map(int, key.split("_")), ci) if multi else key)
+                if fetch_err is not None:
+                    rec = self.base_record(ckey, row, item)
+                    if multi:
+                        rec["clip_index"] = ci
+                    outs.append(RowOutcome(ckey, _fail(rec, fetch_err, attempts)))
+                    continue
+                outs.append(self._video_clip(ckey, row, item, clip, (local, data_sha, nbytes, attempts),
+                                             clip_index=ci if multi else None))
+            return outs
+        finally:
+            if tmp_dir:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+
+    def _video_clip(self, key: str, row: RawRow, item: Item, clip: tuple | None, fetched: tuple | None,
+                    clip_index: int | None = None) -> RowOutcome:
+        from pipelines.video import process_video
+
+        if fetched is None:  # retry path: fetch this row again
+            outs = self._video(key, row, Item(item.url, item.captions, item.label, [clip] if clip else None,
+                                              item.extras), fixed_key=key)
+            return outs[0]
+        local, data_sha, nbytes, attempts = fetched
+        rec = self.base_record(key, row, item)
+        rec["attempts"] = attempts
+        if clip_index is not None:
+            rec["clip_index"] = clip_index
+        start, end = (clip if clip else (None, None))
+        rec["clip_start"], rec["clip_end"] = start, end
+        try:
+            vs = process_video(local, key=key, opts=self.video_opts, clip_start=start, clip_end=end)
+        except SampleError as exc:
+            return RowOutcome(key, _fail(rec, exc, attempts))
+        m = vs.meta
+        rec.update(width=m.get("width"), height=m.get("height"), duration=m.get("duration"), fps=m.get("fps"),
+                   num_frames=m.get("num_frames", len(vs.frames)), bytes=nbytes, sha256=data_sha)
+        meta = {"key": key, "url": item.url, "source": row.source, "source_index": row.source_index,
+                "bytes": nbytes, "sha256": data_sha, **m, **item.extras}
+        if clip_index is not None:
+            meta["clip_index"] = clip_index
+        if len(item.captions) > 1:
+            meta["captions"] = item.captions
+        fields = _text_fields(item, meta, key)
+        for i, frame in enumerate(vs.frames):
+            fields[f"f{i:03d}.jpg"] = frame
+        if vs.mp4 is not None:
+            fields["mp4"] = vs.mp4
+        return RowOutcome(key, rec, fields)
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- shard
+def _worker_threads(config: PreprocessConfig) -> int:
+    return config.threads if config.modality == "image" else max(1, min(config.threads, 4))
+
+
+def run_shard(config_dict: dict, task: ShardTask) -> dict:
+    """Process and commit one shard; return its stats. Raises only for whole-shard problems
+    (storage errors, a lost lease), which the driver retries up to ``max_shard_retry``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = PreprocessConfig.from_dict(config_dict)
+    out = shards.Output(config.output)
+    t0 = time.time()
+    proc = RowProcessor(config, media_root=config.media_root)
+    outcomes: list[RowOutcome] = []
+    try:
+        if task.retry_failed:
+            outcomes = _retry_outcomes(config, out, task, proc)
+        else:
+            with ThreadPoolExecutor(_worker_threads(config)) as pool:
+                futures = [pool.submit(proc.process, task.shard, r, row, task.column_maps[row.source])
+                           for r, row in enumerate(task.rows)]
+                for fut in futures:
+                    outcomes.extend(fut.result())
+    finally:
+        proc.fetcher.close()
+    return _write_and_commit(config, out, task, outcomes, t0)
+
+
+def _retry_outcomes(config: PreprocessConfig, out: shards.Output, task: ShardTask,
+                    proc: RowProcessor) -> list[RowOutcome]:
+    """Rebuild a committed shard: keep successes (bytes copied from the old tar) and permanent
+    failures, re-fetch rows whose reason is retryable. Keys never change."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    old_rows = pq.read_table(io.BytesIO(out.read_bytes(shards.shard_name(config.split, task.shard, ".parquet")))
+                             ).to_pylist()
+    old_samples = shards.read_tar(out.read_bytes(shards.shard_name(config.split, task.shard, ".tar")))
+    keep: list[RowOutcome] = []
+    redo: list[dict] = []
+    for rec in old_rows:
+        if rec["status"] == "success":
+            keep.append(RowOutcome(rec["key"], rec, old_samples[rec["key"]]))
+        elif rec["error_reason"] in RETRYABLE:
+            redo.append(rec)
+        else:
+            keep.append(RowOutcome(rec["key"], rec))
+
+    def again(rec: dict) -> RowOutcome:
+        fixed = {n for n, _ in shards.PARQUET_COLUMNS} | {"captions"}
+        extras = {k: v for k, v in rec.items() if k not in fixed}
+        item = Item(url=rec["url"], captions=list(rec.get("captions") or []), label=rec.get("label"),
+                    extras=extras)
+        clip = (rec["clip_start"], rec["clip_end"]) if rec.get("clip_start") is not None else None
+        row = RawRow(source=rec["source"], source_index=rec["source_index"], values={})
+        try:
+            o = proc.retry_item(rec["key"], row, item, clip)
+        except Exception as exc:
+            err = SampleError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
+            o = RowOutcome(rec["key"], _fail(dict(rec), err, 1))
+        o.record["attempts"] = int(rec.get("attempts") or 0) + int(o.record.get("attempts") or 1)
+        if rec.get("clip_index") is not None:
+            o.record["clip_index"] = rec["clip_index"]
+        return o
+
+    with ThreadPoolExecutor(_worker_threads(config)) as pool:
+        redone = list(pool.map(again, redo))
+    log.info("shard %d: retried %d rows, %d now succeed", task.shard, len(redo),
+             sum(o.fields is not None for o in redone))
+    return keep + redone
+
+
+def _write_and_commit(config: PreprocessConfig, out: shards.Output, task: ShardTask,
+                      outcomes: list[RowOutcome], t0: float) -> dict:
+    outcomes.sort(key=lambda o: o.key)
+    samples = {o.key: o.fields for o in outcomes if o.fields is not None}
+    failures: dict[str, int] = {}
+    for o in outcomes:
+        if o.record["status"] != "success":
+            failures[o.record["error_reason"]] = failures.get(o.record["error_reason"], 0) + 1
+    staging = out.staging_dir()
+    try:
+        tar_path = os.path.join(staging, shards.shard_name(config.split, task.shard, ".tar"))
+        info = shards.write_tar(tar_path, samples)
+        parquet = shards.parquet_bytes([o.record for o in outcomes])
+        del samples
+        input_rows = len({(o.record["source"], o.record["source_index"]) for o in outcomes})
+        stats = {
+            "format_version": shards.FORMAT_VERSION, "shard": task.shard,
+            "name": shards.shard_name(config.split, task.shard), "count": len(outcomes), "input_rows": input_rows,
+            "successes": info.nsamples, "nsamples": info.nsamples, "failures": dict(sorted(failures.items())),
+            "retryable_failures": sum(n for r, n in failures.items() if r in RETRYABLE),
+            "bytes": info.bytes, "sha256": info.sha256, "md5": info.md5,
+            "config_fingerprint": config.fingerprint(), "start_time": t0, "end_time": time.time(),
+            "duration": round(time.time() - t0, 3), "retried": task.retry_failed,
+        }
+        if task.lease_owner and not shards.lease_owner_ok(config.output, task.lease_owner):
+            raise shards.LeaseError(f"shard {task.shard}: writer lease lost, not committing")
+        if task.retry_failed:  # uncommit first: a crash mid-rewrite leaves the shard to be redone
+            out.delete(shards.shard_name(config.split, task.shard, "_stats.json"))
+        shards.commit_shard(out, config.split, task.shard, tar_path, parquet, stats)
+        return stats
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,455 @@
+"""The on-disk side of the contract (data-contract §3-§10): tar writer, sidecars, commit, dataset files.
+
+Everything here is byte-deterministic: USTAR members with fixed metadata, samples sorted by key and
+fields by name, compact sorted JSON, and no timestamps inside tars. A shard is committed iff its
+``_stats.json`` exists; it is always written last, after the tar and the parquet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tarfile
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from mplug2 import storage
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+LOCK_NAME = "_writer.lock"
+DATASET_FILES = ("sizes.json", "wids-index.json", "dataset.json")
+_KEY_RE = re.compile(r"^[0-9_]+$")
+_FIELD_RE = re.compile(r"^[a-z0-9][a-z0-9_.]*$")
+
+
+def shard_re(split: str) -> re.Pattern:
+    return re.compile(rf"^{re.escape(split)}-(\d{{6}})(\.tar|\.parquet|_stats\.json)$")
+
+
+def shard_name(split: str, shard: int, kind: str = ".tar") -> str:
+    """``train-000012.tar`` / ``.parquet`` / ``_stats.json``."""
+    return f"{split}-{shard:06d}{kind}"
+
+
+def make_key(shard: int, row: int, clip: int | None = None) -> str:
+    """``{shard:06d}_{row:06d}`` (+ ``_{clip:03d}``): ASCII digits and underscores only."""
+    key = f"{shard:06d}_{row:06d}"
+    return key if clip is None else f"{key}_{clip:03d}"
+
+
+def canonical_json(obj: Any) -> bytes:
+    """UTF-8, sorted keys, compact (the ``json`` field and every sidecar)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default).encode()
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):  # numpy scalars
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, (bytes, bytearray)):
+        return o.hex()
+    if hasattr(o, "isoformat"):
+        return o.isoformat()
+    return str(o)
+
+
+def source_date_epoch() -> int:
+    """Integer tar mtime: ``SOURCE_DATE_EPOCH`` if set, else 0 (reproducible builds convention)."""
+    v = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    return int(v) if v.isdigit() else 0
+
+
+# ---------------------------------------------------------------------------------------------- tar
+def validate_member(key: str, field: str) -> str:
+    """The member name ``key.field`` after checking every §5 rule; raises ValueError if one breaks."""
+    if not _KEY_RE.match(key):
+        raise ValueError(f"bad sample key {key!r}: keys are [0-9_] (no dots, no slashes)")
+    if not _FIELD_RE.match(field) or field.startswith("_"):
+        raise ValueError(f"bad field name {field!r}: lower-case ASCII, not starting with '_'")
+    name = f"{key}.{field}"
+    if len(name.encode("ascii")) >= 100:
+        raise ValueError(f"member name {name!r} is not shorter than 100 bytes")
+    return name
+
+
+class _HashingWriter(io.RawIOBase):
+    """File wrapper that hashes (sha256 + md5) what passes through; tarfile needs write/tell."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.md5, self.n = f, hashlib.sha256(), hashlib.md5(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        b = bytes(b)
+        self.f.write(b)
+        self.sha.update(b)
+        self.md5.update(b)
+        self.n += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.n
+
+
+@dataclass
+class TarInfo:
+    path: str  # local file holding the finished tar
+    nsamples: int
+    bytes: int
+    sha256: str
+    md5: str
+
+
+def write_tar(path: str, samples: dict[str, dict[str, bytes]], mtime: int | None = None) -> TarInfo:
+    """Write ``{key: {field: bytes}}`` to ``path`` as a deterministic USTAR archive.
+
+    Samples in key order, fields in name order, regular files with mode 0o644, uid/gid 0, empty
+    user/group names and one integer mtime. An empty ``samples`` gives a valid empty tar.
+    """
+    mtime = source_date_epoch() if mtime is None else int(mtime)
+    with open(path, "wb") as raw:
+        hw = _HashingWriter(raw)
+        with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key in sorted(samples):
+                fields = samples[key]
+                if not fields:
+                    raise ValueError(f"sample {key} has no fields")
+                for field in sorted(fields):
+                    data = fields[field]
+                    ti = tarfile.TarInfo(validate_member(key, field))
+                    ti.size, ti.mtime, ti.mode = len(data), mtime, 0o644
+                    ti.uid = ti.gid = 0
+                    ti.uname = ti.gname = ""
+                    ti.type = tarfile.REGTYPE
+                    tar.addfile(ti, io.BytesIO(data))
+        raw.flush()
+        os.fsync(raw.fileno())
+    return TarInfo(path=path, nsamples=len(samples), bytes=hw.n, sha256=hw.sha.hexdigest(), md5=hw.md5.hexdigest())
+
+
+def read_tar(data_or_path: bytes | str) -> dict[str, dict[str, bytes]]:
+    """Read one of our shards back into ``{key: {field: bytes}}`` (used by ``--retry-failed``)."""
+    fileobj = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else open(data_or_path, "rb")
+    out: dict[str, dict[str, bytes]] = {}
+    with fileobj, tarfile.open(fileobj=fileobj, mode="r:") as tar:
+        for m in tar:
+            if not m.isreg():
+                continue
+            key, _, field = m.name.partition(".")
+            out.setdefault(key, {})[field] = tar.extractfile(m).read()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- parquet
+PARQUET_COLUMNS = (
+    ("key", "string"), ("source", "string"), ("source_index", "int64"), ("url", "string"),
+    ("caption", "string"), ("status", "string"), ("error_reason", "string"), ("error_message", "string"),
+    ("attempts", "int32"), ("width", "int32"), ("height", "int32"), ("original_width", "int32"),
+    ("original_height", "int32"), ("duration", "float64"), ("fps", "float64"), ("num_frames", "int32"),
+    ("bytes", "int64"), ("sha256", "string"), ("label", "int64"), ("clip_index", "int32"),
+    ("clip_start", "float64"), ("clip_end", "float64"),
+)
+
+
+def parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """One row per input row (or clip) of a shard: fixed columns, then extras in name order.
+
+    Extra columns keep their native types; a column whose values pyarrow cannot type consistently
+    is stored as JSON text rather than dropped.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fixed = [name for name, _ in PARQUET_COLUMNS]
+    extras = sorted({k for r in rows for k in r} - set(fixed))
+    arrays, fields = [], []
+    fixed.append("captions")
+    extras = [e for e in extras if e != "captions"]
+    for name, typ in PARQUET_COLUMNS + (("captions", "list_string"),):
+        t = pa.list_(pa.string()) if typ == "list_string" else getattr(pa, typ)()
+        arrays.append(pa.array([r.get(name) for r in rows], type=t))
+        fields.append(pa.field(name, t))
+    for name in extras:
+        values = [r.get(name) for r in rows]
+        try:
+            arr = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+            arr = pa.array([None if v is None else canonical_json(v).decode() for v in values], type=pa.string())
+        arrays.append(arr)
+        fields.append(pa.field(name, arr.type))
+    table = pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- output
+class Output:
+    """A dataset prefix (local folder or ``s3://``) and the few operations the writer needs on it."""
+
+    def __init__(self, url: str):
+        self.url = str(url).rstrip("/")
+        self.remote = storage.is_remote(self.url)
+        if not self.remote:
+            self.url = os.path.abspath(self.url)
+
+    def path(self, name: str) -> str:
+        return storage.join(self.url, name)
+
+    def ensure(self) -> None:
+        if not self.remote:
+            os.makedirs(self.url, exist_ok=True)
+
+    def staging_dir(self) -> str:
+        """Where a shard's files are built before publishing (same filesystem for a local output,
+        so publishing is an ``os.replace``)."""
+        if self.remote:
+            return tempfile.mkdtemp(prefix="mplug2-shard-")
+        self.ensure()
+        return tempfile.mkdtemp(prefix=".staging-", dir=self.url)
+
+    def publish_file(self, local: str, name: str) -> None:
+        """Make a finished local file visible under ``name`` atomically (replace / one upload)."""
+        if self.remote:
+            fs, path = storage.get_fs(self.path(name))
+            storage.retry_io(lambda: fs.put_file(local, path), what=f"put {name}")
+            os.remove(local)
+        else:
+            os.replace(local, self.path(name))
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        storage.atomic_write(self.path(name), data)
+
+    def read_bytes(self, name: str) -> bytes:
+        return storage.read_bytes(self.path(name))
+
+    def read_json(self, name: str) -> Any | None:
+        try:
+            return json.loads(self.read_bytes(name))
+        except FileNotFoundError:
+            return None
+
+    def exists(self, name: str) -> bool:
+        return storage.exists(self.path(name))
+
+    def delete(self, name: str) -> None:
+        storage.remove(self.path(name))
+
+    def list_names(self) -> list[str]:
+        """Basenames of plain objects directly under the prefix (filer ``prefix/`` markers dropped)."""
+        fs, path = storage.get_fs(self.url)
+        try:
+            if self.remote:
+                fs.invalidate_cache(path)
+            entries = fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return []
+        names = []
+        for e in entries:
+            if e.get("type") == "directory":
+                continue
+            base = e["name"].rstrip("/").rsplit("/", 1)[-1]
+            if base:
+                names.append(base)
+        return sorted(names)
+
+
+# ---------------------------------------------------------------------------------------------- commit
+def commit_shard(out: Output, split: str, shard: int, tar_local: str, parquet: bytes, stats: dict) -> None:
+    """Publish tar, then parquet, then ``_stats.json`` (the commit marker), in that order."""
+    out.publish_file(tar_local, shard_name(split, shard, ".tar"))
+    out.write_bytes(shard_name(split, shard, ".parquet"), parquet)
+    out.write_bytes(shard_name(split, shard, "_stats.json"), canonical_json(stats))
+
+
+def committed_stats(out: Output, split: str, threads: int = 16) -> dict[int, dict]:
+    """``{shard id: stats}`` of every committed shard (stats files are the source of truth)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pat = shard_re(split)
+    ids = sorted(int(m.group(1)) for n in out.list_names() if (m := pat.match(n)) and m.group(2) == "_stats.json")
+    if not ids:
+        return {}
+    with ThreadPoolExecutor(threads) as ex:
+        stats = list(ex.map(lambda i: out.read_json(shard_name(split, i, "_stats.json")), ids))
+    return {i: s for i, s in zip(ids, stats) if s is not None}
+
+
+def delete_contract_objects(out: Output, split: str) -> int:
+    """``overwrite``: remove only the objects this contract names (shards, sidecars, dataset files)."""
+    pat = shard_re(split)
+    n = 0
+    for name in out.list_names():
+        if pat.match(name) or name in DATASET_FILES:
+            out.delete(name)
+            n += 1
+    if not out.remote and os.path.isdir(out.url):  # staging leftovers of killed local runs
+        for name in os.listdir(out.url):
+            if name.startswith(".staging-"):
+                shutil.rmtree(os.path.join(out.url, name), ignore_errors=True)
+    return n
+
+
+def library_versions() -> dict[str, str | None]:
+    """Encoder/library versions that byte-reproducibility depends on (recorded in dataset.json)."""
+    from importlib import metadata
+
+    def ver(dist: str) -> str | None:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return None
+
+    out = {"mplug2-ray": ver("mplug2-ray"), "Pillow": ver("pillow"), "PyAV": ver("av"),
+           "webdataset": ver("webdataset"), "pyarrow": ver("pyarrow"), "ffmpeg": None}
+    try:
+        import av
+
+        codec = av.library_versions.get("libavcodec")
+        out["ffmpeg"] = "libavcodec " + ".".join(map(str, codec)) if codec else None
+    except Exception:  # PyAV missing or an unusual build: the version is informational
+        pass
+    try:
+        from PIL import features
+
+        out["libjpeg-turbo"] = features.version("libjpeg_turbo")
+    except Exception:
+        pass
+    return out
+
+
+def finalize_dataset(out: Output, split: str, *, config: dict, fingerprint: str, manifests: list[dict],
+                     stats: dict[int, dict]) -> dict:
+    """Write ``sizes.json``, ``wids-index.json`` and finally ``dataset.json`` from committed shards."""
+    ids = sorted(stats)
+    names = [shard_name(split, i) for i in ids]
+    sizes = {n: int(stats[i]["nsamples"]) for n, i in zip(names, ids)}
+    out.write_bytes("sizes.json", canonical_json(sizes))
+    wids = {"__kind__": "wids-shard-index-v1", "wids_version": 1, "name": f"{split}",
+            "shardlist": [{"url": n, "nsamples": int(stats[i]["nsamples"]), "filesize": int(stats[i]["bytes"]),
+                           "md5sum": stats[i]["md5"]} for n, i in zip(names, ids)]}
+    out.write_bytes("wids-index.json", canonical_json(wids))
+    failures: dict[str, int] = {}
+    for s in stats.values():
+        for reason, n in s.get("failures", {}).items():
+            failures[reason] = failures.get(reason, 0) + n
+    missing = sorted(set(range(ids[-1] + 1)) - set(ids)) if ids else []
+    dataset = {
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "versions": library_versions(),
+        "config": config,
+        "config_fingerprint": fingerprint,
+        "manifests": manifests,
+        "shards": [{"name": n, "nsamples": int(stats[i]["nsamples"]), "bytes": int(stats[i]["bytes"]),
+                    "sha256": stats[i]["sha256"]} for n, i in zip(names, ids)],
+        "num_samples": sum(sizes.values()),
+        "num_rows": sum(int(s.get("input_rows", s.get("count", 0))) for s in stats.values()),
+        "failures": dict(sorted(failures.items())),
+        "complete": not missing,
+        "missing_shards": missing,
+        "brace": f"{split}-{{{0:06d}..{ids[-1]:06d}}}.tar" if ids and not missing else None,
+    }
+    out.write_bytes("dataset.json", canonical_json(dataset))
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------- lease
+class LeaseError(RuntimeError):
+    """Another live run holds the writer lease on this dataset."""
+
+
+class WriterLease:
+    """One writer per dataset prefix at a time: a lease object ``_writer.lock`` with an owner id.
+
+    Why a run-level lease rather than per-shard locks: S3 has no portable compare-and-swap (conditional
+    PUT support varies across S3-compatible stores), and a per-shard lock would cost two extra requests
+    per shard. The lease is written, then read back after a settle delay (the last writer wins, the
+    others see a foreign owner and stop); the driver renews it while it runs; every shard task checks
+    the owner right before committing, so a run that lost its lease never commits a shard. A lease is
+    stale when its heartbeat is older than ``ttl_s``, or when its owner process on this host is dead
+    (a SIGKILLed local run), so a killed run never blocks the next one for long.
+    """
+
+    def __init__(self, out: Output, ttl_s: float = 120.0, settle_s: float = 1.0):
+        self.out, self.ttl_s, self.settle_s = out, ttl_s, settle_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+        self._last_renew = 0.0
+
+    def _record(self) -> dict:
+        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(),
+                "ttl_s": self.ttl_s}
+
+    @staticmethod
+    def is_stale(rec: dict, ttl_s: float) -> bool:
+        if time.time() - float(rec.get("heartbeat", 0)) > float(rec.get("ttl_s", ttl_s)):
+            return True
+        if rec.get("host") == socket.gethostname():
+            try:
+                os.kill(int(rec.get("pid", -1)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError):
+                return False
+        return False
+
+    def acquire(self, force: bool = False) -> None:
+        cur = self.out.read_json(LOCK_NAME)
+        if cur and not force and not self.is_stale(cur, self.ttl_s):
+            raise LeaseError(f"{self.out.url} is being written by {cur.get('owner')} (heartbeat "
+                             f"{time.time() - float(cur.get('heartbeat', 0)):.0f}s ago); wait for it, or pass "
+                             "--force-unlock if that run is gone")
+        if cur:
+            log.warning("taking over %s lease from %s", "a live" if force else "a stale", cur.get("owner"))
+        self.out.write_bytes(LOCK_NAME, canonical_json(self._record()))
+        time.sleep(self.settle_s)
+        self.check()
+        self._last_renew = time.monotonic()
+
+    def check(self) -> None:
+        cur = self.out.read_json(LOCK_NAME)
+        if not cur or cur.get("owner") != self.owner:
+            raise LeaseError(f"lost the writer lease on {self.out.url} to {cur and cur.get('owner')}")
+
+    def renew(self, every_s: float | None = None) -> None:
+        every_s = self.ttl_s / 4 if every_s is None else every_s
+        if time.monotonic() - self._last_renew >= every_s:
+            self.check()
+            self.out.write_bytes(LOCK_NAME, canonical_json(self._record()))
+            self._last_renew = time.monotonic()
+
+    def release(self) -> None:
+        try:
+            cur = self.out.read_json(LOCK_NAME)
+            if cur and cur.get("owner") == self.owner:
+                self.out.delete(LOCK_NAME)
+        except Exception as exc:  # the run's result matters more than lease cleanup
+            log.warning("could not release lease: %s", exc)
+
+
+def lease_owner_ok(out_url: str, owner: str) -> bool:
+    """Shard-task side of the lease: is ``owner`` still the dataset's writer?"""
+    rec = Output(out_url).read_json(LOCK_NAME)
+    return bool(rec) and rec.get("owner") == owner
+
+
+def iter_stats_totals(stats: Iterable[dict]) -> dict[str, int]:
+    tot: dict[str, int] = {}
+    for s in stats:
+        for k, v in s.get("failures", {}).items():
+            tot[k] = tot.get(k, 0) + int(v)
+    return tot
