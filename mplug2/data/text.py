@@ -30,6 +30,8 @@ def _truncate(text: str, max_words: int) -> str:
 
 def pre_caption(caption: str, max_words: int = 30) -> str:
     """Clean a caption; the release also maps ``<person>`` (a placeholder in some corpora) to ``person``."""
+    if not isinstance(caption, str):
+        raise TypeError(f"expected a string caption, got {type(caption).__name__}")
     return _truncate(_clean(caption.replace("<person>", "person")), max_words)
 
 
