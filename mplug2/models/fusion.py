@@ -19,10 +19,12 @@ class FusionEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.activation_checkpointing = activation_checkpointing
+        # Connected-attention layers never use a cross-attention, so they do not allocate one (model-spec 8:
+        # allocate only what runs; unused parameters also break DDP without find_unused_parameters).
         self.layer = nn.ModuleList(
             BertLayer(text.hidden, text.heads, text.intermediate, text.ln_eps, text.hidden_dropout,
-                      text.attn_dropout, cross_attention=True)
-            for _ in range(cfg.layers))
+                      text.attn_dropout, cross_attention=not self.is_connected(j))
+            for j in range(cfg.layers))
         init_bert_weights(self)
 
     def is_connected(self, j: int) -> bool:
