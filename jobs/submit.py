@@ -47,7 +47,9 @@ DEFAULT_EXCLUDES = (
 )
 # Credentials are never written to files and only forwarded on explicit request (see --forward-credentials).
 CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
-_SECRET_NAME = re.compile(r"(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE_KEY|API_KEY)", re.I)
+# Whole name segments, so TOKENIZERS_PARALLELISM is not a "token" but GITHUB_TOKEN and AWS_SECRET_ACCESS_KEY are.
+_SECRET_NAME = re.compile(
+    r"(?:^|_)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|ACCESS_KEY|PRIVATE_KEY|API_KEY)(?:_|$)", re.I)
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 METADATA_KEY = "mplug2_run"

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs.submit import EXIT_NOT_FOUND, main
+
 from .conftest import RAY, REPO, RayHead
 
 pytestmark = pytest.mark.slow
@@ -132,3 +134,16 @@ def test_concurrent_submits_produce_one_job(ray_head: RayHead, tmp_path: Path) -
     ray_head.run(*SUBMIT, "stop", "--address", ray_head.address, run, check=True)
     wait_for(lambda: ray_status(ray_head, run) == "STOPPED", 60, "the race job to stop")
     assert len(read_state(state)["attempts"]) == 1
+
+
+def test_unknown_run_is_not_found(ray_head: RayHead, capsys) -> None:
+    assert main(["status", "never-submitted-run", "--address", ray_head.address]) == EXIT_NOT_FOUND
+    assert "no job for run 'never-submitted-run'" in capsys.readouterr().err
+
+
+def test_list_shows_runs_with_latest_attempt(ray_head: RayHead) -> None:
+    out = ray_head.run(*SUBMIT, "list", "--address", ray_head.address, "--json", check=True).stdout
+    rows = {r["run"]: r for r in json.loads(out)}
+    resumed = [r for name, r in rows.items() if name.startswith("resume-")]
+    assert resumed and resumed[0]["attempts"] == 2 and resumed[0]["status"] == "SUCCEEDED"
+    assert resumed[0]["latest"].endswith("-r1")
