@@ -1,0 +1,115 @@
+"""The pretraining wrapper on the tiny model: over-fitting one batch, distillation/queue path, optimiser groups."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mplug2.config import MPLUG2Config
+from mplug2.models.mplug2 import MPLUG2
+from mplug2.objectives.pretrain import MPLUG2Pretrainer, PretrainConfig, is_no_decay
+from mplug2.tokenizer import load_tokenizer
+
+CAPTIONS = ["a man playing", "the dog is on a cat", "a woman in the video", "what is the person playing"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models are dominated by thread hand-offs on a shared 2-core box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("tiny")
+
+
+def distinct_pixels(b: int, t: int = 2) -> torch.Tensor:
+    """Clearly different clips (colour + split position), so a tiny encoder can tell them apart quickly."""
+    px = torch.zeros(b, 3, t, 32, 32)
+    for i in range(b):
+        px[i, i % 3] = 2.0
+        px[i, :, :, : 8 * (i % 4 + 1)] *= -1
+    return px
+
+
+def make_batch(tok, b: int = 4) -> dict:
+    enc = tok(CAPTIONS[:b], max_length=12)
+    return {"pixels": distinct_pixels(b), **enc, "ids": torch.arange(b)}
+
+
+def test_tiny_model_overfits_one_batch_on_every_loss(tok):
+    torch.manual_seed(0)
+    pt = MPLUG2Pretrainer(MPLUG2(MPLUG2Config.preset("tiny")), tok, PretrainConfig(queue_size=0, distill=False))
+    opt = torch.optim.AdamW(pt.param_groups(1e-3, 1e-3, 0.0))
+    batch = make_batch(tok)
+    hist = []
+    for _ in range(120):
+        out = pt(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        pt.momentum_update()
+        hist.append({k: out[k].item() for k in ("itc", "itm", "mlm", "prefix_lm")})
+    first = hist[0]
+    last = {k: sum(h[k] for h in hist[-5:]) / 5 for k in first}
+    assert first["itc"] > 1.0 and last["itc"] < 0.05
+    assert first["itm"] > 0.6 and last["itm"] < 0.35
+    assert last["mlm"] < 0.7 * first["mlm"]          # masks are re-drawn every step: noisy but falling
+    assert last["prefix_lm"] < 0.45 * first["prefix_lm"]
+
+
+def test_queue_and_distillation_path(tok):
+    torch.manual_seed(0)
+    model = MPLUG2(MPLUG2Config.preset("tiny"))
+    pt = MPLUG2Pretrainer(model, tok, PretrainConfig(global_batch=4, alpha_ramp_steps=2, momentum=0.5))
+    assert pt.itc.use_queue and pt.itc.cfg.queue_size == 32
+    twin = pt.momentum["model"]
+    assert all(not p.requires_grad for p in twin.parameters())
+    opt = torch.optim.AdamW(pt.param_groups(1e-3, 1e-4, 0.02))
+    batch = make_batch(tok)
+    alphas = []
+    for step in range(3):
+        out = pt(batch)
+        alphas.append(out["alpha"].item())
+        assert all(torch.isfinite(out[k]) for k in ("loss", "itc", "itm", "mlm", "prefix_lm"))
+        opt.zero_grad()
+        out["loss"].backward()
+        assert all(p.grad is None for p in twin.parameters())
+        opt.step()
+        before = [p.clone() for p in twin.parameters()]
+        pt.momentum_update()
+        for b_, t_, o_ in zip(before, twin.parameters(), model.parameters()):
+            torch.testing.assert_close(t_, 0.5 * b_ + 0.5 * o_)
+        assert int(pt.itc.queue_ptr) == ((step + 1) * 4) % 32
+    assert alphas == pytest.approx([0.0, 0.2, 0.4])  # linear ramp over 2 updates to alpha=0.4
+    assert int(pt.num_updates) == 3 and "num_updates" in pt.state_dict()
+
+
+def test_bad_queue_size_fails_at_startup(tok):
+    with pytest.raises(ValueError, match="not a multiple"):
+        MPLUG2Pretrainer(MPLUG2(MPLUG2Config.preset("tiny")), tok, PretrainConfig(global_batch=6))
+
+
+def test_param_groups_follow_the_decay_and_lr_rules(tok):
+    pt = MPLUG2Pretrainer(MPLUG2(MPLUG2Config.preset("tiny")), tok, PretrainConfig(queue_size=0, distill=False))
+    groups = {g["name"]: g for g in pt.param_groups(lr=1e-4, lr_vision=1e-5, weight_decay=0.02)}
+    ids = {n: {id(p) for p in g["params"]} for n, g in groups.items()}
+    named = dict(pt.named_parameters())
+    no_decay = ids["vision_no_decay"] | ids["rest_no_decay"]
+    for name in ("model.vision.positional_embedding", "model.vision.class_embedding", "model.text.latents",
+                 "itc.temp", "model.text.embeddings.position_embeddings.weight",
+                 "model.decoder.embeddings.position_embeddings.weight", "model.vision.ln_pre.weight"):
+        assert id(named[name]) in no_decay, name
+    assert id(named["model.text.embeddings.word_embeddings.weight"]) in ids["rest_decay"]
+    assert id(named["itc.vision_proj.weight"]) in ids["rest_decay"]
+    assert all(n.startswith("model.vision.") == (id(p) in ids["vision_decay"] | ids["vision_no_decay"])
+               for n, p in named.items())
+    assert groups["vision_decay"]["lr"] == 1e-5 and groups["rest_decay"]["lr"] == 1e-4
+    assert groups["rest_no_decay"]["weight_decay"] == 0.0 and groups["rest_decay"]["weight_decay"] == 0.02
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len({id(p) for p in pt.parameters() if p.requires_grad})  # each trainable tensor once
+    assert is_no_decay("x.bias", torch.zeros(3)) and not is_no_decay("x.weight", torch.zeros(3, 3))
