@@ -255,6 +255,7 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
             for _ in tasks_iter:  # pragma: no cover - nothing left after the first None
                 pass
 
+        summary.shards_written.sort()
         wrote = bool(summary.shards_written)
         if wrote or (prev is None and existing):
             all_stats = shards.committed_stats(out, config.split)
@@ -268,6 +269,8 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
         if executor is not None:
             executor.close()
         lease.release()
+    summary.shards_written.sort()
+    summary.shards_skipped.sort()
     summary.wall_s = time.monotonic() - t0
     return summary
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -46,8 +47,13 @@ class RowOutcome:
     fields: dict[str, bytes] | None = None
 
 
+_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def _fail(record: dict, exc: SampleError, attempts: int) -> dict:
-    record.update(status="failed", error_reason=exc.reason, error_message=exc.message or exc.reason,
+    # Object addresses ("<BytesIO at 0x7f..>") would make sidecars differ between identical runs.
+    message = _ADDRESS_RE.sub("", exc.message or exc.reason)
+    record.update(status="failed", error_reason=exc.reason, error_message=message,
                   attempts=int(getattr(exc, "attempts", attempts)))
     return record
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -50,6 +51,7 @@ class ScriptedServer:
     def __init__(self):
         self.routes: dict[str, Route] = {}
         self.hits: Counter = Counter()
+        self.delay_s = 0.0  # added to every answer (slow-network runs)
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -60,6 +62,8 @@ class ScriptedServer:
 
             def do_GET(self):
                 outer.hits[self.path] += 1
+                if outer.delay_s:
+                    time.sleep(outer.delay_s)
                 route = outer.routes.get(self.path, (404, {"Content-Type": "text/html"}, b"<html>404 Not Found</html>"))
                 status, headers, body = route(outer.hits[self.path]) if callable(route) else route
                 self.send_response(status)
@@ -75,7 +79,11 @@ class ScriptedServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # clients cut bodies short on purpose
+                pass
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
