@@ -19,6 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mplug2 import storage
 from mplug2.data.collate import BatchBuilder, Tokenize
 from mplug2.data.dataset_index import DatasetIndex, load_index
 from mplug2.data.stream import CorpusStream, Cursor, EpochPlan, StreamConfig
@@ -51,7 +52,9 @@ class LoaderConfig:
     randaug: bool = True
     crop_scale: tuple[float, float] = (0.5, 1.0)
     prefetch_factor: int = 2
-    multiprocessing_context: str | None = None   # "forkserver" inside Ray actors
+    # None: "forkserver" for s3:// corpora (forking a process that holds s3fs/aiohttp connections and its
+    # event-loop thread is unsafe), else the platform default; use "forkserver" inside Ray actors.
+    multiprocessing_context: str | None = None
     pin_memory: bool = False
     read_attempts: int = 5
 
@@ -102,7 +105,8 @@ class CorpusLoader:
         ds = CorpusDataset(self.stream, self.builder, self.cursor)
         kw: dict[str, Any] = {}
         if self.cfg.num_workers:
-            kw = dict(prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=self.cfg.multiprocessing_context)
+            ctx = self.cfg.multiprocessing_context or ("forkserver" if storage.is_remote(self.cfg.prefix) else None)
+            kw = dict(prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=ctx)
         self._loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
                                   pin_memory=self.cfg.pin_memory, **kw)
         return iter(self._loader)
