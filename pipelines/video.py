@@ -76,6 +76,7 @@ PROTOCOL_WHITELIST = "file,pipe"
 FORMAT_WHITELIST = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,gif,mpegts,flv"
 MAX_PIXELS = 7680 * 4320  # 8K: larger frames are refused (decompression-bomb guard)
 DECODE_THREADS = 2
+DECODE_THREAD_TYPE = "AUTO"  # frame + slice threading
 # Seeking costs a decoder flush plus refilling the threading pipeline; expressed in decoded frames.
 SEEK_COST_FRAMES = 6
 # Sample times in meta are rounded to ms; frames are matched with a tolerance below any sane interval.
@@ -420,7 +421,7 @@ def _probe(container) -> tuple[Any, _Info]:
         duration = container.duration / 1e6 - max(0.0, start - (container.start_time or 0) / 1e6)
     else:
         duration = 0.0
-    stream.thread_type = "AUTO"
+    stream.thread_type = DECODE_THREAD_TYPE
     stream.thread_count = DECODE_THREADS
     rotation = 0
     first = _first_frame(container, stream)
