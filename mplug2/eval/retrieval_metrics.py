@@ -22,9 +22,16 @@ def _as_numpy(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def retrieval_ranks(sim_i2t, text_to_item: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """0-based ranks ``(i2t_ranks (N_items,), t2i_ranks (N_texts,))`` of the best correct match."""
+def retrieval_ranks(sim_i2t, text_to_item: Sequence[int], sim_t2i=None) -> tuple[np.ndarray, np.ndarray]:
+    """0-based ranks ``(i2t_ranks (N_items,), t2i_ranks (N_texts,))`` of the best correct match.
+
+    ``sim_t2i`` (N_texts, N_items) scores the text→item direction separately (ITM re-ranking produces one
+    matrix per direction); by default it is ``sim_i2t`` transposed.
+    """
     sim = _as_numpy(sim_i2t)
+    sim_cols = sim if sim_t2i is None else _as_numpy(sim_t2i).T
+    if sim_cols.shape != sim.shape:
+        raise ValueError(f"sim_t2i must be (texts, items) = {sim.shape[::-1]}, got {sim_cols.shape[::-1]}")
     n_items, n_texts = sim.shape
     t2i = np.asarray(text_to_item, dtype=np.int64)
     if t2i.shape != (n_texts,):
@@ -39,8 +46,8 @@ def retrieval_ranks(sim_i2t, text_to_item: Sequence[int]) -> tuple[np.ndarray, n
     best = np.where(correct, sim, -np.inf).max(axis=1)
     i2t = ((sim >= best[:, None]) & ~correct).sum(axis=1)
     # t2i: for text j, rank of its item among all items (column view).
-    own = sim[t2i, np.arange(n_texts)]
-    t2i_rank = ((sim >= own[None, :]) & ~correct).sum(axis=0)
+    own = sim_cols[t2i, np.arange(n_texts)]
+    t2i_rank = ((sim_cols >= own[None, :]) & ~correct).sum(axis=0)
     return i2t, t2i_rank
 
 
@@ -49,9 +56,10 @@ def recall_at_k(ranks: np.ndarray, k: int) -> float:
     return 100.0 * float((np.asarray(ranks) < k).mean()) if len(ranks) else float("nan")
 
 
-def retrieval_recall(sim_i2t, text_to_item: Sequence[int], ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_recall(sim_i2t, text_to_item: Sequence[int], ks: Sequence[int] = (1, 5, 10),
+                     sim_t2i=None) -> dict[str, float]:
     """``txt_r{k}`` (image→text), ``img_r{k}`` (text→image), their means and ``r_mean`` (in percent)."""
-    i2t, t2i = retrieval_ranks(sim_i2t, text_to_item)
+    i2t, t2i = retrieval_ranks(sim_i2t, text_to_item, sim_t2i)
     out: dict[str, float] = {}
     for k in ks:
         out[f"txt_r{k}"] = recall_at_k(i2t, k)

@@ -65,3 +65,14 @@ def test_vqa_soft_accuracy():
     assert vqa_score("maybe", two_of_ten) == 0.0
     assert normalize_vqa_answer("The Two dogs!") == "2 dogs"
     assert vqa_accuracy(["yes", "maybe"], [["yes"] * 10, ["no"] * 10]) == 50.0
+
+
+def test_separate_text_to_item_matrix():
+    sim_i2t = np.eye(3)
+    sim_t2i = np.array([[0.1, 0.9, 0.0],   # text 0 prefers item 1 -> rank 1
+                        [0.0, 1.0, 0.0],
+                        [0.0, 0.0, 1.0]])
+    r = retrieval_recall(sim_i2t, [0, 1, 2], ks=(1,), sim_t2i=sim_t2i)
+    assert r["txt_r1"] == 100.0 and r["img_r1"] == pytest.approx(200 / 3)
+    with pytest.raises(ValueError, match="sim_t2i"):
+        retrieval_recall(sim_i2t, [0, 1, 2], sim_t2i=np.eye(2))

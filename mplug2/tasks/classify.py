@@ -1,0 +1,70 @@
+"""Classification heads (model-spec §5, *inferred*): images/videos from the dual-vision encoder's CLS,
+text (GLUE-style) from the text encoder's [CLS] — the ``BertForSequenceClassification`` recipe.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mplug2.models.mplug2 import MPLUG2
+
+__all__ = ["VisualClassifier", "TextClassifier"]
+
+
+def _outputs(logits: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
+    out = {"logits": logits}
+    if labels is not None:
+        out["loss"] = F.cross_entropy(logits.float(), labels)
+        out["acc"] = (logits.argmax(-1) == labels).float().mean().detach()
+    return out
+
+
+class VisualClassifier(nn.Module):
+    """Linear head on the video CLS (mean over frames of the per-frame CLS, after ``ln_post``).
+
+    Only the dual-vision encoder runs (no universal layers): the CLIP recipe for K400-style fine-tuning.
+    Batch: ``{"pixels", "labels"?}``.
+    """
+
+    def __init__(self, model: MPLUG2, num_classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.model = model
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(model.config.vision.width, num_classes)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        cls = self.model.vision(batch["pixels"])[:, 0]
+        return _outputs(self.head(self.dropout(cls)), batch.get("labels"))
+
+    @torch.no_grad()
+    def predict(self, pixels: Tensor) -> Tensor:
+        """Class index per sample."""
+        return self.forward({"pixels": pixels})["logits"].argmax(-1)
+
+
+class TextClassifier(nn.Module):
+    """Dropout + linear head on the text encoder's [CLS]. Batch: ``{"input_ids", "attention_mask", "labels"?}``."""
+
+    def __init__(self, model: MPLUG2, num_classes: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.model = model
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(model.config.text.hidden, num_classes)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        cls = self.model.encode_text(batch["input_ids"], batch["attention_mask"])[:, 0]
+        return _outputs(self.head(self.dropout(cls)), batch.get("labels"))
+
+    @torch.no_grad()
+    def predict(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.forward({"input_ids": input_ids, "attention_mask": attention_mask})["logits"].argmax(-1)
