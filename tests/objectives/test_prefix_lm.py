@@ -33,8 +33,7 @@ def test_split_points_are_uniform_word_boundaries(tok):
         target = s.target_ids[0][s.target_mask[0].bool()][1:-1]
         assert torch.equal(torch.cat([prefix, target]), tokens)   # nothing lost, nothing cut inside a word
         assert len(prefix) >= 1 and len(target) >= 1
-        assert int(prefix[-1]) != tok.convert_tokens_to_ids("##y") and \
-            not tok.convert_ids_to_tokens(int(target[0])).startswith("##")
+        assert not tok.convert_ids_to_tokens(int(target[0])).startswith("##")  # the cut is at a word start
     assert all(150 < c < 250 for c in counts.values()), counts  # uniform over the 3 boundaries
 
 
