@@ -135,7 +135,7 @@ class MPLUG2(nn.Module):
         if not (path / WEIGHTS_FILE).exists():
             raise FileNotFoundError(f"{path / WEIGHTS_FILE} not found (expected a save_pretrained folder)")
         cfg = config or MPLUG2Config.from_yaml(path / CONFIG_FILE)
-        model = cls(cfg)
+        model = cls(cfg).to(map_location)
         missing, unexpected = load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(map_location))
         if missing or unexpected:  # strict=True raises already; kept as a guard for future safetensors versions
             raise RuntimeError(f"checkpoint mismatch: missing {missing}, unexpected {unexpected}")

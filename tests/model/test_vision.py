@@ -246,3 +246,22 @@ def test_hub_style_vision_model_prefix_and_clipmodel_extras(ref, pixels):
     flat, _, _ = clip_to_vision(ref.state_dict(), VCFG, prefix="")
     assert mapped.keys() == flat.keys() and all(torch.equal(mapped[k], flat[k]) for k in flat)
     assert set(dropped) == {"visual_projection.weight", "logit_scale", "text_model.embeddings.token_embedding.weight"}
+
+
+def test_lt_fast_path_equals_conv3d_reference_values_and_gradients():
+    torch.manual_seed(0)
+    lt = LocalTemporal(32, 16, 1e-5)
+    torch.nn.init.normal_(lt.up_proj.weight, std=0.5)
+    torch.nn.init.normal_(lt.conv.bias, std=0.5)
+    x = torch.randn(2 * 3, 16, 32, requires_grad=True)
+    outs, grads = [], []
+    for fn in (lt.forward, lt.forward_conv3d):
+        lt.zero_grad()
+        x.grad = None
+        y = fn(x, 2, 3, (4, 4))
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        outs.append(y.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in lt.parameters()])
+    assert (outs[0] - outs[1]).abs().max() < ATOL
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-4
