@@ -47,6 +47,7 @@ HELP: dict[str, str] = {
     "user_agent": "HTTP User-Agent",
     "image_size": "output image side in pixels",
     "resize_mode": "img2dataset resize mode",
+    "resample": "downscale filter: area (box average, like img2dataset's INTER_AREA; faster) or bicubic",
     "jpeg_quality": "JPEG quality of images and video frames",
     "min_image_size": "smaller side below this is too_small",
     "max_aspect_ratio": "long/short side above this is filtered",
@@ -77,7 +78,7 @@ HELP: dict[str, str] = {
 }
 CHOICES = {"modality": MODALITIES, "mode": MODES, "input_format": FORMATS, "preset": tuple(PRESETS),
            "resize_mode": RESIZE_MODES, "frame_resize_mode": RESIZE_MODES, "sampler": SAMPLERS,
-           "executor": ("ray", "local"), "video_backend": ("pyav", "ffmpeg")}
+           "executor": ("ray", "local"), "resample": ("area", "bicubic"), "video_backend": ("pyav", "ffmpeg")}
 
 
 def _scalar_type(tp) -> type:

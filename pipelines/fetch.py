@@ -3,8 +3,8 @@
 Content is validated, not trusted (data-contract §11): an HTTP 404 page is ``not_found`` (never a sample),
 other non-2xx statuses are ``download_error`` (retried with backoff for 429/5xx and connection errors),
 bodies are capped at ``max_bytes`` *while streaming*, and ``X-Robots-Tag: noai``/``noindex`` is honoured
-as ``opted_out``, as img2dataset does. One pooled keep-alive ``requests.Session`` serves all threads of a
-shard task (urllib3 pools are thread-safe).
+as ``opted_out``, as img2dataset does. One pooled keep-alive ``urllib3.PoolManager`` serves all threads of a
+shard task (urllib3 pools are thread-safe; requests costs ~3x the CPU per small GET).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pipelines.errors import (DOWNLOAD_ERROR, INVALID_INPUT, NOT_FOUND, OPTED_OU
 
 # Directives that opt a page out of AI training / indexing (img2dataset's default disallow list).
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
-_CHUNK = 1 << 16
+_CHUNK = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -78,26 +78,22 @@ class Fetcher:
 
     def __init__(self, opts: FetchOptions):
         self.opts = opts
-        self._session = None
+        self._pool = None
 
     @property
-    def session(self):
-        if self._session is None:
-            import requests
-            from requests.adapters import HTTPAdapter
+    def pool(self):
+        """urllib3 directly: about 3x less CPU per small GET than requests (measured 0.16 vs 0.47 ms)."""
+        if self._pool is None:
+            import urllib3
 
-            s = requests.Session()
-            adapter = HTTPAdapter(pool_connections=16, pool_maxsize=self.opts.pool_size, max_retries=0)
-            s.mount("http://", adapter)
-            s.mount("https://", adapter)
-            s.headers["User-Agent"] = self.opts.user_agent
-            self._session = s
-        return self._session
+            self._pool = urllib3.PoolManager(num_pools=32, maxsize=self.opts.pool_size, block=False,
+                                             headers={"User-Agent": self.opts.user_agent})
+        return self._pool
 
     def close(self) -> None:
-        if self._session is not None:
-            self._session.close()
-            self._session = None
+        if self._pool is not None:
+            self._pool.clear()
+            self._pool = None
 
     # ------------------------------------------------------------------------------------------
     def fetch(self, url: str) -> Fetched:
@@ -156,63 +152,68 @@ class Fetcher:
             raise SampleError(DOWNLOAD_ERROR, f"{type(exc).__name__}: {exc}") from None
 
     def _http(self, url: str) -> Fetched:
-        import requests
+        import urllib3.exceptions as ue
 
         opts = self.opts
         last: SampleError | None = None
+        attempt = 0
         for attempt in range(1, opts.retries + 2):
             try:
                 return Fetched(self._http_once(url), attempt, url)
             except SampleError as exc:
                 last = exc
-                if not getattr(exc, "retryable", False) or attempt > opts.retries:
+                if not getattr(exc, "retryable", False):
                     break
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                reason = TIMEOUT if isinstance(exc, requests.Timeout) else DOWNLOAD_ERROR
-                last = SampleError(reason, f"{type(exc).__name__}: {_short(exc)}")
-                if attempt > opts.retries:
+            except ue.MaxRetryError as exc:  # connection refused / DNS / too many redirects
+                inner = exc.reason
+                # NewConnectionError subclasses ConnectTimeoutError in urllib3: a refused connection
+                # is a download error, not a timeout.
+                timed_out = isinstance(inner, ue.TimeoutError) and not isinstance(inner, ue.NewConnectionError)
+                reason = TIMEOUT if timed_out else DOWNLOAD_ERROR
+                last = SampleError(reason, f"{type(inner or exc).__name__}: {_short(inner or exc)}")
+                if isinstance(inner, ue.ResponseError):  # redirect loop: retrying will not help
                     break
-            except requests.RequestException as exc:
+            except ue.TimeoutError as exc:
+                last = SampleError(TIMEOUT, f"{type(exc).__name__}: {_short(exc)}")
+            except (ue.HTTPError, OSError) as exc:  # protocol errors, resets mid-body
                 last = SampleError(DOWNLOAD_ERROR, f"{type(exc).__name__}: {_short(exc)}")
-                break
-            time.sleep(opts.backoff_s * (2 ** (attempt - 1)) * (1 + random.random() * 0.25))
+            if attempt <= opts.retries:
+                time.sleep(opts.backoff_s * (2 ** (attempt - 1)) * (1 + random.random() * 0.25))
         assert last is not None
         last.attempts = attempt  # type: ignore[attr-defined]
         raise last
 
     def _http_once(self, url: str) -> bytes:
+        import urllib3
+
         opts = self.opts
         deadline = time.monotonic() + opts.timeout_s
-        with self.session.get(url, stream=True, timeout=opts.timeout_s, allow_redirects=True) as resp:
-            code = resp.status_code
+        retries = urllib3.Retry(total=10, connect=0, read=0, status=0, other=0, redirect=5, raise_on_status=False)
+        resp = self.pool.request("GET", url, preload_content=False, retries=retries,
+                                 timeout=urllib3.Timeout(connect=opts.timeout_s, read=opts.timeout_s))
+        try:
+            code = resp.status
             if code in (404, 410):
                 raise SampleError(NOT_FOUND, f"HTTP {code}")
             if not 200 <= code < 300:
                 err = SampleError(DOWNLOAD_ERROR, f"HTTP {code}")
                 err.retryable = code == 429 or code >= 500  # type: ignore[attr-defined]
                 raise err
-            if opts.honor_robots and robots_opt_out(_header_values(resp, "X-Robots-Tag")):
+            if opts.honor_robots and robots_opt_out(resp.headers.getlist("X-Robots-Tag")):
                 raise SampleError(OPTED_OUT, "X-Robots-Tag forbids use")
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > opts.max_bytes:
                 raise SampleError(TOO_LARGE, f"Content-Length {length} > max_bytes {opts.max_bytes}")
             buf = bytearray()
-            for chunk in resp.iter_content(_CHUNK):
+            for chunk in resp.stream(_CHUNK):
                 buf += chunk
                 if len(buf) > opts.max_bytes:
                     raise SampleError(TOO_LARGE, f"body over max_bytes {opts.max_bytes}")
                 if time.monotonic() > deadline:
                     raise SampleError(TIMEOUT, f"download exceeded {opts.timeout_s}s")
             return bytes(buf)
-
-
-def _header_values(resp, name: str) -> list[str]:
-    """All values of a (possibly repeated) header; requests folds repeats into one comma-joined value."""
-    raw = getattr(resp, "raw", None)
-    if raw is not None and hasattr(raw, "headers") and hasattr(raw.headers, "getlist"):
-        return list(raw.headers.getlist(name))
-    v = resp.headers.get(name)
-    return [v] if v else []
+        finally:
+            resp.release_conn() if resp.status < 300 else resp.drain_conn()
 
 
 def _short(exc: BaseException, n: int = 200) -> str:

@@ -30,6 +30,7 @@ class ImageOptions:
     min_image_size: int = 0  # smaller side below this -> too_small
     max_aspect_ratio: float = math.inf  # long/short side above this -> filtered
     max_pixels: int = 178_956_970  # Pillow's decompression-bomb threshold (x2 raises)
+    resample: str = "area"  # downscale filter: "area" (box, img2dataset's INTER_AREA) | "bicubic"
 
 
 @dataclass
@@ -84,7 +85,9 @@ def process_image(data: bytes, opts: ImageOptions) -> ImageSample:
             if orientation != 1:
                 img = ImageOps.exif_transpose(img)
             img = _to_rgb(img)
-            out = resize(img, opts.size, opts.resize_mode)
+            shrinking = opts.size < (max(img.size) if opts.resize_mode == "border" else min(img.size))
+            resample = Image.Resampling.BOX if opts.resample == "area" and shrinking else Image.Resampling.BICUBIC
+            out = resize(img, opts.size, opts.resize_mode, resample)
             jpg = encode_jpeg(out, opts.jpeg_quality)
     except SampleError:
         raise

@@ -9,13 +9,17 @@ from PIL import Image
 RESIZE_MODES = ("no", "border", "keep_ratio", "center_crop")
 
 
-def resize(img: Image.Image, size: int, mode: str = "center_crop") -> Image.Image:
+def resize(img: Image.Image, size: int, mode: str = "center_crop",
+           resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
     """Resize an RGB image to ``size`` with one of :data:`RESIZE_MODES`.
 
     - ``center_crop``: scale the short side to ``size``, crop the centre square;
     - ``keep_ratio``: scale the short side to ``size``, keep the aspect ratio;
     - ``border``: scale the long side to ``size``, pad to a black square;
     - ``no``: leave as is.
+
+    ``resample`` defaults to bicubic; ``BOX`` is area averaging (OpenCV's INTER_AREA, what img2dataset
+    uses to downscale), about 2x cheaper.
     """
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
@@ -27,13 +31,13 @@ def resize(img: Image.Image, size: int, mode: str = "center_crop") -> Image.Imag
     if mode == "border":
         scale = size / max(w, h)
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+        img = img.resize((nw, nh), resample, reducing_gap=3.0 if scale < 0.5 else None)
         canvas = Image.new("RGB", (size, size))
         canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
         return canvas
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 0.5 else None)
+    img = img.resize((nw, nh), resample, reducing_gap=3.0 if scale < 0.5 else None)
     if mode == "keep_ratio":
         return img
     left, top = (nw - size) // 2, (nh - size) // 2

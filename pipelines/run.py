@@ -221,7 +221,7 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
 
     out.ensure()
     lease = shards.WriterLease(out, ttl_s=config.lease_ttl_s)
-    lease.acquire(force=config.force_unlock)
+    lease.acquire(force=config.force_unlock, settle=False)
     executor = None
     try:
         if not out.remote:  # staging folders of killed runs (never contract objects)
@@ -250,6 +250,7 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
         first = next(tasks_iter, None)
         if first is not None:
             executor = _RayExecutor(config) if config.executor == "ray" else _LocalExecutor(config)
+            lease.confirm()
             _drive(config, config_dict, executor, first, tasks_iter, lease, summary, t0)
         else:
             for _ in tasks_iter:  # pragma: no cover - nothing left after the first None
@@ -258,6 +259,7 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
         summary.shards_written.sort()
         wrote = bool(summary.shards_written)
         if wrote or (prev is None and existing):
+            lease.confirm()
             all_stats = shards.committed_stats(out, config.split)
             manifests = _manifest_records(plan.manifests, prev, config.mode)
             summary.dataset = shards.finalize_dataset(out, config.split, config=config.to_dict(), fingerprint=fp,

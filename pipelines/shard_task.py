@@ -76,7 +76,7 @@ class RowProcessor:
                                             user_agent=config.user_agent, pool_size=max(config.threads, 4)))
         self.image_opts = ImageOptions(size=config.image_size, resize_mode=config.resize_mode,
                                        jpeg_quality=config.jpeg_quality, min_image_size=config.min_image_size,
-                                       max_aspect_ratio=config.max_aspect_ratio)
+                                       max_aspect_ratio=config.max_aspect_ratio, resample=config.resample)
         self._video_opts = None
 
     @property

@@ -84,27 +84,6 @@ def validate_member(key: str, field: str) -> str:
     return name
 
 
-class _HashingWriter(io.RawIOBase):
-    """File wrapper that hashes (sha256 + md5) what passes through; tarfile needs write/tell."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.md5, self.n = f, hashlib.sha256(), hashlib.md5(), 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        b = bytes(b)
-        self.f.write(b)
-        self.sha.update(b)
-        self.md5.update(b)
-        self.n += len(b)
-        return len(b)
-
-    def tell(self) -> int:
-        return self.n
-
-
 @dataclass
 class TarInfo:
     path: str  # local file holding the finished tar
@@ -118,27 +97,43 @@ def write_tar(path: str, samples: dict[str, dict[str, bytes]], mtime: int | None
     """Write ``{key: {field: bytes}}`` to ``path`` as a deterministic USTAR archive.
 
     Samples in key order, fields in name order, regular files with mode 0o644, uid/gid 0, empty
-    user/group names and one integer mtime. An empty ``samples`` gives a valid empty tar.
+    user/group names and one integer mtime. An empty ``samples`` gives a valid empty tar. Headers come
+    from :meth:`tarfile.TarInfo.tobuf` and the layout is tarfile's own (512-byte padding, two zero
+    blocks, 10240-byte records), written in one pass without tarfile's 16 KiB copy loop.
     """
     mtime = source_date_epoch() if mtime is None else int(mtime)
-    with open(path, "wb") as raw:
-        hw = _HashingWriter(raw)
-        with tarfile.open(fileobj=hw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for key in sorted(samples):
-                fields = samples[key]
-                if not fields:
-                    raise ValueError(f"sample {key} has no fields")
-                for field in sorted(fields):
-                    data = fields[field]
-                    ti = tarfile.TarInfo(validate_member(key, field))
-                    ti.size, ti.mtime, ti.mode = len(data), mtime, 0o644
-                    ti.uid = ti.gid = 0
-                    ti.uname = ti.gname = ""
-                    ti.type = tarfile.REGTYPE
-                    tar.addfile(ti, io.BytesIO(data))
-        raw.flush()
-        os.fsync(raw.fileno())
-    return TarInfo(path=path, nsamples=len(samples), bytes=hw.n, sha256=hw.sha.hexdigest(), md5=hw.md5.hexdigest())
+    sha, md5, n = hashlib.sha256(), hashlib.md5(), 0
+    nsamples = 0
+    with open(path, "wb") as f:
+        def put(b: bytes) -> None:
+            nonlocal n
+            f.write(b)
+            sha.update(b)
+            md5.update(b)
+            n += len(b)
+
+        for key in sorted(samples):
+            fields = samples[key]
+            if not fields:
+                raise ValueError(f"sample {key} has no fields")
+            nsamples += 1
+            for field in sorted(fields):
+                data = fields[field]
+                ti = tarfile.TarInfo(validate_member(key, field))
+                ti.size, ti.mtime, ti.mode = len(data), mtime, 0o644
+                ti.uid = ti.gid = 0
+                ti.uname = ti.gname = ""
+                ti.type = tarfile.REGTYPE
+                put(ti.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict"))
+                put(data)
+                if len(data) % tarfile.BLOCKSIZE:
+                    put(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
+        put(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        if n % tarfile.RECORDSIZE:
+            put(tarfile.NUL * (tarfile.RECORDSIZE - n % tarfile.RECORDSIZE))
+        f.flush()
+        os.fsync(f.fileno())
+    return TarInfo(path=path, nsamples=nsamples, bytes=n, sha256=sha.hexdigest(), md5=md5.hexdigest())
 
 
 def read_tar(data_or_path: bytes | str) -> dict[str, dict[str, bytes]]:
@@ -407,7 +402,9 @@ class WriterLease:
                 return False
         return False
 
-    def acquire(self, force: bool = False) -> None:
+    def acquire(self, force: bool = False, settle: bool = True) -> None:
+        """Write the lease; with ``settle=False`` the caller must :meth:`confirm` before writing shards
+        (the driver starts Ray in between, so the settle delay costs no wall time)."""
         cur = self.out.read_json(LOCK_NAME)
         if cur and not force and not self.is_stale(cur, self.ttl_s):
             raise LeaseError(f"{self.out.url} is being written by {cur.get('owner')} (heartbeat "
@@ -416,9 +413,14 @@ class WriterLease:
         if cur:
             log.warning("taking over %s lease from %s", "a live" if force else "a stale", cur.get("owner"))
         self.out.write_bytes(LOCK_NAME, canonical_json(self._record()))
-        time.sleep(self.settle_s)
-        self.check()
         self._last_renew = time.monotonic()
+        if settle:
+            self.confirm()
+
+    def confirm(self) -> None:
+        """Wait out the settle delay since the lease was written, then check we still own it."""
+        time.sleep(max(0.0, self.settle_s - (time.monotonic() - self._last_renew)))
+        self.check()
 
     def check(self) -> None:
         cur = self.out.read_json(LOCK_NAME)

@@ -99,3 +99,15 @@ def test_writer_lease(tmp_path):
     # a lease whose owner process on this host is dead is stale
     rec = {"owner": "x", "host": __import__("socket").gethostname(), "pid": 2 ** 22 + 12345, "heartbeat": 9e18}
     assert shards.WriterLease.is_stale(rec, 60)
+
+
+def test_tar_bytes_equal_pythons_own_ustar_writer(tmp_path):
+    """The fast writer must produce exactly what tarfile (USTAR, same metadata) produces."""
+    shards.write_tar(str(tmp_path / "fast.tar"), SAMPLES, mtime=0)
+    with tarfile.open(tmp_path / "ref.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key in sorted(SAMPLES):
+            for field in sorted(SAMPLES[key]):
+                ti = tarfile.TarInfo(f"{key}.{field}")
+                ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(SAMPLES[key][field]), 0, 0o644, "", ""
+                tar.addfile(ti, io.BytesIO(SAMPLES[key][field]))
+    assert (tmp_path / "fast.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()

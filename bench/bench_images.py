@@ -1,0 +1,244 @@
+"""Image-corpus benchmark: mplug2-ray's shard pipeline vs img2dataset 1.47.0, back to back.
+
+    .venv/bin/python -m bench.bench_images            # 10,000 images, both tools, prints a table
+    .venv/bin/python -m bench.bench_images --n 2000 --skip-img2dataset
+
+Same setup as data-contract §16: synthetic JPEGs (320-800 x 240-600, ~61 KB) served by nginx on
+127.0.0.1 (1 worker, backlog 4096), 256 px ``border`` resize, JPEG q95, 2 processes x 32 threads,
+1,000 samples per shard. Wall time counts everything a user waits for (Ray start-up included).
+Everything large lives under ``bench/.cache/`` (git-ignored by a ``.gitignore`` written there):
+the corpus, img2dataset's own venv, nginx's config/logs and both outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "bench" / ".cache"
+I2D_VERSION = "1.47.0"
+
+
+def ensure_cache() -> Path:
+    CACHE.mkdir(parents=True, exist_ok=True)
+    gi = CACHE / ".gitignore"
+    if not gi.exists():
+        gi.write_text("*\n")
+    return CACHE
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+def _make_one(args: tuple[int, str]) -> int:
+    import numpy as np
+    from PIL import Image
+
+    i, folder = args
+    rng = np.random.default_rng(i)
+    w, h = int(rng.integers(320, 801)), int(rng.integers(240, 601))
+    # A coarse random pattern upscaled: photo-like spectra, ~61 KB at q90 over this size range.
+    base = (rng.random((max(2, h // 10), max(2, w // 10), 3)) * 255).astype("uint8")
+    img = Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=88)
+    Path(folder, f"{i:06d}.jpg").write_bytes(buf.getvalue())
+    return len(buf.getvalue())
+
+
+def make_corpus(n: int, folder: Path, workers: int = 2) -> dict:
+    """Write ``n`` JPEGs (reused when already there) and return size stats."""
+    marker = folder / f".done-{n}"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not marker.exists():
+        t0 = time.monotonic()
+        with ProcessPoolExecutor(workers) as ex:
+            sizes = list(ex.map(_make_one, [(i, str(folder)) for i in range(n)], chunksize=64))
+        marker.write_text(json.dumps({"n": n, "mean_bytes": sum(sizes) / n}))
+        print(f"corpus: {n} JPEGs in {time.monotonic() - t0:.0f}s, mean {sum(sizes) / n / 1024:.1f} KiB")
+    return json.loads(marker.read_text())
+
+
+def write_manifest(n: int, port: int, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    urls = [f"http://127.0.0.1:{port}/{i:06d}.jpg" for i in range(n)]
+    pq.write_table(pa.table({"url": urls, "caption": [f"synthetic image {i}" for i in range(n)]}), path)
+
+
+# ---------------------------------------------------------------------------------------------- nginx
+def ensure_nginx() -> str:
+    exe = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if exe:
+        return exe
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        sys.exit("nginx is not installed and cannot be installed here (needs root + apt-get): "
+                 "install it with `apt-get install -y nginx` and re-run")
+    print("installing nginx with apt-get ...")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(["apt-get", "install", "-y", "nginx"], env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True)
+        subprocess.run(["apt-get", "install", "-y", "nginx"], env=env, check=True, capture_output=True)
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+class Nginx:
+    """nginx on 127.0.0.1 with 1 worker and backlog 4096 (the §16 setup), stopped by PID."""
+
+    def __init__(self, root: Path, port: int, work: Path):
+        self.root, self.port, self.work = root, port, work
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        exe = ensure_nginx()
+        self.work.mkdir(parents=True, exist_ok=True)
+        conf = self.work / "nginx.conf"
+        conf.write_text(f"""
+user root;
+worker_processes 1;
+daemon off;
+pid {self.work}/nginx.pid;
+error_log {self.work}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  sendfile on;
+  keepalive_requests 100000;
+  types {{ image/jpeg jpg; }}
+  server {{
+    listen 127.0.0.1:{self.port} backlog=4096;
+    root {self.root};
+  }}
+}}
+""")
+        self.proc = subprocess.Popen([exe, "-c", str(conf), "-p", str(self.work)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        import urllib.request
+
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/000000.jpg", timeout=1).read()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    sys.exit(f"nginx exited: see {self.work}/error.log")
+                time.sleep(0.1)
+        sys.exit("nginx did not answer on 127.0.0.1:%d" % self.port)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=10)
+
+
+# ---------------------------------------------------------------------------------------------- runners
+def ensure_img2dataset() -> Path:
+    venv = CACHE / "i2d-venv"
+    exe = venv / "bin" / "img2dataset"
+    if not exe.exists():
+        print(f"installing img2dataset=={I2D_VERSION} into {venv} ...")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"img2dataset=={I2D_VERSION}"], check=True)
+    return exe
+
+
+def run_img2dataset(manifest: Path, out: Path, args) -> dict:
+    exe = ensure_img2dataset()
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(exe), "--url_list", str(manifest), "--input_format", "parquet", "--url_col", "url",
+           "--caption_col", "caption", "--output_folder", str(out), "--output_format", "webdataset",
+           "--image_size", str(args.size), "--resize_mode", "border", "--encode_quality", "95",
+           "--processes_count", str(args.processes), "--thread_count", str(args.threads),
+           "--number_sample_per_shard", str(args.shard_size), "--distributor", "multiprocessing",
+           "--enable_wandb", "False", "--timeout", "10", "--retries", "0"]
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if res.returncode != 0:
+        sys.exit(f"img2dataset failed:\n{res.stderr[-3000:]}")
+    ok = sum(json.loads(p.read_text())["successes"] for p in out.glob("*_stats.json"))
+    return {"tool": f"img2dataset {I2D_VERSION}", "wall_s": wall, "images": ok}
+
+
+def run_ours(manifest: Path, out: Path, args) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "pipelines.cli", "shard", "--manifest", str(manifest),
+           "--output", str(out), "--samples-per-shard", str(args.shard_size), "--threads", str(args.threads),
+           "--image-size", str(args.size), "--resize-mode", "border", "--jpeg-quality", "95", "--mode", "overwrite",
+           "--num-cpus", str(args.processes), "--retries", "0", "--no-progress", "--log-level", "WARNING"]
+    if args.executor == "local":
+        cmd.append("--local")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    t0 = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    wall = time.monotonic() - t0
+    if res.returncode != 0:
+        sys.exit(f"mplug2-data failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    ds = json.loads((out / "dataset.json").read_text())
+    return {"tool": f"mplug2-ray ({args.executor})", "wall_s": wall, "images": ds["num_samples"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.bench_images", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--n", type=int, default=10_000, help="images in the corpus")
+    p.add_argument("--threads", type=int, default=32, help="download threads per process / shard task")
+    p.add_argument("--processes", type=int, default=2, help="img2dataset processes = our Ray CPUs")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--port", type=int, default=18089)
+    p.add_argument("--executor", choices=("ray", "local"), default="ray", help="our executor")
+    p.add_argument("--skip-img2dataset", action="store_true")
+    p.add_argument("--skip-ours", action="store_true")
+    p.add_argument("--order", choices=("i2d-first", "ours-first"), default="i2d-first")
+    args = p.parse_args(argv)
+
+    cache = ensure_cache()
+    corpus = cache / f"images-{args.n}"
+    info = make_corpus(args.n, corpus)
+    manifest = cache / f"urls-{args.n}.parquet"
+    write_manifest(args.n, args.port, manifest)
+    load_before = os.getloadavg()
+    server = Nginx(corpus, args.port, cache / "nginx")
+    server.start()
+    results = []
+    try:
+        runners = [("i2d", run_img2dataset, cache / "out-img2dataset"), ("ours", run_ours, cache / "out-mplug2")]
+        if args.order == "ours-first":
+            runners.reverse()
+        for name, fn, out in runners:
+            if (name == "i2d" and args.skip_img2dataset) or (name == "ours" and args.skip_ours):
+                continue
+            r = fn(manifest, out, args)
+            results.append(r)
+            print(f"{r['tool']}: {r['images']} images in {r['wall_s']:.1f}s", flush=True)
+    finally:
+        server.stop()
+    base = next((r for r in results if r["tool"].startswith("img2dataset")), None)
+    print(f"\n{args.n} images (mean {info['mean_bytes'] / 1024:.1f} KiB), {args.size}px border q95, "
+          f"{args.processes} procs x {args.threads} threads, {args.shard_size}/shard; "
+          f"load avg before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
+    print(f"{'tool':<24}{'wall s':>9}{'images':>9}{'images/s':>10}{'ratio':>8}")
+    for r in results:
+        ips = r["images"] / r["wall_s"]
+        ratio = ips / (base["images"] / base["wall_s"]) if base else float("nan")
+        r.update(images_per_s=ips, ratio=ratio)
+        print(f"{r['tool']:<24}{r['wall_s']:>9.1f}{r['images']:>9}{ips:>10.0f}{ratio:>8.2f}")
+    results_dir = REPO / "bench" / "results"
+    results_dir.mkdir(exist_ok=True)
+    (results_dir / "bench_images.json").write_text(json.dumps({"args": vars(args), "load_before": load_before,
+                                                               "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
