@@ -296,6 +296,17 @@ class LoadedCheckpoint:
     manifest: dict[str, Any]
 
 
+def read_model_tensors(directory: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's model tensors by name, tied weights (stored once) restored under every alias."""
+    raw = storage.read_bytes(storage.join(directory, MODEL_FILE))
+    tensors = st_load(raw)
+    header_len = int.from_bytes(raw[:8], "little")   # safetensors: u64 header length, JSON header
+    meta = json.loads(raw[8:8 + header_len]).get("__metadata__", {}) or {}
+    for alias, canonical in json.loads(meta.get("aliases", "{}")).items():
+        tensors[alias] = tensors[canonical]
+    return tensors
+
+
 def _load_torch(url: str) -> Any:
     return torch.load(io.BytesIO(storage.read_bytes(url)), map_location="cpu", weights_only=True)
 
@@ -316,13 +327,7 @@ def load_checkpoint(directory: str, *, model: torch.nn.Module | None = None,
         raise CheckpointError(f"{directory}: config hash {manifest['config_hash'][:12]} differs from this run's "
                               f"{config_hash(config_fingerprint)[:12]}; numerics would silently drift")
     if model is not None:
-        url = storage.join(directory, MODEL_FILE)
-        raw = storage.read_bytes(url)
-        tensors = st_load(raw)
-        header_len = int.from_bytes(raw[:8], "little")   # safetensors: u64 header length, JSON header
-        meta = json.loads(raw[8:8 + header_len]).get("__metadata__", {})
-        for alias, canonical in json.loads(meta.get("aliases", "{}")).items():
-            tensors[alias] = tensors[canonical]
+        tensors = read_model_tensors(directory)
         target = _unwrap(model)
         device_state = {k: v.to(target.state_dict()[k].device) if k in target.state_dict() else v
                         for k, v in tensors.items()}

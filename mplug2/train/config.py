@@ -27,6 +27,7 @@ class CorpusConfig:
     path: str
     weight: float = 1.0
     num_frames: int = 4          # frames fed to the model; images use 1
+    split: str = "train"         # the shard name prefix written by the pipeline (`--split`)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class DebugConfig:
     fail_at_step: int | None = None
     fail_rank: int = 0
     deterministic: bool = False
+    log_keys: bool = False       # every rank records the sample keys of each step under <run>/keys/
 
 
 @dataclass
@@ -144,7 +146,7 @@ class TrainConfig:
     def fingerprint(self) -> str:
         """Hash of the fields that change numerics; ``total_steps`` included (the LR schedule depends on it)."""
         d = self.to_dict()
-        keep = {k: d[k] for k in ("task", "model", "seed", "loss_weights", "optim")}
+        keep = {k: d[k] for k in ("task", "model", "seed", "loss_weights", "optim", "init_from")}
         keep["data"] = {k: d["data"][k] for k in ("train", "batch_size", "max_text_len")}
         keep["global_batch"] = self.data.batch_size * self.optim.grad_accum * self.scale.num_workers
         keep["total_steps"] = self.schedule.total_steps

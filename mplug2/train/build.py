@@ -1,0 +1,199 @@
+"""Build the pieces of a run from a :class:`~mplug2.train.config.TrainConfig`: model, task, optimiser,
+LR schedule, data loaders, initial weights. Pure torch + storage: shared by the Ray Train worker loop and
+the plain ``torch.distributed`` loop used for overhead benchmarks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mplug2 import storage
+from mplug2.config import MPLUG2Config
+from mplug2.models.mplug2 import MPLUG2
+from mplug2.train.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def model_config(cfg: TrainConfig) -> MPLUG2Config:
+    """``model`` may be a preset name, a YAML path, or a dict (``preset:`` plus overrides)."""
+    m = cfg.model
+    if isinstance(m, MPLUG2Config):
+        return m
+    if isinstance(m, dict):
+        return MPLUG2Config.from_dict(m)
+    if isinstance(m, str) and (m.endswith((".yaml", ".yml")) or Path(m).exists()):
+        return MPLUG2Config.from_yaml(m)
+    return MPLUG2Config.preset(str(m))
+
+
+def build_task(cfg: TrainConfig, mcfg: MPLUG2Config, tokenizer, world_size: int) -> nn.Module:
+    """The trainable module for ``cfg.task``: ``forward(batch) -> {"loss": ..., ...}``."""
+    model = MPLUG2(mcfg)
+    w = cfg.loss_weights
+    if cfg.task == "pretrain":
+        from mplug2.objectives.pretrain import MPLUG2Pretrainer, PretrainConfig
+
+        pc = PretrainConfig(
+            itc_weight=w.get("itc", 1.0), itm_weight=w.get("itm", 1.0), mlm_weight=w.get("mlm", 1.0),
+            prefix_lm_weight=w.get("prefix_lm", 1.0), global_batch=cfg.data.batch_size * world_size,
+            alpha_ramp_steps=min(cfg.schedule.total_steps, max(1, cfg.schedule.total_steps // 10)),
+        )
+        return MPLUG2Pretrainer(model, tokenizer, pc)
+    from mplug2.train import finetune
+
+    return finetune.build(cfg, model, tokenizer, world_size)
+
+
+def vision_prefixes(module: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of every trainable dual-vision encoder inside ``module``."""
+    out = []
+    for name, sub in module.named_modules():
+        if isinstance(sub, MPLUG2):
+            out.append(f"{name}.vision." if name else "vision.")
+    return tuple(out)
+
+
+def build_optimizer(cfg: TrainConfig, task: nn.Module) -> torch.optim.Optimizer:
+    """AdamW with two learning rates (vision lower) and the spec's no-decay rule."""
+    from mplug2.objectives.pretrain import param_groups
+
+    o = cfg.optim
+    groups = param_groups(task, o.lr, o.lr_vision, o.weight_decay, vision_prefixes=vision_prefixes(task))
+    for g in groups:
+        g["initial_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup from 0, then cosine to ``min_lr_ratio`` at ``total_steps``; a picklable closure-free callable."""
+    return _WarmupCosine(cfg.optim.warmup_steps, cfg.schedule.total_steps, cfg.optim.min_lr_ratio)
+
+
+class _WarmupCosine:
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, max(total, 1), min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+
+def build_train_loader(cfg: TrainConfig, mcfg: MPLUG2Config, rank: int, world_size: int):
+    """A :class:`~mplug2.data.mixing.MixedLoader` over the configured corpora for this rank."""
+    from mplug2.data.loader import LoaderConfig, build_loader
+    from mplug2.data.mixing import MixedLoader
+
+    if not cfg.data.train:
+        raise ValueError("data.train lists no corpus")
+    d = cfg.data
+    loaders, weights = {}, {}
+    for c in d.train:
+        lc = LoaderConfig(
+            prefix=c.path, corpus=c.name, split=c.split, batch_size=d.batch_size, num_workers=d.num_workers, seed=cfg.seed,
+            train=True, res=mcfg.vision.image_res, num_frames=c.num_frames, max_length=d.max_text_len,
+            tokenizer=mcfg.tokenizer, shards_in_flight=d.shards_in_flight, shuffle_buffer=d.shuffle_buffer,
+            randaug=d.augment, multiprocessing_context="forkserver" if d.num_workers else None,
+        )
+        loaders[c.name] = build_loader(lc, rank=rank, world_size=world_size)
+        weights[c.name] = c.weight
+    return MixedLoader(loaders, weights, seed=cfg.seed)
+
+
+def _load_pretrained_folder(url: str) -> MPLUG2:
+    """``MPLUG2.from_pretrained`` for a local or ``s3://`` folder (tied weights restored)."""
+    if not storage.is_remote(url):
+        return MPLUG2.from_pretrained(url)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("config.yaml", "model.safetensors"):
+            with open(f"{tmp}/{name}", "wb") as f:
+                f.write(storage.read_bytes(storage.join(url, name)))
+        return MPLUG2.from_pretrained(tmp)
+
+
+def resolve_init(url: str) -> str:
+    """A folder holding ``model.safetensors`` as is; a run directory -> its newest valid checkpoint."""
+    if storage.exists(storage.join(url, "model.safetensors")):
+        return url
+    from mplug2.train.checkpoint import find_latest_valid
+
+    fs, path = storage.get_fs(url)
+    try:
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        names = []
+    found = find_latest_valid([storage.join(url, n) for n in names if n.startswith("step_")])
+    if found is None:
+        raise FileNotFoundError(f"{url}: neither a model folder (model.safetensors) nor a run with a valid checkpoint")
+    return found
+
+
+def load_init(task: nn.Module, url: str) -> dict[str, int]:
+    """Initialise ``task`` from a training checkpoint folder (``model.safetensors`` of any task wrapper) or a
+    ``save_pretrained`` folder of :class:`MPLUG2`. Every MPLUG2 weight must be found; heads that exist in
+    both (e.g. ITC projections) are copied; the rest stay freshly initialised and are reported."""
+    url = resolve_init(url)
+    if storage.exists(storage.join(url, "config.yaml")):      # save_pretrained folder: a bare MPLUG2
+        src = {f"model.{k}": v for k, v in _load_pretrained_folder(url).state_dict().items()}
+    else:                                                      # a training checkpoint of any task wrapper
+        from mplug2.train.checkpoint import read_model_tensors
+
+        src = read_model_tensors(url)
+    target = task.state_dict()
+    loaded, new, skipped = {}, [], []
+    for k, v in target.items():
+        if ".momentum." in f".{k}":
+            continue                                           # re-copied from the online weights below
+        parts = k.split(".")
+        # Task wrappers nest the same modules under different prefixes (``core.model.`` vs ``model.``):
+        # match the longest suffix present in the source.
+        match = next((".".join(parts[i:]) for i in range(len(parts)) if ".".join(parts[i:]) in src), None)
+        if match is not None and src[match].shape == v.shape:
+            loaded[k] = src[match]
+        elif match is not None:
+            skipped.append(f"{k} {tuple(src[match].shape)} -> {tuple(v.shape)}")
+        else:
+            new.append(k)
+    cores = [n for n in vision_prefixes(task)]
+    core_missing = [k for k in new if any(k.startswith(p[: -len("vision.")]) for p in cores)]
+    if core_missing:
+        raise KeyError(f"{url}: the source lacks {len(core_missing)} model weights, e.g. {core_missing[:5]}")
+    task.load_state_dict({**target, **loaded})
+    from mplug2.objectives.momentum import MomentumPairs
+
+    for sub in task.modules():
+        if isinstance(sub, MomentumPairs):
+            sub.update(momentum=0.0)                           # twins = the loaded online weights
+    log.info("initialised from %s: %d tensors loaded, %d new (%s), %d shape mismatches %s", url, len(loaded),
+             len(new), ", ".join(sorted({k.split(".")[0] + "." + k.split(".")[1] for k in new}))[:200],
+             len(skipped), skipped[:3])
+    return {"loaded": len(loaded), "new": len(new), "skipped": len(skipped)}
+
+
+def config_summary(cfg: TrainConfig, mcfg: MPLUG2Config, task: nn.Module) -> str:
+    n = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    return json.dumps({"run": cfg.run_name, "task": cfg.task, "trainable_params": n,
+                       "vision": [mcfg.vision.width, mcfg.vision.layers], "text": [mcfg.text.hidden,
+                                                                                mcfg.text.layers]})
+
+
+def torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()

@@ -1,0 +1,127 @@
+"""``mplug2-train``: pretrain, fine-tune or evaluate mPLUG-2 from a YAML config.
+
+    mplug2-train pretrain --config configs/pretrain_tiny.yaml --run-name pt-tiny-001
+    mplug2-train finetune --config configs/retrieval_tiny.yaml --run-name ret-001 \\
+        --set init_from=s3://bucket/runs/pt-tiny-001/final
+    mplug2-train evaluate --task retrieval --model s3://bucket/runs/ret-001/best --eval s3://bucket/corpora/x/test
+
+Re-running a command with the same ``--run-name`` (and storage) resumes it. ``--address`` (or RAY_ADDRESS)
+connects to a cluster; without it a local Ray starts on 127.0.0.1. The same module is the ``ray job
+submit`` entrypoint: ``python -m mplug2.train.cli pretrain ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from mplug2.runtime import init_ray, setup_process_env
+from mplug2.train.config import TrainConfig
+
+log = logging.getLogger("mplug2.train")
+
+
+def _parse_sets(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = v
+    return out
+
+
+def load_config(args: argparse.Namespace, task: str | None) -> TrainConfig:
+    overrides = _parse_sets(args.set)
+    if args.run_name:
+        overrides["run_name"] = args.run_name
+    if args.storage:
+        overrides["storage"] = args.storage
+    if task:
+        overrides.setdefault("task", task)
+    return TrainConfig.from_yaml(args.config, overrides)
+
+
+def _train(args: argparse.Namespace, task: str | None) -> int:
+    from mplug2.train.trainer import fit, run_dir
+
+    cfg = load_config(args, task)
+    if task == "pretrain" and cfg.task != "pretrain":
+        raise SystemExit(f"config task is {cfg.task!r}; use `mplug2-train finetune`")
+    if task is None and cfg.task == "pretrain":
+        raise SystemExit("config task is 'pretrain'; use `mplug2-train pretrain`")
+    init_ray(args.address, num_cpus=args.num_cpus)
+    t0 = time.time()
+    result = fit(cfg)
+    metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    print(f"run {cfg.run_name} finished in {time.time() - t0:.0f}s; outputs in {run_dir(cfg)}")
+    for k in sorted(metrics):
+        print(f"  {k:28s} {metrics[k]:.4f}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from mplug2.models.mplug2 import MPLUG2
+    from mplug2.tokenizer import load_tokenizer
+    from mplug2.train.config import CorpusConfig
+    from mplug2.train.finetune import build, evaluate_task, load_eval_set
+    from mplug2.train.build import load_init
+
+    setup_process_env()
+    import tempfile
+    from mplug2 import storage
+
+    with tempfile.TemporaryDirectory() as tmp:   # fetch config.yaml for the model shape
+        with open(f"{tmp}/config.yaml", "wb") as f:
+            f.write(storage.read_bytes(storage.join(args.model, "config.yaml")))
+        from mplug2.config import MPLUG2Config
+
+        mcfg = MPLUG2Config.from_yaml(f"{tmp}/config.yaml")
+    tok = load_tokenizer(mcfg.tokenizer)
+    cfg = TrainConfig(run_name="evaluate", task=args.task, model=mcfg.to_dict())
+    task = build(cfg, MPLUG2(mcfg), tok, world_size=1)
+    load_init(task, args.model)
+    task.eval()
+    data = load_eval_set(CorpusConfig(name="eval", path=args.eval, num_frames=args.frames, split=args.split),
+                         mcfg.vision.image_res, max_items=args.max_items)
+    with torch.no_grad():
+        scores = evaluate_task(task, args.task, data, tok, max_text_len=args.max_text_len)
+    print(json.dumps(scores, indent=1, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mplug2-train", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, help_ in [("pretrain", "ITC + ITM + MLM + prefix-LM pretraining"),
+                        ("finetune", "fine-tune a task (retrieval, caption) with evaluation and a best export")]:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--config", required=True, help="run YAML (see configs/)")
+        sp.add_argument("--run-name", help="stable run id: re-running with the same name resumes")
+        sp.add_argument("--storage", help="runs root: local folder or s3://bucket/prefix")
+        sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set schedule.total_steps=200 (repeatable)")
+        sp.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+        sp.add_argument("--num-cpus", type=int, help="CPUs for a local Ray")
+    ev = sub.add_parser("evaluate", help="score an exported model on a shard corpus")
+    ev.add_argument("--task", choices=["retrieval", "caption"], required=True)
+    ev.add_argument("--model", required=True, help="folder with config.yaml + model.safetensors (local or s3://)")
+    ev.add_argument("--eval", required=True, help="shard dataset prefix (local or s3://)")
+    ev.add_argument("--split", default="train", help="shard name prefix of the eval set")
+    ev.add_argument("--frames", type=int, default=4)
+    ev.add_argument("--max-items", type=int)
+    ev.add_argument("--max-text-len", type=int, default=30)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cmd == "evaluate":
+        return _evaluate(args)
+    return _train(args, "pretrain" if args.cmd == "pretrain" else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

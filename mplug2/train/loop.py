@@ -1,0 +1,407 @@
+"""The training loop: one readable function per concern, run by every data-parallel worker.
+
+The loop knows nothing about Ray. It talks to its orchestrator through :class:`Hooks` (report a step with
+an optional checkpoint folder; say where to resume from). :func:`train_loop_per_worker` binds those hooks
+to Ray Train; ``bench/bench_train.py`` binds them to plain ``torch.distributed`` for overhead numbers.
+
+Each optimizer step: k micro-batches (gradient sync only on the last), clip, AdamW, LR schedule, EMA of
+the momentum twins. Every ``ckpt_every_steps`` (and at the end) every rank saves its part of the
+checkpoint (model and optimizer on rank 0; RNG and data cursor on every rank; markers; manifest last) and
+reports it. A restarted worker restores all of it, so the next step is exactly the one it would have run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mplug2 import storage
+from mplug2.runtime import setup_process_env
+from mplug2.train import build
+from mplug2.train.checkpoint import (
+    commit_checkpoint, find_latest_valid, load_checkpoint, save_checkpoint,
+)
+from mplug2.train.config import TrainConfig
+from mplug2.train.metrics import MetricsLogger, plot_curves
+
+log = logging.getLogger("mplug2.train")
+
+CKPT_PREFIX = "step_"
+
+
+class Hooks(Protocol):
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, step: int) -> None: ...
+    def resume_from(self) -> str | None: ...
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StepTimes:
+    data_wait_s: float = 0.0
+    step_time_s: float = 0.0
+    ckpt_wait_s: float = 0.0
+
+
+class TrainLoop:
+    """State and steps of one worker's training run."""
+
+    def __init__(self, cfg: TrainConfig, *, rank: int, world_size: int, device: torch.device, hooks: Hooks):
+        setup_process_env()
+        self.cfg, self.rank, self.world_size, self.device, self.hooks = cfg, rank, world_size, device, hooks
+        self.run_dir = storage.join(cfg.storage, cfg.run_name)
+        if cfg.debug.deterministic:
+            torch.use_deterministic_algorithms(True)
+        _seed_all(cfg.seed)                                   # identical initial weights on every rank
+        self.mcfg = build.model_config(cfg)
+        from mplug2.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.mcfg.tokenizer)
+        self.task = build.build_task(cfg, self.mcfg, self.tokenizer, world_size).to(device)
+        if cfg.init_from:
+            build.load_init(self.task, cfg.init_from)
+        self.optimizer = build.build_optimizer(cfg, self.task)
+        self.scheduler = build.build_scheduler(cfg, self.optimizer)
+        self.ddp = self._wrap(self.task)
+        self.loader = build.build_train_loader(cfg, self.mcfg, rank, world_size)
+        self.step = 0
+        _seed_all(cfg.seed * 1000 + rank + 1)                  # per-rank masking / negatives / dropout
+        self.log_dir = self._log_dir()
+        self.metrics = MetricsLogger(self.log_dir, rank=rank, num_devices=world_size,
+                                     peak_flops=float(os.environ.get("MPLUG2_PEAK_FLOPS", 0)) or None)
+        self.best: float | None = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _wrap(self, task: nn.Module) -> nn.Module:
+        if self.world_size == 1 or not dist.is_initialized():
+            return task
+        if self.cfg.scale.strategy != "ddp":
+            raise NotImplementedError(f"strategy {self.cfg.scale.strategy!r}: only 'ddp' is implemented")
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # Queues and momentum copies are identical on all ranks by construction: never broadcast buffers.
+        # Fine-tuning tasks may leave modules unused (e.g. the decoder in retrieval).
+        return nn.parallel.DistributedDataParallel(
+            task, device_ids=ids, broadcast_buffers=False,
+            find_unused_parameters=self.cfg.task != "pretrain")
+
+    def _log_dir(self) -> str:
+        if not storage.is_remote(self.run_dir):
+            return os.path.join(self.run_dir, "logs")
+        local = tempfile.mkdtemp(prefix="mplug2-logs-")
+        remote = storage.join(self.run_dir, "logs", "metrics.jsonl")
+        if self.rank == 0 and storage.exists(remote):          # keep the curves across restarts
+            with open(os.path.join(local, "metrics.jsonl"), "wb") as f:
+                f.write(storage.read_bytes(remote))
+        return local
+
+    def _sync_logs(self) -> None:
+        if self.rank != 0 or not storage.is_remote(self.run_dir):
+            return
+        self.metrics.flush()
+        fs, path = storage.get_fs(storage.join(self.run_dir, "logs"))
+        for name in os.listdir(self.log_dir):
+            local = os.path.join(self.log_dir, name)
+            if os.path.isfile(local):
+                storage.retry_io(lambda: fs.put_file(local, f"{path}/{name}"))
+
+    # ----------------------------------------------------------------------------------- checkpoints
+    def _stored_checkpoints(self) -> list[str]:
+        """Every ``step_*`` folder under the run directory, oldest first."""
+        fs, path = storage.get_fs(self.run_dir)
+        try:
+            entries = storage.retry_io(lambda: fs.ls(path, detail=False))
+        except FileNotFoundError:
+            return []
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in entries)
+        return [storage.join(self.run_dir, n) for n in names if n.startswith(CKPT_PREFIX)]
+
+    def restore(self) -> None:
+        """Resume from the newest *valid* checkpoint: the orchestrator's, or a newer one on storage.
+
+        Ray registers a reported checkpoint asynchronously, so a worker killed right after a report may be
+        handed the previous one (or none); our checkpoints validate themselves (manifest + every rank's
+        marker), so the newest valid folder on storage is always safe to use, and preferring it never
+        repeats steps that were already committed.
+        """
+        orchestrator = self.hooks.resume_from()
+        candidates = self._stored_checkpoints()
+        if orchestrator is not None and orchestrator.rstrip("/") not in [c.rstrip("/") for c in candidates]:
+            candidates.insert(0, orchestrator)
+        where = find_latest_valid(candidates) if candidates else None
+        if where is None:
+            log.info("rank %d: fresh start", self.rank)
+            return
+        ck = load_checkpoint(where, model=self.task, optimizer=self.optimizer, scheduler=self.scheduler,
+                             rank=self.rank, world_size=self.world_size,
+                             config_fingerprint=self.cfg.fingerprint())
+        self.step = ck.step
+        if ck.data_state is not None:
+            self.loader.load_state_dict(ck.data_state)
+        self.best = ck.extra.get("best")
+        log.info("rank %d: resumed from %s at step %d (orchestrator offered %s)", self.rank, where, self.step,
+                 orchestrator)
+
+    def save(self, metrics: dict[str, float]) -> float:
+        """Write this rank's checkpoint part into a fresh local folder and report it; returns seconds spent."""
+        t0 = time.perf_counter()
+        local = tempfile.mkdtemp(prefix="mplug2-ckpt-")    # must outlive report(): Ray uploads from it
+        save_checkpoint(local, model=self.task, optimizer=self.optimizer, scheduler=self.scheduler,
+                        step=self.step, extra={"best": self.best}, rank=self.rank, world_size=self.world_size,
+                        data_state=self.loader.state_dict(), config_fingerprint=self.cfg.fingerprint(),
+                        write_manifest=False)
+        if self.rank == 0:   # each rank reports its own folder; Ray merges them; markers checked on load
+            commit_checkpoint(local, step=self.step, world_size=self.world_size,
+                              config_fingerprint=self.cfg.fingerprint(), wait_for_ranks_s=0)
+        self._sync_logs()
+        self.hooks.report(metrics, local, self.step)
+        shutil.rmtree(local, ignore_errors=True)
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------------------- steps
+    def _inject_fault(self) -> None:
+        d = self.cfg.debug
+        if d.fail_at_step is None or self.step != d.fail_at_step or self.rank != d.fail_rank:
+            return
+        marker = storage.join(self.run_dir, f".fault_injected_step{d.fail_at_step}")
+        if storage.exists(marker):
+            return
+        storage.atomic_write(marker, b"1")
+        log.warning("rank %d: injected failure after step %d (debug.fail_at_step)", self.rank, self.step)
+        os._exit(17)
+
+    def _log_keys(self, keys: list[str], corpus: str) -> None:
+        url = storage.join(self.run_dir, "keys", f"rank{self.rank}", f"step{self.step:06d}.json")
+        storage.atomic_write(url, json.dumps({"step": self.step, "corpus": corpus, "keys": keys}).encode())
+
+    def train_step(self) -> tuple[dict[str, float], StepTimes]:
+        cfg, k = self.cfg, self.cfg.optim.grad_accum
+        times = StepTimes()
+        t0 = time.perf_counter()
+        self.task.train()
+        totals: dict[str, float] = {}
+        keys: list[str] = []
+        corpus = ""
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.scale.precision == "bf16"
+                    else contextlib.nullcontext())
+        for micro in range(k):
+            td = time.perf_counter()
+            batch = next(self.loader)
+            times.data_wait_s += time.perf_counter() - td
+            keys += batch.get("keys", [])
+            corpus = batch.get("corpus", corpus)
+            batch = _to_device(batch, self.device)
+            sync = micro == k - 1 or not isinstance(self.ddp, nn.parallel.DistributedDataParallel)
+            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), autocast:
+                out = self.ddp(batch)
+                loss = out["loss"].float() / k
+            loss.backward()
+            for name, v in out.items():
+                if isinstance(v, torch.Tensor) and v.numel() == 1:
+                    totals[name] = totals.get(name, 0.0) + float(v.detach()) / k
+        if cfg.optim.grad_clip > 0:
+            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.task.parameters(), cfg.optim.grad_clip))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.task, "momentum_update"):
+            self.task.momentum_update()
+        self.step += 1
+        if cfg.debug.log_keys:
+            self._log_keys(keys, corpus)
+        totals["lr"] = self.optimizer.param_groups[0]["lr"]
+        times.step_time_s = time.perf_counter() - t0
+        return totals, times
+
+    def run(self, evaluate: Callable[["TrainLoop"], dict[str, float]] | None = None) -> dict[str, float]:
+        """Train to ``total_steps``; returns the last logged metrics (rank 0) and runs ``evaluate`` as configured."""
+        cfg, s = self.cfg, self.cfg.schedule
+        global_batch = cfg.data.batch_size * cfg.optim.grad_accum * self.world_size
+        last: dict[str, float] = {}
+        ckpt_wait = 0.0
+        if self.step >= s.total_steps:
+            log.info("rank %d: run already complete at step %d", self.rank, self.step)
+        while self.step < s.total_steps:
+            values, times = self.train_step()
+            self._inject_fault()
+            metrics = {f"loss/{k}" if k in ("loss", "itc", "itm", "mlm", "prefix_lm") else k: v
+                       for k, v in values.items()}
+            metrics.update(step_time_s=times.step_time_s, data_wait_s=times.data_wait_s, ckpt_wait_s=ckpt_wait)
+            last = self.metrics.log_step(self.step, metrics, samples=global_batch) or metrics
+            if self.rank == 0 and (self.step % s.log_every_steps == 0 or self.step == 1):
+                log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s data-wait %.0f%%", self.step,
+                         s.total_steps, values.get("loss", float("nan")), values["lr"],
+                         global_batch / max(times.step_time_s, 1e-9),
+                         100 * times.data_wait_s / max(times.step_time_s, 1e-9))
+            final = self.step == s.total_steps
+            if evaluate is not None and (final or (s.eval_every_steps and self.step % s.eval_every_steps == 0)):
+                last.update(self._evaluate(evaluate))
+            if final or self.step % s.ckpt_every_steps == 0:
+                ckpt_wait = self.save({"step": self.step, **{k: float(v) for k, v in last.items()}})
+        self.finish()
+        return last
+
+    def _evaluate(self, evaluate: Callable[["TrainLoop"], dict[str, float]]) -> dict[str, float]:
+        self.task.eval()
+        with torch.no_grad():
+            scores = evaluate(self)
+        self.task.train()
+        scores = {f"eval/{k}": float(v) for k, v in scores.items()}
+        self.metrics.log_step(self.step, scores)
+        main = next(iter(scores.values()), None)
+        if self.rank == 0:
+            log.info("eval at step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+            if main is not None and (self.best is None or main > self.best):
+                self.best = main
+                self.export("best")
+        return scores
+
+    def export(self, name: str) -> str:
+        """Rank 0: write the bare MPLUG2 (``save_pretrained``) under ``<run>/<name>/``."""
+        model = getattr(self.task, "model", None)
+        if model is None:
+            raise AttributeError("task module has no `.model` (MPLUG2) to export")
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            for fname in os.listdir(tmp):
+                with open(os.path.join(tmp, fname), "rb") as f:
+                    storage.atomic_write(storage.join(self.run_dir, name, fname), f.read())
+        return storage.join(self.run_dir, name)
+
+    def finish(self) -> None:
+        """Rank 0: export the final model and the curves PNG; close loaders and writers."""
+        self.loader.close()
+        if self.rank == 0:
+            self.metrics.flush()
+            jsonl = os.path.join(self.log_dir, "metrics.jsonl")
+            if os.path.exists(jsonl):
+                dedupe_by_step(jsonl)
+                png = os.path.join(self.log_dir, "curves.png")
+                plot_curves(jsonl, png)
+            self.export("final")
+            self._sync_logs()
+        self.metrics.close()
+
+
+def dedupe_by_step(jsonl: str) -> None:
+    """Keep the last record of each (step, key set): steps redone after a restart replace the lost ones."""
+    rows: dict[tuple, dict] = {}
+    with open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                r = json.loads(line)
+                rows[(r["step"], tuple(sorted(k for k in r if k not in ("time",))))] = r
+    with open(jsonl, "w", encoding="utf-8") as f:
+        for key in sorted(rows, key=lambda k: (k[0], k[1])):
+            f.write(json.dumps(rows[key], sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------------ Ray Train binding
+
+class RayHooks:
+    """Report to Ray Train (every rank, same steps: ``report`` is a barrier) and resume from its checkpoint."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, step: int) -> None:
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"{CKPT_PREFIX}{step:08d}")
+
+    def resume_from(self) -> str | None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        return f"s3://{ckpt.path}" if storage.is_remote(self.cfg.storage) else ckpt.path
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point Ray Train runs on every worker."""
+    import ray.train
+    import ray.train.torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = TrainConfig.from_dict(config)
+    ctx = ray.train.get_context()
+    loop = TrainLoop(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                     device=ray.train.torch.get_device(), hooks=RayHooks(cfg))
+    loop.restore()
+    evaluate = None
+    if cfg.task != "pretrain" and cfg.data.eval is not None:
+        from mplug2.train.finetune import evaluate as evaluate_task
+
+        evaluate = evaluate_task
+    loop.run(evaluate)
+
+
+# ------------------------------------------------------------------------- plain torch.distributed binding
+
+class LocalHooks:
+    """No orchestrator: copy each rank's checkpoint part to ``<run>/step_N/`` and keep the newest ``keep_last``.
+
+    Used by single-process runs and ``torchrun`` (``bench/bench_train.py``) to measure Ray's overhead;
+    resume comes from the storage scan in :meth:`TrainLoop.restore`.
+    """
+
+    def __init__(self, cfg: TrainConfig, rank: int):
+        self.cfg, self.rank = cfg, rank
+        self.run_dir = storage.join(cfg.storage, cfg.run_name)
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, step: int) -> None:
+        if checkpoint_dir is not None:
+            dest = storage.join(self.run_dir, f"{CKPT_PREFIX}{step:08d}")
+            for name in sorted(os.listdir(checkpoint_dir)):
+                with open(os.path.join(checkpoint_dir, name), "rb") as f:
+                    storage.atomic_write(storage.join(dest, name), f.read())
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0 and checkpoint_dir is not None:
+            self._prune()
+
+    def _prune(self) -> None:
+        fs, path = storage.get_fs(self.run_dir)
+        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+        steps = [n for n in names if n.startswith(CKPT_PREFIX)]
+        for old in steps[: -self.cfg.schedule.keep_last]:
+            fs.rm(f"{path}/{old}", recursive=True)
+
+    def resume_from(self) -> str | None:
+        return None
+
+
+def run_local(cfg: TrainConfig, device: str = "cpu") -> dict[str, float]:
+    """Train in this process (world size from torch.distributed if initialised, else 1)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    loop = TrainLoop(cfg, rank=rank, world_size=world, device=torch.device(device), hooks=LocalHooks(cfg, rank))
+    loop.restore()
+    evaluate = None
+    if cfg.task != "pretrain" and cfg.data.eval is not None:
+        from mplug2.train.finetune import evaluate as evaluate_task
+
+        evaluate = evaluate_task
+    return loop.run(evaluate)
