@@ -87,6 +87,8 @@ class RunSummary:
 class _RayExecutor:
     """One Ray task per shard, 1 CPU each, no Ray-level retries (the driver retries and reports)."""
 
+    can_kill = True  # ray.cancel(force=True) kills the worker: a timed-out shard can be retried safely
+
     def __init__(self, config: PreprocessConfig):
         import ray
 
@@ -121,6 +123,8 @@ class _RayExecutor:
 
 class _LocalExecutor:
     """Processes on this machine, no Ray: debugging, or a single box where Ray start-up is not wanted."""
+
+    can_kill = False  # a running pool task cannot be stopped, so a timed-out shard is reported, not retried
 
     def __init__(self, config: PreprocessConfig):
         import concurrent.futures as cf
@@ -344,8 +348,11 @@ def _drive(config: PreprocessConfig, config_dict: dict, executor, first: ShardTa
                 if now - started > config.shard_timeout_s:
                     executor.cancel(h)
                     in_flight.pop(h)
-                    _shard_failed(task, attempt, f"past the per-shard deadline of {config.shard_timeout_s}s",
-                                  config, pending_retry, summary)
+                    why = f"past the per-shard deadline of {config.shard_timeout_s}s"
+                    if not executor.can_kill:  # never let a retry race the still-running first attempt
+                        summary.shards_failed[task.shard] = why + " (local executor: not retried)"
+                        continue
+                    _shard_failed(task, attempt, why, config, pending_retry, summary)
             if config.watchdog_s and now - t0 > config.watchdog_s and not summary.watchdog_fired:
                 log.error("watchdog: %.0fs elapsed, cancelling %d running shards", now - t0, len(in_flight))
                 summary.watchdog_fired = True

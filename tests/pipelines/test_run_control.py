@@ -1,0 +1,56 @@
+"""Run control on real Ray: per-shard deadline with whole-shard retries, and the global watchdog.
+
+A run must always end with a summary: stragglers are cancelled, retried up to ``max_shard_retry`` and
+then reported, and the exit code says the dataset is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from mplug2 import storage
+from pipelines.config import PreprocessConfig
+from pipelines.run import preprocess
+from tests.pipelines.conftest import make_jpeg
+
+
+def _slow_corpus(tmp_path, http_server, n=6):
+    for i in range(n):
+        http_server.routes[f"/{i}.jpg"] = (200, {}, make_jpeg(64, 64, seed=i))
+    man = tmp_path / "m.jsonl"
+    man.write_text("".join(json.dumps({"url": http_server.url(f"/{i}.jpg"), "caption": f"c{i}"}) + "\n"
+                           for i in range(n)))
+    return str(man)
+
+
+def test_shard_deadline_retries_then_reports(tmp_path, http_server, s3_bucket, ray_local):
+    man = _slow_corpus(tmp_path, http_server)
+    http_server.delay_s = 1.5  # every shard needs >= 3 s with one thread; the deadline is 1.5 s
+    out = f"{s3_bucket}/deadline"
+    t0 = time.monotonic()
+    summary = preprocess(PreprocessConfig(manifest=[man], output=out, samples_per_shard=2, threads=1,
+                                          shard_timeout_s=1.5, max_shard_retry=1, progress=False))
+    assert time.monotonic() - t0 < 60
+    assert sorted(summary.shards_failed) == [0, 1, 2] and summary.exit_code == 2
+    assert all("deadline" in why for why in summary.shards_failed.values())
+    assert http_server.hits[f"/0.jpg"] == 2  # first attempt + one retry, then given up
+    assert "FAILED shard 0" in summary.table()
+    assert not storage.exists(f"{out}/train-000000_stats.json")
+
+
+def test_watchdog_ends_the_run_with_a_summary(tmp_path, http_server, s3_bucket, ray_local):
+    man = _slow_corpus(tmp_path, http_server, n=8)
+    http_server.delay_s = 0.4
+    out = f"{s3_bucket}/watchdog"
+    t0 = time.monotonic()
+    summary = preprocess(PreprocessConfig(manifest=[man], output=out, samples_per_shard=1, threads=1,
+                                          max_in_flight=2, watchdog_s=2.0, progress=False))
+    assert time.monotonic() - t0 < 30
+    assert summary.watchdog_fired and summary.exit_code == 2 and "WATCHDOG" in summary.table()
+    done = summary.shards_written
+    assert len(done) < 8
+    if done:  # what did commit is still described, and marked incomplete if numbering has gaps
+        ds = json.loads(storage.read_bytes(f"{out}/dataset.json"))
+        assert [s["name"] for s in ds["shards"]] == [f"train-{i:06d}.tar" for i in done]
+        assert ds["complete"] == (done == list(range(len(done))))
