@@ -1,7 +1,7 @@
 """Image-corpus benchmark: mplug2-ray's shard pipeline vs img2dataset 1.47.0, back to back.
 
     .venv/bin/python -m bench.bench_images            # 10,000 images, both tools, prints a table
-    .venv/bin/python -m bench.bench_images --n 2000 --skip-img2dataset
+    .venv/bin/python -m bench.bench_images --n 2000 --skip-img2dataset --executors ray
 
 Same setup as data-contract §16: synthetic JPEGs (320-800 x 240-600, ~61 KB) served by nginx on
 127.0.0.1 (1 worker, backlog 4096), 256 px ``border`` resize, JPEG q95, 2 processes x 32 threads,
@@ -169,13 +169,13 @@ def run_img2dataset(manifest: Path, out: Path, args) -> dict:
     return {"tool": f"img2dataset {I2D_VERSION}", "wall_s": wall, "images": ok}
 
 
-def run_ours(manifest: Path, out: Path, args) -> dict:
+def run_ours(manifest: Path, out: Path, args, executor: str = "ray") -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "pipelines.cli", "shard", "--manifest", str(manifest),
            "--output", str(out), "--samples-per-shard", str(args.shard_size), "--threads", str(args.threads),
            "--image-size", str(args.size), "--resize-mode", "border", "--jpeg-quality", "95", "--mode", "overwrite",
            "--num-cpus", str(args.processes), "--retries", "0", "--no-progress", "--log-level", "WARNING"]
-    if args.executor == "local":
+    if executor == "local":
         cmd.append("--local")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.monotonic()
@@ -184,7 +184,7 @@ def run_ours(manifest: Path, out: Path, args) -> dict:
     if res.returncode != 0:
         sys.exit(f"mplug2-data failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
     ds = json.loads((out / "dataset.json").read_text())
-    return {"tool": f"mplug2-ray ({args.executor})", "wall_s": wall, "images": ds["num_samples"]}
+    return {"tool": f"mplug2-ray ({executor})", "wall_s": wall, "images": ds["num_samples"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--port", type=int, default=18089)
-    p.add_argument("--executor", choices=("ray", "local"), default="ray", help="our executor")
+    p.add_argument("--executors", default="ray,local",
+                   help="our executors to run, comma-separated: ray (one Ray task per shard, Ray start-up "
+                        "counted) and/or local (process pool, no Ray)")
     p.add_argument("--skip-img2dataset", action="store_true")
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--order", choices=("i2d-first", "ours-first"), default="i2d-first")
@@ -212,13 +214,13 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     results = []
     try:
-        runners = [("i2d", run_img2dataset, cache / "out-img2dataset"), ("ours", run_ours, cache / "out-mplug2")]
+        runners = [] if args.skip_img2dataset else [("i2d", None, cache / "out-img2dataset")]
+        if not args.skip_ours:
+            runners += [("ours", ex, cache / f"out-mplug2-{ex}") for ex in args.executors.split(",") if ex]
         if args.order == "ours-first":
             runners.reverse()
-        for name, fn, out in runners:
-            if (name == "i2d" and args.skip_img2dataset) or (name == "ours" and args.skip_ours):
-                continue
-            r = fn(manifest, out, args)
+        for name, executor, out in runners:
+            r = run_img2dataset(manifest, out, args) if name == "i2d" else run_ours(manifest, out, args, executor)
             results.append(r)
             print(f"{r['tool']}: {r['images']} images in {r['wall_s']:.1f}s", flush=True)
     finally:
