@@ -240,21 +240,36 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
         else:
             existing = shards.committed_stats(out, config.split)
             _check_fingerprints(existing, prev, fp)
+        # An extend run numbers rows after earlier runs, so its layout is not "row i -> shard i // S" of the
+        # current manifests. Its plan (first shard, rows to skip) is stored before the first shard is written
+        # and removed once the run completes: a killed extend resumes the same plan, never re-plans.
+        pending = out.read_json(shards.PENDING_EXTEND) if config.mode != "overwrite" else None
+        extended = bool(pending) or bool(prev and (prev.get("extended")
+                                                   or any(m.get("skip_rows") for m in prev.get("manifests", []))))
+        if config.mode == "incremental" and extended:
+            raise ConfigError(f"{out.url} was built with --mode extend, so its shards do not follow the plain row "
+                              "layout: resume or add rows with --mode extend, or rebuild with --mode overwrite")
         skip: dict[str, int] = {}
         start_shard = 0
-        if config.mode == "extend":
+        plan_existing = existing if config.mode != "extend" else {}
+        if config.mode == "extend" and pending:
+            start_shard, skip, plan_existing = int(pending["start_shard"]), dict(pending["skip"]), existing
+            log.info("extend: resuming an unfinished extend from shard %d (rows skipped: %s)", start_shard, skip)
+        elif config.mode == "extend":
             start_shard = max(existing) + 1 if existing else 0
             for m in (prev or {}).get("manifests", []):
                 skip[m["path"]] = max(skip.get(m["path"], 0), int(m.get("skip_rows", 0)) + int(m.get("rows", 0)))
             log.info("extend: new shards from %d; rows already consumed: %s", start_shard, skip)
-        plan = _plan(config, paths, cmaps, existing if config.mode != "extend" else {}, start_shard, skip,
-                     lease.owner, summary)
+        plan = _plan(config, paths, cmaps, plan_existing, start_shard, skip, lease.owner, summary)
         config_dict = config.to_dict()
         tasks_iter = iter(plan.tasks)
         first = next(tasks_iter, None)
         if first is not None:
             executor = _RayExecutor(config) if config.executor == "ray" else _LocalExecutor(config)
             lease.confirm()
+            if config.mode == "extend" and not pending:
+                out.write_bytes(shards.PENDING_EXTEND, shards.canonical_json(
+                    {"start_shard": start_shard, "skip": skip, "config_fingerprint": fp, "owner": lease.owner}))
             _drive(config, config_dict, executor, first, tasks_iter, lease, summary, t0)
         else:
             for _ in tasks_iter:  # pragma: no cover - nothing left after the first None
@@ -262,12 +277,16 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
 
         summary.shards_written.sort()
         wrote = bool(summary.shards_written)
-        if wrote or (prev is None and existing):
+        if wrote or (prev is None and existing) or pending:
             lease.confirm()
             all_stats = shards.committed_stats(out, config.split)
             manifests = _manifest_records(plan.manifests, prev, config.mode)
-            summary.dataset = shards.finalize_dataset(out, config.split, config=config.to_dict(), fingerprint=fp,
-                                                      manifests=manifests, stats=all_stats)
+            summary.dataset = shards.finalize_dataset(
+                out, config.split, config=config.to_dict(), fingerprint=fp, manifests=manifests, stats=all_stats,
+                extended=extended or (config.mode == "extend" and start_shard > 0))
+        if config.mode == "extend" and (pending or first is not None) and not summary.shards_failed \
+                and not summary.watchdog_fired:
+            out.delete(shards.PENDING_EXTEND)
         else:
             summary.dataset = prev
             log.info("nothing new to write; dataset files left as they are")

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LOCK_NAME = "_writer.lock"
+PENDING_EXTEND = "_extend.pending.json"  # the plan of an unfinished extend run
 DATASET_FILES = ("sizes.json", "wids-index.json", "dataset.json")
 _KEY_RE = re.compile(r"^[0-9_]+$")
 _FIELD_RE = re.compile(r"^[a-z0-9][a-z0-9_.]*$")
@@ -289,7 +290,7 @@ def delete_contract_objects(out: Output, split: str) -> int:
     pat = shard_re(split)
     n = 0
     for name in out.list_names():
-        if pat.match(name) or name in DATASET_FILES:
+        if pat.match(name) or name in DATASET_FILES or name == PENDING_EXTEND:
             out.delete(name)
             n += 1
     if not out.remote and os.path.isdir(out.url):  # staging leftovers of killed local runs
@@ -328,7 +329,7 @@ def library_versions() -> dict[str, str | None]:
 
 
 def finalize_dataset(out: Output, split: str, *, config: dict, fingerprint: str, manifests: list[dict],
-                     stats: dict[int, dict]) -> dict:
+                     stats: dict[int, dict], extended: bool = False) -> dict:
     """Write ``sizes.json``, ``wids-index.json`` and finally ``dataset.json`` from committed shards."""
     ids = sorted(stats)
     names = [shard_name(split, i) for i in ids]
@@ -356,6 +357,7 @@ def finalize_dataset(out: Output, split: str, *, config: dict, fingerprint: str,
         "num_rows": sum(int(s.get("input_rows", s.get("count", 0))) for s in stats.values()),
         "failures": dict(sorted(failures.items())),
         "complete": not missing,
+        "extended": extended,
         "missing_shards": missing,
         "brace": f"{split}-{{{0:06d}..{ids[-1]:06d}}}.tar" if ids and not missing else None,
     }

@@ -54,3 +54,40 @@ def test_watchdog_ends_the_run_with_a_summary(tmp_path, http_server, s3_bucket, 
         ds = json.loads(storage.read_bytes(f"{out}/dataset.json"))
         assert [s["name"] for s in ds["shards"]] == [f"train-{i:06d}.tar" for i in done]
         assert ds["complete"] == (done == list(range(len(done))))
+
+
+def test_interrupted_extend_resumes_its_own_plan(tmp_path, http_server, s3_bucket, ray_local):
+    """An extend cut short (here by the watchdog) keeps its plan; the next extend finishes exactly those rows."""
+    import pytest
+
+    from pipelines import shards
+    from pipelines.errors import ConfigError
+
+    for i in range(10):
+        http_server.routes[f"/{i}.jpg"] = (200, {}, make_jpeg(64, 64, seed=i))
+    man = tmp_path / "m.jsonl"
+    line = lambda i: json.dumps({"url": http_server.url(f"/{i}.jpg"), "caption": f"c{i}"}) + "\n"  # noqa: E731
+    man.write_text("".join(line(i) for i in range(3)))
+    out = f"{s3_bucket}/ext"
+    cfg = dict(manifest=[str(man)], output=out, samples_per_shard=2, threads=1, max_in_flight=1, progress=False)
+    assert preprocess(PreprocessConfig(**cfg)).shards_written == [0, 1]
+    with man.open("a") as f:
+        f.writelines(line(i) for i in range(3, 10))
+    http_server.delay_s = 0.5
+    cut = preprocess(PreprocessConfig(mode="extend", watchdog_s=2.5, **cfg))
+    assert cut.watchdog_fired and len(cut.shards_written) < 4
+    assert storage.exists(f"{out}/{shards.PENDING_EXTEND}")
+    with pytest.raises(ConfigError, match="extend"):
+        preprocess(PreprocessConfig(**cfg))  # the plain layout no longer applies
+    http_server.delay_s = 0.0
+    done = preprocess(PreprocessConfig(mode="extend", **cfg))
+    assert done.exit_code == 0 and sorted(cut.shards_written + done.shards_written) == [2, 3, 4, 5]
+    assert not storage.exists(f"{out}/{shards.PENDING_EXTEND}")
+    ds = json.loads(storage.read_bytes(f"{out}/dataset.json"))
+    assert ds["complete"] and ds["extended"] and [s["name"] for s in ds["shards"]] == [
+        f"train-{i:06d}.tar" for i in range(6)]
+    captions = []
+    for s in ds["shards"]:
+        captions += [v["txt"].decode() for v in shards.read_tar(storage.read_bytes(f"{out}/{s['name']}")).values()]
+    assert sorted(captions) == sorted(f"c{i}" for i in range(10))  # every row exactly once
+    assert preprocess(PreprocessConfig(mode="extend", **cfg)).shards_written == []
