@@ -19,7 +19,7 @@ from typing import Any
 
 from pipelines import shards
 from pipelines.config import PreprocessConfig
-from pipelines.errors import INTERNAL_ERROR, RETRYABLE, SampleError
+from pipelines.errors import INTERNAL_ERROR, RETRYABLE, TIMEOUT, SampleError
 from pipelines.fetch import Fetcher, FetchOptions, resolve_source
 from pipelines.image import ImageOptions, process_image
 from pipelines.sources import ColumnMap, Item, RawRow, normalize_row
@@ -250,9 +250,10 @@ def run_shard(config_dict: dict, task: ShardTask) -> dict:
     t0 = time.time()
     proc = RowProcessor(config, media_root=config.media_root)
     outcomes: list[RowOutcome] = []
+    quarantine: list[str] = []
     try:
         if task.retry_failed:
-            outcomes = _retry_outcomes(config, out, task, proc)
+            outcomes, quarantine = _retry_outcomes(config, out, task, proc)
         else:
             with ThreadPoolExecutor(_worker_threads(config)) as pool:
                 futures = [pool.submit(proc.process, task.shard, r, row, task.column_maps[row.source])
@@ -261,13 +262,17 @@ def run_shard(config_dict: dict, task: ShardTask) -> dict:
                     outcomes.extend(fut.result())
     finally:
         proc.fetcher.close()
-    return _write_and_commit(config, out, task, outcomes, t0)
+    return _write_and_commit(config, out, task, outcomes, t0, quarantine)
 
 
 def _retry_outcomes(config: PreprocessConfig, out: shards.Output, task: ShardTask,
-                    proc: RowProcessor) -> list[RowOutcome]:
+                    proc: RowProcessor) -> tuple[list[RowOutcome], list[str]]:
     """Rebuild a committed shard: keep successes (bytes copied from the old tar) and permanent
-    failures, re-fetch rows whose reason is retryable. Keys never change."""
+    failures, re-fetch rows whose reason is retryable. Keys never change.
+
+    A row that times out again after a retry goes to the shard's quarantine list (hangs on corrupt
+    media repeat); quarantined rows are not fetched by later retries.
+    """
     import io
 
     import pyarrow.parquet as pq
@@ -275,12 +280,14 @@ def _retry_outcomes(config: PreprocessConfig, out: shards.Output, task: ShardTas
     old_rows = pq.read_table(io.BytesIO(out.read_bytes(shards.shard_name(config.split, task.shard, ".parquet")))
                              ).to_pylist()
     old_samples = shards.read_tar(out.read_bytes(shards.shard_name(config.split, task.shard, ".tar")))
+    old_stats = out.read_json(shards.shard_name(config.split, task.shard, "_stats.json")) or {}
+    quarantine = set(old_stats.get("quarantine", []))
     keep: list[RowOutcome] = []
     redo: list[dict] = []
     for rec in old_rows:
         if rec["status"] == "success":
             keep.append(RowOutcome(rec["key"], rec, old_samples[rec["key"]]))
-        elif rec["error_reason"] in RETRYABLE:
+        elif rec["error_reason"] in RETRYABLE and rec["key"] not in quarantine:
             redo.append(rec)
         else:
             keep.append(RowOutcome(rec["key"], rec))
@@ -306,11 +313,14 @@ def _retry_outcomes(config: PreprocessConfig, out: shards.Output, task: ShardTas
         redone = list(pool.map(again, redo))
     log.info("shard %d: retried %d rows, %d now succeed", task.shard, len(redo),
              sum(o.fields is not None for o in redone))
-    return keep + redone
+    for old, new in zip(redo, redone):
+        if old["error_reason"] == TIMEOUT and new.record.get("error_reason") == TIMEOUT:
+            quarantine.add(new.key)
+    return keep + redone, sorted(quarantine)
 
 
 def _write_and_commit(config: PreprocessConfig, out: shards.Output, task: ShardTask,
-                      outcomes: list[RowOutcome], t0: float) -> dict:
+                      outcomes: list[RowOutcome], t0: float, quarantine: list[str] | None = None) -> dict:
     outcomes.sort(key=lambda o: o.key)
     samples = {o.key: o.fields for o in outcomes if o.fields is not None}
     failures: dict[str, int] = {}
@@ -328,7 +338,9 @@ def _write_and_commit(config: PreprocessConfig, out: shards.Output, task: ShardT
             "format_version": shards.FORMAT_VERSION, "shard": task.shard,
             "name": shards.shard_name(config.split, task.shard), "count": len(outcomes), "input_rows": input_rows,
             "successes": info.nsamples, "nsamples": info.nsamples, "failures": dict(sorted(failures.items())),
-            "retryable_failures": sum(n for r, n in failures.items() if r in RETRYABLE),
+            "retryable_failures": sum(1 for o in outcomes if o.record.get("error_reason") in RETRYABLE
+                                      and o.key not in set(quarantine or ())),
+            "quarantine": list(quarantine or []),
             "bytes": info.bytes, "sha256": info.sha256, "md5": info.md5,
             "config_fingerprint": config.fingerprint(), "start_time": t0, "end_time": time.time(),
             "duration": round(time.time() - t0, 3), "retried": task.retry_failed,

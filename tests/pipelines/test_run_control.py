@@ -91,3 +91,31 @@ def test_interrupted_extend_resumes_its_own_plan(tmp_path, http_server, s3_bucke
         captions += [v["txt"].decode() for v in shards.read_tar(storage.read_bytes(f"{out}/{s['name']}")).values()]
     assert sorted(captions) == sorted(f"c{i}" for i in range(10))  # every row exactly once
     assert preprocess(PreprocessConfig(mode="extend", **cfg)).shards_written == []
+
+
+def test_rows_that_time_out_twice_are_quarantined(tmp_path, http_server, ray_local):
+    import socket
+
+    from pipelines import shards
+
+    stall = socket.socket()  # accepts connections, never answers: every fetch times out
+    stall.bind(("127.0.0.1", 0))
+    stall.listen(16)
+    try:
+        http_server.routes["/ok.jpg"] = (200, {}, make_jpeg(64, 64))
+        man = tmp_path / "m.jsonl"
+        man.write_text(json.dumps({"url": http_server.url("/ok.jpg"), "caption": "ok"}) + "\n"
+                       + json.dumps({"url": f"http://127.0.0.1:{stall.getsockname()[1]}/x.jpg", "caption": "hang"}) + "\n")
+        out = tmp_path / "out"
+        cfg = dict(manifest=[str(man)], output=str(out), timeout_s=0.5, retries=0, progress=False)
+        first = preprocess(PreprocessConfig(**cfg))
+        assert first.failures == {"timeout": 1}
+        second = preprocess(PreprocessConfig(retry_failed=True, **cfg))
+        assert second.shards_written == [0] and second.failures == {"timeout": 1}
+        stats = json.loads((out / "train-000000_stats.json").read_text())
+        assert stats["quarantine"] == ["000000_000001"] and stats["retryable_failures"] == 0
+        third = preprocess(PreprocessConfig(retry_failed=True, **cfg))  # nothing left worth retrying
+        assert third.shards_written == [] and third.shards_skipped == [0]
+        assert len(shards.read_tar((out / "train-000000.tar").read_bytes())) == 1
+    finally:
+        stall.close()
