@@ -100,10 +100,12 @@ class TrainLoop:
             raise NotImplementedError(f"strategy {self.cfg.scale.strategy!r}: only 'ddp' is implemented")
         ids = [self.device.index] if self.device.type == "cuda" else None
         # Queues and momentum copies are identical on all ranks by construction: never broadcast buffers.
-        # Fine-tuning tasks may leave modules unused (e.g. the decoder in retrieval).
+        # Some steps leave parameters unused: fine-tuning tasks skip modules (the decoder in retrieval), and
+        # image batches (T=1) bypass the local temporal modules. Only all-video pretraining uses everything.
+        all_video = all(c.num_frames > 1 for c in self.cfg.data.train)
         return nn.parallel.DistributedDataParallel(
             task, device_ids=ids, broadcast_buffers=False,
-            find_unused_parameters=self.cfg.task != "pretrain")
+            find_unused_parameters=not (self.cfg.task == "pretrain" and all_video))
 
     def _log_dir(self) -> str:
         if not storage.is_remote(self.run_dir):
@@ -190,9 +192,10 @@ class TrainLoop:
         log.warning("rank %d: injected failure after step %d (debug.fail_at_step)", self.rank, self.step)
         os._exit(17)
 
-    def _log_keys(self, keys: list[str], corpus: str) -> None:
+    def _log_keys(self, keys: list[str], corpus: str, epochs: list[int]) -> None:
         url = storage.join(self.run_dir, "keys", f"rank{self.rank}", f"step{self.step:06d}.json")
-        storage.atomic_write(url, json.dumps({"step": self.step, "corpus": corpus, "keys": keys}).encode())
+        storage.atomic_write(url, json.dumps({"step": self.step, "corpus": corpus, "keys": keys,
+                                              "epochs": epochs}).encode())
 
     def train_step(self) -> tuple[dict[str, float], StepTimes]:
         cfg, k = self.cfg, self.cfg.optim.grad_accum
@@ -201,6 +204,7 @@ class TrainLoop:
         self.task.train()
         totals: dict[str, float] = {}
         keys: list[str] = []
+        epochs: list[int] = []
         corpus = ""
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.scale.precision == "bf16"
                     else contextlib.nullcontext())
@@ -209,6 +213,7 @@ class TrainLoop:
             batch = next(self.loader)
             times.data_wait_s += time.perf_counter() - td
             keys += batch.get("keys", [])
+            epochs += [int(batch.get("epoch", -1))] * len(batch.get("keys", []))
             corpus = batch.get("corpus", corpus)
             batch = _to_device(batch, self.device)
             sync = micro == k - 1 or not isinstance(self.ddp, nn.parallel.DistributedDataParallel)
@@ -228,7 +233,7 @@ class TrainLoop:
             self.task.momentum_update()
         self.step += 1
         if cfg.debug.log_keys:
-            self._log_keys(keys, corpus)
+            self._log_keys(keys, corpus, epochs)
         totals["lr"] = self.optimizer.param_groups[0]["lr"]
         times.step_time_s = time.perf_counter() - t0
         return totals, times

