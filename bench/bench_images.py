@@ -177,6 +177,7 @@ def run_ours(manifest: Path, out: Path, args, executor: str = "ray") -> dict:
            "--num-cpus", str(args.processes), "--retries", "0", "--no-progress", "--log-level", "WARNING"]
     if executor == "local":
         cmd.append("--local")
+    cmd += args.ours_args.split()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.monotonic()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--executors", default="ray,local",
                    help="our executors to run, comma-separated: ray (one Ray task per shard, Ray start-up "
                         "counted) and/or local (process pool, no Ray)")
+    p.add_argument("--ours-args", default="", help="extra flags for `mplug2-data shard` (e.g. '--task-cpus 0.5')")
     p.add_argument("--skip-img2dataset", action="store_true")
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--order", choices=("i2d-first", "ours-first"), default="i2d-first")

@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Fields that do not change the bytes of a shard (left out of the fingerprint).
 _OPERATIONAL = frozenset({
     "manifest", "output", "mode", "retry_failed", "threads", "timeout_s", "retries", "max_shard_retry",
-    "max_in_flight", "shard_timeout_s", "watchdog_s", "max_failure_ratio", "ray_address", "executor",
+    "max_in_flight", "task_cpus", "shard_timeout_s", "watchdog_s", "max_failure_ratio", "ray_address", "executor",
     "num_cpus", "progress", "force_unlock", "user_agent", "preset", "lease_ttl_s", "media_root",
 })
 
@@ -103,6 +103,7 @@ class PreprocessConfig:
     retry_failed: bool = False
     max_shard_retry: int = 2
     max_in_flight: int | None = None  # default: 2 x cluster CPUs
+    task_cpus: float = 1.0  # CPUs Ray reserves per shard task (its threads may use more)
     shard_timeout_s: float = 3600.0
     watchdog_s: float | None = None  # global deadline for the whole run
     max_failure_ratio: float = 1.0
@@ -148,6 +149,7 @@ class PreprocessConfig:
             (self.image_size >= 1 and self.frame_size >= 1, "sizes must be >= 1"),
             (1 <= self.num_frames <= 1000 and 1 <= self.max_frames <= 1000, "frame counts must be in 1..1000"),
             (self.threads >= 1, "threads must be >= 1"),
+            (self.task_cpus > 0, "task_cpus must be > 0"),
             (self.retries >= 0 and self.max_shard_retry >= 0, "retries must be >= 0"),
             (self.max_bytes > 0, "max_bytes must be > 0"),
             (self.max_aspect_ratio >= 1, "max_aspect_ratio must be >= 1"),

@@ -98,7 +98,7 @@ class _RayExecutor:
         self.started = not ray.is_initialized() and not (config.ray_address or os.environ.get("RAY_ADDRESS"))
         init_ray(config.ray_address, num_cpus=config.num_cpus, log_to_driver=True)
         self.cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self.remote = ray.remote(num_cpus=1, max_retries=0)(run_shard)
+        self.remote = ray.remote(num_cpus=config.task_cpus, max_retries=0)(run_shard)
 
     def submit(self, config_dict: dict, task: ShardTask):
         return self.remote.remote(config_dict, task)
@@ -319,7 +319,7 @@ def _drive(config: PreprocessConfig, config_dict: dict, executor, first: ShardTa
     """Submit shard tasks with bounded concurrency; collect, retry, time out, report progress."""
     from tqdm import tqdm
 
-    max_in_flight = config.max_in_flight or 2 * executor.cpus
+    max_in_flight = config.max_in_flight or max(2, int(2 * executor.cpus / getattr(config, "task_cpus", 1.0)))
     in_flight: dict[Any, tuple[ShardTask, float, int]] = {}  # handle -> (task, started, attempt)
     pending_retry: list[tuple[ShardTask, int]] = []
     next_task: ShardTask | None = first
