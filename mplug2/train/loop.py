@@ -259,10 +259,13 @@ class TrainLoop:
                          global_batch / max(times.step_time_s, 1e-9),
                          100 * times.data_wait_s / max(times.step_time_s, 1e-9))
             final = self.step == s.total_steps
-            if evaluate is not None and (final or (s.eval_every_steps and self.step % s.eval_every_steps == 0)):
-                last.update(self._evaluate(evaluate))
+            # Checkpoint first: a failing evaluation must never cost the training state.
             if final or self.step % s.ckpt_every_steps == 0:
                 ckpt_wait = self.save({"step": self.step, **{k: float(v) for k, v in last.items()}})
+            if evaluate is not None and (final or (s.eval_every_steps and self.step % s.eval_every_steps == 0)):
+                scores = self._evaluate(evaluate)
+                last.update(scores)
+                self.hooks.report({"step": self.step, **{k: float(v) for k, v in last.items()}}, None, self.step)
         self.finish()
         return last
 
@@ -332,8 +335,11 @@ class RayHooks:
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None, step: int) -> None:
         import ray.train
 
-        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"{CKPT_PREFIX}{step:08d}")
+        if checkpoint_dir is None:
+            ray.train.report(metrics)
+            return
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+                         checkpoint_dir_name=f"{CKPT_PREFIX}{step:08d}")
 
     def resume_from(self) -> str | None:
         import ray.train
