@@ -1,0 +1,32 @@
+"""Run a benchmark by name: ``python -m bench <name> [args...]`` (``python -m bench`` lists them).
+
+| name | what it measures |
+|---|---|
+| images | preprocessing 10k images: this pipeline vs img2dataset 1.47 (nginx on loopback) |
+| frames | 8-frame / 1-fps sampling: our PyAV and ffmpeg backends vs PyAV-naive, decord, torchcodec |
+| model  | forward + backward time, peak memory (and MFU on a GPU) for tiny / base / large |
+| loader | training loader samples/s (image and video shards, local and S3) |
+| train  | loader alone vs training step; Ray Train step vs a plain torch.distributed loop |
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+BENCHES = {"images": "bench.bench_images", "frames": "bench.bench_frames", "model": "bench.bench_model",
+           "loader": "bench.bench_loader", "train": "bench.bench_train"}
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHES:
+        print(__doc__)
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(BENCHES[argv[0]])
+    sys.argv = [f"python -m bench {argv[0]}", *argv[1:]]
+    result = module.main()
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
