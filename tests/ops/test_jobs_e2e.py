@@ -230,7 +230,6 @@ def written(stdout: str) -> int:
 
 def test_scheduled_preprocess_is_incremental_and_single_writer(s3_server, s3_bucket: str, tmp_path: Path) -> None:
     from pipelines.shards import make_key
-
     from pipelines.synthetic import make_video_corpus
 
     rows = make_video_corpus(tmp_path / "corpus", 28, seed=5, num_frames=8, size=48).read_text().splitlines()
