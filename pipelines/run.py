@@ -284,12 +284,12 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
             summary.dataset = shards.finalize_dataset(
                 out, config.split, config=config.to_dict(), fingerprint=fp, manifests=manifests, stats=all_stats,
                 extended=extended or (config.mode == "extend" and start_shard > 0))
-        if config.mode == "extend" and (pending or first is not None) and not summary.shards_failed \
-                and not summary.watchdog_fired:
-            out.delete(shards.PENDING_EXTEND)
         else:
             summary.dataset = prev
             log.info("nothing new to write; dataset files left as they are")
+        if config.mode == "extend" and (pending or first is not None) and not summary.shards_failed \
+                and not summary.watchdog_fired:
+            out.delete(shards.PENDING_EXTEND)
     finally:
         if executor is not None:
             executor.close()
