@@ -63,7 +63,7 @@ MODEL = {
     "base": {"preset": "base", "num_frames": 8},
 }
 FRAMES = {"tiny": 4, "base": 8}
-BATCH = {"tiny": 16, "base": 2}        # per rank; base on CPU takes ~45 s per sample fwd+bwd
+BATCH = {"tiny": 16, "base": 2}        # per rank; base pretraining on CPU: ~110 s per step of 2 clips
 RES = {"tiny": 32, "base": 224}
 
 
@@ -208,9 +208,13 @@ def bench_ray(cfg) -> float:
 
 # --------------------------------------------------------------------------------------------- main
 
+def _num(x: float) -> str:
+    return f"{x:.1f}" if x >= 1 else f"{x:.3g}"
+
+
 def _fmt(r: Row) -> str:
     return (f"| {r.preset} | {r.mode} | {r.repeat} | {r.world_size} | {r.threads} | {r.batch_per_rank} "
-            f"| {r.steps_timed} | {r.step_s_mean:.3f} | {r.step_s_median:.3f} | {r.samples_per_s:.1f} "
+            f"| {r.steps_timed} | {r.step_s_mean:.3f} | {r.step_s_median:.3f} | {_num(r.samples_per_s)} "
             f"| {100 * r.data_wait_frac:.0f} % "
             f"| {r.wall_s:.1f} |")
 
@@ -270,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="bench-train-"))
     server = None
     ray_started = False
+    ray_temp: str | None = None
     rows: list[Row] = []
     t_all = time.perf_counter()
     try:
@@ -318,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                             from mplug2.runtime import init_ray
 
                             t_init = time.perf_counter()
-                            init_ray(num_cpus=ncpu, object_store_memory=512 << 20,
-                                     temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+                            ray_temp = tempfile.mkdtemp(prefix="ray-bench-train-", dir="/tmp")
+                            init_ray(num_cpus=ncpu, object_store_memory=512 << 20, temp_dir=ray_temp)
                             ray_started = True
                             row.extra["ray_init_s"] = round(time.perf_counter() - t_init, 2)
                         row.wall_s = bench_ray(cfg)
@@ -328,14 +333,15 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in stats.items():
                     setattr(row, k, v)
                 rows.append(row)
-                print(f"    {row.samples_per_s:.1f} samples/s, step {row.step_s_mean:.3f}s (median "
+                print(f"    {_num(row.samples_per_s)} samples/s, step {row.step_s_mean:.3f}s (median "
                       f"{row.step_s_median:.3f}), data wait {100 * row.data_wait_frac:.0f} %, wall {row.wall_s:.1f}s",
                       flush=True)
     finally:
         if ray_started:
             import ray
 
-            ray.shutdown()
+            ray.shutdown()   # stops the local cluster this process started, nothing else
+            shutil.rmtree(ray_temp, ignore_errors=True)
         if server is not None:
             server.stop()
         if args.keep:
@@ -378,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
             parts.append(f"training = {100 * s['train_vs_loader']:.0f} % of loader-alone samples/s")
         if "scaling_plain_vs_single" in s:
             parts.append(f"{world} ranks / 1 rank: {s['scaling_plain_vs_single']:.2f}x")
-        print(f"\n{preset}: " + "; ".join(parts))
+        if parts:
+            print(f"\n{preset}: " + "; ".join(parts))
     total = time.perf_counter() - t_all
     print(f"\nload average {load0[0]:.2f} at start, {load1[0]:.2f} at end; {total:.0f}s in all; storage "
           f"{'s3 (SeaweedFS)' if args.s3 else 'local'}; loader workers {args.num_workers}; step times from "
