@@ -5,12 +5,9 @@ the plain ``torch.distributed`` loop used for overhead benchmarks.
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -170,8 +167,8 @@ def load_init(task: nn.Module, url: str) -> dict[str, int]:
             skipped.append(f"{k} {tuple(src[match].shape)} -> {tuple(v.shape)}")
         else:
             new.append(k)
-    cores = [n for n in vision_prefixes(task)]
-    core_missing = [k for k in new if any(k.startswith(p[: -len("vision.")]) for p in cores)]
+    model_prefixes = [p[: -len("vision.")] for p in vision_prefixes(task)]   # every MPLUG2 inside the task
+    core_missing = [k for k in new if any(k.startswith(p) for p in model_prefixes)]
     if core_missing:
         raise KeyError(f"{url}: the source lacks {len(core_missing)} model weights, e.g. {core_missing[:5]}")
     task.load_state_dict({**target, **loaded})
@@ -181,19 +178,6 @@ def load_init(task: nn.Module, url: str) -> dict[str, int]:
         if isinstance(sub, MomentumPairs):
             sub.update(momentum=0.0)                           # twins = the loaded online weights
     log.info("initialised from %s: %d tensors loaded, %d new (%s), %d shape mismatches %s", url, len(loaded),
-             len(new), ", ".join(sorted({k.split(".")[0] + "." + k.split(".")[1] for k in new}))[:200],
+             len(new), ", ".join(sorted({".".join(k.split(".")[:2]) for k in new}))[:200],
              len(skipped), skipped[:3])
     return {"loaded": len(loaded), "new": len(new), "skipped": len(skipped)}
-
-
-def config_summary(cfg: TrainConfig, mcfg: MPLUG2Config, task: nn.Module) -> str:
-    n = sum(p.numel() for p in task.parameters() if p.requires_grad)
-    return json.dumps({"run": cfg.run_name, "task": cfg.task, "trainable_params": n,
-                       "vision": [mcfg.vision.width, mcfg.vision.layers], "text": [mcfg.text.hidden,
-                                                                                mcfg.text.layers]})
-
-
-def torch_bytes(obj: Any) -> bytes:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
