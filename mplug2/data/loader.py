@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from mplug2 import storage
 from mplug2.data.collate import BatchBuilder, Tokenize
 from mplug2.data.dataset_index import DatasetIndex, load_index
-from mplug2.data.stream import CorpusStream, Cursor, EpochPlan, StreamConfig
+from mplug2.data.stream import CorpusStream, Cursor, EpochPlan, StreamConfig, derive_seed
 from mplug2.data.transforms import TransformConfig, VideoTransform
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,12 @@ class CorpusLoader:
         if self.cfg.num_workers:
             ctx = self.cfg.multiprocessing_context or ("forkserver" if storage.is_remote(self.cfg.prefix) else None)
             kw = dict(prefetch_factor=self.cfg.prefetch_factor, multiprocessing_context=ctx)
+        # Our order and augmentation never use torch's global RNG, but a DataLoader iterator draws its base
+        # seed from it unless given a generator. That draw happens lazily (first batch of each corpus), so
+        # it would shift the trainer's RNG stream (masking, negatives) differently after a resume.
+        generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, self.cfg.corpus, "dataloader"))
         self._loader = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
-                                  pin_memory=self.cfg.pin_memory, **kw)
+                                  pin_memory=self.cfg.pin_memory, generator=generator, **kw)
         return iter(self._loader)
 
     def __iter__(self) -> "CorpusLoader":
