@@ -67,6 +67,8 @@ def s3_storage_options() -> dict[str, Any]:
         opts["key"], opts["secret"] = key, secret
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     opts["client_kwargs"] = {"region_name": region}
+    # Listings must reflect what other processes just committed (shards, checkpoints): no listing cache.
+    opts["use_listings_cache"] = False
     # Retries with backoff for throttling (SlowDown / 503) and flaky connections.
     opts["config_kwargs"] = {"retries": {"max_attempts": 8, "mode": "adaptive"}}
     return opts
