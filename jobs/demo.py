@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +80,16 @@ class Stages:
         os.replace(tmp, marker)
         print(f"[demo] {name}: done in {result['seconds']:.0f}s", flush=True)
         return result
+
+
+def ray_temp_dir(workdir: Path) -> str:
+    """A short, per-workdir Ray temp dir (Unix socket paths must stay under 108 bytes)."""
+    import hashlib
+
+    tag = hashlib.sha256(str(workdir.resolve()).encode()).hexdigest()[:8]
+    path = f"/tmp/mplug2-demo-ray-{tag}"
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def build_corpus(cfg: DemoConfig) -> dict[str, str]:
@@ -215,7 +224,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         import ray
 
         if not ray.is_initialized():
-            temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+            temp = ray_temp_dir(cfg.workdir)
             init_ray(cfg.address, num_cpus=None if cfg.address else 2,
                      object_store_memory=None if cfg.address else 512 << 20, temp_dir=temp)
             started_ray = True
@@ -264,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retrieval-steps", type=int, default=DemoConfig.retrieval_steps)
     p.add_argument("--caption-steps", type=int, default=DemoConfig.caption_steps)
     p.add_argument("--qa-steps", type=int, default=DemoConfig.qa_steps)
+    p.add_argument("--train-videos", type=int, default=DemoConfig.train_videos, help="synthetic training clips")
+    p.add_argument("--eval-videos", type=int, default=DemoConfig.eval_videos, help="held-out clips (<= 72 unique)")
+    p.add_argument("--images", type=int, default=DemoConfig.images, help="synthetic images")
+    p.add_argument("--qa-videos", type=int, default=DemoConfig.qa_videos, help="synthetic QA clips")
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     p.add_argument("--fresh", action="store_true", help="delete the workdir first (start over)")
     args = p.parse_args(argv)
@@ -271,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("mplug2").setLevel(logging.INFO)
     cfg = DemoConfig(workdir=args.workdir, storage=args.storage, address=args.address,
                      pretrain_steps=args.pretrain_steps, retrieval_steps=args.retrieval_steps,
-                     caption_steps=args.caption_steps, qa_steps=args.qa_steps, workers=args.workers, fresh=args.fresh)
+                     caption_steps=args.caption_steps, qa_steps=args.qa_steps, workers=args.workers, fresh=args.fresh,
+                     train_videos=args.train_videos, eval_videos=args.eval_videos, images=args.images,
+                     qa_videos=args.qa_videos)
     try:
         run_demo(cfg)
     except KeyboardInterrupt:

@@ -196,9 +196,10 @@ class TrainLoop:
         log.warning("rank %d: injected failure after step %d (debug.fail_at_step)", self.rank, self.step)
         os._exit(17)
 
-    def _log_keys(self, keys: list[str], corpus: str, epochs: list[int]) -> None:
+    def _log_keys(self, keys: list[str], corpora: list[str], epochs: list[int]) -> None:
+        """Per key: its corpus and epoch (micro-batches of one step may come from different corpora)."""
         url = storage.join(self.run_dir, "keys", f"rank{self.rank}", f"step{self.step:06d}.json")
-        storage.atomic_write(url, json.dumps({"step": self.step, "corpus": corpus, "keys": keys,
+        storage.atomic_write(url, json.dumps({"step": self.step, "keys": keys, "corpora": corpora,
                                               "epochs": epochs}).encode())
 
     def train_step(self) -> tuple[dict[str, float], StepTimes]:
@@ -210,16 +211,17 @@ class TrainLoop:
         totals: dict[str, torch.Tensor] = {}
         keys: list[str] = []
         epochs: list[int] = []
-        corpus = ""
+        corpora: list[str] = []
         autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.scale.precision == "bf16"
                     else contextlib.nullcontext())
         for micro in range(k):
             td = time.perf_counter()
             batch = next(self.loader)
             times.data_wait_s += time.perf_counter() - td
+            n = len(batch.get("keys", []))
             keys += batch.get("keys", [])
-            epochs += [int(batch.get("epoch", -1))] * len(batch.get("keys", []))
-            corpus = batch.get("corpus", corpus)
+            epochs += [int(batch.get("epoch", -1))] * n
+            corpora += [str(batch.get("corpus", ""))] * n
             batch = _to_device(batch, self.device)
             sync = micro == k - 1 or not isinstance(self.ddp, nn.parallel.DistributedDataParallel)
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()), autocast:
@@ -240,7 +242,7 @@ class TrainLoop:
         names = list(totals)
         values = dict(zip(names, torch.stack([totals[n].reshape(()) for n in names]).tolist())) if names else {}
         if cfg.debug.log_keys:
-            self._log_keys(keys, corpus, epochs)
+            self._log_keys(keys, corpora, epochs)
         values["lr"] = self.optimizer.param_groups[0]["lr"]
         times.step_time_s = time.perf_counter() - t0
         return values, times

@@ -98,8 +98,8 @@ def test_worker_failure_and_job_restart_resume_exactly(synthetic_shards, s3_buck
     # No sample is seen twice within an epoch of its corpus, across both ranks.
     seen = Counter()
     for rec in ref_keys.values():
-        for key, epoch in zip(rec["keys"], rec["epochs"]):
-            seen[(rec["corpus"], epoch, key)] += 1
+        for key, corpus, epoch in zip(rec["keys"], rec["corpora"], rec["epochs"]):
+            seen[(corpus, epoch, key)] += 1
     assert max(seen.values()) == 1
     # The lost step was really redone: B and C both logged a fault marker and finished at step N.
     for name in ("worker-killed", "job-restarted"):
