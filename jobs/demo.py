@@ -232,11 +232,13 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         manifests = {k: v for k, v in manifests.items() if k != "seconds"}
         stages.run("preprocess", lambda: preprocess_all(manifests, corpora))
 
-        from mplug2.train.trainer import fit
+        from mplug2.train.trainer import fit, latest_eval
 
         def train(task: str, steps: int, init: str | None) -> dict[str, Any]:
-            result = fit(train_config(cfg, corpora, runs, task, steps, init))
+            tcfg = train_config(cfg, corpora, runs, task, steps, init)
+            result = fit(tcfg)
             metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+            metrics.update({k: v for k, v in latest_eval(tcfg).items() if k != "step"})
             return {"metrics": metrics, "path": str(result.path)}
 
         pre = stages.run("pretrain", lambda: train("pretrain", cfg.pretrain_steps, None))

@@ -46,7 +46,7 @@ def load_config(args: argparse.Namespace, task: str | None) -> TrainConfig:
 
 
 def _train(args: argparse.Namespace, task: str | None) -> int:
-    from mplug2.train.trainer import fit, run_dir
+    from mplug2.train.trainer import fit, latest_eval, run_dir
 
     cfg = load_config(args, task)
     if task == "pretrain" and cfg.task != "pretrain":
@@ -57,6 +57,7 @@ def _train(args: argparse.Namespace, task: str | None) -> int:
     t0 = time.time()
     result = fit(cfg)
     metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+    metrics.update({k: v for k, v in latest_eval(cfg).items() if k != "step"})
     print(f"run {cfg.run_name} finished in {time.time() - t0:.0f}s; outputs in {run_dir(cfg)}")
     for k in sorted(metrics):
         print(f"  {k:28s} {metrics[k]:.4f}")

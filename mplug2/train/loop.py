@@ -288,6 +288,10 @@ class TrainLoop:
         main = next(iter(scores.values()), None)
         if self.rank == 0:
             log.info("eval at step %d: %s", self.step, ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+            # Ray Train keeps only metrics reported with a checkpoint: the scores also go to storage.
+            record = json.dumps({"step": self.step, **scores}, sort_keys=True, indent=1).encode()
+            storage.atomic_write(storage.join(self.run_dir, "eval", f"step{self.step:08d}.json"), record)
+            storage.atomic_write(storage.join(self.run_dir, "eval", "latest.json"), record)
             if main is not None and (self.best is None or main > self.best):
                 self.best = main
                 self.export("best")

@@ -60,6 +60,14 @@ def build_trainer(cfg: TrainConfig):
     )
 
 
+def latest_eval(cfg: TrainConfig) -> dict[str, float]:
+    """The newest evaluation scores of a run (``<run>/eval/latest.json``), or {} if it never evaluated."""
+    import json
+
+    url = storage.join(run_dir(cfg), "eval", "latest.json")
+    return json.loads(storage.read_bytes(url)) if storage.exists(url) else {}
+
+
 def fit(cfg: TrainConfig):
     """Run (or resume) training; returns Ray's ``Result``. ``resume: never`` refuses an existing run."""
     exists = has_previous_run(cfg)
