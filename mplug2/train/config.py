@@ -70,7 +70,7 @@ class ScaleConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # below 1 so Ray Data / loader tasks still get a CPU on small nodes
     max_failures: int = 3
-    strategy: str = "ddp"        # ddp | fsdp
+    strategy: str = "ddp"        # ddp (FSDP2 is planned, not implemented yet)
     precision: str = "fp32"      # fp32 | bf16
     backend: str | None = None   # default: nccl with GPUs, gloo otherwise
     timeout_s: int = 900
@@ -108,6 +108,10 @@ class TrainConfig:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.resume not in ("auto", "never"):
             raise ValueError("resume must be 'auto' or 'never'")
+        if self.scale.strategy != "ddp":
+            raise ValueError(f"scale.strategy {self.scale.strategy!r}: only 'ddp' is implemented (FSDP2 is planned)")
+        if self.scale.precision not in ("fp32", "bf16"):
+            raise ValueError(f"scale.precision must be 'fp32' or 'bf16', got {self.scale.precision!r}")
         if not self.run_name or "/" in self.run_name:
             raise ValueError("run_name must be a non-empty name without '/'")
 
@@ -158,4 +162,11 @@ def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     for k in keys[:-1]:
         d = d.setdefault(k, {})
-    d[keys[-1]] = yaml.safe_load(value) if isinstance(value, str) else value
+    if isinstance(value, str):
+        value = yaml.safe_load(value)
+        if isinstance(value, str):
+            try:        # PyYAML (YAML 1.1) reads "3e-4" as a string; a number is what was meant
+                value = float(value)
+            except ValueError:
+                pass
+    d[keys[-1]] = value

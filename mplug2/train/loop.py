@@ -100,8 +100,6 @@ class TrainLoop:
     def _wrap(self, task: nn.Module) -> nn.Module:
         if self.world_size == 1 or not dist.is_initialized():
             return task
-        if self.cfg.scale.strategy != "ddp":
-            raise NotImplementedError(f"strategy {self.cfg.scale.strategy!r}: only 'ddp' is implemented")
         ids = [self.device.index] if self.device.type == "cuda" else None
         # Queues and momentum copies are identical on all ranks by construction: never broadcast buffers.
         # Some steps leave parameters unused: fine-tuning tasks skip modules (the decoder in retrieval), and

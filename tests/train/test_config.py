@@ -1,0 +1,52 @@
+"""Run configs: YAML presets load, overrides parse, and the resume fingerprint tracks exactly the numerics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mplug2.train.build import lr_lambda, model_config
+from mplug2.train.config import TrainConfig
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_run_configs_load_and_build_their_model_config(path):
+    cfg = TrainConfig.from_yaml(path)
+    assert model_config(cfg).text.num_uni_layer == 2
+    assert TrainConfig.from_dict(cfg.to_dict()).fingerprint() == cfg.fingerprint()
+
+
+def test_overrides_are_parsed_as_yaml_scalars():
+    cfg = TrainConfig.from_yaml(CONFIGS[0], {"optim.lr": "3e-4", "schedule.total_steps": "7", "run_name": "x"})
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.schedule.total_steps == 7 and cfg.run_name == "x"
+
+
+def test_fingerprint_tracks_numerics_not_operations():
+    base = TrainConfig(run_name="r")
+    same = TrainConfig(run_name="r")
+    same.scale.max_failures, same.debug.fail_at_step, same.schedule.ckpt_every_steps = 9, 3, 7
+    assert same.fingerprint() == base.fingerprint()
+    for change in (lambda c: setattr(c.optim, "lr", 1.0), lambda c: setattr(c, "seed", 1),
+                   lambda c: setattr(c.schedule, "total_steps", 5), lambda c: setattr(c, "init_from", "x"),
+                   lambda c: setattr(c.data, "batch_size", 3), lambda c: setattr(c.scale, "num_workers", 4)):
+        other = TrainConfig(run_name="r")
+        change(other)
+        assert other.fingerprint() != base.fingerprint()
+
+
+@pytest.mark.parametrize("bad", [dict(task="nope"), dict(resume="maybe"), dict(run_name="a/b"),
+                                 dict(scale={"strategy": "fsdp"}), dict(scale={"precision": "fp16"})])
+def test_bad_configs_fail_at_start_up(bad):
+    with pytest.raises(ValueError):
+        TrainConfig.from_dict({"run_name": "r", **bad})
+
+
+def test_warmup_then_cosine_schedule():
+    cfg = TrainConfig.from_dict({"run_name": "r", "optim": {"warmup_steps": 10, "min_lr_ratio": 0.1},
+                                 "schedule": {"total_steps": 110}})
+    f = lr_lambda(cfg)
+    assert f(0) < f(5) < f(9) <= 1.0
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
