@@ -65,6 +65,13 @@ class MPLUG2(nn.Module):
         """-> (V_f, T_f)."""
         return self.fusion(text, text_mask, vis, vis_mask)
 
+    def fused_memory(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The decoder's memory for text-conditioned tasks (QA, grounding): ``([V_f ; T_f], mask)``."""
+        vis, vis_mask = self.encode_vision(pixels)
+        text = self.encode_text(input_ids, attention_mask)
+        v_f, t_f = self.fuse(text, attention_mask, vis, vis_mask)
+        return torch.cat([v_f, t_f], 1), torch.cat([vis_mask, attention_mask], 1)
+
     def mlm_logits(self, states: Tensor) -> Tensor:
         return self.mlm_head(states)
 

@@ -53,10 +53,7 @@ class VideoQA(nn.Module):
 
     def memory(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """``([V_f ; T_f], mask)`` for each question."""
-        vis, vis_mask = self.model.encode_vision(pixels)
-        text = self.model.encode_text(input_ids, attention_mask)
-        v_f, t_f = self.model.fuse(text, attention_mask, vis, vis_mask)
-        return torch.cat([v_f, t_f], 1), torch.cat([vis_mask, attention_mask], 1)
+        return self.model.fused_memory(pixels, input_ids, attention_mask)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         mem, mem_mask = self.memory(batch["pixels"], batch["input_ids"], batch["attention_mask"])
