@@ -128,14 +128,9 @@ def resolve_init(url: str) -> str:
     """A folder holding ``model.safetensors`` as is; a run directory -> its newest valid checkpoint."""
     if storage.exists(storage.join(url, "model.safetensors")):
         return url
-    from mplug2.train.checkpoint import find_latest_valid
+    from mplug2.train.checkpoint import find_latest_valid, list_step_checkpoints
 
-    fs, path = storage.get_fs(url)
-    try:
-        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-    except FileNotFoundError:
-        names = []
-    found = find_latest_valid([storage.join(url, n) for n in names if n.startswith("step_")])
+    found = find_latest_valid(list_step_checkpoints(url))
     if found is None:
         raise FileNotFoundError(f"{url}: neither a model folder (model.safetensors) nor a run with a valid checkpoint")
     return found

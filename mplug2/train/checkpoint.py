@@ -267,6 +267,20 @@ def validate_checkpoint(directory: str) -> bool:
     return not problems
 
 
+STEP_PREFIX = "step_"
+
+
+def list_step_checkpoints(run_dir: str) -> list[str]:
+    """Every ``step_NNNNNNNN`` folder under a run directory, oldest first (names sort by step)."""
+    fs, path = storage.get_fs(run_dir)
+    try:
+        entries = storage.retry_io(lambda: fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+    names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+    return [storage.join(run_dir, n) for n in names if n.startswith(STEP_PREFIX)]
+
+
 def find_latest_valid(checkpoints: Iterable[str]) -> str | None:
     """The valid checkpoint with the highest step (ties: later in the list); invalid ones are skipped with a
     warning naming what is wrong."""

@@ -32,14 +32,13 @@ from mplug2 import storage
 from mplug2.runtime import setup_process_env
 from mplug2.train import build
 from mplug2.train.checkpoint import (
-    commit_checkpoint, find_latest_valid, load_checkpoint, save_checkpoint,
+    STEP_PREFIX, commit_checkpoint, find_latest_valid, list_step_checkpoints, load_checkpoint, save_checkpoint,
 )
 from mplug2.train.config import TrainConfig
 from mplug2.train.metrics import MetricsLogger, plot_curves
 
 log = logging.getLogger("mplug2.train")
 
-CKPT_PREFIX = "step_"
 
 
 class Hooks(Protocol):
@@ -61,7 +60,6 @@ def _seed_all(seed: int) -> None:
 class StepTimes:
     data_wait_s: float = 0.0
     step_time_s: float = 0.0
-    ckpt_wait_s: float = 0.0
 
 
 class TrainLoop:
@@ -130,16 +128,6 @@ class TrainLoop:
                 storage.retry_io(lambda: fs.put_file(local, f"{path}/{name}"))
 
     # ----------------------------------------------------------------------------------- checkpoints
-    def _stored_checkpoints(self) -> list[str]:
-        """Every ``step_*`` folder under the run directory, oldest first."""
-        fs, path = storage.get_fs(self.run_dir)
-        try:
-            entries = storage.retry_io(lambda: fs.ls(path, detail=False))
-        except FileNotFoundError:
-            return []
-        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in entries)
-        return [storage.join(self.run_dir, n) for n in names if n.startswith(CKPT_PREFIX)]
-
     def restore(self) -> None:
         """Resume from the newest *valid* checkpoint: the orchestrator's, or a newer one on storage.
 
@@ -149,7 +137,7 @@ class TrainLoop:
         repeats steps that were already committed.
         """
         orchestrator = self.hooks.resume_from()
-        candidates = self._stored_checkpoints()
+        candidates = list_step_checkpoints(self.run_dir)
         if orchestrator is not None and orchestrator.rstrip("/") not in [c.rstrip("/") for c in candidates]:
             candidates.insert(0, orchestrator)
         where = find_latest_valid(candidates) if candidates else None
@@ -350,7 +338,7 @@ class RayHooks:
             ray.train.report(metrics)
             return
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                         checkpoint_dir_name=f"{CKPT_PREFIX}{step:08d}")
+                         checkpoint_dir_name=f"{STEP_PREFIX}{step:08d}")
 
     def resume_from(self) -> str | None:
         import ray.train
@@ -395,7 +383,7 @@ class LocalHooks:
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None, step: int) -> None:
         if checkpoint_dir is not None:
-            dest = storage.join(self.run_dir, f"{CKPT_PREFIX}{step:08d}")
+            dest = storage.join(self.run_dir, f"{STEP_PREFIX}{step:08d}")
             for name in sorted(os.listdir(checkpoint_dir)):
                 with open(os.path.join(checkpoint_dir, name), "rb") as f:
                     storage.atomic_write(storage.join(dest, name), f.read())
@@ -405,11 +393,9 @@ class LocalHooks:
             self._prune()
 
     def _prune(self) -> None:
-        fs, path = storage.get_fs(self.run_dir)
-        names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
-        steps = [n for n in names if n.startswith(CKPT_PREFIX)]
-        for old in steps[: -self.cfg.schedule.keep_last]:
-            fs.rm(f"{path}/{old}", recursive=True)
+        for old in list_step_checkpoints(self.run_dir)[: -self.cfg.schedule.keep_last]:
+            fs, path = storage.get_fs(old)
+            fs.rm(path, recursive=True)
 
     def resume_from(self) -> str | None:
         return None
