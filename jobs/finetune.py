@@ -1,7 +1,7 @@
 """``ray job submit`` entrypoint for finetuneing: a thin wrapper over ``mplug2-train finetune``.
 
     mplug2-submit submit --run-name my-run --runtime-env finetune -- \\
-        python -m jobs.finetune --config configs/finetune_tiny.yaml --run-name my-run --storage s3://bucket/runs
+        python -m jobs.finetune --config configs/retrieval_tiny.yaml --run-name my-run --storage s3://bucket/runs
 
 Inside a job the driver connects to the job's cluster (Ray sets ``RAY_ADDRESS``). Submitting again with the
 same ``--run-name`` and storage resumes from the newest valid checkpoint.

@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "this job runs on (same flags as `mplug2-data shard`).")
     p.add_argument("--config", help="YAML file of PreprocessConfig fields (flags override it)")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--run-name", help="a label for logs and job ids (the output prefix identifies the dataset)")
     p.set_defaults(local=False)
     add_config_flags(p)
     return p
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_process_env()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.run_name:
+        logging.getLogger("mplug2.preprocess").info("run %s", args.run_name)
     from pipelines.cli import config_from_args
     from pipelines.errors import ConfigError
     from pipelines.run import preprocess

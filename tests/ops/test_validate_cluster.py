@@ -204,7 +204,7 @@ def test_literal_credential_env_fails(tmp_path: Path) -> None:
 def test_rayjob_recovery_settings(tmp_path: Path) -> None:
     job = load("kuberay/rayjob-pretrain.yaml")[0]
     job["spec"]["backoffLimit"] = 1
-    job["spec"]["entrypoint"] = "python -m jobs.pretrain --config configs/pretrain-base.yaml"
+    job["spec"]["entrypoint"] = "python -m jobs.pretrain --config configs/pretrain_base.yaml"
     del job["spec"]["activeDeadlineSeconds"]
     job["spec"]["shutdownAfterJobFinishes"] = False
     text = errors_of(tmp_path, "job.yaml", job)
