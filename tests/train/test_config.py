@@ -9,7 +9,17 @@ import pytest
 from mplug2.train.build import lr_lambda, model_config
 from mplug2.train.config import TrainConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = sorted(p for p in ROOT.glob("*.yaml") if not p.name.startswith("preprocess_"))   # run configs
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.glob("preprocess_*.yaml")), ids=lambda p: p.name)
+def test_shipped_preprocess_configs_load_and_validate(path):
+    from pipelines.config import PreprocessConfig
+
+    cfg = PreprocessConfig.from_yaml(str(path))
+    cfg.validate()
+    assert cfg.output and cfg.manifest
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
