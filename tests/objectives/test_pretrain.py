@@ -8,32 +8,9 @@ import torch
 from mplug2.config import MPLUG2Config
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.objectives.pretrain import MPLUG2Pretrainer, PretrainConfig, is_no_decay
-from mplug2.tokenizer import load_tokenizer
+from tests.tiny import distinct_pixels, one_thread, tok  # noqa: F401  (fixtures)
 
 CAPTIONS = ["a man playing", "the dog is on a cat", "a woman in the video", "what is the person playing"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models are dominated by thread hand-offs on a shared 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("tiny")
-
-
-def distinct_pixels(b: int, t: int = 2) -> torch.Tensor:
-    """Clearly different clips (colour + split position), so a tiny encoder can tell them apart quickly."""
-    px = torch.zeros(b, 3, t, 32, 32)
-    for i in range(b):
-        px[i, i % 3] = 2.0
-        px[i, :, :, : 8 * (i % 4 + 1)] *= -1
-    return px
 
 
 def make_batch(tok, b: int = 4) -> dict:

@@ -14,32 +14,12 @@ from mplug2.tasks.grounding import BoxCodec, Grounder, GroundingConfig, generali
 from mplug2.tasks.qa import QAConfig, VideoQA
 from mplug2.tasks.retrieval import RetrievalConfig, Retriever, evaluate_retrieval
 from mplug2.tokenizer import load_tokenizer
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("tiny")
+from tests.tiny import distinct_pixels, one_thread, tok  # noqa: F401  (fixtures)
 
 
 def tiny_model(seed: int = 0) -> MPLUG2:
     torch.manual_seed(seed)
     return MPLUG2(MPLUG2Config.preset("tiny"))
-
-
-def pixels(b: int, t: int = 2) -> torch.Tensor:
-    px = torch.zeros(b, 3, t, 32, 32)
-    for i in range(b):
-        px[i, i % 3] = 2.0
-        px[i, :, :, : 8 * (i % 4 + 1)] *= -1
-    return px
 
 
 def train(module, batch, steps: int, lr: float = 2e-3) -> list[float]:
@@ -64,7 +44,7 @@ def test_captioner_masks_prompt_and_learns_captions(tok):
     p = 1 + len(tok.encode("a video of"))
     assert (labels[:, :p] == IGNORE_INDEX).all() and (labels[mask == 0] == IGNORE_INDEX).all()
     assert ids[0, 1:p].tolist() == tok.encode("a video of")
-    batch = {"pixels": pixels(2), **enc}
+    batch = {"pixels": distinct_pixels(2), **enc}
     losses = train(cap, batch, 60)
     assert losses[-1] < 0.1 * losses[0]
     assert cap.predict(batch["pixels"]) == captions  # the prompt is stripped from the output
@@ -75,7 +55,7 @@ def test_qa_weighted_answers_generation_and_rank_answer(tok):
     q = tok(["what is the man playing", "what is in the video"], max_length=12)
     answers = ["cat", "dog", "man"]
     a = tok(answers, max_length=6)
-    batch = {"pixels": pixels(2), **q, "answer_ids": a["input_ids"][:2], "answer_mask": a["attention_mask"][:2]}
+    batch = {"pixels": distinct_pixels(2), **q, "answer_ids": a["input_ids"][:2], "answer_mask": a["attention_mask"][:2]}
     # weights and multiple answers per question: sum_i w_i * loss_i / B
     multi = dict(batch, answer_ids=a["input_ids"], answer_mask=a["attention_mask"],
                  answer_index=torch.tensor([0, 1, 1]), answer_weights=torch.tensor([1.0, 0.5, 0.0]))
@@ -118,7 +98,7 @@ def test_grounding_learns_boxes_and_decodes_only_box_tokens(tok):
     gr = Grounder(tiny_model(2), tok, GroundingConfig.tiny())
     enc = tok(["the dog on the cat", "a man"], max_length=12)
     boxes = torch.tensor([[3.0, 5.0, 10.0, 12.0], [20.0, 1.0, 8.0, 30.0]])
-    batch = {"pixels": pixels(2), **enc, "boxes": boxes}
+    batch = {"pixels": distinct_pixels(2), **enc, "boxes": boxes}
     seen = []
     orig = gr.model.generate
 
@@ -137,7 +117,7 @@ def test_grounding_learns_boxes_and_decodes_only_box_tokens(tok):
 
 def test_classifiers_overfit(tok):
     vc = VisualClassifier(tiny_model(3), num_classes=3)
-    batch = {"pixels": pixels(4), "labels": torch.tensor([0, 1, 2, 1])}
+    batch = {"pixels": distinct_pixels(4), "labels": torch.tensor([0, 1, 2, 1])}
     losses = train(vc, batch, 40, lr=3e-3)
     assert losses[-1] < 0.1 * losses[0]
     assert vc.predict(batch["pixels"]).tolist() == [0, 1, 2, 1]
@@ -155,7 +135,7 @@ def test_retrieval_finetune_then_rerank_recovers_pairs(tok):
     ret = Retriever(tiny_model(5), tok, RetrievalConfig(k_test=3, queue_size=0, distill=False))
     caps = ["a man playing", "the dog is on a cat", "a woman in the video", "what is the person playing"]
     enc = tok(caps, max_length=12)
-    batch = {"pixels": pixels(4), **enc, "ids": torch.arange(4)}
+    batch = {"pixels": distinct_pixels(4), **enc, "ids": torch.arange(4)}
     losses = train(ret, batch, 150, lr=1e-3)
     assert losses[-1] < 0.1 * losses[0]
     scores = ret.predict(batch["pixels"], enc["input_ids"], enc["attention_mask"], k=3)
