@@ -1,5 +1,6 @@
 """The model really learns: tiny pretraining + retrieval fine-tuning on synthetic clips whose captions describe
-what is visible (colour, shape, motion direction) beats chance text→video retrieval on held-out clips by 5×.
+what is visible (colour, shape, motion direction) beats chance text→video retrieval on held-out clips
+(the issue's target is R@1 >= 5x chance; see the note in the test on run-to-run variance).
 
 Runs in one process through the same loop Ray Train workers run (``run_local``), on shards written by the
 real pipeline. Held-out clips are drawn with another seed; their captions are all different, so chance
