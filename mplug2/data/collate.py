@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from mplug2.data.stream import RawBatch, RawSample, derive_seed
-from mplug2.data.text import pre_caption
+from mplug2.data.text import pre_caption, swap_left_right
 from mplug2.data.transforms import VideoTransform, sample_frame_indices
 
 log = logging.getLogger(__name__)
@@ -161,10 +161,15 @@ class BatchBuilder:
             rng = self.sample_rng(raw.epoch, key)
             dec = decode_sample(sample, num_frames=self.num_frames, train=train, rng=rng)
             caption = rng.choice(dec.captions) if train else dec.captions[0]
-            pixels.append(self.transform(dec.frames, rng))
+            clip, aug = self.transform.with_params(dec.frames, rng)
+            answer = dec.answer
+            if aug.flip:                      # the mirrored clip moves the other way: say so
+                caption = swap_left_right(caption)
+                answer = swap_left_right(answer) if answer is not None else None
+            pixels.append(clip)
             captions.append(pre_caption(caption, self.max_words))
             keys.append(key)
-            answers.append(dec.answer)
+            answers.append(answer)
         shapes = {tuple(p.shape) for p in pixels}
         if len(shapes) != 1:
             raise SampleError(f"corpus {self.corpus}: samples of one batch differ in shape {sorted(shapes)}")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["pre_caption", "pre_question"]
+__all__ = ["pre_caption", "pre_question", "swap_left_right"]
 
 _PUNCT = re.compile(r"[,.'!?\"()*#:;~]")
 _SPACES = re.compile(r"\s+")
+# "left"/"right" and their directional forms, as whole words: leftward(s), leftmost, left-hand, lefts.
+_SIDES = re.compile(r"\b(left|right)(wards?|most|s)?\b", re.IGNORECASE)
 
 
 def _clean(text: str) -> str:
@@ -38,3 +40,23 @@ def pre_caption(caption: str, max_words: int = 30) -> str:
 def pre_question(question: str, max_words: int = 30) -> str:
     """Clean a question (same rules as captions, no placeholder mapping)."""
     return _truncate(_clean(question), max_words)
+
+
+def swap_left_right(text: str) -> str:
+    """Swap the words *left* and *right* (and -ward, -wards, -most, -s forms), keeping their case.
+
+    A horizontally flipped clip is described by the mirrored caption: without this, flip augmentation teaches
+    a model that "moving left" and "moving right" look alike (MDETR and GLIP do the same for grounding).
+    The non-spatial senses of "right" (a right, all right) are swapped too, as in those implementations;
+    set ``TransformConfig.hflip`` off for corpora where that matters.
+    """
+    def repl(m: re.Match) -> str:
+        word, suffix = m.group(1), m.group(2) or ""
+        other = "right" if word.lower() == "left" else "left"
+        if word.isupper():
+            other = other.upper()
+        elif word[0].isupper():
+            other = other.capitalize()
+        return other + suffix
+
+    return _SIDES.sub(repl, text)

@@ -1,7 +1,7 @@
 """Image and video transforms with torch + PIL only (no torchvision on CPU machines).
 
 Train: RandomResizedCrop (bicubic) -> horizontal flip -> temporally consistent RandAugment -> [0,1] ->
-CLIP normalisation. Eval: bicubic resize to (res, res) -> [0,1] -> normalisation. "Consistent" means one
+CLIP normalisation; a flipped clip's caption (and answer) get *left* and *right* swapped by the batch builder. Eval: bicubic resize to (res, res) -> [0,1] -> normalisation. "Consistent" means one
 parameter draw per clip applied to every frame (``model-spec.md`` §6), so motion is not corrupted by
 per-frame jitter. Every random choice comes from a ``random.Random`` the caller seeds per sample, which makes
 a run reproducible whatever the worker count.
@@ -158,6 +158,11 @@ class VideoTransform:
         return frame
 
     def __call__(self, frames: Sequence[Image.Image], rng: random.Random | None = None) -> torch.Tensor:
+        return self.with_params(frames, rng)[0]
+
+    def with_params(self, frames: Sequence[Image.Image],
+                    rng: random.Random | None = None) -> tuple[torch.Tensor, AugParams]:
+        """The transformed clip and the parameters drawn for it (the caller mirrors the text on a flip)."""
         if not frames:
             raise ValueError("a sample needs at least one frame")
         frames = [f if f.mode == "RGB" else f.convert("RGB") for f in frames]
@@ -171,4 +176,4 @@ class VideoTransform:
         else:
             params = AugParams()
         out = [self.apply(f, params) for f in frames]
-        return frames_to_tensor(out, self.cfg.mean, self.cfg.std)
+        return frames_to_tensor(out, self.cfg.mean, self.cfg.std), params

@@ -76,3 +76,30 @@ def test_bad_samples_raise_clear_errors(image_shards):
         decode_sample({**good, "jpg": b"not a jpeg"}, num_frames=1, train=True, rng=rng)
     with pytest.raises(SampleError, match="no caption"):
         decode_sample({"__key__": "k", "jpg": good["jpg"]}, num_frames=1, train=True, rng=rng)
+
+
+def test_flipped_clips_get_mirrored_captions_and_answers():
+    """A clip whose left half is red and right half blue: after the batch builder, a sample whose pixels come
+    out mirrored (blue on the left) says "right" where its caption said "left", and its answer flips too."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    arr = np.zeros((16, 16, 3), dtype=np.uint8)
+    arr[:, :8, 0] = 255
+    arr[:, 8:, 2] = 255
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    raw = [{"__key__": f"{i:06d}_000000", "png": buf.getvalue(),
+            "json": json.dumps({"captions": ["a red square moving left"], "answer": "left"}).encode()}
+           for i in range(24)]
+    cfg = TransformConfig(res=16, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), randaug=False)
+    builder = BatchBuilder("c", VideoTransform(cfg), num_frames=1, seed=0,
+                           tokenize=lambda t, n: {"input_ids": torch.zeros(len(t), 2), "attention_mask": torch.ones(len(t), 2)})
+    out = builder(RawBatch(0, 0, raw))
+    red_left = out["pixels"][:, 0, 0, :, :4].mean(dim=(1, 2)) > out["pixels"][:, 0, 0, :, -4:].mean(dim=(1, 2))
+    assert 0 < int(red_left.sum()) < len(raw)                  # both flipped and unflipped samples occur
+    for unflipped, caption, answer in zip(red_left.tolist(), out["captions"], out["answers"]):
+        assert (caption, answer) == (("a red square moving left", "left") if unflipped
+                                     else ("a red square moving right", "right"))

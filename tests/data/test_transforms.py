@@ -82,3 +82,14 @@ def test_text_cleaning():
     assert pre_question("What's   the colour?") == "whats the colour"
     with pytest.raises(TypeError):
         pre_caption(None)  # type: ignore[arg-type]
+
+
+def test_left_right_swap_keeps_case_and_only_touches_whole_words():
+    from mplug2.data.text import swap_left_right
+
+    assert swap_left_right("a red circle moving left") == "a red circle moving right"
+    assert swap_left_right("Turn RIGHT at the leftmost door, Left-hand side") == \
+        "Turn LEFT at the rightmost door, Right-hand side"
+    assert swap_left_right("rightwards and lefts") == "leftwards and rights"
+    assert swap_left_right("bright lights, copyright, leftover") == "bright lights, copyright, leftover"
+    assert swap_left_right(swap_left_right("left right up down")) == "left right up down"
