@@ -102,10 +102,14 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    # classify: the label names, in head order; each sample's json ``label`` is one of them or its index
+    classes: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "classify" and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
+            raise ValueError(f"task 'classify' needs `classes`: at least two distinct label names, got {self.classes!r}")
         if self.resume not in ("auto", "never"):
             raise ValueError("resume must be 'auto' or 'never'")
         if self.scale.strategy != "ddp":
@@ -151,6 +155,8 @@ class TrainConfig:
         """Hash of the fields that change numerics; ``total_steps`` included (the LR schedule depends on it)."""
         d = self.to_dict()
         keep = {k: d[k] for k in ("task", "model", "seed", "loss_weights", "optim", "init_from")}
+        if self.classes:
+            keep["classes"] = list(self.classes)
         keep["data"] = {k: d["data"][k] for k in ("train", "batch_size", "max_text_len")}
         keep["global_batch"] = self.data.batch_size * self.optim.grad_accum * self.scale.num_workers
         keep["total_steps"] = self.schedule.total_steps
