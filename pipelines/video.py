@@ -79,6 +79,13 @@ DECODE_THREADS = 2
 DECODE_THREAD_TYPE = "AUTO"  # frame + slice threading
 # Seeking costs a decoder flush plus refilling the threading pipeline; expressed in decoded frames.
 SEEK_COST_FRAMES = 6
+# Frames are converted and scaled in one swscale pass (both backends): bicubic (PIL's default filter in
+# pipelines.resize), chroma interpolated at full resolution instead of replicated.
+SWS_FLAGS = "bicubic+full_chroma_int+accurate_rnd"
+# Decoders that tag 4:2:0 chroma as sited "left" (MPEG-2 style) unless the stream says otherwise.
+_CHROMA_LEFT_CODECS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4", "h263", "vvc"})
+# Below this many packets per planned run the decoder runs single-threaded (see _decode_threads).
+THREADED_MIN_FRAMES_PER_RUN = 0
 # Sample times in meta are rounded to ms; frames are matched with a tolerance below any sane interval.
 _STALL_ENV = "MPLUG2_VIDEO_TEST_STALL_S"  # test hook: the worker sleeps this long before decoding
 
@@ -403,7 +410,10 @@ def _video_stream(container):
     raise SampleError(DECODE_ERROR, "no video stream")
 
 
-def _probe(container) -> tuple[Any, _Info]:
+def _probe(container, first_frame: bool = True) -> tuple[Any, _Info]:
+    """Stream facts. ``first_frame=False`` skips decoding the first frame (which opens the decoder and
+    reads the display rotation): the PyAV sampler opens the decoder itself, with the threading its plan
+    wants, and takes the rotation from the frames it decodes (``rotation`` stays 0 until then)."""
     stream = _video_stream(container)
     cc = stream.codec_context
     width, height = int(cc.width or 0), int(cc.height or 0)
@@ -421,13 +431,13 @@ def _probe(container) -> tuple[Any, _Info]:
         duration = container.duration / 1e6 - max(0.0, start - (container.start_time or 0) / 1e6)
     else:
         duration = 0.0
-    stream.thread_type = DECODE_THREAD_TYPE
-    stream.thread_count = DECODE_THREADS
     rotation = 0
-    first = _first_frame(container, stream)
-    if first is None:
-        raise SampleError(DECODE_ERROR, "no decodable frame")
-    rotation = int(round(first.rotation or 0)) % 360
+    if first_frame:
+        _set_threads(stream, DECODE_THREADS)
+        first = _first_frame(container, stream)
+        if first is None:
+            raise SampleError(DECODE_ERROR, "no decodable frame")
+        rotation = _rotation(first)
     if duration <= 0:  # e.g. live-written webm: find the last packet's end by demuxing
         duration = _demux_end(container, stream) - start
         if duration <= 0:
@@ -438,6 +448,17 @@ def _probe(container) -> tuple[Any, _Info]:
     info = _Info(duration=duration, fps=fps, num_frames=frames, width=width, height=height,
                  rotation=rotation, codec=cc.name or "", start=start)
     return stream, info
+
+
+def _set_threads(stream, threads: int) -> None:
+    """Decoder threading; only effective before the decoder opens (on the first decode)."""
+    if threads > 1:
+        stream.thread_type = DECODE_THREAD_TYPE
+    stream.thread_count = threads
+
+
+def _rotation(frame) -> int:
+    return int(round(frame.rotation or 0)) % 360
 
 
 def _first_frame(container, stream):
@@ -470,6 +491,12 @@ def _probe_file(path: str) -> dict:
 class _Packet:
     pts: float   # seconds relative to the stream start
     key: bool
+    ts: int | None = None  # the packet's own pts in stream time base (None when the demuxer gave none)
+
+
+# Packets demuxed past the first keyframe after the last sample time: frames that precede that keyframe
+# in display order but follow it in decode order (open-GOP leading pictures) are still listed.
+_SCAN_TAIL_PACKETS = 16
 
 
 def _scan(container, stream, info: _Info, lo: float, hi: float) -> list[_Packet]:
@@ -477,7 +504,7 @@ def _scan(container, stream, info: _Info, lo: float, hi: float) -> list[_Packet]
     tb = stream.time_base
     _seek(container, stream, info, lo)
     out: list[_Packet] = []
-    max_key_seen = False
+    tail = -1
     for pkt in container.demux(stream):
         if pkt.pts is None and pkt.dts is None:
             continue  # the flush packet at EOF
@@ -485,12 +512,13 @@ def _scan(container, stream, info: _Info, lo: float, hi: float) -> list[_Packet]
             continue
         ts = pkt.pts if pkt.pts is not None else pkt.dts
         t = float(ts * tb) - info.start
-        out.append(_Packet(t, bool(pkt.is_keyframe)))
-        # Past the clip end by a keyframe: no later frame can be displayed before hi.
-        if t > hi and pkt.is_keyframe:
-            max_key_seen = True
-            break
-    del max_key_seen
+        out.append(_Packet(t, bool(pkt.is_keyframe), pkt.pts))
+        if tail >= 0:
+            tail += 1
+            if tail >= _SCAN_TAIL_PACKETS:
+                break
+        elif t > hi and pkt.is_keyframe:
+            tail = 0  # past the clip end by a keyframe: only leading pictures can still show before hi
     return out
 
 
@@ -517,7 +545,8 @@ def _process_in_worker(path: str, key: str, opts: VideoOptions, clip_start: floa
                        clip_end: float | None) -> tuple[list[bytes], dict, bytes | None]:
     deadline = time.monotonic() + opts.timeout_s
     with _open(path) as container:
-        stream, info = _probe(container)
+        # The PyAV sampler reads the rotation from the frames it decodes; ffmpeg needs it up front.
+        stream, info = _probe(container, first_frame=opts.backend != "pyav")
         start, end, clipped = _resolve_clip(info, clip_start, clip_end, opts)
         times = sample_times(opts.sampler, start, end, num_frames=opts.num_frames, fps=opts.fps,
                              max_frames=opts.max_frames, seed=opts.seed, key=key)
@@ -573,23 +602,145 @@ def _plan_runs(packets: list[_Packet], times: list[float]) -> list[tuple[float, 
     return runs
 
 
+def _target_size(w: int, h: int, size: int, mode: str) -> tuple[int, int]:
+    """The size :func:`pipelines.resize.resize` scales a ``w`` x ``h`` image to before crop/pad."""
+    if mode == "no":
+        return w, h
+    if mode == "border":
+        scale = size / max(w, h)
+        return max(1, round(w * scale)), max(1, round(h * scale))
+    scale = size / min(w, h)
+    return max(size, round(w * scale)), max(size, round(h * scale))
+
+
+class _FrameScaler:
+    """Decoded frame -> upright RGB image already at the resize target (one swscale pass).
+
+    swscale converts YUV to RGB and scales in one step, bicubic with full chroma interpolation
+    (``FULL_CHR_H_INT``: no nearest-neighbour chroma upsampling), so :func:`pipelines.resize.resize`
+    afterwards only crops or pads. The display rotation is read from the first frame seen.
+    """
+
+    def __init__(self, opts: VideoOptions) -> None:
+        from av.video.reformatter import Interpolation, VideoReformatter
+
+        self.size, self.mode = opts.size, opts.resize_mode
+        self.flags = Interpolation.BICUBIC | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND  # SWS_FLAGS
+        self.reformatter = VideoReformatter()  # caches the swscale context across frames
+        self.rotation: int | None = None
+
+    def see(self, frame) -> None:
+        if self.rotation is None:
+            self.rotation = _rotation(frame)
+
+    def __call__(self, frame) -> Any:
+        self.see(frame)
+        rot = self.rotation
+        w, h = frame.width, frame.height
+        if rot in (90, 270):
+            dw, dh = _target_size(h, w, self.size, self.mode)
+            tw, th = dh, dw
+        else:
+            tw, th = _target_size(w, h, self.size, self.mode)
+        img = self.reformatter.reformat(frame, width=tw, height=th, format="rgb24",
+                                        interpolation=self.flags).to_image()
+        if rot:
+            img = img.rotate(rot, expand=True)  # display matrix angle is counter-clockwise
+        return img
+
+
+def _decode_threads(packets: list[_Packet], runs: list[tuple[float, list[float]]]) -> int:
+    """Frame threading pays when runs are long; after every seek it first has to refill its pipeline."""
+    if len(runs) <= 1:
+        return DECODE_THREADS
+    per_run = len(packets) / len(runs)
+    return DECODE_THREADS if per_run >= THREADED_MIN_FRAMES_PER_RUN else 1
+
+
 def _decode_pyav(container, stream, info: _Info, packets: list[_Packet], times: list[float],
                  opts: VideoOptions) -> list[tuple[float, Any]]:
+    """The frame shown at each time (upright, scaled): exact-pts fast path, sequential fallback."""
     import av
 
-    rot = info.rotation
+    scaler = _FrameScaler(opts)
+    runs = _plan_runs(packets, times)
+    _set_threads(stream, _decode_threads(packets, runs))
+    chosen = None
+    if all(p.ts is not None for p in packets) and len({p.ts for p in packets}) == len(packets):
+        try:
+            chosen = _decode_exact(container, stream, info, packets, times, runs, scaler)
+        except av.FFmpegError as e:  # corrupt data: the sequential path keeps what decodes
+            log.debug("exact decode failed (%s), decoding sequentially", e)
+        stream.codec_context.skip_frame = "DEFAULT"
+    if chosen is None:
+        chosen = _decode_sequential(container, stream, info, runs, times, scaler)
+    info.rotation = scaler.rotation or 0
+    return chosen
+
+
+def _decode_exact(container, stream, info: _Info, packets: list[_Packet], times: list[float],
+                  runs: list[tuple[float, list[float]]], scaler: _FrameScaler) -> list[tuple[float, Any]] | None:
+    """Decode only what the sampled frames need; None if a planned frame never came out.
+
+    The scan already knows each frame's pts, so each time maps to the pts of the frame displayed then
+    (the last pts <= t, the rule of :func:`pick_frames`). Between seeks the decoder skips frames
+    nothing references (``skip_frame=NONREF``: B-frames without references) unless one is wanted:
+    skipped frames change no other frame's pixels, so the output equals a full decode.
+    """
+    by_pts = sorted(packets, key=lambda p: p.ts)
+    idx = pick_frames([p.pts for p in by_pts], times)
+    want = {t: by_pts[i].ts for t, i in zip(times, idx)}
+    secs = {p.ts: p.pts for p in packets}
+    cc = stream.codec_context
+    images: dict[int, Any] = {}
+    for seek_t, run in runs:
+        need = {want[t] for t in run} - images.keys()
+        if not need:
+            continue
+        last = max(need)
+        _seek(container, stream, info, seek_t)
+        skip = None
+        tail = -1
+        for pkt in container.demux(stream):
+            ts = pkt.pts
+            mode = "DEFAULT" if ts is None or ts in need else "NONREF"
+            if mode != skip:
+                cc.skip_frame = skip = mode
+            for frame in cc.decode(pkt):
+                if frame.pts in need:
+                    images[frame.pts] = scaler(frame)
+                    need.discard(frame.pts)
+                else:
+                    scaler.see(frame)
+            if not need:
+                break
+            if tail >= 0:
+                tail += 1
+                if tail > _SCAN_TAIL_PACKETS + 16:  # well past every planned frame: it won't come
+                    break
+            elif ts is not None and ts > last and pkt.is_keyframe:
+                tail = 0
+        if need:
+            log.debug("exact decode: pts %s never decoded, decoding sequentially", sorted(need)[:3])
+            return None
+    return [(secs[want[t]], images[want[t]]) for t in times]
+
+
+def _decode_sequential(container, stream, info: _Info, runs: list[tuple[float, list[float]]],
+                       times: list[float], scaler: _FrameScaler) -> list[tuple[float, Any]]:
+    """Decode every frame of each run and keep, per time, the last frame whose pts <= t.
+
+    For streams the exact path can't plan (missing or duplicate pts) and for corrupt data: a decoder
+    error ends the run and the remaining times repeat the last frame decoded.
+    """
+    import av
+
     tb = stream.time_base
     fallback_dt = 1.0 / info.fps if info.fps else 0.04
     chosen: dict[float, tuple[float, Any]] = {}
     images: dict[float, Any] = {}
 
-    def to_image(frame) -> Any:
-        img = frame.to_image()
-        if rot:
-            img = img.rotate(rot, expand=True)  # display matrix angle is counter-clockwise
-        return img
-
-    for seek_t, run in _plan_runs(packets, times):
+    for seek_t, run in runs:
         _seek(container, stream, info, seek_t)
         pending = list(run)
         prev: tuple[float, Any] | None = None
@@ -602,7 +753,7 @@ def _decode_pyav(container, stream, info: _Info, packets: list[_Packet], times: 
                 while pending and ft > pending[0] + 1e-6:
                     src = prev if prev is not None else (ft, frame)
                     if src[0] not in images:
-                        images[src[0]] = to_image(src[1])
+                        images[src[0]] = scaler(src[1])
                     chosen[pending.pop(0)] = (src[0], images[src[0]])
                 prev = (ft, frame)
                 if not pending:
@@ -614,7 +765,7 @@ def _decode_pyav(container, stream, info: _Info, packets: list[_Packet], times: 
                 raise SampleError(DECODE_ERROR, "zero decodable frames in the clip span")
             src = prev if prev is not None else max(chosen.values(), key=lambda v: v[0])
             if src[0] not in images:
-                images[src[0]] = to_image(src[1])
+                images[src[0]] = scaler(src[1])
             for t in pending:
                 chosen[t] = (src[0], images[src[0]])
     return [chosen[t] for t in times]
@@ -635,11 +786,21 @@ def _decode_ffmpeg(path: str, info: _Info, pts: list[float], times: list[float],
     expr = "+".join(f"lt(abs(t-{t + info.start:.6f}),{eps:.6f})" for t in wanted_t)
     seek = max(0.0, wanted_t[0] - 1e-3)
     span = wanted_t[-1] - seek + max(eps, 1e-3) * 4
-    w, h = (info.height, info.width) if info.rotation in (90, 270) else (info.width, info.height)
+    # Same pixels as the PyAV path: no autorotate; scale in the coded orientation with the same swscale
+    # flags, then rotate in PIL. PyAV's swscale honours the frame's chroma siting tag; this ffmpeg's
+    # scale filter takes "center" unless told, so name the siting the MPEG-family decoders tag.
+    rot = info.rotation
+    if rot in (90, 270):
+        dw, dh = _target_size(info.height, info.width, opts.size, opts.resize_mode)
+        w, h = dh, dw
+    else:
+        w, h = _target_size(info.width, info.height, opts.size, opts.resize_mode)
     stream = ffmpeg.input("file:" + os.path.abspath(path), ss=f"{seek + info.start:.6f}", t=f"{span:.6f}",
                           protocol_whitelist=PROTOCOL_WHITELIST, format_whitelist=FORMAT_WHITELIST,
-                          threads=DECODE_THREADS, copyts=None)
+                          threads=DECODE_THREADS, copyts=None, noautorotate=None)
     out = (stream.video.filter("select", expr)
+           .filter("scale", w, h, flags=SWS_FLAGS,
+                   **({"in_chroma_loc": "left"} if info.codec in _CHROMA_LEFT_CODECS else {}))
            .output("pipe:", format="rawvideo", pix_fmt="rgb24", fps_mode="passthrough")
            .global_args("-nostdin", "-hide_banner", "-loglevel", "error", "-filter_threads", "1"))
     argv = ffmpeg.compile(out, cmd=ffmpeg_binary())
@@ -653,8 +814,8 @@ def _decode_ffmpeg(path: str, info: _Info, pts: list[float], times: list[float],
     images = {}
     for j, i in enumerate(wanted):
         k = min(j, n - 1)  # missing tail frames repeat the last decoded one
-        images[i] = (wanted_t[k], Image.frombuffer("RGB", (w, h), raw[k * frame_bytes:(k + 1) * frame_bytes],
-                                                   "raw", "RGB", 0, 1))
+        img = Image.frombuffer("RGB", (w, h), raw[k * frame_bytes:(k + 1) * frame_bytes], "raw", "RGB", 0, 1)
+        images[i] = (wanted_t[k], img.rotate(rot, expand=True) if rot else img)
     return [images[i] for i in idx]
 
 

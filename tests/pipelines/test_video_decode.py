@@ -80,10 +80,14 @@ def test_rotation_metadata_makes_frames_upright(clips, backend):
     assert img.size == (48, 64)  # stored 64x48 landscape with a 90 degree display matrix
     assert s.meta["rotation"] == 90 and (s.meta["width"], s.meta["height"]) == (64, 48)
     # Compare against the raw (unrotated) first-sampled frame turned by hand: ffmpeg's autorotate and
-    # our PIL rotation must both equal a counter-clockwise quarter turn.
+    # our PIL rotation must both equal a counter-clockwise quarter turn. The raw frame is converted to
+    # RGB with the pipeline's swscale flags (chroma interpolated, not replicated).
+    from av.video.reformatter import Interpolation as I
+
     with av.open(str(clips["rot"])) as c:
         t = s.meta["frame_times"][0]
-        raw = next(f for f in c.decode(video=0) if abs(f.time - t) < 1e-3).to_image()
+        raw = next(f for f in c.decode(video=0) if abs(f.time - t) < 1e-3).reformat(
+            format="rgb24", interpolation=I.BICUBIC | I.FULL_CHR_H_INT | I.ACCURATE_RND).to_image()
     got = _pixels(s.frames[0])
     right = np.abs(got - np.asarray(raw.transpose(Image.Transpose.ROTATE_90), dtype=np.int16)).mean()
     wrong = np.abs(got - np.asarray(raw.transpose(Image.Transpose.ROTATE_270), dtype=np.int16)).mean()
