@@ -61,6 +61,7 @@ class DecodedSample:
     frames: list[Image.Image]
     captions: list[str]
     answer: str | None = None      # QA corpora: the sample's json ``answer`` (the caption is the question)
+    label: str | int | None = None  # classification corpora: the sample's json label (a name or an index)
 
 
 def _open_image(data: bytes, key: str, fld: str) -> Image.Image:
@@ -72,7 +73,8 @@ def _open_image(data: bytes, key: str, fld: str) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.Random) -> DecodedSample:
+def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.Random,
+                  label_key: str = "label") -> DecodedSample:
     """Decode only the frames that will be used (``num_frames`` of those stored) and the captions."""
     key = raw["__key__"]
     frame_fields = sorted(f for f in raw if _FRAME_RE.match(f))
@@ -91,6 +93,7 @@ def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.R
         frames = [_open_image(raw[fld], key, fld)]
     captions: list[str] = []
     answer: str | None = None
+    label: str | int | None = None
     if "json" in raw:
         try:
             meta = json.loads(raw["json"])
@@ -101,11 +104,14 @@ def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.R
             captions = [c for c in extra if isinstance(c, str) and c.strip()]
         if isinstance(meta, dict) and isinstance(meta.get("answer"), str):
             answer = meta["answer"]
+        if isinstance(meta, dict) and isinstance(meta.get(label_key), (str, int)) \
+                and not isinstance(meta.get(label_key), bool):
+            label = meta[label_key]
     if not captions and "txt" in raw:
         captions = [raw["txt"].decode("utf-8")]
     if not captions:
         raise SampleError(f"sample {key}: no caption (txt or json.captions)")
-    return DecodedSample(key, frames, captions, answer)
+    return DecodedSample(key, frames, captions, answer, label)
 
 
 def default_tokenizer(path: str | None = None) -> Tokenize:
@@ -139,10 +145,12 @@ class BatchBuilder:
     worker when ``tokenize`` is None."""
 
     def __init__(self, corpus: str, transform: VideoTransform, *, num_frames: int, seed: int, max_words: int = 30,
-                 max_length: int = 30, tokenize: Tokenize | None = None, tokenizer_path: str | None = None) -> None:
+                 max_length: int = 30, tokenize: Tokenize | None = None, tokenizer_path: str | None = None,
+                 label_key: str = "label") -> None:
         self.corpus, self.transform, self.num_frames, self.seed = corpus, transform, num_frames, seed
         self.max_words, self.max_length = max_words, max_length
         self._tokenize, self.tokenizer_path = tokenize, tokenizer_path
+        self.label_key = label_key
 
     @property
     def tokenize(self) -> Tokenize:
@@ -154,12 +162,12 @@ class BatchBuilder:
         return random.Random(derive_seed(self.seed, self.corpus, epoch, key, "sample"))
 
     def __call__(self, raw: RawBatch) -> dict[str, Any]:
-        pixels, captions, keys, answers = [], [], [], []
+        pixels, captions, keys, answers, labels = [], [], [], [], []
         train = self.transform.cfg.train
         for sample in raw.samples:
             key = sample["__key__"]
             rng = self.sample_rng(raw.epoch, key)
-            dec = decode_sample(sample, num_frames=self.num_frames, train=train, rng=rng)
+            dec = decode_sample(sample, num_frames=self.num_frames, train=train, rng=rng, label_key=self.label_key)
             caption = rng.choice(dec.captions) if train else dec.captions[0]
             clip, aug = self.transform.with_params(dec.frames, rng)
             answer = dec.answer
@@ -170,11 +178,14 @@ class BatchBuilder:
             captions.append(pre_caption(caption, self.max_words))
             keys.append(key)
             answers.append(answer)
+            labels.append(dec.label)
         shapes = {tuple(p.shape) for p in pixels}
         if len(shapes) != 1:
             raise SampleError(f"corpus {self.corpus}: samples of one batch differ in shape {sorted(shapes)}")
         tok = self.tokenize(captions, self.max_length)
-        extra = {"answers": answers} if any(a is not None for a in answers) else {}
+        extra: dict[str, Any] = {"answers": answers} if any(a is not None for a in answers) else {}
+        if any(lb is not None for lb in labels):
+            extra["class_labels"] = labels       # raw names / indices; the classify task maps them to ids
         return {**extra,
             "pixels": torch.stack(pixels),
             "input_ids": torch.as_tensor(tok["input_ids"], dtype=torch.long),

@@ -57,6 +57,7 @@ class LoaderConfig:
     multiprocessing_context: str | None = None
     pin_memory: bool = False
     read_attempts: int = 5
+    label_key: str = "label"             # json field with the class label (classification corpora)
 
     @property
     def streams(self) -> int:
@@ -94,7 +95,7 @@ class CorpusLoader:
                                                    crop_scale=cfg.crop_scale))
         self.builder = BatchBuilder(cfg.corpus, transform, num_frames=cfg.num_frames, seed=cfg.seed,
                                     max_words=cfg.max_words, max_length=cfg.max_length, tokenize=tokenize,
-                                    tokenizer_path=cfg.tokenizer)
+                                    tokenizer_path=cfg.tokenizer, label_key=cfg.label_key)
         self.cursor = Cursor()
         self.stream.plan(0)   # fail at start-up, not in a worker, if shards are too small for the batch
         self._it: Iterator[dict[str, Any]] | None = None

@@ -104,6 +104,7 @@ class TrainConfig:
     debug: DebugConfig = field(default_factory=DebugConfig)
     # classify: the label names, in head order; each sample's json ``label`` is one of them or its index
     classes: list[str] = field(default_factory=list)
+    label_key: str = "label"      # classify: the json field holding each sample's label
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
