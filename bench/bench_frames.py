@@ -3,16 +3,20 @@
 Compares our two backends (full path: worker process, resize to 224, JPEG q95) and our PyAV backend
 called in process (the cost of the killable worker is the difference) with PyAV-naive (decode every
 frame, pick), decord 0.6.0 ``get_batch`` and torchcodec 0.13.0 ``get_frames_at`` (decode only, so the
-peers do less work than we do). Every decoder gets both cores. Peers are imported from a side folder
-(``--peers``); one that cannot be imported prints ``n/a (reason)``.
+peers do less work than we do). All methods sample the same times (``sample_times``) and every decoder
+gets both cores. Per row the methods are timed round-robin (``--repeat`` rounds after one warm-up call
+each), and the load average is printed before and after, since the numbers only mean something on a
+quiet machine. Peers are imported from a side folder (``--peers``); one that cannot be imported prints
+``n/a (reason)``.
 
     .venv/bin/pip install --target bench/.cache/peers --no-deps decord==0.6.0 torchcodec==0.13.0
-    .venv/bin/python bench/bench_frames.py
+    .venv/bin/python bench/bench_frames.py [--tasks u8] [--clips bikes ...] [--methods ours-pyav decord ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -133,6 +137,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell; the median is reported")
     ap.add_argument("--clips", nargs="*", help="subset of clip names")
     ap.add_argument("--tasks", nargs="*", default=["u8", "fps1"])
+    ap.add_argument("--methods", nargs="*", help="subset of columns (ours-pyav, ours-ffmpeg, ours-pyav-inproc, "
+                                                "pyav-naive, decord, torchcodec)")
     args = ap.parse_args()
 
     from tqdm import tqdm
@@ -148,28 +154,41 @@ def main() -> None:
         "decord": decord_batch if status["decord"] is None else f"n/a ({status['decord']})",
         "torchcodec": torchcodec_at if status["torchcodec"] is None else f"n/a ({status['torchcodec']})",
     }
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods}
+    print("load average before: %.2f %.2f %.2f" % os.getloadavg())
     t0 = time.perf_counter()
     process_video(str(next(iter(clips.values()))), key="warm", opts=VideoOptions())  # start the worker
     print(f"decode worker start + first call: {time.perf_counter() - t0:.2f}s")
 
+    # Per (clip, task): warm every method once, then time them round-robin, so a load change on a shared
+    # machine hits all columns of a row alike instead of whichever method happened to run then.
     results: dict[tuple[str, str, str], str] = {}
-    cells = [(c, t, m) for c in clips for t in args.tasks for m in methods]
-    for clip, task, name in tqdm(cells, desc="bench", unit="cell"):
-        fn = methods[name]
-        if isinstance(fn, str):
-            results[clip, task, name] = "n/a"
-            continue
-        try:
-            fn(clips[clip], task)  # warm the page cache and lazy imports
-            runs = []
-            for _ in range(args.repeat):
-                t = time.perf_counter()
-                fn(clips[clip], task)
-                runs.append(time.perf_counter() - t)
-            results[clip, task, name] = f"{statistics.median(runs):.3f}"
-        except Exception as e:  # noqa: BLE001 - a failing peer is a table cell, not a crash
-            results[clip, task, name] = f"err {type(e).__name__}"
+    rows = [(c, t) for c in clips for t in args.tasks]
+    for clip, task in tqdm(rows, desc="bench", unit="row"):
+        runs: dict[str, list[float]] = {}
+        for name, fn in methods.items():
+            if isinstance(fn, str):
+                results[clip, task, name] = "n/a"
+                continue
+            try:
+                fn(clips[clip], task)  # warm the page cache and lazy imports
+                runs[name] = []
+            except Exception as e:  # noqa: BLE001 - a failing peer is a table cell, not a crash
+                results[clip, task, name] = f"err {type(e).__name__}"
+        for _ in range(args.repeat):
+            for name in list(runs):
+                try:
+                    t = time.perf_counter()
+                    methods[name](clips[clip], task)
+                    runs[name].append(time.perf_counter() - t)
+                except Exception as e:  # noqa: BLE001
+                    results[clip, task, name] = f"err {type(e).__name__}"
+                    del runs[name]
+        for name, r in runs.items():
+            results[clip, task, name] = f"{statistics.median(r):.3f}"
 
+    print("load average after: %.2f %.2f %.2f" % os.getloadavg())
     info = {c: probe_video(str(p)) for c, p in clips.items()}
     names = list(methods)
     head = f"| clip | task | " + " | ".join(names) + " |"

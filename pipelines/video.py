@@ -85,7 +85,7 @@ SWS_FLAGS = "bicubic+full_chroma_int+accurate_rnd"
 # Decoders that tag 4:2:0 chroma as sited "left" (MPEG-2 style) unless the stream says otherwise.
 _CHROMA_LEFT_CODECS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mpeg4", "h263", "vvc"})
 # Below this many packets per planned run the decoder runs single-threaded (see _decode_threads).
-THREADED_MIN_FRAMES_PER_RUN = 0
+THREADED_MIN_FRAMES_PER_RUN = 4
 # Sample times in meta are rounded to ms; frames are matched with a tolerance below any sane interval.
 _STALL_ENV = "MPLUG2_VIDEO_TEST_STALL_S"  # test hook: the worker sleeps this long before decoding
 
@@ -650,11 +650,19 @@ class _FrameScaler:
 
 
 def _decode_threads(packets: list[_Packet], runs: list[tuple[float, list[float]]]) -> int:
-    """Frame threading pays when runs are long; after every seek it first has to refill its pipeline."""
-    if len(runs) <= 1:
-        return DECODE_THREADS
-    per_run = len(packets) / len(runs)
-    return DECODE_THREADS if per_run >= THREADED_MIN_FRAMES_PER_RUN else 1
+    """Frame threading pays when runs are long; after every seek it first has to refill its pipeline
+    (one extra frame per thread), so a plan of very short runs decodes single-threaded."""
+    index = {p.pts: i for i, p in enumerate(packets)}
+    spans = []
+    for seek_t, run in runs:
+        first = index.get(seek_t, 0)
+        spans.append(max(index.get(p, first) for p in _shown_pts(packets, run)) - first + 1)
+    return DECODE_THREADS if sum(spans) / len(spans) >= THREADED_MIN_FRAMES_PER_RUN else 1
+
+
+def _shown_pts(packets: list[_Packet], times: list[float]) -> list[float]:
+    pts = sorted(p.pts for p in packets)
+    return [pts[i] for i in pick_frames(pts, times)]
 
 
 def _decode_pyav(container, stream, info: _Info, packets: list[_Packet], times: list[float],
