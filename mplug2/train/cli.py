@@ -84,12 +84,19 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         mcfg = MPLUG2Config.from_yaml(f"{tmp}/config.yaml")
     tok = load_tokenizer(mcfg.tokenizer)
-    cfg = TrainConfig(run_name="evaluate", task=args.task, model=mcfg.to_dict())
+    classes: list[str] = []
+    if args.task == "classify":                  # label names exported beside a classifier's weights
+        classes_url = storage.join(args.model, "classes.json")
+        if not storage.exists(classes_url):
+            raise SystemExit(f"{args.model} has no classes.json: export a `classify` run's best/final model")
+        classes = json.loads(storage.read_bytes(classes_url))
+    cfg = TrainConfig(run_name="evaluate", task=args.task, model=mcfg.to_dict(), classes=classes,
+                      label_key=args.label_key)
     task = build(cfg, MPLUG2(mcfg), tok, world_size=1)
     load_init(task, args.model)
     task.eval()
     data = load_eval_set(CorpusConfig(name="eval", path=args.eval, num_frames=args.frames, split=args.split),
-                         mcfg.vision.image_res, max_items=args.max_items)
+                         mcfg.vision.image_res, max_items=args.max_items, label_key=args.label_key)
     with torch.no_grad():
         scores = evaluate_task(task, args.task, data, tok, max_text_len=args.max_text_len)
     print(json.dumps(scores, indent=1, sort_keys=True))
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mplug2-train", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     for name, help_ in [("pretrain", "ITC + ITM + MLM + prefix-LM pretraining"),
-                        ("finetune", "fine-tune a task (retrieval, caption) with evaluation and a best export")]:
+                        ("finetune", "fine-tune a task (retrieval, caption, qa, classify) with evaluation and a best export")]:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--config", required=True, help="run YAML (see configs/)")
         sp.add_argument("--run-name", help="stable run id: re-running with the same name resumes")
@@ -110,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         sp.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
         sp.add_argument("--num-cpus", type=int, help="CPUs for a local Ray")
     ev = sub.add_parser("evaluate", help="score an exported model on a shard corpus")
-    ev.add_argument("--task", choices=["retrieval", "caption"], required=True)
+    ev.add_argument("--task", choices=["retrieval", "caption", "qa", "classify"], required=True)
     ev.add_argument("--model", required=True, help="folder with config.yaml + model.safetensors (local or s3://)")
     ev.add_argument("--eval", required=True, help="shard dataset prefix (local or s3://)")
     ev.add_argument("--split", default="train", help="shard name prefix of the eval set")
     ev.add_argument("--frames", type=int, default=4)
     ev.add_argument("--max-items", type=int)
     ev.add_argument("--max-text-len", type=int, default=30)
+    ev.add_argument("--label-key", default="label", help="classify: the json field holding each sample's label")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "evaluate":

@@ -2,7 +2,9 @@
 
 Supported: ``retrieval`` (text↔video/image, R@1/5/10 both directions, ITC top-k then ITM re-rank),
 ``caption`` (BLEU-4, ROUGE-L, CIDEr through pycocoevalcap), ``qa`` (answer generation, exact-match
-accuracy; a QA corpus stores the question as the caption and the answer in each sample's json). Evaluation reads the whole eval corpus in
+accuracy; a QA corpus stores the question as the caption and the answer in each sample's json), ``classify``
+(linear head on the video CLS, top-1 / top-5 accuracy; labels come from each sample's json, a class name
+from ``classes`` or its index). Evaluation reads the whole eval corpus in
 manifest order with the eval transform; every rank computes the same numbers (eval sets are small next to
 training sets; only rank 0 logs them).
 """
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FINETUNE_TASKS = ("retrieval", "caption", "qa")
+FINETUNE_TASKS = ("retrieval", "caption", "qa", "classify")
 
 
 def build(cfg: TrainConfig, model: MPLUG2, tokenizer, world_size: int) -> nn.Module:
@@ -45,6 +47,8 @@ def build(cfg: TrainConfig, model: MPLUG2, tokenizer, world_size: int) -> nn.Mod
         return Captioner(model, tokenizer, CaptionConfig())
     if cfg.task == "qa":
         return QATask(model, tokenizer, max_answer_len=model.config.max_answer_len)
+    if cfg.task == "classify":
+        return ClassifyTask(model, cfg.classes)
     raise NotImplementedError(f"fine-tuning task {cfg.task!r}: supported are {FINETUNE_TASKS}")
 
 
@@ -75,6 +79,49 @@ class QATask(nn.Module):
         return self.qa.predict(pixels, input_ids, attention_mask)
 
 
+class ClassifyTask(nn.Module):
+    """:class:`~mplug2.tasks.classify.VisualClassifier` over loader batches: maps each sample's raw label
+    (``batch["class_labels"]``: a name from ``classes`` or an index) to its class id."""
+
+    def __init__(self, model: MPLUG2, classes: list[str]) -> None:
+        super().__init__()
+        from mplug2.tasks.classify import VisualClassifier
+
+        self.classes = list(classes)
+        self.index = {name: i for i, name in enumerate(self.classes)}
+        self.clf = VisualClassifier(model, len(self.classes))
+
+    @property
+    def model(self) -> MPLUG2:
+        return self.clf.model
+
+    def label_ids(self, labels: list[Any]) -> torch.Tensor:
+        ids = []
+        for lb in labels:
+            if isinstance(lb, int) and not isinstance(lb, bool) and 0 <= lb < len(self.classes):
+                ids.append(lb)
+            elif isinstance(lb, str) and lb in self.index:
+                ids.append(self.index[lb])
+            elif isinstance(lb, str) and lb.isdigit() and int(lb) < len(self.classes):
+                ids.append(int(lb))
+            else:
+                raise ValueError(f"label {lb!r} is neither one of the {len(self.classes)} configured classes "
+                                 f"({', '.join(self.classes[:8])}{', ...' if len(self.classes) > 8 else ''}) "
+                                 "nor a class index")
+        return torch.tensor(ids, dtype=torch.long)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        labels = batch.get("class_labels")
+        if labels is None or any(lb is None for lb in labels):
+            raise ValueError("classification batches need a label in every sample's json (see `label_key`)")
+        out = self.clf({"pixels": batch["pixels"], "labels": self.label_ids(labels).to(batch["pixels"].device)})
+        return {"loss": out["loss"], "acc": out["acc"]}
+
+    @torch.no_grad()
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.clf({"pixels": pixels})["logits"]
+
+
 @dataclass
 class EvalSet:
     """A whole held-out corpus, decoded with the eval transform."""
@@ -83,23 +130,25 @@ class EvalSet:
     pixels: torch.Tensor            # (N, 3, T, H, W)
     captions: list[list[str]]       # every reference per item, cleaned (the question, for QA)
     answers: list[str | None]
+    labels: list[str | int | None] | None = None
 
 
-def load_eval_set(corpus: CorpusConfig, res: int, max_items: int | None = None) -> EvalSet:
+def load_eval_set(corpus: CorpusConfig, res: int, max_items: int | None = None, label_key: str = "label") -> EvalSet:
     index = load_index(corpus.path, corpus.split)
     transform = VideoTransform(TransformConfig(res=res, train=False))
-    keys, pixels, caps, answers = [], [], [], []
+    keys, pixels, caps, answers, labels = [], [], [], [], []
     for raw in _samples(index):
-        dec = decode_sample(raw, num_frames=corpus.num_frames, train=False, rng=random.Random(0))
+        dec = decode_sample(raw, num_frames=corpus.num_frames, train=False, rng=random.Random(0), label_key=label_key)
         keys.append(dec.key)
         pixels.append(transform(dec.frames, random.Random(0)))
         caps.append([pre_caption(c) for c in dec.captions])
         answers.append(dec.answer)
+        labels.append(dec.label)
         if max_items and len(keys) >= max_items:
             break
     if not keys:
         raise ValueError(f"eval corpus {corpus.path} has no samples")
-    return EvalSet(keys, torch.stack(pixels), caps, answers)
+    return EvalSet(keys, torch.stack(pixels), caps, answers, labels)
 
 
 def _samples(index) -> Iterator[dict[str, Any]]:
@@ -147,6 +196,15 @@ def evaluate_task(task: nn.Module, kind: str, data: EvalSet, tokenizer, *, max_t
         log.info("qa samples: %s", "; ".join(f"{c[0]!r} -> {p!r} (gold {a!r})"
                                              for c, p, a in list(zip(data.captions, preds, data.answers))[:3]))
         return {"accuracy": float(exact_match_accuracy(preds, data.answers))}
+    if kind == "classify":
+        if not data.labels or any(lb is None for lb in data.labels):
+            raise ValueError("the classification eval corpus needs a label in every sample's json")
+        gold = task.label_ids(list(data.labels)).to(device)
+        logits = torch.cat([task.logits(pixels[i:i + batch_size]) for i in range(0, len(data.keys), batch_size)])
+        k = min(5, logits.shape[1])
+        topk = logits.topk(k, dim=1).indices
+        return {"top1": 100.0 * float((topk[:, 0] == gold).float().mean()),
+                f"top{k}": 100.0 * float((topk == gold[:, None]).any(dim=1).float().mean())}
     raise NotImplementedError(kind)
 
 
@@ -157,8 +215,8 @@ def evaluate(loop: "TrainLoop") -> dict[str, float]:
     """The loop's evaluation hook: the configured eval corpus, cached per process."""
     cfg = loop.cfg
     corpus = cfg.data.eval
-    key = (corpus.path, corpus.num_frames, loop.mcfg.vision.image_res)
+    key = (corpus.path, corpus.num_frames, loop.mcfg.vision.image_res, cfg.label_key)
     if key not in _CACHE:
-        _CACHE[key] = load_eval_set(corpus, loop.mcfg.vision.image_res)
+        _CACHE[key] = load_eval_set(corpus, loop.mcfg.vision.image_res, label_key=cfg.label_key)
     return evaluate_task(loop.task, cfg.task, _CACHE[key], loop.tokenizer, max_text_len=cfg.data.max_text_len,
                          device=loop.device)
