@@ -87,7 +87,9 @@ def test_classification_finetune_learns_labels_from_json(corpora, monkeypatch, c
     cfg = _cfg(corpora, "classify", 300, classes=list(DIRECTIONS), label_key="direction")
     scores = run_local(cfg)
     chance = 100.0 / len(DIRECTIONS)
-    print(f"\nmotion direction on {EVAL_CLIPS} held-out clips: top-1 {scores['eval/top1']:.1f} % (chance {chance:.0f} %)")
+    with capsys.disabled():
+        print(f"\nmotion direction on {EVAL_CLIPS} held-out clips: top-1 {scores['eval/top1']:.1f} % "
+              f"(chance {chance:.0f} %)")
     assert scores["eval/top1"] >= 2 * chance, scores
     best = f"{corpora['runs']}/learn-classify/best"
     assert json.loads(open(f"{best}/classes.json").read()) == list(DIRECTIONS)
