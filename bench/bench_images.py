@@ -175,9 +175,7 @@ def run_ours(manifest: Path, out: Path, args, executor: str = "ray") -> dict:
            "--output", str(out), "--samples-per-shard", str(args.shard_size), "--threads", str(args.threads),
            "--image-size", str(args.size), "--resize-mode", "border", "--jpeg-quality", "95", "--mode", "overwrite",
            "--num-cpus", str(args.processes), "--retries", "0", "--no-progress", "--log-level", "WARNING"]
-    if executor == "local":
-        cmd.append("--local")
-    cmd += args.ours_args.split()
+    cmd += ["--executor", executor] + args.ours_args.split()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t0 = time.monotonic()
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -199,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=18089)
     p.add_argument("--executors", default="ray,local",
                    help="our executors to run, comma-separated: ray (one Ray task per shard, Ray start-up "
-                        "counted) and/or local (process pool, no Ray)")
+                        "counted), local (process pool, no Ray) and/or auto (the default of `mplug2-data "
+                        "shard`: local here, since RAY_ADDRESS is removed and no Ray cluster runs)")
     p.add_argument("--ours-args", default="", help="extra flags for `mplug2-data shard` (e.g. '--task-cpus 0.5')")
     p.add_argument("--skip-img2dataset", action="store_true")
     p.add_argument("--skip-ours", action="store_true")

@@ -16,7 +16,7 @@ import logging
 import sys
 import typing
 
-from pipelines.config import FORMATS, MODALITIES, MODES, PRESETS, SAMPLERS, PreprocessConfig
+from pipelines.config import EXECUTORS, FORMATS, MODALITIES, MODES, PRESETS, SAMPLERS, PreprocessConfig
 from pipelines.errors import ConfigError
 from pipelines.resize import RESIZE_MODES
 from pipelines.shards import LeaseError
@@ -70,7 +70,9 @@ HELP: dict[str, str] = {
     "shard_timeout_s": "deadline per shard task",
     "watchdog_s": "global deadline: cancel what is left and report",
     "max_failure_ratio": "exit non-zero (after writing everything) when failed/attempted exceeds this",
-    "executor": "ray (default; RAY_ADDRESS or a local cluster) or local (process pool, no Ray)",
+    "executor": "auto: Ray when a cluster is there (--ray-address, RAY_ADDRESS, a `ray start` cluster on this "
+                "machine, inside a Ray job), else a local process pool; ray: always Ray (starts a local cluster "
+                "if none); local: process pool, no Ray",
     "ray_address": "Ray cluster address (default RAY_ADDRESS, else a local cluster)",
     "num_cpus": "CPUs for a local Ray cluster / local executor",
     "progress": "show a progress bar",
@@ -79,7 +81,7 @@ HELP: dict[str, str] = {
 }
 CHOICES = {"modality": MODALITIES, "mode": MODES, "input_format": FORMATS, "preset": tuple(PRESETS),
            "resize_mode": RESIZE_MODES, "frame_resize_mode": RESIZE_MODES, "sampler": SAMPLERS,
-           "executor": ("ray", "local"), "resample": ("area", "bicubic"), "video_backend": ("pyav", "ffmpeg")}
+           "executor": EXECUTORS, "resample": ("area", "bicubic"), "video_backend": ("pyav", "ffmpeg")}
 
 
 def _scalar_type(tp) -> type:

@@ -23,6 +23,7 @@ MODALITIES = ("image", "video")
 MODES = ("incremental", "overwrite", "extend")
 SAMPLERS = ("middle", "random_segment", "fps")
 FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "json")
+EXECUTORS = ("auto", "ray", "local")
 
 # Column presets for common corpora (flags a user would otherwise type).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -107,7 +108,7 @@ class PreprocessConfig:
     shard_timeout_s: float = 3600.0
     watchdog_s: float | None = None  # global deadline for the whole run
     max_failure_ratio: float = 1.0
-    executor: str = "ray"  # "ray" | "local" (in-process pool: debugging, single machine without Ray)
+    executor: str = "auto"  # "auto" (Ray when a cluster is there, else local) | "ray" | "local" (process pool)
     ray_address: str | None = None
     num_cpus: int | None = None
     progress: bool = True
@@ -154,7 +155,7 @@ class PreprocessConfig:
             (self.max_bytes > 0, "max_bytes must be > 0"),
             (self.max_aspect_ratio >= 1, "max_aspect_ratio must be >= 1"),
             (0 <= self.max_failure_ratio <= 1, "max_failure_ratio must be in [0, 1]"),
-            (self.executor in ("ray", "local"), "executor must be 'ray' or 'local'"),
+            (self.executor in EXECUTORS, f"executor must be one of {EXECUTORS}"),
             (self.split.isalnum() or set(self.split) <= set("abcdefghijklmnopqrstuvwxyz0123456789_"),
              "split must be [a-z0-9_] (it prefixes shard names)"),
             (not (self.mode == "extend" and self.retry_failed), "--retry-failed cannot be combined with extend"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -20,7 +21,7 @@ from mplug2.runtime import setup_process_env
 from pipelines import shards
 from pipelines.config import PreprocessConfig
 from pipelines.errors import ConfigError
-from pipelines.shard_task import ShardTask, run_shard
+from pipelines.shard_task import ShardTask, run_shard, warm_up, worker_init
 from pipelines.sources import check_manifests, expand_manifests, file_info, iter_rows
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,59 @@ class RunSummary:
 
 
 # ---------------------------------------------------------------------------------------------- executors
+def choose_executor(config: PreprocessConfig) -> str:
+    """``ray`` or ``local`` for ``config.executor`` (``auto``: Ray when there is a Ray cluster to use,
+    i.e. :func:`ray_cluster_available`; otherwise a local process pool, which on one machine does the same
+    work without Ray's start-up and shutdown, several seconds of a short run's wall time)."""
+    if config.executor != "auto":
+        return config.executor
+    return "ray" if ray_cluster_available(config.ray_address) else "local"
+
+
+def ray_cluster_available(address: str | None = None) -> bool:
+    """True when a Ray cluster is there to use: an address (``--ray-address`` / ``RAY_ADDRESS``), a
+    ``ray job submit`` driver, a process where Ray is already initialised, or a cluster started with
+    ``ray start`` on this machine (its address file and a live GCS process). Never starts or imports Ray."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return True
+    if os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray for a job's driver
+        return True
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        return True
+    return _local_ray_started()
+
+
+def _local_ray_started() -> bool:
+    """A cluster joined with ``ray start`` on this machine (what ``ray.init()`` without an address would
+    connect to): the address file ``ray start`` writes (``ray stop`` removes it) names a GCS that answers."""
+    if os.environ.get("RAY_TMPDIR"):
+        tmp = os.environ["RAY_TMPDIR"]
+    elif sys.platform.startswith("linux") and os.environ.get("TMPDIR"):
+        tmp = os.environ["TMPDIR"]
+    elif sys.platform.startswith(("linux", "darwin")):
+        tmp = "/tmp"
+    else:
+        import tempfile
+
+        tmp = tempfile.gettempdir()
+    try:
+        with open(os.path.join(tmp, "ray", "ray_current_cluster")) as f:
+            address = f.read().strip()
+    except OSError:
+        return False
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return False
+    import socket
+
+    try:  # a cluster killed without `ray stop` leaves the file behind, but nothing listens there
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 class _RayExecutor:
     """One Ray task per shard, 1 CPU each, no Ray-level retries (the driver retries and reports)."""
 
@@ -122,7 +176,8 @@ class _RayExecutor:
 
 
 class _LocalExecutor:
-    """Processes on this machine, no Ray: debugging, or a single box where Ray start-up is not wanted."""
+    """Processes on this machine, no Ray (``auto`` picks it when there is no Ray cluster to use): spawned
+    workers, one shard task each at a time."""
 
     can_kill = False  # a running pool task cannot be stopped, so a timed-out shard is reported, not retried
 
@@ -132,7 +187,10 @@ class _LocalExecutor:
 
         self.cf = cf
         self.cpus = config.num_cpus or os.cpu_count() or 1
-        self.pool = cf.ProcessPoolExecutor(self.cpus, mp_context=mp.get_context("spawn"))
+        self.pool = cf.ProcessPoolExecutor(self.cpus, mp_context=mp.get_context("spawn"), initializer=worker_init)
+        # Start every worker now: interpreter start-up and imports (~0.5 s each, more on a busy machine)
+        # overlap the driver's start-up checks and planning instead of delaying the first shard.
+        self._warm = [self.pool.submit(warm_up) for _ in range(self.cpus)]
 
     def submit(self, config_dict: dict, task: ShardTask):
         return self.pool.submit(run_shard, config_dict, task)
@@ -208,17 +266,25 @@ def _check_fingerprints(existing: dict[int, dict], prev: dict | None, fp: str) -
 
 
 # ---------------------------------------------------------------------------------------------- main
-def preprocess(config: PreprocessConfig) -> RunSummary:
-    """Preprocess ``config.manifest`` into WebDataset shards under ``config.output``; see module doc."""
-    setup_process_env()
-    t0 = time.monotonic()
-    config.validate()
-    fp = config.fingerprint()
-    out = shards.Output(config.output)
-    summary = RunSummary(output=out.url, mode=config.mode + (" +retry-failed" if config.retry_failed else ""),
-                         fingerprint=fp, max_failure_ratio=config.max_failure_ratio)
+@dataclass
+class _Prepared:
+    """Everything start-up checks and planning produce before the first shard is submitted."""
 
-    # Start-up checks: everything that can be wrong with the inputs fails here, before any write.
+    lease: shards.WriterLease
+    prev: dict | None
+    existing: dict[int, dict]
+    pending: dict | None
+    extended: bool
+    start_shard: int
+    skip: dict[str, int]
+    plan: _Plan
+    tasks: Iterator[ShardTask]
+    first: ShardTask | None
+
+
+def _prepare(config: PreprocessConfig, out: shards.Output, fp: str, summary: RunSummary) -> _Prepared:
+    """Start-up checks (everything that can be wrong with the inputs fails here, before any write), the
+    writer lease, overwrite's deletions, the resume/extend plan and the first shard's rows."""
     paths = expand_manifests(config.manifest)
     cmaps = check_manifests(paths, config)
     log.info("%d manifest file(s); columns %s", len(paths), {p: cm.url for p, cm in cmaps.items()})
@@ -226,7 +292,6 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
     out.ensure()
     lease = shards.WriterLease(out, ttl_s=config.lease_ttl_s)
     lease.acquire(force=config.force_unlock, settle=False)
-    executor = None
     try:
         if not out.remote:  # staging folders of killed runs (never contract objects)
             for name in os.listdir(out.url):
@@ -261,18 +326,78 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
                 skip[m["path"]] = max(skip.get(m["path"], 0), int(m.get("skip_rows", 0)) + int(m.get("rows", 0)))
             log.info("extend: new shards from %d; rows already consumed: %s", start_shard, skip)
         plan = _plan(config, paths, cmaps, plan_existing, start_shard, skip, lease.owner, summary)
+        tasks = iter(plan.tasks)
+        first = next(tasks, None)
+    except BaseException:
+        lease.release()
+        raise
+    return _Prepared(lease, prev, existing, pending, extended, start_shard, skip, plan, tasks, first)
+
+
+def _prepare_beside_ray(config: PreprocessConfig, out: shards.Output, fp: str,
+                        summary: RunSummary) -> tuple[_Prepared, _RayExecutor]:
+    """Start Ray (seconds: a local cluster, or a connection) on this thread while start-up checks and
+    planning run on a side thread. ``ray.init`` stays on the main thread (it installs a SIGTERM handler
+    there). If either side fails, the other is cleaned up (lease released / Ray shut down)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="plan") as side:
+        planned = side.submit(_prepare, config, out, fp, summary)
+        try:
+            executor = _RayExecutor(config)
+        except BaseException:
+            try:
+                planned.result().lease.release()
+            except BaseException:  # the planning error, if any, matters less than Ray's
+                pass
+            raise
+        try:
+            return planned.result(), executor
+        except BaseException:
+            executor.close()
+            raise
+
+
+def preprocess(config: PreprocessConfig) -> RunSummary:
+    """Preprocess ``config.manifest`` into WebDataset shards under ``config.output``; see module doc."""
+    setup_process_env()
+    t0 = time.monotonic()
+    config.validate()
+    fp = config.fingerprint()
+    out = shards.Output(config.output)
+    summary = RunSummary(output=out.url, mode=config.mode + (" +retry-failed" if config.retry_failed else ""),
+                         fingerprint=fp, max_failure_ratio=config.max_failure_ratio)
+    kind = choose_executor(config)
+    log.info("executor: %s%s", kind, " (auto)" if config.executor == "auto" else "")
+    executor = None
+    if kind == "ray":
+        prep, executor = _prepare_beside_ray(config, out, fp, summary)
+    else:
+        executor = _LocalExecutor(config)  # its workers start while the driver plans
+        try:
+            prep = _prepare(config, out, fp, summary)
+        except BaseException:
+            executor.close()
+            raise
+    lease, prev, existing, pending, first = prep.lease, prep.prev, prep.existing, prep.pending, prep.first
+    try:
         config_dict = config.to_dict()
-        tasks_iter = iter(plan.tasks)
-        first = next(tasks_iter, None)
         if first is not None:
-            executor = _RayExecutor(config) if config.executor == "ray" else _LocalExecutor(config)
-            lease.confirm()
-            if config.mode == "extend" and not pending:
-                out.write_bytes(shards.PENDING_EXTEND, shards.canonical_json(
-                    {"start_shard": start_shard, "skip": skip, "config_fingerprint": fp, "owner": lease.owner}))
-            _drive(config, config_dict, executor, first, tasks_iter, lease, summary, t0)
+            writes_plan = config.mode == "extend" and not pending
+            # The lease settles (WriterLease.confirm) while the first shards already run when that is
+            # safe: each shard task waits out the settle delay itself before its commit-time lease check,
+            # so no shard commits earlier than before. Ray start-up already covers the delay; an extend
+            # must store its plan before any shard can commit.
+            early = isinstance(executor, _LocalExecutor) and not writes_plan
+            if not early:
+                lease.confirm()
+                if writes_plan:
+                    out.write_bytes(shards.PENDING_EXTEND, shards.canonical_json(
+                        {"start_shard": prep.start_shard, "skip": prep.skip, "config_fingerprint": fp,
+                         "owner": lease.owner}))
+            _drive(config, config_dict, executor, first, prep.tasks, lease, summary, t0, unconfirmed=early)
         else:
-            for _ in tasks_iter:  # pragma: no cover - nothing left after the first None
+            for _ in prep.tasks:  # pragma: no cover - nothing left after the first None
                 pass
 
         summary.shards_written.sort()
@@ -280,10 +405,10 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
         if wrote or (prev is None and existing) or pending:
             lease.confirm()
             all_stats = shards.committed_stats(out, config.split)
-            manifests = _manifest_records(plan.manifests, prev, config.mode)
+            manifests = _manifest_records(prep.plan.manifests, prev, config.mode)
             summary.dataset = shards.finalize_dataset(
                 out, config.split, config=config.to_dict(), fingerprint=fp, manifests=manifests, stats=all_stats,
-                extended=extended or (config.mode == "extend" and start_shard > 0))
+                extended=prep.extended or (config.mode == "extend" and prep.start_shard > 0))
         else:
             summary.dataset = prev
             log.info("nothing new to write; dataset files left as they are")
@@ -315,8 +440,13 @@ def _manifest_records(current: list[dict], prev: dict | None, mode: str) -> list
 
 
 def _drive(config: PreprocessConfig, config_dict: dict, executor, first: ShardTask, tasks: Iterator[ShardTask],
-           lease: shards.WriterLease, summary: RunSummary, t0: float) -> None:
-    """Submit shard tasks with bounded concurrency; collect, retry, time out, report progress."""
+           lease: shards.WriterLease, summary: RunSummary, t0: float, unconfirmed: bool = False) -> None:
+    """Submit shard tasks with bounded concurrency; collect, retry, time out, report progress.
+
+    ``unconfirmed``: the lease has not settled yet; tasks are submitted with ``commit_not_before`` (they
+    wait out the settle delay before their commit-time lease check) and the lease is confirmed once the
+    first tasks run (a lost lease raises :class:`~pipelines.shards.LeaseError` here; no shard commits).
+    """
     from tqdm import tqdm
 
     max_in_flight = config.max_in_flight or max(2, int(2 * executor.cpus / getattr(config, "task_cpus", 1.0)))
@@ -327,6 +457,8 @@ def _drive(config: PreprocessConfig, config_dict: dict, executor, first: ShardTa
     done_shards = 0
 
     def submit(task: ShardTask, attempt: int) -> None:
+        if unconfirmed:
+            task.commit_not_before = lease.settles_at
         in_flight[executor.submit(config_dict, task)] = (task, time.monotonic(), attempt)
 
     try:
@@ -341,6 +473,9 @@ def _drive(config: PreprocessConfig, config_dict: dict, executor, first: ShardTa
                     break
             if not in_flight:
                 break
+            if unconfirmed:
+                lease.confirm()
+                unconfirmed = False
             done = executor.wait(list(in_flight), timeout=1.0)
             now = time.monotonic()
             for h in done:

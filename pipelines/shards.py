@@ -386,6 +386,7 @@ class WriterLease:
         self.out, self.ttl_s, self.settle_s = out, ttl_s, settle_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._last_renew = 0.0
+        self.settles_at = 0.0  # wall-clock time at which the lease written by acquire() has settled
 
     def _record(self) -> dict:
         return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(),
@@ -416,6 +417,7 @@ class WriterLease:
             log.warning("taking over %s lease from %s", "a live" if force else "a stale", cur.get("owner"))
         self.out.write_bytes(LOCK_NAME, canonical_json(self._record()))
         self._last_renew = time.monotonic()
+        self.settles_at = time.time() + self.settle_s
         if settle:
             self.confirm()
 

@@ -171,6 +171,23 @@ def test_rerun_is_byte_identical_and_incremental(corpus, s3_bucket, ray_local):
     assert len(over.shards_written) == len(da["shards"]) and storage.read_bytes(f"{a}/README.txt") == b"mine"
 
 
+def test_local_executor_writes_the_same_bytes_as_ray(corpus, s3_bucket, ray_local):
+    """The process pool (what ``--executor auto`` picks without a Ray cluster) runs the same shard code as
+    Ray tasks: same tars, same parquet sidecars, same dataset index."""
+    a, b = f"{s3_bucket}/ex-ray", f"{s3_bucket}/ex-local"
+    ra = preprocess(_config(corpus, a, executor="ray"))
+    rb = preprocess(_config(corpus, b, executor="local", num_cpus=2))
+    assert ra.shards_written == rb.shards_written and not ra.shards_failed and not rb.shards_failed
+    assert ra.failures == rb.failures == _expected_failures(corpus["rows"])
+    da = json.loads(storage.read_bytes(f"{a}/dataset.json"))
+    db = json.loads(storage.read_bytes(f"{b}/dataset.json"))
+    assert da["shards"] == db["shards"]
+    for s in da["shards"]:
+        assert storage.read_bytes(f"{a}/{s['name']}") == storage.read_bytes(f"{b}/{s['name']}")
+        assert storage.read_bytes(f"{a}/{s['name'][:-4]}.parquet") == storage.read_bytes(f"{b}/{s['name'][:-4]}.parquet")
+    assert verify_dataset(b) == []
+
+
 def test_retry_failed_refetches_only_retryable_rows(corpus, s3_bucket, ray_local):
     out = f"{s3_bucket}/r"
     first = preprocess(_config(corpus, out))
