@@ -94,13 +94,34 @@ class TarInfo:
     md5: str
 
 
+# The fixed fields of our member headers: mode 0o644, uid/gid 0, regular file, no link, ustar magic,
+# empty user/group names, empty device fields, no prefix (member names are < 100 bytes).
+_HDR_MODE_IDS = b"0000644\0" + b"0000000\0" * 2
+_HDR_TAIL = b"0" + b"\0" * 100 + tarfile.POSIX_MAGIC + b"\0" * (64 + 16 + 155 + 12)
+
+
+def ustar_header(name: str, size: int, mtime: int) -> bytes:
+    """The 512-byte header ``tarfile.TarInfo.tobuf(USTAR_FORMAT)`` writes for a regular file of our tars
+    (mode 0o644, uid/gid 0, empty user/group names), built directly: tarfile's generic path costs
+    ~40 us per member, a tenth of a millisecond per image sample (tests check it is byte-identical)."""
+    if size >= 8 ** 11 or not 0 <= mtime < 8 ** 11:
+        ti = tarfile.TarInfo(name)  # tarfile's own overflow handling and error
+        ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, mtime, 0o644, 0, 0, "", ""
+        return ti.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
+    raw = name.encode("ascii")
+    head = raw + b"\0" * (100 - len(raw)) + _HDR_MODE_IDS + b"%011o\0%011o\0" % (size, mtime)
+    chksum = sum(head) + 256 + sum(_HDR_TAIL)  # 256 = the checksum field counted as 8 spaces
+    return head + b"%06o\0 " % chksum + _HDR_TAIL
+
+
 def write_tar(path: str, samples: dict[str, dict[str, bytes]], mtime: int | None = None) -> TarInfo:
     """Write ``{key: {field: bytes}}`` to ``path`` as a deterministic USTAR archive.
 
     Samples in key order, fields in name order, regular files with mode 0o644, uid/gid 0, empty
-    user/group names and one integer mtime. An empty ``samples`` gives a valid empty tar. Headers come
-    from :meth:`tarfile.TarInfo.tobuf` and the layout is tarfile's own (512-byte padding, two zero
-    blocks, 10240-byte records), written in one pass without tarfile's 16 KiB copy loop.
+    user/group names and one integer mtime. An empty ``samples`` gives a valid empty tar. Headers are
+    byte-for-byte those of :meth:`tarfile.TarInfo.tobuf` (:func:`ustar_header`) and the layout is
+    tarfile's own (512-byte padding, two zero blocks, 10240-byte records), written in one pass without
+    tarfile's 16 KiB copy loop.
     """
     mtime = source_date_epoch() if mtime is None else int(mtime)
     sha, md5, n = hashlib.sha256(), hashlib.md5(), 0
@@ -120,12 +141,7 @@ def write_tar(path: str, samples: dict[str, dict[str, bytes]], mtime: int | None
             nsamples += 1
             for field in sorted(fields):
                 data = fields[field]
-                ti = tarfile.TarInfo(validate_member(key, field))
-                ti.size, ti.mtime, ti.mode = len(data), mtime, 0o644
-                ti.uid = ti.gid = 0
-                ti.uname = ti.gname = ""
-                ti.type = tarfile.REGTYPE
-                put(ti.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict"))
+                put(ustar_header(validate_member(key, field), len(data), mtime))
                 put(data)
                 if len(data) % tarfile.BLOCKSIZE:
                     put(tarfile.NUL * (tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))

@@ -111,3 +111,25 @@ def test_tar_bytes_equal_pythons_own_ustar_writer(tmp_path):
                 ti.size, ti.mtime, ti.mode, ti.uname, ti.gname = len(SAMPLES[key][field]), 0, 0o644, "", ""
                 tar.addfile(ti, io.BytesIO(SAMPLES[key][field]))
     assert (tmp_path / "fast.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes()
+
+
+def test_member_headers_equal_tarfiles_for_any_size_and_mtime():
+    """ustar_header is tarfile's USTAR header for our metadata, including the overflow cases it hands back."""
+    import random
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        name = f"{rng.randrange(10 ** 6):06d}_{rng.randrange(10 ** 6):06d}" + rng.choice(
+            [".jpg", ".json", ".txt", "_001.f000.jpg", "." + "x" * rng.randrange(1, 80)])
+        name = name[:99]
+        size = rng.choice([0, 1, 511, 512, rng.randrange(10 ** 9), 8 ** 11 - 1, 8 ** 11])
+        mtime = rng.choice([0, 1_700_000_000, 8 ** 11 - 1])
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, mtime, 0o644, 0, 0, "", ""
+        try:
+            ref = ti.tobuf(tarfile.USTAR_FORMAT, "ascii", "strict")
+        except ValueError:
+            with pytest.raises(ValueError):
+                shards.ustar_header(name, size, mtime)
+            continue
+        assert shards.ustar_header(name, size, mtime) == ref
