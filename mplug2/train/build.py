@@ -126,10 +126,12 @@ def _load_pretrained_folder(url: str) -> MPLUG2:
 
 
 def resolve_init(url: str) -> str:
-    """A folder holding ``model.safetensors`` as is; a run directory -> its newest valid checkpoint."""
-    if storage.exists(storage.join(url, "model.safetensors")):
+    """A folder holding ``model.safetensors`` or a DCP checkpoint (FSDP2) as is; a run directory -> its newest
+    valid checkpoint."""
+    from mplug2.train.checkpoint import DCP_METADATA, find_latest_valid, list_step_checkpoints
+
+    if storage.exists(storage.join(url, "model.safetensors")) or storage.exists(storage.join(url, DCP_METADATA)):
         return url
-    from mplug2.train.checkpoint import find_latest_valid, list_step_checkpoints
 
     found = find_latest_valid(list_step_checkpoints(url))
     if found is None:
@@ -138,8 +140,8 @@ def resolve_init(url: str) -> str:
 
 
 def load_init(task: nn.Module, url: str) -> dict[str, int]:
-    """Initialise ``task`` from a training checkpoint folder (``model.safetensors`` of any task wrapper) or a
-    ``save_pretrained`` folder of :class:`MPLUG2`. Every MPLUG2 weight must be found; heads that exist in
+    """Initialise ``task`` from a training checkpoint folder (``model.safetensors`` or, from FSDP2 runs, DCP
+    files, of any task wrapper) or a ``save_pretrained`` folder of :class:`MPLUG2`. Every MPLUG2 weight must be found; heads that exist in
     both (e.g. ITC projections) are copied; the rest stay freshly initialised and are reported."""
     url = resolve_init(url)
     if storage.exists(storage.join(url, "config.yaml")):      # save_pretrained folder: a bare MPLUG2

@@ -9,6 +9,13 @@ Layout of one checkpoint folder (local or ``s3://``; ``training-and-ops.md`` §1
     done_rank{r}.json        rank r   LAST per rank: names and sizes of the files this rank wrote
     manifest.json            rank 0   LAST overall: step, world size, config hash, code and library versions
 
+Under FSDP2 (``scale.strategy: fsdp2``) the model and optimizer are a torch DCP checkpoint instead, written by
+every rank into the same folder: ``__{r}_0.distcp`` (rank r's shards; plain tensors such as the ITC queues
+are de-duplicated and written once) and ``.metadata`` (rank 0, DCP's coordinator). The names carry the rank,
+so the per-rank folders Ray merges never collide; each rank's marker lists its DCP files like any other,
+and ``trainer_state.pt`` then holds no optimizer. DCP re-shards on load, so a DCP checkpoint restores at any
+world size, into FSDP2, DDP or a single process; :func:`read_model_tensors` reads it without a process group.
+
 A checkpoint counts only if the manifest exists and all ``world_size`` markers list files that exist with
 their recorded sizes; :func:`find_latest_valid` skips the rest, loudly. Pure torch + storage (no Ray), so the
 Ray wiring can write through ``checkpoint_upload_fn`` or straight to storage with ``NO_UPLOAD``.
@@ -23,10 +30,13 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -45,6 +55,7 @@ __all__ = [
 
 FORMAT_VERSION = 1
 MODEL_FILE, TRAINER_FILE, MANIFEST_FILE = "model.safetensors", "trainer_state.pt", "manifest.json"
+DCP_METADATA = ".metadata"       # torch DCP's coordinator file; rank files are ``__{rank}_0.distcp``
 
 
 def rng_file(rank: int) -> str:
@@ -175,12 +186,15 @@ def save_checkpoint(directory: str, *, model: torch.nn.Module | None, optimizer:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     t0 = time.perf_counter()
     files: dict[str, bytes] = {}
+    sharded = model is not None and _is_fsdp(model)
+    # FSDP2: model + optimizer as DCP, every rank (a collective); files land first, the marker lists them.
+    dcp_sizes = _save_dcp(directory, model, optimizer) if sharded else {}
     if rank == 0:
-        if model is not None:
+        if model is not None and not sharded:
             files[MODEL_FILE] = _model_bytes(model)
         files[TRAINER_FILE] = _torch_bytes({
             "step": step,
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "optimizer": optimizer.state_dict() if optimizer is not None and not sharded else None,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "extra": extra or {},
         })
@@ -188,16 +202,110 @@ def save_checkpoint(directory: str, *, model: torch.nn.Module | None, optimizer:
     files[data_file(rank)] = json.dumps(data_state, sort_keys=True, indent=1).encode()
     for name, data in files.items():
         storage.atomic_write(storage.join(directory, name), data)
-    marker = {"rank": rank, "world_size": world_size, "step": step, "files": {n: len(d) for n, d in files.items()}}
+    sizes = {**dcp_sizes, **{n: len(d) for n, d in files.items()}}
+    marker = {"rank": rank, "world_size": world_size, "step": step, "files": sizes}
     storage.atomic_write(storage.join(directory, done_file(rank)), json.dumps(marker, sort_keys=True).encode())
-    written = [*files, done_file(rank)]
+    written = [*dcp_sizes, *files, done_file(rank)]
     if rank == 0 and write_manifest:
         commit_checkpoint(directory, step=step, world_size=world_size, config_fingerprint=config_fingerprint,
                           wait_for_ranks_s=wait_for_ranks_s)
         written.append(MANIFEST_FILE)
     log.info("checkpoint %s step %d: rank %d wrote %d files, %.1f MiB in %.2fs", directory, step, rank,
-             len(written), sum(len(d) for d in files.values()) / 2**20, time.perf_counter() - t0)
+             len(written), sum(sizes.values()) / 2**20, time.perf_counter() - t0)
     return written
+
+
+# ------------------------------------------------------------------------------------- DCP (FSDP2)
+
+def _is_fsdp(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+               strict: bool = True) -> dict[str, Any]:
+    """``{"model": ..., "optim": ...}`` as torch.distributed.checkpoint.state_dict gives them: DTensor shards
+    under FSDP2, full tensors for a plain module; optimizer state keyed by parameter name (FQN)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    opts = StateDictOptions(strict=strict)
+    if optimizer is None:
+        return {"model": get_model_state_dict(model, options=opts)}
+    msd, osd = get_state_dict(model, optimizer, options=opts)
+    return {"model": msd, "optim": osd}
+
+
+def _put_file(local: str, url: str) -> None:
+    """Move a finished local file to ``url`` (local: rename into place; remote: upload with retries)."""
+    fs, path = storage.get_fs(url)
+    if storage.is_remote(url):
+        storage.retry_io(lambda: fs.put_file(local, path), what=f"put {url}")
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.partial.{os.getpid()}"
+    shutil.move(local, tmp)
+    os.replace(tmp, path)
+
+
+def _save_dcp(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, int]:
+    """Every rank: ``dcp.save`` model (+ optimizer) into a scratch folder, move the files this rank wrote
+    into ``directory``; returns their names and sizes."""
+    import torch.distributed.checkpoint as dcp
+
+    with tempfile.TemporaryDirectory(prefix="mplug2-dcp-") as tmp:
+        dcp.save(_dcp_state(model, optimizer), storage_writer=dcp.FileSystemWriter(tmp, single_file_per_rank=True))
+        out = {}
+        for name in sorted(os.listdir(tmp)):
+            src = os.path.join(tmp, name)
+            if not os.path.isfile(src):
+                raise CheckpointError(f"DCP wrote a folder {name!r}; expected flat files")
+            out[name] = os.path.getsize(src)
+            _put_file(src, storage.join(directory, name))
+    return out
+
+
+def _is_dcp(directory: str) -> bool:
+    return storage.exists(storage.join(directory, DCP_METADATA))
+
+
+@contextmanager
+def _local_dcp_dir(directory: str) -> Iterator[str]:
+    """A local folder holding the checkpoint's DCP files: the folder itself, or a download of ``.metadata``
+    and every ``*.distcp`` (a re-sharding load may need any rank's file)."""
+    if not storage.is_remote(directory):
+        yield storage.get_fs(directory)[1]
+        return
+    fs, path = storage.get_fs(directory)
+    names = [e.rstrip("/").rsplit("/", 1)[-1] for e in storage.retry_io(lambda: fs.ls(path, detail=False))]
+    with tempfile.TemporaryDirectory(prefix="mplug2-dcp-") as tmp:
+        for name in names:
+            if name == DCP_METADATA or name.endswith(".distcp"):
+                storage.retry_io(lambda n=name: fs.get_file(f"{path}/{n}", os.path.join(tmp, n)),
+                                 what=f"get {directory}/{name}")
+        yield tmp
+
+
+def _load_dcp(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+              strict: bool) -> None:
+    """Restore model (+ optimizer) from the DCP files, re-sharding to this run's layout (a collective when a
+    process group is initialised: every rank calls it)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_state_dict
+
+    opts = StateDictOptions(strict=strict)
+    with _local_dcp_dir(directory) as local:
+        reader = dcp.FileSystemReader(local)
+        saved = {k.split(".", 1)[0] for k in reader.read_metadata().state_dict_metadata}
+        if optimizer is not None and "optim" not in saved:
+            raise CheckpointError(f"{directory}: no optimizer state saved")
+        state = _dcp_state(model, optimizer, strict)
+        dcp.load(state, storage_reader=reader)
+    if optimizer is None:
+        set_model_state_dict(model, state["model"], options=opts)
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=opts)
 
 
 def commit_checkpoint(directory: str, *, step: int, world_size: int, config_fingerprint: Any,
@@ -311,7 +419,12 @@ class LoadedCheckpoint:
 
 
 def read_model_tensors(directory: str) -> dict[str, torch.Tensor]:
-    """The checkpoint's model tensors by name, tied weights (stored once) restored under every alias."""
+    """The checkpoint's model tensors by name, tied weights (stored once) restored under every alias.
+
+    A DCP (FSDP2) checkpoint is read whole into this process, without a process group: the full,
+    unsharded tensors whatever world size wrote it."""
+    if _is_dcp(directory):
+        return _read_dcp_model(directory)
     raw = storage.read_bytes(storage.join(directory, MODEL_FILE))
     tensors = st_load(raw)
     header_len = int.from_bytes(raw[:8], "little")   # safetensors: u64 header length, JSON header
@@ -319,6 +432,21 @@ def read_model_tensors(directory: str) -> dict[str, torch.Tensor]:
     for alias, canonical in json.loads(meta.get("aliases", "{}")).items():
         tensors[alias] = tensors[canonical]
     return tensors
+
+
+def _read_dcp_model(directory: str) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    with _local_dcp_dir(directory) as local:
+        # DCP's own reader for dcp_to_torch_save: builds the tensors from the metadata, loads in this process
+        _load_state_dict(state, storage_reader=FileSystemReader(local),
+                         planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    if "model" not in state:
+        raise CheckpointError(f"{directory}: the DCP checkpoint holds no model state")
+    return dict(state["model"])
 
 
 def _load_torch(url: str) -> Any:
@@ -332,7 +460,9 @@ def load_checkpoint(directory: str, *, model: torch.nn.Module | None = None,
     """Restore model, optimizer, scheduler, this rank's RNG, and return step, extra and this rank's cursor.
 
     Refuses an invalid checkpoint or one made for another config hash. A different world size restores
-    weights and optimizer but no per-rank RNG or cursor (an elastic resize), with a warning.
+    weights and optimizer but no per-rank RNG or cursor (an elastic resize), with a warning. A DCP (FSDP2)
+    checkpoint loads into any layout (a collective: every rank calls this); a safetensors (DDP) checkpoint
+    cannot resume an FSDP2 run (its optimizer state is not sharded): use ``init_from`` for the weights.
     """
     problems, manifest = _problems(directory)
     if problems:
@@ -340,14 +470,22 @@ def load_checkpoint(directory: str, *, model: torch.nn.Module | None = None,
     if config_fingerprint is not None and manifest["config_hash"] != config_hash(config_fingerprint):
         raise CheckpointError(f"{directory}: config hash {manifest['config_hash'][:12]} differs from this run's "
                               f"{config_hash(config_fingerprint)[:12]}; numerics would silently drift")
-    if model is not None:
+    dcp_ckpt = _is_dcp(directory)
+    if dcp_ckpt and model is not None:
+        _load_dcp(directory, _unwrap(model), optimizer, strict)
+    elif dcp_ckpt and optimizer is not None:
+        raise CheckpointError(f"{directory}: a DCP checkpoint restores the optimizer together with its model")
+    elif model is not None and _is_fsdp(model):
+        raise CheckpointError(f"{directory} was written without FSDP2 (model.safetensors) and cannot resume an "
+                              "FSDP2 run; resume it with scale.strategy=ddp, or start a new run with init_from")
+    elif model is not None:
         tensors = read_model_tensors(directory)
         target = _unwrap(model)
         device_state = {k: v.to(target.state_dict()[k].device) if k in target.state_dict() else v
                         for k, v in tensors.items()}
         target.load_state_dict(device_state, strict=strict)
     trainer = _load_torch(storage.join(directory, TRAINER_FILE))
-    if optimizer is not None:
+    if optimizer is not None and not dcp_ckpt:
         if trainer["optimizer"] is None:
             raise CheckpointError(f"{directory}: no optimizer state saved")
         optimizer.load_state_dict(trainer["optimizer"])

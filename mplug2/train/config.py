@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 TASKS = ("pretrain", "retrieval", "caption", "qa", "classify")
+STRATEGIES = ("ddp", "fsdp2")   # scale.strategy: mplug2.train.parallel
 
 
 @dataclass
@@ -70,7 +71,8 @@ class ScaleConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 0.5  # below 1 so Ray Data / loader tasks still get a CPU on small nodes
     max_failures: int = 3
-    strategy: str = "ddp"        # ddp (FSDP2 is planned, not implemented yet)
+    strategy: str = "ddp"        # ddp | fsdp2 (fully_shard per block, DCP checkpoints; mplug2.train.parallel)
+    reshard_after_forward: bool = True  # fsdp2: free gathered weights after each block's forward (less memory)
     precision: str = "fp32"      # fp32 | bf16
     backend: str | None = None   # default: nccl with GPUs, gloo otherwise
     timeout_s: int = 900
@@ -113,8 +115,9 @@ class TrainConfig:
             raise ValueError(f"task 'classify' needs `classes`: at least two distinct label names, got {self.classes!r}")
         if self.resume not in ("auto", "never"):
             raise ValueError("resume must be 'auto' or 'never'")
-        if self.scale.strategy != "ddp":
-            raise ValueError(f"scale.strategy {self.scale.strategy!r}: only 'ddp' is implemented (FSDP2 is planned)")
+        if self.scale.strategy not in STRATEGIES:
+            raise ValueError(f"scale.strategy must be one of {STRATEGIES}, got {self.scale.strategy!r} "
+                             "(fsdp2 = torch fully_shard, not Ray's FSDP1 prepare_model)")
         if self.scale.precision not in ("fp32", "bf16"):
             raise ValueError(f"scale.precision must be 'fp32' or 'bf16', got {self.scale.precision!r}")
         if not self.run_name or "/" in self.run_name:

@@ -12,7 +12,6 @@ reports it. A restarted worker restores all of it, so the next step is exactly t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from torch import nn
 
 from mplug2 import storage
 from mplug2.runtime import setup_process_env
-from mplug2.train import build
+from mplug2.train import build, parallel
 from mplug2.train.checkpoint import (
     STEP_PREFIX, commit_checkpoint, find_latest_valid, list_step_checkpoints, load_checkpoint, save_checkpoint,
 )
@@ -83,9 +82,10 @@ class TrainLoop:
         self.task = build.build_task(cfg, self.mcfg, self.tokenizer, world_size).to(device)
         if cfg.init_from:
             build.load_init(self.task, cfg.init_from)
+        self.ddp = self._wrap(self.task)
+        # after wrapping: FSDP2 replaces the parameters with sharded ones, the optimizer must hold those
         self.optimizer = build.build_optimizer(cfg, self.task)
         self.scheduler = build.build_scheduler(cfg, self.optimizer)
-        self.ddp = self._wrap(self.task)
         self.loader = build.build_train_loader(cfg, self.mcfg, rank, world_size)
         self.step = 0
         _seed_all(cfg.seed * 1000 + rank + 1)                  # per-rank masking / negatives / dropout
@@ -96,16 +96,15 @@ class TrainLoop:
 
     # ------------------------------------------------------------------------------------------ setup
     def _wrap(self, task: nn.Module) -> nn.Module:
-        if self.world_size == 1 or not dist.is_initialized():
-            return task
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        # Queues and momentum copies are identical on all ranks by construction: never broadcast buffers.
-        # Some steps leave parameters unused: fine-tuning tasks skip modules (the decoder in retrieval), and
-        # image batches (T=1) bypass the local temporal modules. Only all-video pretraining uses everything.
+        """DDP or FSDP2 (``scale.strategy``; :mod:`mplug2.train.parallel`)."""
+        # Some steps leave parameters unused under DDP: fine-tuning tasks skip modules (the decoder in
+        # retrieval), and image batches (T=1) bypass the local temporal modules. Only all-video pretraining
+        # uses everything.
         all_video = all(c.num_frames > 1 for c in self.cfg.data.train)
-        return nn.parallel.DistributedDataParallel(
-            task, device_ids=ids, broadcast_buffers=False,
-            find_unused_parameters=not (self.cfg.task == "pretrain" and all_video))
+        return parallel.wrap(task, strategy=self.cfg.scale.strategy, device=self.device,
+                             world_size=self.world_size, precision=self.cfg.scale.precision,
+                             find_unused_parameters=not (self.cfg.task == "pretrain" and all_video),
+                             reshard_after_forward=self.cfg.scale.reshard_after_forward)
 
     def _log_dir(self) -> str:
         if not storage.is_remote(self.run_dir):
@@ -198,8 +197,7 @@ class TrainLoop:
         keys: list[str] = []
         epochs: list[int] = []
         corpora: list[str] = []
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.scale.precision == "bf16"
-                    else contextlib.nullcontext())
+        autocast = parallel.autocast(self.ddp, self.device, cfg.scale.precision)
         for micro in range(k):
             td = time.perf_counter()
             batch = next(self.loader)
@@ -209,16 +207,16 @@ class TrainLoop:
             epochs += [int(batch.get("epoch", -1))] * n
             corpora += [str(batch.get("corpus", ""))] * n
             batch = _to_device(batch, self.device)
-            sync = micro == k - 1 or not isinstance(self.ddp, nn.parallel.DistributedDataParallel)
-            with (contextlib.nullcontext() if sync else self.ddp.no_sync()), autocast:
-                out = self.ddp(batch)
-                loss = out["loss"].float() / k
-            loss.backward()
+            with parallel.grad_sync(self.ddp, sync=micro == k - 1):   # reduce on the last micro-batch only
+                with autocast:
+                    out = self.ddp(batch)
+                    loss = out["loss"].float() / k
+                loss.backward()
             for name, v in out.items():   # kept on the device: one host sync per step, not per value
                 if isinstance(v, torch.Tensor) and v.numel() == 1:
                     totals[name] = totals.get(name, 0.0) + v.detach().float() / k
         if cfg.optim.grad_clip > 0:
-            totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.task.parameters(), cfg.optim.grad_clip)
+            totals["grad_norm"] = parallel.clip_grad_norm_(self.task, cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -266,7 +264,7 @@ class TrainLoop:
 
     def _evaluate(self, evaluate: Callable[["TrainLoop"], dict[str, float]]) -> dict[str, float]:
         self.task.eval()
-        with torch.no_grad():
+        with torch.no_grad(), parallel.full_weights(self.ddp):   # FSDP2: evaluation calls methods, not forward
             scores = evaluate(self)
         self.task.train()
         scores = {f"eval/{k}": float(v) for k, v in scores.items()}
@@ -278,16 +276,27 @@ class TrainLoop:
             record = json.dumps({"step": self.step, **scores}, sort_keys=True, indent=1).encode()
             storage.atomic_write(storage.join(self.run_dir, "eval", f"step{self.step:08d}.json"), record)
             storage.atomic_write(storage.join(self.run_dir, "eval", "latest.json"), record)
-            if main is not None and (self.best is None or main > self.best):
-                self.best = main
-                self.export("best")
+        if main is not None and (self.best is None or main > self.best):   # same scores on every rank
+            self.best = main
+            self.export("best")
         return scores
 
     def export(self, name: str) -> str:
-        """Rank 0: write the bare MPLUG2 (``save_pretrained``) under ``<run>/<name>/``."""
+        """Rank 0 writes the bare MPLUG2 (``save_pretrained``) under ``<run>/<name>/``. Every rank calls it:
+        under FSDP2 the shards are gathered first (a collective)."""
         model = getattr(self.task, "model", None)
         if model is None:
             raise AttributeError("task module has no `.model` (MPLUG2) to export")
+        full = parallel.full_state_dict(self.task) if parallel.is_fsdp(self.task) else None
+        if self.rank != 0:
+            return storage.join(self.run_dir, name)
+        prefix = next(f"{n}." for n, m in self.task.named_modules() if m is model)
+        if full is not None:        # an unsharded copy; its random init must not move this rank's RNG
+            from mplug2.models.mplug2 import MPLUG2
+
+            with torch.random.fork_rng(devices=[]):
+                model = MPLUG2(self.mcfg)
+            model.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             for fname in os.listdir(tmp):
@@ -298,6 +307,7 @@ class TrainLoop:
     def finish(self) -> None:
         """Rank 0: export the final model and the curves PNG; close loaders and writers."""
         self.loader.close()
+        self.export("final")        # every rank: FSDP2 gathers the shards, rank 0 writes
         if self.rank == 0:
             self.metrics.flush()
             jsonl = os.path.join(self.log_dir, "metrics.jsonl")
@@ -305,7 +315,6 @@ class TrainLoop:
                 dedupe_by_step(jsonl)
                 png = os.path.join(self.log_dir, "curves.png")
                 plot_curves(jsonl, png)
-            self.export("final")
             self._sync_logs()
         self.metrics.close()
 
