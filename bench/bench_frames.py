@@ -137,6 +137,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell; the median is reported")
     ap.add_argument("--clips", nargs="*", help="subset of clip names")
     ap.add_argument("--tasks", nargs="*", default=["u8", "fps1"])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/frames.json", help="JSON copy of the table")
     ap.add_argument("--methods", nargs="*", help="subset of columns (ours-pyav, ours-ffmpeg, ours-pyav-inproc, "
                                                 "pyav-naive, decord, torchcodec)")
     args = ap.parse_args()
@@ -156,7 +157,8 @@ def main() -> None:
     }
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods}
-    print("load average before: %.2f %.2f %.2f" % os.getloadavg())
+    load_before = os.getloadavg()
+    print("load average before: %.2f %.2f %.2f" % load_before)
     t0 = time.perf_counter()
     process_video(str(next(iter(clips.values()))), key="warm", opts=VideoOptions())  # start the worker
     print(f"decode worker start + first call: {time.perf_counter() - t0:.2f}s")
@@ -188,7 +190,8 @@ def main() -> None:
         for name, r in runs.items():
             results[clip, task, name] = f"{statistics.median(r):.3f}"
 
-    print("load average after: %.2f %.2f %.2f" % os.getloadavg())
+    load_after = os.getloadavg()
+    print("load average after: %.2f %.2f %.2f" % load_after)
     info = {c: probe_video(str(p)) for c, p in clips.items()}
     names = list(methods)
     head = f"| clip | task | " + " | ".join(names) + " |"
@@ -204,6 +207,19 @@ def main() -> None:
         if reason:
             print(f"{name}: n/a ({reason})")
     video._POOL.close()
+    if args.out:
+        import json
+
+        import av
+
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({
+            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "load_before": load_before, "load_after": load_after, "pyav": av.__version__, "peers": status,
+            "clips": {c: info[c] for c in clips},
+            "seconds_per_video": {f"{c}/{t}/{n}": results[c, t, n] for c in clips for t in args.tasks for n in names},
+        }, indent=1) + "\n")
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
