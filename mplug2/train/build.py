@@ -146,6 +146,11 @@ def load_init(task: nn.Module, url: str) -> dict[str, int]:
     url = resolve_init(url)
     if storage.exists(storage.join(url, "config.yaml")):      # save_pretrained folder: a bare MPLUG2
         src = {f"model.{k}": v for k, v in _load_pretrained_folder(url).state_dict().items()}
+        head_url = storage.join(url, "head.safetensors")        # a task head exported beside it
+        if storage.exists(head_url):
+            from safetensors.torch import load as load_safetensors
+
+            src.update(load_safetensors(storage.read_bytes(head_url)))
     else:                                                      # a training checkpoint of any task wrapper
         from mplug2.train.checkpoint import read_model_tensors
 

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -239,8 +240,12 @@ class TrainLoop:
         ckpt_wait = 0.0
         if self.step >= s.total_steps:
             log.info("rank %d: run already complete at step %d", self.rank, self.step)
+        bar = progress_bar(self.rank, s.total_steps, self.step, f"{cfg.task} {cfg.run_name}")
         while self.step < s.total_steps:
             values, times = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{values.get('loss', float('nan')):.3f}",
+                            samples_s=f"{global_batch / max(times.step_time_s, 1e-9):.1f}", refresh=False)
             self._inject_fault()
             metrics = {f"loss/{k}" if k in ("loss", "itc", "itm", "mlm", "prefix_lm") else k: v
                        for k, v in values.items()}
@@ -259,6 +264,7 @@ class TrainLoop:
                 scores = self._evaluate(evaluate)
                 last.update(scores)
                 self.hooks.report({"step": self.step, **{k: float(v) for k, v in last.items()}}, None, self.step)
+        bar.close()
         self.finish()
         return last
 
@@ -282,8 +288,9 @@ class TrainLoop:
         return scores
 
     def export(self, name: str) -> str:
-        """Rank 0 writes the bare MPLUG2 (``save_pretrained``) under ``<run>/<name>/``. Every rank calls it:
-        under FSDP2 the shards are gathered first (a collective)."""
+        """Rank 0 writes the bare MPLUG2 (``save_pretrained``) under ``<run>/<name>/``, plus the task's own
+        weights outside it (a classifier head: ``head.safetensors``) and its label names (``classes.json``).
+        Every rank calls it: under FSDP2 the shards are gathered first (a collective)."""
         model = getattr(self.task, "model", None)
         if model is None:
             raise AttributeError("task module has no `.model` (MPLUG2) to export")
@@ -299,6 +306,14 @@ class TrainLoop:
             model.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
+            if getattr(self.task, "classes", None):
+                state = full if full is not None else self.task.state_dict()
+                head = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith(prefix)}
+                from safetensors.torch import save_file
+
+                save_file(head, os.path.join(tmp, "head.safetensors"))
+                with open(os.path.join(tmp, "classes.json"), "w") as f:
+                    json.dump(list(self.task.classes), f)
             for fname in os.listdir(tmp):
                 with open(os.path.join(tmp, fname), "rb") as f:
                     storage.atomic_write(storage.join(self.run_dir, name, fname), f.read())
@@ -317,6 +332,19 @@ class TrainLoop:
                 plot_curves(jsonl, png)
             self._sync_logs()
         self.metrics.close()
+
+
+def progress_bar(rank: int, total: int, initial: int, desc: str):
+    """Rank 0's step bar (loss, samples/s). Shown when stderr is a terminal, or forced with
+    ``MPLUG2_PROGRESS=1`` (then refreshed every 30 s, for log files); ``MPLUG2_PROGRESS=0`` hides it. Ray
+    Train workers write to log files, where the periodic ``step ...`` log lines carry the same numbers."""
+    from tqdm.auto import tqdm
+
+    setting = os.environ.get("MPLUG2_PROGRESS", "")
+    tty = sys.stderr.isatty()
+    show = rank == 0 and (setting == "1" or (tty and setting != "0"))
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not show,
+                mininterval=0.5 if tty else 30.0, dynamic_ncols=True)
 
 
 def dedupe_by_step(jsonl: str) -> None:
