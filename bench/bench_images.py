@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--executors", default="ray,local",
                    help="our executors to run, comma-separated: ray (one Ray task per shard, Ray start-up "
                         "counted), local (process pool, no Ray) and/or auto (the default of `mplug2-data "
-                        "shard`: local here, since RAY_ADDRESS is removed and no Ray cluster runs)")
+                        "shard`: local here unless a `ray start` cluster runs on this machine; RAY_ADDRESS is removed)")
     p.add_argument("--ours-args", default="", help="extra flags for `mplug2-data shard` (e.g. '--task-cpus 0.5')")
     p.add_argument("--skip-img2dataset", action="store_true")
     p.add_argument("--skip-ours", action="store_true")
