@@ -1,6 +1,6 @@
 """The model really learns: tiny pretraining + retrieval fine-tuning on synthetic clips whose captions describe
 what is visible (colour, shape, motion direction) beats chance text→video retrieval on held-out clips
-(the issue's target is R@1 >= 5x chance; see the note in the test on run-to-run variance).
+(the issue's target, R@1 >= 5x chance, is asserted; the note in the test gives the numbers seen).
 
 Runs in one process through the same loop Ray Train workers run (``run_local``), on shards written by the
 real pipeline. Held-out clips are drawn with another seed; their captions are all different, so chance
@@ -56,20 +56,22 @@ def _cfg(corpora, task, steps, init_from=None, **extra) -> TrainConfig:
 
 
 def test_pretrain_then_retrieval_beats_chance(corpora, monkeypatch):
-    # R@1 is not reproducible run to run yet (4.2–11.1 % seen, even with one thread and deterministic
-    # kernels; the source is still open): the issue's 5x-chance R@1 target is met in about half of the runs.
-    # The assertions use bounds every observed run met: R@1 >= 2x chance and R@5 >= 3x chance.
+    # Seen (200 pretraining + 1200 retrieval steps, three seeds): R@1 12.5 / 15.3 / 19.4 % against a bar of
+    # 6.9 % (5x chance). Runs are bitwise reproducible for the same corpus bytes; the corpus is rebuilt in a new
+    # tmp folder per run, and its absolute paths in each sample's json shift the last float bits by step 20,
+    # which training amplifies to seed-level variance. Before the flip fix (a flipped clip kept "moving left")
+    # and with 600 retrieval steps, R@1 was 4.2-11.1 %.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     pre = run_local(_cfg(corpora, "pretrain", 200))
     assert pre["loss/loss"] < 16.0, pre        # from ~26 at step 1: all four objectives fall
-    scores = run_local(_cfg(corpora, "retrieval", 600, init_from=f"{corpora['runs']}/learn-pretrain"))
+    scores = run_local(_cfg(corpora, "retrieval", 1200, init_from=f"{corpora['runs']}/learn-pretrain"))
     chance = 100.0 / EVAL_CLIPS
     t2v_r1, t2v_r5 = scores["eval/img_r1"], scores["eval/img_r5"]
     print(f"\ntext→video on {EVAL_CLIPS} held-out clips: R@1 {t2v_r1:.1f} %, R@5 {t2v_r5:.1f} %, "
           f"R@10 {scores['eval/img_r10']:.1f} % (chance R@1 {chance:.1f} %); "
           f"video→text R@1 {scores['eval/txt_r1']:.1f} %")
-    assert t2v_r1 >= 2 * chance, scores
+    assert t2v_r1 >= 5 * chance, scores
     assert t2v_r5 >= 3 * 5 * chance, scores
 
 
