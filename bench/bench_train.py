@@ -34,7 +34,6 @@ import logging
 import os
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -46,7 +45,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mplug2.runtime import setup_process_env  # noqa: E402
+from mplug2.runtime import free_loopback_port, setup_process_env  # noqa: E402
 
 setup_process_env()
 
@@ -176,11 +175,6 @@ def _plain_worker(rank: int, world: int, port: int, cfg_dict: dict, threads: int
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def bench_single(cfg, device: str) -> float:
     from mplug2.train.loop import run_local
@@ -194,7 +188,7 @@ def bench_plain(cfg, world: int, threads: int, device: str) -> float:
     import torch.multiprocessing as mp
 
     t0 = time.perf_counter()
-    mp.spawn(_plain_worker, args=(world, _free_port(), cfg.to_dict(), threads, device), nprocs=world, join=True)
+    mp.spawn(_plain_worker, args=(world, free_loopback_port(), cfg.to_dict(), threads, device), nprocs=world, join=True)
     return time.perf_counter() - t0
 
 

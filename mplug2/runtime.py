@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from typing import Any
 
 DEFAULT_ENV = {
@@ -32,6 +33,13 @@ FORWARDED_ENV = (
     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "FFMPEG_BINARY",
     "SOURCE_DATE_EPOCH",
 )
+
+
+def free_loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (``torch.distributed`` rendezvous for local process groups)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def setup_process_env() -> None:

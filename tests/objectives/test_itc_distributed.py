@@ -7,7 +7,6 @@ must break the no-queue gradients; the test asserts that explicitly.
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 import mplug2.objectives.itc as itc_mod
 from mplug2.objectives.itc import ITCConfig, ITCHead
 from mplug2.objectives.momentum import MomentumPairs
+from mplug2.runtime import free_loopback_port
 
 WORLD, LOCAL_B, IN, WIDTH, EMB, QUEUE = 2, 4, 8, 12, 6, 16
 MODES = {  # name -> (queue_size, use ids, alpha, plain all_gather)
@@ -110,17 +110,12 @@ def _worker(rank: int, port: int, results: dict):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def dist_results():
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(_free_port(), results), nprocs=WORLD, join=True)
+        mp.spawn(_worker, args=(free_loopback_port(), results), nprocs=WORLD, join=True)
         return {r: results[r] for r in range(WORLD)}
 
 

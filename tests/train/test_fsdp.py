@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from mplug2.runtime import free_loopback_port
 from mplug2.train.checkpoint import (
     DCP_METADATA, LoadedCheckpoint, find_latest_valid, list_step_checkpoints, read_model_tensors,
     validate_checkpoint,
@@ -178,18 +178,13 @@ def _worker(rank: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fsdp")
     (root / "out").mkdir()
     ctx = mp.get_context("spawn")
-    port = _free_port()
+    port = free_loopback_port()
     procs = [ctx.Process(target=_worker, args=(r, port, str(root))) for r in range(WORLD)]
     for p in procs:
         p.start()
