@@ -55,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -94,6 +95,8 @@ _CHROMA_LEFT_CODECS = frozenset({"h264", "hevc", "mpeg1video", "mpeg2video", "mp
 # ``skip_frame=NONREF`` leaves every other frame bit-exact. Not HEVC: its sub-layer non-reference pictures
 # may still be referenced by higher temporal sub-layers.
 _NONREF_SAFE_CODECS = frozenset({"h264", "mpeg1video", "mpeg2video", "mpeg4"})
+# Scale + JPEG-encode chosen frames on a helper thread while the decoder continues (see _FrameScaler).
+OVERLAP_ENCODE = True
 # Below this frame size, or this many packets per planned run, the decoder runs single-threaded
 # (see _decode_threads).
 THREADED_MIN_PIXELS = 640 * 480
@@ -575,8 +578,9 @@ def _process_in_worker(path: str, key: str, opts: VideoOptions, clip_start: floa
     frame_times, frames = [], []
     cache: dict[float, bytes] = {}
     for t, img in chosen:
-        if t not in cache:
-            cache[t] = encode_jpeg(resize(img, opts.size, opts.resize_mode), opts.jpeg_quality)
+        if t not in cache:  # the PyAV path hands over finished JPEGs (futures), ffmpeg's hands images
+            cache[t] = img.result() if isinstance(img, Future) else encode_jpeg(
+                resize(img, opts.size, opts.resize_mode), opts.jpeg_quality)
         frames.append(cache[t])
         frame_times.append(round(t, 3))
     meta = {"num_frames": len(frames), "frame_times": frame_times, "sampler": opts.sampler,
@@ -631,12 +635,15 @@ class _FrameScaler:
     swscale converts YUV to RGB and scales in one step, bicubic with full chroma interpolation
     (``FULL_CHR_H_INT``: no nearest-neighbour chroma upsampling), so :func:`pipelines.resize.resize`
     afterwards only crops or pads. The display rotation is read from the first frame seen.
+    :meth:`submit` does scale + crop/pad + JPEG on a helper thread (swscale and Pillow's encoder release
+    the GIL), overlapping the decoder, which keeps running on the calling thread.
     """
 
-    def __init__(self, opts: VideoOptions) -> None:
+    def __init__(self, opts: VideoOptions, pool: Executor | None = None) -> None:
         from av.video.reformatter import Interpolation, VideoReformatter
 
-        self.size, self.mode = opts.size, opts.resize_mode
+        self.size, self.mode, self.quality = opts.size, opts.resize_mode, opts.jpeg_quality
+        self.pool = pool
         self.flags = Interpolation.BICUBIC | Interpolation.FULL_CHR_H_INT | Interpolation.ACCURATE_RND  # SWS_FLAGS
         self.reformatter = VideoReformatter()  # caches the swscale context across frames
         self.rotation: int | None = None
@@ -655,10 +662,22 @@ class _FrameScaler:
         else:
             tw, th = _target_size(w, h, self.size, self.mode)
         img = self.reformatter.reformat(frame, width=tw, height=th, format="rgb24",
-                                        interpolation=self.flags).to_image()
+                                        interpolation=self.flags, threads=1).to_image()
         if rot:
             img = img.rotate(rot, expand=True)  # display matrix angle is counter-clockwise
         return img
+
+    def submit(self, frame) -> Future:
+        """JPEG bytes of the finished frame, as a future (computed inline without a pool)."""
+        self.see(frame)  # the rotation is fixed by the first frame, on the calling thread
+        if self.pool is None:
+            done: Future = Future()
+            done.set_result(self._jpeg(frame))
+            return done
+        return self.pool.submit(self._jpeg, frame)
+
+    def _jpeg(self, frame) -> bytes:
+        return encode_jpeg(resize(self(frame), self.size, self.mode), self.quality)
 
 
 def _decode_threads(info: _Info, packets: list[_Packet], runs: list[tuple[float, list[float]]]) -> int:
@@ -687,17 +706,19 @@ def _decode_pyav(container, stream, info: _Info, packets: list[_Packet], times: 
     """The frame shown at each time (upright, scaled): exact-pts fast path, sequential fallback."""
     import av
 
-    scaler = _FrameScaler(opts)
     runs = _plan_runs(packets, times)
     _set_threads(stream, _decode_threads(info, packets, runs))
     chosen = None
     if all(p.ts is not None for p in packets) and len({p.ts for p in packets}) == len(packets):
-        try:
-            chosen = _decode_exact(container, stream, info, packets, times, runs, scaler)
-        except av.FFmpegError as e:  # corrupt data: the sequential path keeps what decodes
-            log.debug("exact decode failed (%s), decoding sequentially", e)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="frame-jpeg") as pool:
+            scaler = _FrameScaler(opts, pool if OVERLAP_ENCODE else None)
+            try:
+                chosen = _decode_exact(container, stream, info, packets, times, runs, scaler)
+            except av.FFmpegError as e:  # corrupt data: the sequential path keeps what decodes
+                log.debug("exact decode failed (%s), decoding sequentially", e)
         stream.codec_context.skip_frame = "DEFAULT"
     if chosen is None:
+        scaler = _FrameScaler(opts)
         chosen = _decode_sequential(container, stream, info, runs, times, scaler)
     info.rotation = scaler.rotation or 0
     return chosen
@@ -734,7 +755,7 @@ def _decode_exact(container, stream, info: _Info, packets: list[_Packet], times:
                 cc.skip_frame = skip = mode
             for frame in cc.decode(pkt):
                 if frame.pts in need:
-                    images[frame.pts] = scaler(frame)
+                    images[frame.pts] = scaler.submit(frame)
                     need.discard(frame.pts)
                 else:
                     scaler.see(frame)
