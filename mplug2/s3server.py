@@ -83,6 +83,8 @@ class S3Server:
     """A SeaweedFS ``weed mini`` process serving S3 on 127.0.0.1.
 
     Use as a context manager, or ``start()`` / ``stop()``. ``env()`` gives the variables clients need.
+    ``kill()`` then ``start()`` simulates a crash and restart: the same ports (S3 and internal) and the same
+    data folder, so clients see one endpoint go away and come back with its objects.
     """
 
     root: Path
@@ -93,6 +95,7 @@ class S3Server:
     startup_timeout_s: float = 60.0
     proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     pid: int | None = field(default=None, init=False)
+    _cmd: list[str] | None = field(default=None, init=False, repr=False)   # kept for a restart on the same ports
 
     @property
     def endpoint_url(self) -> str:
@@ -130,7 +133,7 @@ class S3Server:
     def start(self) -> "S3Server":
         self.root = Path(self.root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
-        cmd = self._command()
+        cmd = self._cmd = self._cmd or self._command()
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         logf = open(self.root / "weed.log", "ab")
         log.info("starting SeaweedFS S3 on %s (dir %s)", self.endpoint_url, self.root)
@@ -212,6 +215,19 @@ class S3Server:
                 pass
             if self.proc is not None:
                 self.proc.wait(5)
+        self.pid = None
+
+    def kill(self) -> None:
+        """SIGKILL the process group at once (a crash: nothing flushed); ``start()`` restarts it in place."""
+        pid = self.pid
+        if pid is None:
+            return
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.proc is not None:
+            self.proc.wait(10)
         self.pid = None
 
     def __enter__(self) -> "S3Server":

@@ -7,11 +7,18 @@ Environment (never put credentials in files or configs):
 
 - ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or an instance role),
 - ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` for S3-compatible stores (SeaweedFS, MinIO),
-- ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default ``us-east-1``).
+- ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default ``us-east-1``),
+- ``MPLUG2_S3_RETRY_DEADLINE_S``: how long :func:`retry_io` keeps retrying a failing S3 call (default 120 s,
+  enough for an S3 server restart); past it the call fails with :class:`StorageUnavailableError`.
+
+Outages: botocore retries a call only briefly (3 attempts, ~5 s against a dead endpoint); :func:`retry_io`
+then retries with exponential backoff until the deadline, logging every failed attempt, and drops the cached
+s3fs instances after a failure so the next attempt builds a fresh client (connections, credentials).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import time
@@ -22,6 +29,11 @@ from urllib.parse import urlparse
 import fsspec
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+RETRY_DEADLINE_ENV = "MPLUG2_S3_RETRY_DEADLINE_S"
+DEFAULT_RETRY_DEADLINE_S = 120.0
 
 __all__ = [
     "is_remote",
@@ -35,7 +47,16 @@ __all__ = [
     "exists",
     "remove",
     "retry_io",
+    "retry_deadline_s",
+    "reset_fs_cache",
+    "StorageUnavailableError",
 ]
+
+
+class StorageUnavailableError(OSError):
+    """Storage kept failing until :func:`retry_io` gave up (deadline or attempts spent); ``__cause__`` is the
+    last error. An ``OSError``, so callers that handle I/O errors handle it; never retried again by an outer
+    :func:`retry_io` (deadlines do not compound)."""
 
 
 def is_remote(url: str) -> bool:
@@ -69,8 +90,10 @@ def s3_storage_options() -> dict[str, Any]:
     opts["client_kwargs"] = {"region_name": region}
     # Listings must reflect what other processes just committed (shards, checkpoints): no listing cache.
     opts["use_listings_cache"] = False
-    # Retries with backoff for throttling (SlowDown / 503) and flaky connections.
-    opts["config_kwargs"] = {"retries": {"max_attempts": 8, "mode": "adaptive"}}
+    # botocore retries throttling (SlowDown / 503) and flaky connections with backoff, briefly: against a dead
+    # endpoint "adaptive" with 8 attempts blocked one call ~47 s (s3fs repeats the call 5 times), "standard"
+    # with 3 fails it in ~5 s. Longer outages are retry_io's job (deadline, logged attempts, fresh client).
+    opts["config_kwargs"] = {"retries": {"max_attempts": 3, "mode": "standard"}, "connect_timeout": 10}
     return opts
 
 
@@ -112,18 +135,81 @@ def pyarrow_fs(url: str):
     return pafs.S3FileSystem(**kwargs), url[len("s3://"):]
 
 
-def retry_io(fn: Callable[[], T], *, attempts: int = 5, base_delay: float = 0.5, what: str = "io") -> T:
-    """Run ``fn`` with exponential backoff on I/O errors (S3 throttling, a restarting server)."""
+def retry_deadline_s() -> float:
+    """Seconds :func:`retry_io` keeps retrying by default (``$MPLUG2_S3_RETRY_DEADLINE_S``, default 120)."""
+    raw = os.environ.get(RETRY_DEADLINE_ENV)
+    return float(raw) if raw else DEFAULT_RETRY_DEADLINE_S
+
+
+def reset_fs_cache() -> None:
+    """Forget cached s3fs instances: the next :func:`get_fs` builds a new client (fresh connection pool,
+    credentials re-read). Instances already handed out keep working."""
+    try:
+        import s3fs
+    except ImportError:
+        return
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _retryable_types() -> tuple[type[BaseException], ...]:
+    types: tuple[type[BaseException], ...] = (OSError, TimeoutError, ConnectionError)
+    try:   # not OSError subclasses: s3fs lets connection failures through untranslated
+        from botocore.exceptions import BotoCoreError
+
+        types += (BotoCoreError,)
+    except ImportError:
+        pass
+    try:
+        from aiohttp import ClientError
+
+        types += (ClientError,)
+    except ImportError:
+        pass
+    return types
+
+
+def retry_io(fn: Callable[[], T], *, attempts: int | None = None, deadline_s: float | None = None,
+             base_delay: float = 0.5, max_delay: float = 10.0, what: str = "io") -> T:
+    """Run ``fn`` with exponential backoff on I/O errors (S3 throttling, a restarting server, a dropped link).
+
+    Gives up when ``attempts`` calls failed (if given) or when the next try would start after ``deadline_s``
+    (default :func:`retry_deadline_s`), raising :class:`StorageUnavailableError` from the last error.
+    ``FileNotFoundError``, ``PermissionError`` and ``IsADirectoryError`` are answers, not outages: raised at
+    once. Every failed attempt is logged with its count and the time spent; after a failure the s3fs instance
+    cache is dropped, so ``fn`` should call :func:`get_fs` itself to get a fresh client on the next attempt.
+    """
+    deadline = retry_deadline_s() if deadline_s is None else float(deadline_s)
+    retryable = _retryable_types()
+    t0 = time.monotonic()
     delay = base_delay
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
-            return fn()
-        except (OSError, TimeoutError, ConnectionError) as exc:  # s3fs raises OSError subclasses
-            if isinstance(exc, (FileNotFoundError, PermissionError)) or attempt == attempts:
-                raise
+            result = fn()
+        except StorageUnavailableError:
+            raise
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise
+        except retryable as exc:
+            elapsed = time.monotonic() - t0
+            if (attempts is not None and attempt >= attempts) or elapsed + delay > deadline:
+                limit = f"{attempts} attempts" if attempts is not None and attempt >= attempts else \
+                    f"the {deadline:.0f} s deadline (${RETRY_DEADLINE_ENV})"
+                log.error("%s: giving up after %d attempts in %.1f s (%s); last error: %s: %s", what, attempt,
+                          elapsed, limit, type(exc).__name__, exc)
+                raise StorageUnavailableError(
+                    f"{what}: storage still failing after {attempt} attempts in {elapsed:.1f} s, past {limit}; "
+                    f"last error: {type(exc).__name__}: {exc}") from exc
+            log.warning("%s: attempt %d failed after %.1f s (%s: %s); retrying in %.1f s", what, attempt,
+                        elapsed, type(exc).__name__, exc, delay)
+            reset_fs_cache()
             time.sleep(delay)
-            delay = min(delay * 2, 10.0)
-    raise AssertionError("unreachable")
+            delay = min(delay * 2, max_delay)
+            continue
+        if attempt > 1:
+            log.warning("%s: succeeded on attempt %d after %.1f s", what, attempt, time.monotonic() - t0)
+        return result
 
 
 def atomic_write(url: str, data: bytes) -> None:
@@ -132,10 +218,11 @@ def atomic_write(url: str, data: bytes) -> None:
     Local: write ``<name>.partial.<uuid>``, fsync, ``os.replace``. S3: one PUT (or multipart upload),
     which becomes visible only when complete.
     """
-    fs, path = get_fs(url)
     if is_remote(url):
-        retry_io(lambda: fs.pipe_file(path, data), what=f"put {url}")
+        path = get_fs(url)[1]
+        retry_io(lambda: get_fs(url)[0].pipe_file(path, data), what=f"put {url}")
         return
+    path = get_fs(url)[1]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.partial.{uuid.uuid4().hex[:8]}"
     try:
@@ -149,20 +236,25 @@ def atomic_write(url: str, data: bytes) -> None:
             os.remove(tmp)
 
 
+def _local_attempts(url: str) -> int | None:
+    """Local paths: a few quick tries (an NFS hiccup), not the S3 outage deadline."""
+    return None if is_remote(url) else 3
+
+
 def read_bytes(url: str) -> bytes:
-    fs, path = get_fs(url)
-    return retry_io(lambda: fs.cat_file(path), what=f"get {url}")
+    path = get_fs(url)[1]
+    return retry_io(lambda: get_fs(url)[0].cat_file(path), attempts=_local_attempts(url), what=f"get {url}")
 
 
 def exists(url: str) -> bool:
-    fs, path = get_fs(url)
-    return bool(retry_io(lambda: fs.exists(path), what=f"head {url}"))
+    path = get_fs(url)[1]
+    return bool(retry_io(lambda: get_fs(url)[0].exists(path), attempts=_local_attempts(url), what=f"head {url}"))
 
 
 def remove(url: str) -> None:
     """Delete one object or file if present."""
-    fs, path = get_fs(url)
+    path = get_fs(url)[1]
     try:
-        fs.rm_file(path)
+        retry_io(lambda: get_fs(url)[0].rm_file(path), attempts=_local_attempts(url), what=f"delete {url}")
     except FileNotFoundError:
         pass

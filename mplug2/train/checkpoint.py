@@ -17,7 +17,9 @@ and ``trainer_state.pt`` then holds no optimizer. DCP re-shards on load, so a DC
 world size, into FSDP2, DDP or a single process; :func:`read_model_tensors` reads it without a process group.
 
 A checkpoint counts only if the manifest exists and all ``world_size`` markers list files that exist with
-their recorded sizes; :func:`find_latest_valid` skips the rest, loudly. Pure torch + storage (no Ray), so the
+their recorded sizes; :func:`find_latest_valid` skips the rest, loudly; storage that stays down past its retry
+deadline raises instead (never a silent fall-back). :func:`upload_checkpoint` puts payload files first, markers
+next, the manifest last, each retried through an S3 restart. Pure torch + storage (no Ray), so the
 Ray wiring can write through ``checkpoint_upload_fn`` or straight to storage with ``NO_UPLOAD``.
 """
 
@@ -50,7 +52,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FORMAT_VERSION", "MODEL_FILE", "TRAINER_FILE", "MANIFEST_FILE", "save_checkpoint", "commit_checkpoint",
     "validate_checkpoint", "load_checkpoint", "find_latest_valid", "LoadedCheckpoint", "CheckpointError",
-    "config_hash", "code_version", "rng_state", "set_rng_state",
+    "config_hash", "code_version", "rng_state", "set_rng_state", "upload_checkpoint",
 ]
 
 FORMAT_VERSION = 1
@@ -167,8 +169,14 @@ def _torch_bytes(obj: Any) -> bytes:
 
 
 def _size(url: str) -> int:
-    fs, path = storage.get_fs(url)
-    return int(storage.retry_io(lambda: fs.size(path), what=f"size {url}"))
+    path = storage.get_fs(url)[1]
+    return int(storage.retry_io(lambda: storage.get_fs(url)[0].size(path), attempts=_attempts(url),
+                                what=f"size {url}"))
+
+
+def _attempts(url: str) -> int | None:
+    """Retry budget: S3 calls retry until the storage deadline (an S3 restart), local ones a few times."""
+    return None if storage.is_remote(url) else 3
 
 
 def save_checkpoint(directory: str, *, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
@@ -238,10 +246,10 @@ def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
 
 def _put_file(local: str, url: str) -> None:
     """Move a finished local file to ``url`` (local: rename into place; remote: upload with retries)."""
-    fs, path = storage.get_fs(url)
     if storage.is_remote(url):
-        storage.retry_io(lambda: fs.put_file(local, path), what=f"put {url}")
+        _put_file_copy(local, url)
         return
+    path = storage.get_fs(url)[1]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.partial.{os.getpid()}"
     shutil.move(local, tmp)
@@ -276,12 +284,15 @@ def _local_dcp_dir(directory: str) -> Iterator[str]:
     if not storage.is_remote(directory):
         yield storage.get_fs(directory)[1]
         return
-    fs, path = storage.get_fs(directory)
-    names = [e.rstrip("/").rsplit("/", 1)[-1] for e in storage.retry_io(lambda: fs.ls(path, detail=False))]
+    path = storage.get_fs(directory)[1]
+    names = [e.rstrip("/").rsplit("/", 1)[-1]
+             for e in storage.retry_io(lambda: storage.get_fs(directory)[0].ls(path, detail=False),
+                                       what=f"list {directory}")]
     with tempfile.TemporaryDirectory(prefix="mplug2-dcp-") as tmp:
         for name in names:
             if name == DCP_METADATA or name.endswith(".distcp"):
-                storage.retry_io(lambda n=name: fs.get_file(f"{path}/{n}", os.path.join(tmp, n)),
+                storage.retry_io(lambda n=name: storage.get_fs(directory)[0].get_file(f"{path}/{n}",
+                                                                                      os.path.join(tmp, n)),
                                  what=f"get {directory}/{name}")
         yield tmp
 
@@ -327,6 +338,49 @@ def commit_checkpoint(directory: str, *, step: int, world_size: int, config_fing
     storage.atomic_write(storage.join(directory, MANIFEST_FILE), json.dumps(manifest, sort_keys=True, indent=1).encode())
 
 
+def _upload_rank(name: str) -> int:
+    """Upload order inside one checkpoint folder: payload (0), then ``done`` markers (1), ``manifest.json`` (2)."""
+    if name == MANIFEST_FILE:
+        return 2
+    return 1 if name.startswith("done_rank") else 0
+
+
+def upload_checkpoint(local_dir: str, dest: str) -> list[str]:
+    """Copy a finished local checkpoint folder (or one rank's part of it) to ``dest``, commit markers last.
+
+    A stale ``manifest.json`` at ``dest`` (an earlier attempt at the same step) is deleted first, then the
+    payload files go up, then the ``done`` markers, then the manifest: a reader never sees a manifest over
+    files that are still changing. Each file is one PUT (visible only when complete) retried through
+    :func:`mplug2.storage.retry_io` until ``$MPLUG2_S3_RETRY_DEADLINE_S``, so an S3 restart mid-upload costs
+    time, not the checkpoint; past the deadline :class:`mplug2.storage.StorageUnavailableError` is raised and
+    the folder stays invalid (no manifest) until a later attempt completes it. Returns the names uploaded.
+    """
+    t0 = time.perf_counter()
+    names = sorted((n for n in os.listdir(local_dir) if os.path.isfile(os.path.join(local_dir, n))),
+                   key=lambda n: (_upload_rank(n), n))
+    if MANIFEST_FILE in names:
+        storage.remove(storage.join(dest, MANIFEST_FILE))
+    total = 0
+    for name in names:
+        local = os.path.join(local_dir, name)
+        total += os.path.getsize(local)
+        url = storage.join(dest, name)
+        if storage.is_remote(dest):
+            _put_file_copy(local, url)
+        else:
+            with open(local, "rb") as f:
+                storage.atomic_write(url, f.read())
+    log.info("uploaded checkpoint %s: %d files, %.1f MiB in %.2fs", dest, len(names), total / 2**20,
+             time.perf_counter() - t0)
+    return names
+
+
+def _put_file_copy(local: str, url: str) -> None:
+    """Upload a local file (kept) to an ``s3://`` URL with retries."""
+    path = storage.get_fs(url)[1]
+    storage.retry_io(lambda: storage.get_fs(url)[0].put_file(local, path), what=f"put {url}")
+
+
 # --------------------------------------------------------------------------------------- validate / find
 
 def _read_json(url: str) -> Any:
@@ -340,6 +394,8 @@ def _problems(directory: str) -> tuple[list[str], dict[str, Any] | None]:
         manifest = _read_json(murl)
     except FileNotFoundError:
         return ["no manifest.json (interrupted before commit)"], None
+    except storage.StorageUnavailableError:
+        raise    # storage is down: "invalid" would silently fall back to an older checkpoint
     except (OSError, ValueError) as exc:
         return [f"unreadable manifest.json ({exc!r})"], None
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -351,6 +407,8 @@ def _problems(directory: str) -> tuple[list[str], dict[str, Any] | None]:
         except FileNotFoundError:
             problems.append(f"rank {r} marker {done_file(r)} missing")
             continue
+        except storage.StorageUnavailableError:
+            raise
         except (OSError, ValueError) as exc:
             problems.append(f"rank {r} marker unreadable ({exc!r})")
             continue
@@ -380,9 +438,10 @@ STEP_PREFIX = "step_"
 
 def list_step_checkpoints(run_dir: str) -> list[str]:
     """Every ``step_NNNNNNNN`` folder under a run directory, oldest first (names sort by step)."""
-    fs, path = storage.get_fs(run_dir)
+    path = storage.get_fs(run_dir)[1]
     try:
-        entries = storage.retry_io(lambda: fs.ls(path, detail=False))
+        entries = storage.retry_io(lambda: storage.get_fs(run_dir)[0].ls(path, detail=False),
+                                   attempts=_attempts(run_dir), what=f"list {run_dir}")
     except FileNotFoundError:
         return []
     names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)

@@ -33,6 +33,7 @@ from mplug2.runtime import setup_process_env
 from mplug2.train import build, parallel
 from mplug2.train.checkpoint import (
     STEP_PREFIX, commit_checkpoint, find_latest_valid, list_step_checkpoints, load_checkpoint, save_checkpoint,
+    upload_checkpoint,
 )
 from mplug2.train.config import TrainConfig
 from mplug2.train.metrics import MetricsLogger, plot_curves
@@ -375,7 +376,17 @@ class RayHooks:
             ray.train.report(metrics)
             return
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                         checkpoint_dir_name=f"{STEP_PREFIX}{step:08d}")
+                         checkpoint_dir_name=f"{STEP_PREFIX}{step:08d}", checkpoint_upload_fn=self._upload)
+
+    def _upload(self, checkpoint, dir_name: str):
+        """Ray's own upload (pyarrow ``copy_files``) has no retries (ray#55350) and no order; ours retries each
+        file until the storage deadline (an S3 restart) and puts markers and the manifest last."""
+        import ray.train
+
+        dest = storage.join(self.cfg.storage, self.cfg.run_name, dir_name)
+        upload_checkpoint(checkpoint.path, dest)
+        fs, path = storage.pyarrow_fs(dest)     # the same place Ray's own upload would have used
+        return ray.train.Checkpoint(path=path, filesystem=fs)
 
     def resume_from(self) -> str | None:
         import ray.train
@@ -419,11 +430,8 @@ class LocalHooks:
         self.run_dir = storage.join(cfg.storage, cfg.run_name)
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None, step: int) -> None:
-        if checkpoint_dir is not None:
-            dest = storage.join(self.run_dir, f"{STEP_PREFIX}{step:08d}")
-            for name in sorted(os.listdir(checkpoint_dir)):
-                with open(os.path.join(checkpoint_dir, name), "rb") as f:
-                    storage.atomic_write(storage.join(dest, name), f.read())
+        if checkpoint_dir is not None:   # markers and manifest last; retried through an S3 restart
+            upload_checkpoint(checkpoint_dir, storage.join(self.run_dir, f"{STEP_PREFIX}{step:08d}"))
         if dist.is_initialized():
             dist.barrier()
         if self.rank == 0 and checkpoint_dir is not None:
@@ -431,8 +439,9 @@ class LocalHooks:
 
     def _prune(self) -> None:
         for old in list_step_checkpoints(self.run_dir)[: -self.cfg.schedule.keep_last]:
-            fs, path = storage.get_fs(old)
-            fs.rm(path, recursive=True)
+            path = storage.get_fs(old)[1]
+            storage.retry_io(lambda: storage.get_fs(old)[0].rm(path, recursive=True),
+                             attempts=None if storage.is_remote(old) else 3, what=f"delete {old}")
 
     def resume_from(self) -> str | None:
         return None
