@@ -1,7 +1,8 @@
 """Frame-sampling benchmark: seconds per video (median of 3) for 8 middle frames (u8) and 1 fps (fps1).
 
-Compares our two backends (full path: worker process, resize to 224, JPEG q95) and our PyAV backend
-called in process (the cost of the killable worker is the difference) with PyAV-naive (decode every
+Compares our two backends (full path: worker process, resize to 224, JPEG q95), our PyAV backend
+called in process (the cost of the killable worker is the difference) and our PyAV sampler alone returning
+full-resolution RGB (``ours-sampler``: the peers' work, like for like) with PyAV-naive (decode every
 frame, pick), decord 0.6.0 ``get_batch`` and torchcodec 0.13.0 ``get_frames_at`` (decode only, so the
 peers do less work than we do). All methods sample the same times (``sample_times``) and every decoder
 gets both cores. Per row the methods are timed round-robin (``--repeat`` rounds after one warm-up call
@@ -68,6 +69,33 @@ def ours(backend: str) -> Callable[[Path, str], None]:
 def ours_in_process(path: Path, task: str) -> None:
     opts = VideoOptions(sampler="middle" if task == "u8" else "fps", fps=1.0, max_frames=1000, timeout_s=300)
     video._process_in_worker(str(path), "bench", opts, None, None)
+
+
+class _FullResFrames(video._FrameScaler):
+    """Our sampler's frames handed back as full-resolution RGB arrays, which is what the peers return."""
+
+    def __init__(self) -> None:  # no resize target: nothing of the parent's state is needed but the rotation
+        self.rotation = None
+
+    def submit(self, frame):
+        self.see(frame)
+        return frame.to_ndarray(format="rgb24")
+
+
+def ours_sampler(path: Path, task: str) -> None:
+    """Our PyAV sampler alone (probe, packet scan, exact-frame decode), same output as the peers: the
+    same work they do, for a like-for-like comparison of the sampling itself."""
+    opts = VideoOptions(sampler="middle" if task == "u8" else "fps", num_frames=8, fps=1.0, max_frames=1000)
+    with video._open(str(path)) as container:
+        stream, info = video._probe(container, first_frame=False)
+        start, end, _ = video._resolve_clip(info, None, None, opts)
+        times = video.sample_times(opts.sampler, start, end, num_frames=opts.num_frames, fps=opts.fps,
+                                   max_frames=opts.max_frames, seed=opts.seed, key="bench")
+        packets = video._scan(container, stream, info, start, times[-1])
+        runs = video._plan_runs(packets, times)
+        video._set_threads(stream, video._decode_threads(info, packets, runs))
+        if video._decode_exact(container, stream, info, packets, times, runs, _FullResFrames()) is None:
+            raise RuntimeError(f"{path.name}: the exact-frame plan failed")
 
 
 def pyav_naive(path: Path, task: str) -> None:
@@ -138,7 +166,7 @@ def main() -> None:
     ap.add_argument("--clips", nargs="*", help="subset of clip names")
     ap.add_argument("--tasks", nargs="*", default=["u8", "fps1"])
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/frames.json", help="JSON copy of the table")
-    ap.add_argument("--methods", nargs="*", help="subset of columns (ours-pyav, ours-ffmpeg, ours-pyav-inproc, "
+    ap.add_argument("--methods", nargs="*", help="subset of columns (ours-pyav, ours-ffmpeg, ours-pyav-inproc, ours-sampler, "
                                                 "pyav-naive, decord, torchcodec)")
     args = ap.parse_args()
 
@@ -151,6 +179,7 @@ def main() -> None:
     status = peer_status(args.peers)
     methods: dict[str, Callable[[Path, str], None] | str] = {
         "ours-pyav": ours("pyav"), "ours-ffmpeg": ours("ffmpeg"), "ours-pyav-inproc": ours_in_process,
+        "ours-sampler": ours_sampler,
         "pyav-naive": pyav_naive,
         "decord": decord_batch if status["decord"] is None else f"n/a ({status['decord']})",
         "torchcodec": torchcodec_at if status["torchcodec"] is None else f"n/a ({status['torchcodec']})",
