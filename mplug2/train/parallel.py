@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -94,8 +95,12 @@ def wrap(task: nn.Module, *, strategy: str, device: torch.device, world_size: in
         return task
     if strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(
-            task, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+        # torch 2.13 deprecates broadcast_buffers in favour of forward_sync_buffers, which still syncs at init;
+        # its own warning says to keep broadcast_buffers=False for buffers that must never be broadcast.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            return nn.parallel.DistributedDataParallel(
+                task, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
