@@ -209,26 +209,22 @@ class S3Server:
                 break
             time.sleep(0.1)
         else:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            if self.proc is not None:
-                self.proc.wait(5)
+            self._sigkill_group(pid, wait_s=5)
         self.pid = None
 
     def kill(self) -> None:
         """SIGKILL the process group at once (a crash: nothing flushed); ``start()`` restarts it in place."""
-        pid = self.pid
-        if pid is None:
-            return
+        if self.pid is not None:
+            self._sigkill_group(self.pid, wait_s=10)
+        self.pid = None
+
+    def _sigkill_group(self, pid: int, wait_s: float) -> None:
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         if self.proc is not None:
-            self.proc.wait(10)
-        self.pid = None
+            self.proc.wait(wait_s)
 
     def __enter__(self) -> "S3Server":
         return self.start()
