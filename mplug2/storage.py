@@ -47,6 +47,11 @@ __all__ = [
     "exists",
     "remove",
     "retry_io",
+    "size",
+    "list_names",
+    "upload_file",
+    "download_file",
+    "remove_tree",
     "retry_deadline_s",
     "reset_fs_cache",
     "StorageUnavailableError",
@@ -219,8 +224,7 @@ def atomic_write(url: str, data: bytes) -> None:
     which becomes visible only when complete.
     """
     if is_remote(url):
-        path = get_fs(url)[1]
-        retry_io(lambda: get_fs(url)[0].pipe_file(path, data), what=f"put {url}")
+        _with_retries(url, "put", lambda fs, path: fs.pipe_file(path, data))
         return
     path = get_fs(url)[1]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -236,25 +240,50 @@ def atomic_write(url: str, data: bytes) -> None:
             os.remove(tmp)
 
 
-def _local_attempts(url: str) -> int | None:
-    """Local paths: a few quick tries (an NFS hiccup), not the S3 outage deadline."""
-    return None if is_remote(url) else 3
+def _with_retries(url: str, what: str, op: Callable[[fsspec.AbstractFileSystem, str], T]) -> T:
+    """``op(fs, path)`` under :func:`retry_io` with a fresh filesystem per attempt. The retry budget: S3
+    calls retry until the storage deadline (an S3 restart); local paths get a few quick tries (an NFS
+    hiccup), not the outage deadline."""
+    path = get_fs(url)[1]
+    return retry_io(lambda: op(get_fs(url)[0], path), attempts=None if is_remote(url) else 3,
+                    what=f"{what} {url}")
 
 
 def read_bytes(url: str) -> bytes:
-    path = get_fs(url)[1]
-    return retry_io(lambda: get_fs(url)[0].cat_file(path), attempts=_local_attempts(url), what=f"get {url}")
+    return _with_retries(url, "get", lambda fs, path: fs.cat_file(path))
 
 
 def exists(url: str) -> bool:
-    path = get_fs(url)[1]
-    return bool(retry_io(lambda: get_fs(url)[0].exists(path), attempts=_local_attempts(url), what=f"head {url}"))
+    return bool(_with_retries(url, "head", lambda fs, path: fs.exists(path)))
+
+
+def size(url: str) -> int:
+    return int(_with_retries(url, "size", lambda fs, path: fs.size(path)))
+
+
+def list_names(url: str) -> list[str]:
+    """Names (not paths) of the entries directly under a folder / prefix; ``FileNotFoundError`` if absent."""
+    entries = _with_retries(url, "list", lambda fs, path: fs.ls(path, detail=False))
+    return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+
+
+def upload_file(local: str, url: str) -> None:
+    """Copy a local file to ``url`` (one PUT on S3: visible only when complete); the local file is kept."""
+    _with_retries(url, "put", lambda fs, path: fs.put_file(local, path))
+
+
+def download_file(url: str, local: str) -> None:
+    _with_retries(url, "get", lambda fs, path: fs.get_file(path, local))
 
 
 def remove(url: str) -> None:
     """Delete one object or file if present."""
-    path = get_fs(url)[1]
     try:
-        retry_io(lambda: get_fs(url)[0].rm_file(path), attempts=_local_attempts(url), what=f"delete {url}")
+        _with_retries(url, "delete", lambda fs, path: fs.rm_file(path))
     except FileNotFoundError:
         pass
+
+
+def remove_tree(url: str) -> None:
+    """Delete a folder / prefix and everything under it."""
+    _with_retries(url, "delete", lambda fs, path: fs.rm(path, recursive=True))

@@ -237,8 +237,7 @@ class Output:
     def publish_file(self, local: str, name: str) -> None:
         """Make a finished local file visible under ``name`` atomically (replace / one upload)."""
         if self.remote:
-            fs, path = storage.get_fs(self.path(name))
-            storage.retry_io(lambda: fs.put_file(local, path), what=f"put {name}")
+            storage.upload_file(local, self.path(name))
             os.remove(local)
         else:
             os.replace(local, self.path(name))

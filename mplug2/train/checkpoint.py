@@ -46,6 +46,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from mplug2 import storage
+from mplug2.train.parallel import is_fsdp
 
 log = logging.getLogger(__name__)
 
@@ -168,17 +169,6 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _size(url: str) -> int:
-    path = storage.get_fs(url)[1]
-    return int(storage.retry_io(lambda: storage.get_fs(url)[0].size(path), attempts=_attempts(url),
-                                what=f"size {url}"))
-
-
-def _attempts(url: str) -> int | None:
-    """Retry budget: S3 calls retry until the storage deadline (an S3 restart), local ones a few times."""
-    return None if storage.is_remote(url) else 3
-
-
 def save_checkpoint(directory: str, *, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
                     scheduler: Any | None, step: int, extra: dict[str, Any] | None, rank: int, world_size: int,
                     data_state: dict[str, Any] | None, config_fingerprint: Any, write_manifest: bool = True,
@@ -194,7 +184,7 @@ def save_checkpoint(directory: str, *, model: torch.nn.Module | None, optimizer:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     t0 = time.perf_counter()
     files: dict[str, bytes] = {}
-    sharded = model is not None and _is_fsdp(model)
+    sharded = model is not None and is_fsdp(model)
     # FSDP2: model + optimizer as DCP, every rank (a collective); files land first, the marker lists them.
     dcp_sizes = _save_dcp(directory, model, optimizer) if sharded else {}
     if rank == 0:
@@ -225,12 +215,6 @@ def save_checkpoint(directory: str, *, model: torch.nn.Module | None, optimizer:
 
 # ------------------------------------------------------------------------------------- DCP (FSDP2)
 
-def _is_fsdp(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
 def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
                strict: bool = True) -> dict[str, Any]:
     """``{"model": ..., "optim": ...}`` as torch.distributed.checkpoint.state_dict gives them: DTensor shards
@@ -247,7 +231,7 @@ def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
 def _put_file(local: str, url: str) -> None:
     """Move a finished local file to ``url`` (local: rename into place; remote: upload with retries)."""
     if storage.is_remote(url):
-        _put_file_copy(local, url)
+        storage.upload_file(local, url)
         return
     path = storage.get_fs(url)[1]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -284,16 +268,10 @@ def _local_dcp_dir(directory: str) -> Iterator[str]:
     if not storage.is_remote(directory):
         yield storage.get_fs(directory)[1]
         return
-    path = storage.get_fs(directory)[1]
-    names = [e.rstrip("/").rsplit("/", 1)[-1]
-             for e in storage.retry_io(lambda: storage.get_fs(directory)[0].ls(path, detail=False),
-                                       what=f"list {directory}")]
     with tempfile.TemporaryDirectory(prefix="mplug2-dcp-") as tmp:
-        for name in names:
+        for name in storage.list_names(directory):
             if name == DCP_METADATA or name.endswith(".distcp"):
-                storage.retry_io(lambda n=name: storage.get_fs(directory)[0].get_file(f"{path}/{n}",
-                                                                                      os.path.join(tmp, n)),
-                                 what=f"get {directory}/{name}")
+                storage.download_file(storage.join(directory, name), os.path.join(tmp, name))
         yield tmp
 
 
@@ -366,19 +344,13 @@ def upload_checkpoint(local_dir: str, dest: str) -> list[str]:
         total += os.path.getsize(local)
         url = storage.join(dest, name)
         if storage.is_remote(dest):
-            _put_file_copy(local, url)
+            storage.upload_file(local, url)
         else:
             with open(local, "rb") as f:
                 storage.atomic_write(url, f.read())
     log.info("uploaded checkpoint %s: %d files, %.1f MiB in %.2fs", dest, len(names), total / 2**20,
              time.perf_counter() - t0)
     return names
-
-
-def _put_file_copy(local: str, url: str) -> None:
-    """Upload a local file (kept) to an ``s3://`` URL with retries."""
-    path = storage.get_fs(url)[1]
-    storage.retry_io(lambda: storage.get_fs(url)[0].put_file(local, path), what=f"put {url}")
 
 
 # --------------------------------------------------------------------------------------- validate / find
@@ -416,7 +388,7 @@ def _problems(directory: str) -> tuple[list[str], dict[str, Any] | None]:
             problems.append(f"rank {r} marker is for step {marker.get('step')}, manifest for {manifest['step']}")
         for name, size in marker.get("files", {}).items():
             try:
-                actual = _size(storage.join(directory, name))
+                actual = storage.size(storage.join(directory, name))
             except FileNotFoundError:
                 problems.append(f"{name} (rank {r}) missing")
                 continue
@@ -438,13 +410,10 @@ STEP_PREFIX = "step_"
 
 def list_step_checkpoints(run_dir: str) -> list[str]:
     """Every ``step_NNNNNNNN`` folder under a run directory, oldest first (names sort by step)."""
-    path = storage.get_fs(run_dir)[1]
     try:
-        entries = storage.retry_io(lambda: storage.get_fs(run_dir)[0].ls(path, detail=False),
-                                   attempts=_attempts(run_dir), what=f"list {run_dir}")
+        names = sorted(storage.list_names(run_dir))
     except FileNotFoundError:
         return []
-    names = sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
     return [storage.join(run_dir, n) for n in names if n.startswith(STEP_PREFIX)]
 
 
@@ -534,7 +503,7 @@ def load_checkpoint(directory: str, *, model: torch.nn.Module | None = None,
         _load_dcp(directory, _unwrap(model), optimizer, strict)
     elif dcp_ckpt and optimizer is not None:
         raise CheckpointError(f"{directory}: a DCP checkpoint restores the optimizer together with its model")
-    elif model is not None and _is_fsdp(model):
+    elif model is not None and is_fsdp(model):
         raise CheckpointError(f"{directory} was written without FSDP2 (model.safetensors) and cannot resume an "
                               "FSDP2 run; resume it with scale.strategy=ddp, or start a new run with init_from")
     elif model is not None:

@@ -122,11 +122,10 @@ class TrainLoop:
         if self.rank != 0 or not storage.is_remote(self.run_dir):
             return
         self.metrics.flush()
-        fs, path = storage.get_fs(storage.join(self.run_dir, "logs"))
         for name in os.listdir(self.log_dir):
             local = os.path.join(self.log_dir, name)
             if os.path.isfile(local):
-                storage.retry_io(lambda: fs.put_file(local, f"{path}/{name}"))
+                storage.upload_file(local, storage.join(self.run_dir, "logs", name))
 
     # ----------------------------------------------------------------------------------- checkpoints
     def restore(self) -> None:
@@ -439,9 +438,7 @@ class LocalHooks:
 
     def _prune(self) -> None:
         for old in list_step_checkpoints(self.run_dir)[: -self.cfg.schedule.keep_last]:
-            path = storage.get_fs(old)[1]
-            storage.retry_io(lambda: storage.get_fs(old)[0].rm(path, recursive=True),
-                             attempts=None if storage.is_remote(old) else 3, what=f"delete {old}")
+            storage.remove_tree(old)
 
     def resume_from(self) -> str | None:
         return None

@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from mplug2 import storage
-from mplug2.train import checkpoint as ckpt
 from mplug2.train.checkpoint import (
     MANIFEST_FILE, STEP_PREFIX, find_latest_valid, list_step_checkpoints, read_model_tensors, validate_checkpoint,
 )
@@ -84,12 +83,13 @@ def _cfg(shards: str, name: str) -> TrainConfig:
 
 
 class KillDuringUpload:
-    """Wraps the checkpoint uploader: before the ``nth`` file of step ``step`` goes up, SIGKILL the server and
-    (if ``down_s``) restart it in place ``down_s`` later from a thread. Records every completed upload in order."""
+    """Wraps :func:`mplug2.storage.upload_file`: before the ``nth`` file of step ``step`` goes up, SIGKILL the
+    server and (if ``down_s``) restart it in place ``down_s`` later from a thread. Records every completed
+    checkpoint upload in order."""
 
     def __init__(self, srv, step: int, nth: int, down_s: float | None):
         self.srv, self.step, self.nth, self.down_s = srv, step, nth, down_s
-        self.orig = ckpt._put_file_copy
+        self.orig = storage.upload_file
         self.seen = 0
         self.done: list[str] = []
         self.killed_at = self.back_at = None
@@ -106,7 +106,8 @@ class KillDuringUpload:
                     self.thread = threading.Thread(target=self._restart, daemon=True)
                     self.thread.start()
         self.orig(local, url)
-        self.done.append(url)
+        if f"/{STEP_PREFIX}" in url:          # checkpoint files (the run's logs go up the same way)
+            self.done.append(url)
 
     def _restart(self) -> None:
         try:
@@ -152,7 +153,7 @@ def test_checkpoint_upload_survives_s3_restart(outage_env, s3_env, monkeypatch, 
     caplog.set_level(logging.INFO, logger="mplug2")
     monkeypatch.setenv("MPLUG2_S3_RETRY_DEADLINE_S", "120")
     kill = KillDuringUpload(srv, KILL_STEP, nth=2, down_s=DOWN_S)
-    monkeypatch.setattr(ckpt, "_put_file_copy", kill)
+    monkeypatch.setattr(storage, "upload_file", kill)
     cfg = _cfg(shards, "restart")
     t0 = time.monotonic()
     run_local(cfg)
@@ -173,7 +174,7 @@ def test_checkpoint_upload_survives_s3_restart(outage_env, s3_env, monkeypatch, 
 
     # The same command again: resumes from the newest checkpoint (step 6), trains nothing, still complete.
     caplog.clear()
-    monkeypatch.setattr(ckpt, "_put_file_copy", kill.orig)
+    monkeypatch.setattr(storage, "upload_file", kill.orig)
     run_local(cfg)
     resumed = [r.getMessage() for r in caplog.records if "resumed from" in r.getMessage()]
     assert resumed and f"{STEP_PREFIX}{STEPS:08d} at step {STEPS}" in resumed[0], resumed
@@ -185,7 +186,7 @@ def test_outage_past_deadline_fails_loudly_then_resumes(outage_env, s3_env, monk
     caplog.set_level(logging.INFO, logger="mplug2")
     monkeypatch.setenv("MPLUG2_S3_RETRY_DEADLINE_S", str(SHORT_DEADLINE_S))
     kill = KillDuringUpload(srv, KILL_STEP, nth=2, down_s=None)
-    monkeypatch.setattr(ckpt, "_put_file_copy", kill)
+    monkeypatch.setattr(storage, "upload_file", kill)
     cfg = _cfg(shards, "dead")
     with pytest.raises(storage.StorageUnavailableError, match="deadline") as info:
         run_local(cfg)
@@ -200,7 +201,7 @@ def test_outage_past_deadline_fails_loudly_then_resumes(outage_env, s3_env, monk
     # Server back (same address, same data): step 4 is half-written and must not count.
     srv.start()
     monkeypatch.setenv("MPLUG2_S3_RETRY_DEADLINE_S", "120")
-    monkeypatch.setattr(ckpt, "_put_file_copy", kill.orig)
+    monkeypatch.setattr(storage, "upload_file", kill.orig)
     run_dir = storage.join(cfg.storage, cfg.run_name)
     half = storage.join(run_dir, f"{STEP_PREFIX}{KILL_STEP:08d}")
     assert storage.exists(storage.join(half, "data_rank0.json")), "the first file went up before the kill"
