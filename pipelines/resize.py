@@ -9,6 +9,17 @@ from PIL import Image
 RESIZE_MODES = ("no", "border", "keep_ratio", "center_crop")
 
 
+def scaled_size(w: int, h: int, size: int, mode: str) -> tuple[int, int]:
+    """The size :func:`resize` scales a ``w`` x ``h`` image to, before it crops or pads (``mode``)."""
+    if mode == "no":
+        return w, h
+    if mode == "border":
+        scale = size / max(w, h)
+        return max(1, round(w * scale)), max(1, round(h * scale))
+    scale = size / min(w, h)
+    return max(size, round(w * scale)), max(size, round(h * scale))
+
+
 def resize(img: Image.Image, size: int, mode: str = "center_crop",
            resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
     """Resize an RGB image to ``size`` with one of :data:`RESIZE_MODES`.
@@ -28,16 +39,13 @@ def resize(img: Image.Image, size: int, mode: str = "center_crop",
     if mode == "no":
         return img
     w, h = img.size
+    nw, nh = scaled_size(w, h, size, mode)
+    scale = size / (max(w, h) if mode == "border" else min(w, h))
+    img = img.resize((nw, nh), resample, reducing_gap=3.0 if scale < 0.5 else None)
     if mode == "border":
-        scale = size / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        img = img.resize((nw, nh), resample, reducing_gap=3.0 if scale < 0.5 else None)
         canvas = Image.new("RGB", (size, size))
         canvas.paste(img, ((size - nw) // 2, (size - nh) // 2))
         return canvas
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), resample, reducing_gap=3.0 if scale < 0.5 else None)
     if mode == "keep_ratio":
         return img
     left, top = (nw - size) // 2, (nh - size) // 2

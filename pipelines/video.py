@@ -71,7 +71,7 @@ from pipelines.errors import (
     ConfigError,
     SampleError,
 )
-from pipelines.resize import RESIZE_MODES, encode_jpeg, resize
+from pipelines.resize import RESIZE_MODES, encode_jpeg, resize, scaled_size
 
 log = logging.getLogger(__name__)
 
@@ -618,15 +618,13 @@ def _plan_runs(packets: list[_Packet], times: list[float]) -> list[tuple[float, 
     return runs
 
 
-def _target_size(w: int, h: int, size: int, mode: str) -> tuple[int, int]:
-    """The size :func:`pipelines.resize.resize` scales a ``w`` x ``h`` image to before crop/pad."""
-    if mode == "no":
-        return w, h
-    if mode == "border":
-        scale = size / max(w, h)
-        return max(1, round(w * scale)), max(1, round(h * scale))
-    scale = size / min(w, h)
-    return max(size, round(w * scale)), max(size, round(h * scale))
+def _coded_target_size(w: int, h: int, rotation: int, size: int, mode: str) -> tuple[int, int]:
+    """The size to scale a coded ``w`` x ``h`` frame to so that, once turned upright by ``rotation``, it is
+    what :func:`pipelines.resize.resize` would scale the upright frame to before crop/pad."""
+    if rotation in (90, 270):
+        uw, uh = scaled_size(h, w, size, mode)
+        return uh, uw
+    return scaled_size(w, h, size, mode)
 
 
 class _FrameScaler:
@@ -655,12 +653,7 @@ class _FrameScaler:
     def __call__(self, frame) -> Any:
         self.see(frame)
         rot = self.rotation
-        w, h = frame.width, frame.height
-        if rot in (90, 270):
-            dw, dh = _target_size(h, w, self.size, self.mode)
-            tw, th = dh, dw
-        else:
-            tw, th = _target_size(w, h, self.size, self.mode)
+        tw, th = _coded_target_size(frame.width, frame.height, rot, self.size, self.mode)
         img = self.reformatter.reformat(frame, width=tw, height=th, format="rgb24",
                                         interpolation=self.flags, threads=1).to_image()
         if rot:
@@ -837,11 +830,7 @@ def _decode_ffmpeg(path: str, info: _Info, pts: list[float], times: list[float],
     # flags, then rotate in PIL. PyAV's swscale honours the frame's chroma siting tag; this ffmpeg's
     # scale filter takes "center" unless told, so name the siting the MPEG-family decoders tag.
     rot = info.rotation
-    if rot in (90, 270):
-        dw, dh = _target_size(info.height, info.width, opts.size, opts.resize_mode)
-        w, h = dh, dw
-    else:
-        w, h = _target_size(info.width, info.height, opts.size, opts.resize_mode)
+    w, h = _coded_target_size(info.width, info.height, rot, opts.size, opts.resize_mode)
     stream = ffmpeg.input("file:" + os.path.abspath(path), ss=f"{seek + info.start:.6f}", t=f"{span:.6f}",
                           protocol_whitelist=PROTOCOL_WHITELIST, format_whitelist=FORMAT_WHITELIST,
                           threads=DECODE_THREADS, copyts=None, noautorotate=None)
