@@ -131,9 +131,7 @@ class RowProcessor:
                 return [self._image(key, row, item)]
             return self._video(key, row, item)
         except Exception as exc:  # a bug, not a bad sample: recorded with type and message, run goes on
-            log.exception("internal error on %s", key)
-            err = SampleError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-            return [RowOutcome(key, _fail(self.base_record(key, row, item), err, 1))]
+            return [_internal(self, key, row, item, exc)]
 
     def retry_item(self, key: str, row: RawRow, item: Item, clip: tuple | None) -> RowOutcome:
         """Re-run one row (or one clip) of a committed shard under ``--retry-failed``."""
@@ -406,6 +404,7 @@ def _image_outcomes(config: PreprocessConfig, task: ShardTask, proc: RowProcesso
 
 
 def _internal(proc: RowProcessor, key: str, row: RawRow, item: Item | None, exc: Exception) -> RowOutcome:
+    """A bug, not a bad sample: logged with its traceback and recorded as ``internal_error``."""
     log.error("internal error on %s", key, exc_info=exc)
     err = SampleError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
     return RowOutcome(key, _fail(proc.base_record(key, row, item), err, 1))
