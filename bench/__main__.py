@@ -7,6 +7,7 @@
 | model  | forward + backward time, peak memory (and MFU on a GPU) for tiny / base / large |
 | loader | training loader samples/s (image and video shards, local and S3) |
 | train  | loader alone vs training step; Ray Train step vs a plain torch.distributed loop |
+| official | peak RSS of `import-official` on a Large-shaped release checkpoint (bound: 1.3x its size) |
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import importlib
 import sys
 
 BENCHES = {"images": "bench.bench_images", "frames": "bench.bench_frames", "model": "bench.bench_model",
-           "loader": "bench.bench_loader", "train": "bench.bench_train"}
+           "loader": "bench.bench_loader", "train": "bench.bench_train",
+           "official": "bench.bench_official"}
 
 
 def main(argv: list[str]) -> int:

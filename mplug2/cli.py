@@ -1,4 +1,5 @@
-"""``mplug2-model``: inspect and build mPLUG-2 models.
+"""``mplug2-model``: inspect, build and use mPLUG-2 models (``caption | qa | embed | retrieve``:
+:mod:`mplug2.inference.cli`).
 
     mplug2-model params --preset large              # parameter count per module and total (built on `meta`)
     mplug2-model convert --preset base --bert <bert ckpt> --clip <clip ckpt> --out <folder>
@@ -108,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("--config", help="a model YAML instead of a preset")
     pi.add_argument("--seed", type=int, default=0, help="seed for the MLM head, which the release does not have")
     pi.set_defaults(fn=cmd_import_official)
+
+    from mplug2.inference.cli import add_commands
+
+    add_commands(sub)
     return p
 
 
