@@ -143,14 +143,15 @@ class Predictor:
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def caption(self, pixels: Tensor, *, beam_size: int | None = None, min_len: int | None = None,
-                max_len: int | None = None, prompt: str = "a video of", official_decoding: bool = False) -> list[str]:
+                max_len: int | None = None, prompt: str = "a video of", official_decoding: bool = False,
+                use_cache: bool = True) -> list[str]:
         """Captions, prompt stripped. Defaults: the model config's beam and lengths (counted after the prompt);
         ``official_decoding`` = the release's (``OFFICIAL_CAPTION``, lengths counting the prompt)."""
         if official_decoding:
             o = OFFICIAL_CAPTION
             beam_size, min_len, max_len = beam_size or o["beam_size"], min_len or o["min_len"], max_len or o["max_len"]
         cfg = CaptionConfig(prompt=prompt, num_beams=beam_size, min_length=min_len, max_length=max_len,
-                            force_prompt=not official_decoding)
+                            force_prompt=not official_decoding, use_cache=use_cache)
         return Captioner(self.model, self.tok, cfg).predict(self._pixels(pixels))
 
     @torch.inference_mode()
