@@ -268,6 +268,6 @@ def add_commands(sub) -> None:
     common(pr, media=None)
     pr.add_argument("--index", required=True, help="embedding .parquet file or folder of them")
     pr.add_argument("--query", action="append", required=True, help="query text (repeatable)")
-    pr.add_argument("-k", type=int, default=10)
+    pr.add_argument("-k", type=int, default=10, help="results per query")
     pr.add_argument("--rerank", action="store_true", help="re-rank the ITC top 3k by ITM (re-reads the media)")
     pr.set_defaults(fn=cmd_retrieve)
