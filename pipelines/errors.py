@@ -37,3 +37,15 @@ class SampleError(Exception):
 
 class ConfigError(ValueError):
     """A start-up error (bad manifest schema, bad option): raised before anything is written."""
+
+
+class PermanentShardError(RuntimeError):
+    """A whole-shard failure that running the shard again cannot fix (a lost writer lease): the driver
+    reports it at once instead of retrying. Any other exception from a shard task is retried."""
+
+
+def shard_error_is_retryable(exc: BaseException) -> bool:
+    """Whether the driver retries a shard whose task raised ``exc``: storage errors, a dead worker or a
+    deadline may pass; a permanent error or a config error will not. Decided from the type (Ray re-raises a
+    task's exception as a subclass of its cause, a process pool as the same type), never from its text."""
+    return not isinstance(exc, (PermanentShardError, ConfigError))
