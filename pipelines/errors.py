@@ -14,10 +14,11 @@ CLIP_OUT_OF_RANGE = "clip_out_of_range"
 OPTED_OUT = "opted_out"
 EMPTY_CAPTION = "empty_caption"
 INTERNAL_ERROR = "internal_error"
+LOW_SCORE = "low_score"  # below --min-score of the --score-with model stage
 
 REASONS: tuple[str, ...] = (
     INVALID_INPUT, NOT_FOUND, DOWNLOAD_ERROR, TIMEOUT, TOO_LARGE, DECODE_ERROR, TOO_SMALL, FILTERED,
-    CLIP_OUT_OF_RANGE, OPTED_OUT, EMPTY_CAPTION, INTERNAL_ERROR,
+    CLIP_OUT_OF_RANGE, OPTED_OUT, EMPTY_CAPTION, INTERNAL_ERROR, LOW_SCORE,
 )
 
 # Reasons a `--retry-failed` pass fetches again.
@@ -33,6 +34,9 @@ class SampleError(Exception):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message or reason
+
+    def __reduce__(self):  # pickled between pipeline stages: rebuild from (reason, message), keep attributes
+        return (type(self), (self.reason, self.message), self.__dict__)
 
 
 class ConfigError(ValueError):

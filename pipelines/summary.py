@@ -22,6 +22,7 @@ class RunSummary:
     watchdog_fired: bool = False
     max_failure_ratio: float = 1.0
     dataset: dict | None = None
+    stages: dict[str, dict] = field(default_factory=dict)  # Ray Data path: operator -> shards, task_s, wall_s
 
     @property
     def failed(self) -> int:
@@ -53,6 +54,11 @@ class RunSummary:
         for reason, n in sorted(self.failures.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {reason:<16}{n}")
         lines.append(f"wall time         {self.wall_s:.1f} s  ({self.samples_per_s:.1f} samples/s)")
+        if self.stages:
+            lines.append(f"{'stage':<18}{'shards':>7}{'task s':>9}{'wall s':>9}{'samples/s':>11}")
+            for name, st in self.stages.items():
+                rate = self.rows / st["wall_s"] if st["wall_s"] > 0 else 0.0
+                lines.append(f"  {name:<16}{st['shards']:>7}{st['task_s']:>9.1f}{st['wall_s']:>9.1f}{rate:>11.1f}")
         for sid, why in sorted(self.shards_failed.items()):
             lines.append(f"FAILED shard {sid}: {why}")
         if self.watchdog_fired:
