@@ -100,17 +100,22 @@ class CaptionStage(_ModelStage):
             _set_json(o, self.config.caption_field, text)
 
 
-def add_model_stages(ds, config: PreprocessConfig, gpus_in_cluster: float):
-    """Append the configured model stages (score first: no caption is generated for a dropped sample)."""
+def add_model_stages(ds, config: PreprocessConfig, cpus_in_cluster: float, gpus_in_cluster: float):
+    """Append the configured model stages (score first: no caption is generated for a dropped sample).
+
+    CPU actors hold at most half the cluster's CPUs between them: an actor keeps its CPUs while alive, and
+    the fetch, decode and commit stages must still be schedulable (else the pipeline waits forever).
+    """
     import ray.data
 
-    use_gpu = gpus_in_cluster > 0
-    resources = {"num_gpus": config.model_gpus} if use_gpu else {"num_cpus": 1}
     stages: list[tuple[Callable, str]] = []
     if config.score_with:
         stages.append((ScoreStage, config.score_with))
     if config.caption_with:
         stages.append((CaptionStage, config.caption_with))
+    use_gpu = gpus_in_cluster > 0
+    cpu_share = min(1.0, cpus_in_cluster / (2 * len(stages) * config.model_actors))
+    resources = {"num_gpus": config.model_gpus} if use_gpu else {"num_cpus": cpu_share}
     for cls, model_dir in stages:
         ds = ds.map(cls, fn_constructor_kwargs={"config_dict": config.to_dict(), "model_dir": model_dir,
                                                 "use_gpu": use_gpu},

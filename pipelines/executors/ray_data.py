@@ -74,7 +74,7 @@ class RayDataExecutor:
         if c.has_model_stages:
             from pipelines.model_stages import add_model_stages
 
-            ds = add_model_stages(ds, c, gpus_in_cluster=self.gpus)
+            ds = add_model_stages(ds, c, cpus_in_cluster=self.cpus, gpus_in_cluster=self.gpus)
         return ds.map(_stage_fn(shard_stages.commit, cd), num_cpus=COMMIT_CPUS)
 
     def run(self, works: list[ShardWork], tick: Callable[[], None]) -> Iterator[ShardWork]:
