@@ -14,10 +14,11 @@ CLIP_OUT_OF_RANGE = "clip_out_of_range"
 OPTED_OUT = "opted_out"
 EMPTY_CAPTION = "empty_caption"
 INTERNAL_ERROR = "internal_error"
+LOW_SCORE = "low_score"  # below --min-score of the --score-with model stage
 
 REASONS: tuple[str, ...] = (
     INVALID_INPUT, NOT_FOUND, DOWNLOAD_ERROR, TIMEOUT, TOO_LARGE, DECODE_ERROR, TOO_SMALL, FILTERED,
-    CLIP_OUT_OF_RANGE, OPTED_OUT, EMPTY_CAPTION, INTERNAL_ERROR,
+    CLIP_OUT_OF_RANGE, OPTED_OUT, EMPTY_CAPTION, INTERNAL_ERROR, LOW_SCORE,
 )
 
 # Reasons a `--retry-failed` pass fetches again.
@@ -34,6 +35,21 @@ class SampleError(Exception):
         self.reason = reason
         self.message = message or reason
 
+    def __reduce__(self):  # pickled between pipeline stages: rebuild from (reason, message), keep attributes
+        return (type(self), (self.reason, self.message), self.__dict__)
+
 
 class ConfigError(ValueError):
     """A start-up error (bad manifest schema, bad option): raised before anything is written."""
+
+
+class PermanentShardError(RuntimeError):
+    """A whole-shard failure that running the shard again cannot fix (a lost writer lease): the driver
+    reports it at once instead of retrying. Any other exception from a shard task is retried."""
+
+
+def shard_error_is_retryable(exc: BaseException) -> bool:
+    """Whether the driver retries a shard whose task raised ``exc``: storage errors, a dead worker or a
+    deadline may pass; a permanent error or a config error will not. Decided from the type (Ray re-raises a
+    task's exception as a subclass of its cause, a process pool as the same type), never from its text."""
+    return not isinstance(exc, (PermanentShardError, ConfigError))

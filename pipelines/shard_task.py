@@ -24,7 +24,7 @@ from typing import Any
 
 from pipelines import shards
 from pipelines.config import PreprocessConfig
-from pipelines.errors import INTERNAL_ERROR, RETRYABLE, TIMEOUT, SampleError
+from pipelines.errors import INTERNAL_ERROR, INVALID_INPUT, NOT_FOUND, RETRYABLE, TIMEOUT, TOO_LARGE, SampleError
 from pipelines.fetch import Fetcher, FetchOptions, resolve_source
 from pipelines.image import ImageOptions, process_image
 from pipelines.sources import ColumnMap, Item, RawRow, normalize_row
@@ -53,6 +53,22 @@ class _ImageFetch:
     item: Item
     got: Any  # pipelines.fetch.Fetched
     error: SampleError | None
+
+
+@dataclass
+class _VideoFetch:
+    """A video row between its two stages: downloaded bytes or a local path, their hash and size, or the
+    reason there are none."""
+
+    key: str
+    row: RawRow
+    item: Item
+    local: str | None = None
+    data: bytes | None = None
+    sha256: str | None = None
+    nbytes: int | None = None
+    attempts: int = 1
+    error: SampleError | None = None
 
 
 @dataclass
@@ -143,7 +159,7 @@ class RowProcessor:
         return self.image_finish(self.image_fetch(key, row, item))
 
     # The two stages of an image row. ``run_shard`` runs the first (I/O) on the fetch threads and the
-    # second (decode/resize/encode, CPU) on ``_cpu_threads`` threads, as img2dataset does: with 32
+    # second (decode/resize/encode, CPU) on ``cpu_threads`` threads, as img2dataset does: with 32
     # threads each doing both, GIL and scheduler contention cost ~10-15 % more CPU per image (measured
     # on the 10k-image benchmark: 22-24 s vs 20 s of CPU, most of the difference in system time).
     def image_fetch(self, key: str, row: RawRow, item: Item) -> "_ImageFetch":
@@ -175,51 +191,61 @@ class RowProcessor:
         return RowOutcome(key, rec, fields)
 
     def _video(self, key: str, row: RawRow, item: Item, fixed_key: str | None = None) -> list[RowOutcome]:
+        return self.video_finish(self.video_fetch(key, row, item), fixed_key)
+
+    # The two stages of a video row: fetching (a download, or reading a local file for its hash and size)
+    # and decoding every clip. The local pool runs both in one call; the Ray Data path runs them as stages.
+    def video_fetch(self, key: str, row: RawRow, item: Item) -> "_VideoFetch":
+        """Download the row's media (kept in memory), or check a local file (kept as its path)."""
         url = resolve_source(item.url, self.media_root, row.source)
         local = self.fetcher.local_path(url)
-        tmp_dir = None
-        attempts, fetch_err, data_sha, nbytes = 1, None, None, None
+        f = _VideoFetch(key, row, item, local=local)
+        if local is None:
+            try:
+                got = self.fetcher.fetch(url)
+                f.attempts, f.data = got.attempts, got.data
+                f.sha256, f.nbytes = _sha256(got.data), len(got.data)
+            except SampleError as exc:
+                f.error = exc
+            return f
         try:
-            if local is None:
-                try:
-                    got = self.fetcher.fetch(url)
-                    attempts = got.attempts
-                    tmp_dir = tempfile.mkdtemp(prefix="mplug2-video-")
-                    local = os.path.join(tmp_dir, "media")
-                    with open(local, "wb") as f:
-                        f.write(got.data)
-                    data_sha, nbytes = _sha256(got.data), len(got.data)
-                except SampleError as exc:
-                    fetch_err = exc
-            else:
-                try:
-                    with open(local, "rb") as f:  # also proves the file exists and is readable
-                        head = f.read()
-                    if len(head) > self.config.max_bytes:
-                        from pipelines.errors import TOO_LARGE
-                        raise SampleError(TOO_LARGE, f"{len(head)} bytes > max_bytes {self.config.max_bytes}")
-                    data_sha, nbytes = _sha256(head), len(head)
-                except FileNotFoundError:
-                    from pipelines.errors import NOT_FOUND
-                    fetch_err = SampleError(NOT_FOUND, f"no such file: {local}")
-                except IsADirectoryError:
-                    from pipelines.errors import INVALID_INPUT
-                    fetch_err = SampleError(INVALID_INPUT, f"{local} is a directory")
-                except SampleError as exc:
-                    fetch_err = exc
+            with open(local, "rb") as fh:  # also proves the file exists and is readable
+                head = fh.read()
+            if len(head) > self.config.max_bytes:
+                raise SampleError(TOO_LARGE, f"{len(head)} bytes > max_bytes {self.config.max_bytes}")
+            f.sha256, f.nbytes = _sha256(head), len(head)
+        except FileNotFoundError:
+            f.error = SampleError(NOT_FOUND, f"no such file: {local}")
+        except IsADirectoryError:
+            f.error = SampleError(INVALID_INPUT, f"{local} is a directory")
+        except SampleError as exc:
+            f.error = exc
+        return f
+
+    def video_finish(self, f: "_VideoFetch", fixed_key: str | None = None) -> list[RowOutcome]:
+        """Decode every clip of a fetched video row into samples, or record why not."""
+        key, row, item = f.key, f.row, f.item
+        tmp_dir = None
+        try:
+            local = f.local
+            if f.error is None and local is None:
+                tmp_dir = tempfile.mkdtemp(prefix="mplug2-video-")
+                local = os.path.join(tmp_dir, "media")
+                with open(local, "wb") as fh:
+                    fh.write(f.data)
             clips: list[tuple | None] = list(item.clips) if item.clips else [None]
             # With a clips column every key gets a clip suffix, even for one-clip rows (stable key shape).
             multi = fixed_key is None and (bool(self.config.clips_col) or (item.clips is not None and len(item.clips) > 1))
             outs = []
             for ci, clip in enumerate(clips):
                 ckey = fixed_key or (shards.make_key(*map(int, key.split("_")), ci) if multi else key)
-                if fetch_err is not None:
+                if f.error is not None:
                     rec = self.base_record(ckey, row, item)
                     if multi:
                         rec["clip_index"] = ci
-                    outs.append(RowOutcome(ckey, _fail(rec, fetch_err, attempts)))
+                    outs.append(RowOutcome(ckey, _fail(rec, f.error, f.attempts)))
                     continue
-                outs.append(self._video_clip(ckey, row, item, clip, (local, data_sha, nbytes, attempts),
+                outs.append(self._video_clip(ckey, row, item, clip, (local, f.sha256, f.nbytes, f.attempts),
                                              clip_index=ci if multi else None))
             return outs
         finally:
@@ -294,7 +320,7 @@ def warm_up() -> None:
     from PIL import Image, JpegImagePlugin  # noqa: F401
 
 
-def _worker_threads(config: PreprocessConfig) -> int:
+def worker_threads(config: PreprocessConfig) -> int:
     return config.threads if config.modality == "image" else max(1, min(config.threads, 4))
 
 
@@ -310,21 +336,21 @@ def run_shard(config_dict: dict, task: ShardTask) -> dict:
     quarantine: list[str] = []
     try:
         if task.retry_failed:
-            outcomes, quarantine = _retry_outcomes(config, out, task, proc)
+            outcomes, quarantine = retry_outcomes(config, out, task, proc)
         elif config.modality == "image":
             outcomes = _image_outcomes(config, task, proc)
         else:
-            with ThreadPoolExecutor(_worker_threads(config)) as pool:
+            with ThreadPoolExecutor(worker_threads(config)) as pool:
                 futures = [pool.submit(proc.process, task.shard, r, row, task.column_maps[row.source])
                            for r, row in enumerate(task.rows)]
                 for fut in futures:
                     outcomes.extend(fut.result())
     finally:
         proc.fetcher.close()
-    return _write_and_commit(config, out, task, outcomes, t0, quarantine)
+    return write_and_commit(config, out, task, outcomes, t0, quarantine)
 
 
-def _cpu_threads(config: PreprocessConfig) -> int:
+def cpu_threads(config: PreprocessConfig) -> int:
     """Decode/resize/encode threads of an image shard task: one per CPU the task is given, plus one, so
     one thread's GIL-holding Python work overlaps another's GIL-free Pillow work (measured: same CPU
     per image as one thread, lower wall time when the machine is shared)."""
@@ -332,7 +358,7 @@ def _cpu_threads(config: PreprocessConfig) -> int:
 
 
 def _image_outcomes(config: PreprocessConfig, task: ShardTask, proc: RowProcessor) -> list[RowOutcome]:
-    """Fetch on ``config.threads`` I/O threads, decode/resize/encode on :func:`_cpu_threads` threads.
+    """Fetch on ``config.threads`` I/O threads, decode/resize/encode on :func:`cpu_threads` threads.
 
     Downloads run ahead of the CPU stage by at most ``2 x threads`` rows (bounded memory: a fetched row
     waits in a queue until a CPU thread takes it). Outcomes are sorted by key before writing, so the
@@ -380,7 +406,7 @@ def _image_outcomes(config: PreprocessConfig, task: ShardTask, proc: RowProcesso
                 mine.append(_internal(proc, got.key, got.row, got.item, exc))
         return mine
 
-    cpu = min(_cpu_threads(config), n)
+    cpu = min(cpu_threads(config), n)
     shares = [n // cpu + (i < n % cpu) for i in range(cpu)]
     with ThreadPoolExecutor(min(config.threads, n), thread_name_prefix="fetch") as io_pool:
         fetches = [io_pool.submit(fetch, r, row) for r, row in enumerate(task.rows)]
@@ -410,7 +436,7 @@ def _internal(proc: RowProcessor, key: str, row: RawRow, item: Item | None, exc:
     return RowOutcome(key, _fail(proc.base_record(key, row, item), err, 1))
 
 
-def _retry_outcomes(config: PreprocessConfig, out: shards.Output, task: ShardTask,
+def retry_outcomes(config: PreprocessConfig, out: shards.Output, task: ShardTask,
                     proc: RowProcessor) -> tuple[list[RowOutcome], list[str]]:
     """Rebuild a committed shard: keep successes (bytes copied from the old tar) and permanent
     failures, re-fetch rows whose reason is retryable. Keys never change.
@@ -454,7 +480,7 @@ def _retry_outcomes(config: PreprocessConfig, out: shards.Output, task: ShardTas
             o.record["clip_index"] = rec["clip_index"]
         return o
 
-    with ThreadPoolExecutor(_worker_threads(config)) as pool:
+    with ThreadPoolExecutor(worker_threads(config)) as pool:
         redone = list(pool.map(again, redo))
     log.info("shard %d: retried %d rows, %d now succeed", task.shard, len(redo),
              sum(o.fields is not None for o in redone))
@@ -464,7 +490,7 @@ def _retry_outcomes(config: PreprocessConfig, out: shards.Output, task: ShardTas
     return keep + redone, sorted(quarantine)
 
 
-def _write_and_commit(config: PreprocessConfig, out: shards.Output, task: ShardTask,
+def write_and_commit(config: PreprocessConfig, out: shards.Output, task: ShardTask,
                       outcomes: list[RowOutcome], t0: float, quarantine: list[str] | None = None) -> dict:
     outcomes.sort(key=lambda o: o.key)
     samples = {o.key: o.fields for o in outcomes if o.fields is not None}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from mplug2 import storage
+from pipelines.errors import PermanentShardError
 
 log = logging.getLogger(__name__)
 
@@ -381,8 +382,8 @@ def finalize_dataset(out: Output, split: str, *, config: dict, fingerprint: str,
 
 
 # ---------------------------------------------------------------------------------------------- lease
-class LeaseError(RuntimeError):
-    """Another live run holds the writer lease on this dataset."""
+class LeaseError(PermanentShardError):
+    """Another live run holds the writer lease on this dataset (retrying a shard cannot win it back)."""
 
 
 class WriterLease:
