@@ -2,6 +2,7 @@
 
     mplug2-model params --preset large              # parameter count per module and total (built on `meta`)
     mplug2-model convert --preset base --bert <bert ckpt> --clip <clip ckpt> --out <folder>
+    mplug2-model convert --preset tiny --out m       # random weights: a folder to try the commands below on
 """
 
 from __future__ import annotations
@@ -52,14 +53,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from mplug2.models.mplug2 import MPLUG2
     from mplug2.weights import load_pretrained
 
-    if not args.bert and not args.clip:
-        print("convert: give --bert and/or --clip", file=sys.stderr)
-        return 2
     cfg = _config(args)
     torch.manual_seed(args.seed)
     model = MPLUG2(cfg)
-    report = load_pretrained(model, bert=args.bert, clip=args.clip)
-    print(report.summary())
+    if args.bert or args.clip:
+        print(load_pretrained(model, bert=args.bert, clip=args.clip).summary())
+    else:
+        print(f"no --bert/--clip: every weight randomly initialised (seed {args.seed}); a model to try the "
+              "commands on, not to use")
     out = model.save_pretrained(args.out)
     print(f"wrote {out}")
     return 0
