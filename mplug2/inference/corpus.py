@@ -140,7 +140,7 @@ class InferSummary:
         return 0 if self.count("damaged") == 0 and self.count("failed") == 0 else 1
 
     def table(self) -> str:
-        rate = self.samples / self.seconds if self.seconds > 0 else 0.0
+        per_s = (lambda n: n / self.seconds if self.seconds > 0 else 0.0)
         lines = [
             f"mplug2-infer {self.task}",
             f"  shards done        {self.count('done')}",
@@ -149,7 +149,8 @@ class InferSummary:
             f"  shards failed      {self.count('failed')}   (re-run to retry)",
             f"  samples            {self.samples}",
             f"  rows written       {self.rows}",
-            f"  wall time          {self.seconds:.1f} s   ({rate:.1f} samples/s)",
+            f"  wall time          {self.seconds:.1f} s   ({per_s(self.samples):.1f} samples/s, "
+            f"{per_s(self.rows):.1f} rows/s)",
         ]
         for r in self.results:
             if r.status != "done":

@@ -181,10 +181,12 @@ def test_cluster_yaml_node_types_scale_up_from_zero_and_back(fake_cluster, tmp_p
         model = MPLUG2(MPLUG2Config.preset("tiny")).save_pretrained(tmp_path / "model")
         before = watcher.mark()
         assert watcher.timeline[-1][2] == 0, watcher.timeline
-        _run([sys.executable, "-m", "jobs.infer", "embed", "--model", str(model), "--shards", str(shards),
+        infer = _run([sys.executable, "-m", "jobs.infer", "embed", "--model", str(model), "--shards", str(shards),
               "--output", str(tmp_path / "emb"), "--gpus-per-worker", "1", "--cpus-per-worker", "1",
               "--max-workers", "1", "--device", "auto", "--no-progress"], env)
         assert watcher.peak(before)[1] >= 1, watcher.timeline
+        if not torch.cuda.is_available():   # the actor held a (fake) GPU and fell back to CPU torch
+            assert "torch sees no CUDA device: running on CPU" in infer.stdout + infer.stderr, infer.stderr[-3000:]
         table = read_index(str(tmp_path / "emb"))
         assert sorted(set(table["modality"].to_pylist())) == ["image", "text"] and table.num_rows == 2 * 9
 

@@ -19,7 +19,8 @@ import torch
 
 from mplug2.config import MPLUG2Config
 from mplug2.data.dataset_index import load_index
-from mplug2.inference.corpus import InferOptions, infer_shard, output_url, read_index
+from mplug2 import storage
+from mplug2.inference.corpus import MARKER, InferOptions, infer_shard, output_url, read_index
 from mplug2.models.mplug2 import MPLUG2
 
 REPO = Path(__file__).resolve().parents[2]
@@ -193,3 +194,24 @@ def test_cli_errors_are_one_line(tiny_model, video_shards, tmp_path, capsys):
                                                  "shards": "s", "split": "train", "options": {}}))
     assert main(["embed", "--model", str(tiny_model), "--shards", str(video_shards), "--output", str(out)]) == 2
     assert "holds caption outputs" in capsys.readouterr().err
+
+
+def test_s3_output_plan_resume_and_read_index(predictor, video_shards, s3_bucket):
+    from mplug2.inference.corpus import plan_run
+
+    out = f"{s3_bucket}/emb"
+    options = InferOptions(task="embed", batch_size=4)
+    plan = plan_run(str(video_shards), out, model="tiny", options=options)
+    assert len(plan.pending) == NUM_CLIPS // PER_SHARD and not plan.finished
+    for shard in plan.pending[:2]:
+        assert infer_shard(predictor, shard, out, options).status == "done"
+    again = plan_run(str(video_shards), out, model="tiny", options=options)
+    assert [s.name for s in again.finished] == [s.name for s in plan.pending[:2]]
+    table = read_index(out)
+    assert table.num_rows == 2 * 2 * PER_SHARD
+    assert read_index(output_url(out, plan.pending[0])).num_rows == 2 * PER_SHARD
+    with pytest.raises(FileNotFoundError, match="no such index"):
+        read_index(f"{s3_bucket}/missing")
+    storage.atomic_write(f"{s3_bucket}/started/{MARKER}", b"{}")
+    with pytest.raises(FileNotFoundError, match="no committed"):
+        read_index(f"{s3_bucket}/started")
