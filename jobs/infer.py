@@ -118,9 +118,12 @@ def run(args: argparse.Namespace):
         items = [{"name": s.name, "url": s.url, "nsamples": s.nsamples,
                   "bytes": -1 if s.bytes is None else s.bytes, "sha256": s.sha256 or ""} for s in plan.pending]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
+        # One task = one whole shard (minutes on a real corpus): queue none behind a busy actor, so a shard
+        # waits for the next free actor (or one the autoscaler is bringing up) instead.
+        pool = ray.data.ActorPoolStrategy(min_size=min(args.min_workers, max_workers), max_size=max_workers,
+                                          max_tasks_in_flight_per_actor=1)
         ds = ds.map_batches(
-            _ShardWorker, batch_size=1, concurrency=(min(args.min_workers, max_workers), max_workers),
-            num_gpus=gpus, num_cpus=args.cpus_per_worker,
+            _ShardWorker, batch_size=1, compute=pool, num_gpus=gpus, num_cpus=args.cpus_per_worker,
             fn_constructor_kwargs={"model": args.model, "device": args.device, "options": options,
                                    "output": args.output,
                                    "metadata": {"task": args.task, "model": args.model, "shards": args.shards}})

@@ -152,6 +152,9 @@ class InferSummary:
             f"  wall time          {self.seconds:.1f} s   ({per_s(self.samples):.1f} samples/s, "
             f"{per_s(self.rows):.1f} rows/s)",
         ]
+        busy = sum(r.seconds for r in self.results if r.status == "done")
+        if busy > 0:
+            lines.append(f"  in shard tasks     {busy:.1f} s   ({self.samples / busy:.1f} samples/s per actor)")
         for r in self.results:
             if r.status != "done":
                 lines.append(f"  {r.status:8s} {r.shard}: {r.error}")
