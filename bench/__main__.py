@@ -7,6 +7,8 @@
 | model  | forward + backward time, peak memory (and MFU on a GPU) for tiny / base / large |
 | loader | training loader samples/s (image and video shards, local and S3) |
 | train  | loader alone vs training step; Ray Train step vs a plain torch.distributed loop |
+| caption | captions/s through the inference API, with and without the KV cache (tiny on CPU; base/large on GPU) |
+| official | peak RSS of `import-official` on a Large-shaped release checkpoint (bound: 1.3x its size) |
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import importlib
 import sys
 
 BENCHES = {"images": "bench.bench_images", "frames": "bench.bench_frames", "model": "bench.bench_model",
-           "loader": "bench.bench_loader", "train": "bench.bench_train"}
+           "loader": "bench.bench_loader", "train": "bench.bench_train",
+           "official": "bench.bench_official", "caption": "bench.bench_caption"}
 
 
 def main(argv: list[str]) -> int:

@@ -254,6 +254,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         (cfg.workdir / "results.json").write_text(json.dumps({**results, "plots": plots}, indent=1))
         (cfg.workdir / "results.txt").write_text(table + "\n")
         print(f"[demo] plots: {', '.join(plots)}\n[demo] results: {cfg.workdir / 'results.json'}", flush=True)
+        from jobs.showcase import showcase
+
+        showcase(f"{runs}/demo-caption", f"{runs}/demo-qa", manifests["videos_eval"], manifests["qa_eval"],
+                 cfg.workdir / "models")
         return results
     finally:
         if started_ray:

@@ -76,6 +76,9 @@ def test_ctrl_c_then_rerun_resumes_and_cleans_up(tmp_path):
         assert (workdir / "stages" / f"{stage}.json").exists()
     assert (workdir / "curves_pretrain.png").stat().st_size > 10_000
     assert (workdir / "results.json").exists()
+    assert "[demo] the fine-tuned models on held-out clips" in out2 and "ERROR" not in out2.split("held-out clips")[1]
+    assert f"mplug2-model caption YOUR_FILE_OR_URL --model {workdir / 'models' / 'caption'}" in out2
+    assert (workdir / "models" / "qa" / "model.safetensors").exists()
     assert _wait_gone(needles) == [], "processes left after the run"
 
     run3 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

@@ -60,6 +60,7 @@ class Predictor:
             torch.manual_seed(_HEAD_SEED)
             self.retriever = Retriever(model, tokenizer, RetrievalConfig(queue_size=0, distill=False))
         self.heads_trained = self._load_heads(heads or {})
+        self._warned = False
         self.retriever.to(self.device, self.dtype).eval()
         self.model = model
         self.num_frames = int(num_frames or self.config.num_frames)
@@ -89,9 +90,13 @@ class Predictor:
         if len(found) == len(wanted):
             core.load_state_dict(found, strict=False)
             return True
-        log.warning("no trained ITC/ITM heads beside the model (head.safetensors from a retrieval run): "
-                    "embeddings and ITM scores use seeded, untrained projections")
         return False
+
+    def _warn_untrained_heads(self) -> None:
+        if not self.heads_trained and not self._warned:
+            self._warned = True
+            log.warning("no trained ITC/ITM heads beside the model (head.safetensors from a retrieval run): "
+                        "embeddings and ITM scores use seeded, untrained projections")
 
     # ------------------------------------------------------------------ inputs
     def pixels_from_frames(self, frames: Sequence[Image.Image]) -> Tensor:
@@ -113,17 +118,20 @@ class Predictor:
     @torch.inference_mode()
     def embed_media(self, pixels: Tensor) -> Tensor:
         """``(B, T, 3, H, W)`` -> ``(B, embed_dim)`` L2-normalised ITC embeddings (float32, on CPU)."""
+        self._warn_untrained_heads()
         return self.retriever.encode_items(self._pixels(pixels))[2].float().cpu()
 
     @torch.inference_mode()
     def embed_texts(self, texts: Sequence[str]) -> Tensor:
         """``B`` texts -> ``(B, embed_dim)`` L2-normalised ITC embeddings (float32, on CPU)."""
+        self._warn_untrained_heads()
         ids, mask = self._texts(texts)
         return self.retriever.encode_texts(ids, mask)[1].float().cpu()
 
     @torch.inference_mode()
     def itm_scores(self, pixels: Tensor, texts: Sequence[str]) -> Tensor:
         """Probability that item i matches text i, ``(B,)`` float32 on CPU."""
+        self._warn_untrained_heads()
         if len(texts) != pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} items but {len(texts)} texts")
         vis, vis_mask, _ = self.retriever.encode_items(self._pixels(pixels))
@@ -135,14 +143,15 @@ class Predictor:
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()
     def caption(self, pixels: Tensor, *, beam_size: int | None = None, min_len: int | None = None,
-                max_len: int | None = None, prompt: str = "a video of", official_decoding: bool = False) -> list[str]:
+                max_len: int | None = None, prompt: str = "a video of", official_decoding: bool = False,
+                use_cache: bool = True) -> list[str]:
         """Captions, prompt stripped. Defaults: the model config's beam and lengths (counted after the prompt);
         ``official_decoding`` = the release's (``OFFICIAL_CAPTION``, lengths counting the prompt)."""
         if official_decoding:
             o = OFFICIAL_CAPTION
             beam_size, min_len, max_len = beam_size or o["beam_size"], min_len or o["min_len"], max_len or o["max_len"]
         cfg = CaptionConfig(prompt=prompt, num_beams=beam_size, min_length=min_len, max_length=max_len,
-                            force_prompt=not official_decoding)
+                            force_prompt=not official_decoding, use_cache=use_cache)
         return Captioner(self.model, self.tok, cfg).predict(self._pixels(pixels))
 
     @torch.inference_mode()

@@ -27,6 +27,7 @@ class CaptionConfig:
     # False: the release's decoding: start from [CLS] alone, the model writes the prompt itself (lengths count
     # it), and a generated prompt is cut off the text afterwards (design/official-ckpt, "Caption decoding").
     force_prompt: bool = True
+    use_cache: bool = True          # KV cache in beam search (same captions; bench/bench_caption.py: the speed-up)
 
 
 class Captioner(nn.Module):
@@ -61,7 +62,7 @@ class Captioner(nn.Module):
         forced = self.prompt_ids.cpu() if self.cfg.force_prompt else torch.zeros(0, dtype=torch.long)
         prompt = torch.cat([torch.tensor([self.tok.cls_token_id]), forced]).to(pixels.device)
         seqs = self.model.generate(vis, vis_mask, num_beams=self.cfg.num_beams, max_length=self.cfg.max_length,
-                                   min_length=self.cfg.min_length, prompt_ids=prompt)
+                                   min_length=self.cfg.min_length, prompt_ids=prompt, use_cache=self.cfg.use_cache)
         texts = [self.tok.decode(s) for s in seqs]
         if self.cfg.force_prompt or not self.cfg.prompt:
             return texts

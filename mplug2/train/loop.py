@@ -289,7 +289,8 @@ class TrainLoop:
 
     def export(self, name: str) -> str:
         """Rank 0 writes the bare MPLUG2 (``save_pretrained``) under ``<run>/<name>/``, plus the task's own
-        weights outside it (a classifier head: ``head.safetensors``) and its label names (``classes.json``).
+        weights outside it (``head.safetensors``: a classifier head, retrieval's ITC/ITM heads) and its label
+        names (``classes.json``).
         Every rank calls it: under FSDP2 the shards are gathered first (a collective)."""
         model = getattr(self.task, "model", None)
         if model is None:
@@ -306,12 +307,16 @@ class TrainLoop:
             model.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            if getattr(self.task, "classes", None):
-                state = full if full is not None else self.task.state_dict()
-                head = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith(prefix)}
+            # The task's own trained heads (a classifier; retrieval's ITC projections and ITM head, which
+            # inference needs for embeddings): parameters outside the model, momentum twins excluded.
+            state = full if full is not None else self.task.state_dict()
+            own = {n for n, _ in self.task.named_parameters() if not n.startswith(prefix) and ".momentum." not in n}
+            head = {k: v.detach().cpu().contiguous() for k, v in state.items() if k in own}
+            if head:
                 from safetensors.torch import save_file
 
                 save_file(head, os.path.join(tmp, "head.safetensors"))
+            if getattr(self.task, "classes", None):
                 with open(os.path.join(tmp, "classes.json"), "w") as f:
                     json.dump(list(self.task.classes), f)
             for fname in os.listdir(tmp):

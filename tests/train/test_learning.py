@@ -73,6 +73,10 @@ def test_pretrain_then_retrieval_beats_chance(corpora, monkeypatch):
           f"video→text R@1 {scores['eval/txt_r1']:.1f} %")
     assert t2v_r1 >= 5 * chance, scores
     assert t2v_r5 >= 3 * 5 * chance, scores
+    # the export carries the trained ITC/ITM heads, so inference embeddings are the ones evaluation ranked with
+    from mplug2.inference import Predictor
+
+    assert Predictor.load(f"{corpora['runs']}/learn-retrieval/best").heads_trained
 
 
 def test_classification_finetune_learns_labels_from_json(corpora, monkeypatch, capsys):
