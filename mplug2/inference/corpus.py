@@ -7,9 +7,9 @@ S3: one PUT). So an output parquet exists iff its shard is finished, a killed ru
 shards whose parquet exists, and a half-written output is never visible. ``_infer.json``, written before any
 shard, records what the folder holds (task, model, corpus) so a re-run with other settings cannot mix outputs.
 
-Embed outputs are the retrieval index ``mplug2-model retrieve`` reads (``id``, ``modality``, ``embedding``,
-``source``): one media row per sample plus, by default, one ``text`` row with its caption's embedding.
-:func:`read_index` reads such a folder (or one parquet) back as one table.
+Embed outputs are embedding files (:mod:`mplug2.inference.index`): one media row per sample (``id`` = the sample
+key) plus, by default, one ``text`` row with its caption's embedding, so ``mplug2-model retrieve --index <output>``
+searches the folder as it grows. ``source`` is null (a sample lives inside its ``shard``, not at a URL of its own).
 
 The Ray Data orchestration (actor pool, resources, progress) lives in ``jobs/infer.py``.
 """
@@ -37,18 +37,18 @@ from mplug2 import storage
 from mplug2.data.collate import SampleError, decode_sample
 from mplug2.data.dataset_index import DatasetIndex, ShardInfo, load_index
 from mplug2.data.stream import iter_tar_samples
+from mplug2.inference.index import SCHEMA as EMBEDDING_SCHEMA
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "TASKS", "InferOptions", "ShardResult", "InferPlan", "InferSummary", "OutputMismatchError", "plan_run",
-    "infer_shard", "output_url", "read_index", "resolve_device", "MARKER",
+    "infer_shard", "output_url", "resolve_device", "MARKER",
 ]
 
 TASKS = ("embed", "caption", "qa")
 MARKER = "_infer.json"
 FORMAT = "mplug2-infer/1"
-_OUTPUT_RE = re.compile(r"^[A-Za-z0-9_]+-\d{6}\.parquet$")
 _FRAME_RE = re.compile(r"^f\d{3}\.(jpg|jpeg|png|webp)$")
 
 
@@ -324,10 +324,9 @@ def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
 
 # ------------------------------------------------------------------------------------------------ model
 
-def _rows_for(predictor: PredictorLike, batch: list[_Item], options: InferOptions, source: str) -> dict[str, list]:
+def _rows_for(predictor: PredictorLike, batch: list[_Item], options: InferOptions, shard: str) -> dict[str, list]:
     pixels = torch.stack([it.pixels for it in batch])
-    base = {"id": [it.key for it in batch], "modality": [it.modality for it in batch],
-            "source": [source] * len(batch)}
+    base = {"id": [it.key for it in batch], "modality": [it.modality for it in batch], "shard": [shard] * len(batch)}
     with torch.inference_mode():
         if options.task == "embed":
             captions = [it.caption for it in batch]
@@ -349,10 +348,12 @@ def _rows_for(predictor: PredictorLike, batch: list[_Item], options: InferOption
                 "reference_answer": [it.answer for it in batch]}
 
 
-def _schema(task: str) -> pa.Schema:
-    common = [("id", pa.string()), ("modality", pa.string()), ("source", pa.string())]
-    extra = {"embed": [("embedding", pa.list_(pa.float32())), ("caption", pa.string())],
-             "caption": [("caption", pa.string()), ("reference", pa.string())],
+def output_schema(task: str) -> pa.Schema:
+    """Columns of one output parquet: embed = the embedding-file schema plus ``caption`` and ``shard``."""
+    if task == "embed":
+        return EMBEDDING_SCHEMA.append(pa.field("caption", pa.string())).append(pa.field("shard", pa.string()))
+    common = [("id", pa.string()), ("modality", pa.string()), ("shard", pa.string())]
+    extra = {"caption": [("caption", pa.string()), ("reference", pa.string())],
              "qa": [("question", pa.string()), ("answer", pa.string()), ("reference_answer", pa.string())]}[task]
     return pa.schema([pa.field(n, t) for n, t in common + extra])
 
@@ -366,12 +367,13 @@ def infer_shard(predictor: PredictorLike, shard: ShardInfo, output: str, options
     samples = 0
     try:
         for batch in _prefetch(_decoded_batches(predictor, shard, options.batch_size)):
-            for k, v in _rows_for(predictor, batch, options, shard.name).items():
+            for k, v in _rows_for(predictor, batch, options, shard.url).items():
                 columns.setdefault(k, []).extend(v)
             samples += len(batch)
-        schema = _schema(options.task)
+        schema = output_schema(options.task)
         meta = {b"mplug2.infer": json.dumps({**(metadata or {}), "shard": shard.name, "samples": samples}).encode()}
-        table = pa.Table.from_pydict({f.name: columns.get(f.name, []) for f in schema}, schema=schema)
+        n = len(columns.get("id", []))
+        table = pa.Table.from_pydict({f.name: columns.get(f.name, [None] * n) for f in schema}, schema=schema)
         buf = io.BytesIO()
         pq.write_table(table.replace_schema_metadata(meta), buf)
         storage.atomic_write(output_url(output, shard), buf.getvalue())
@@ -382,22 +384,3 @@ def infer_shard(predictor: PredictorLike, shard: ShardInfo, output: str, options
         log.error("shard %s failed: %s: %s", shard.url, type(exc).__name__, exc)
         return ShardResult(shard.name, "failed", samples, 0, time.monotonic() - t0, f"{type(exc).__name__}: {exc}")
     return ShardResult(shard.name, "done", samples, table.num_rows, time.monotonic() - t0)
-
-
-# ---------------------------------------------------------------------------------------------- reading back
-
-def read_index(location: str) -> pa.Table:
-    """An embedding index as one table: a single ``.parquet`` file, or an ``mplug2-infer embed`` output folder
-    / prefix (every committed ``<split>-NNNNNN.parquet`` in it; temp files of unfinished shards are ignored)."""
-    location = str(location).rstrip("/")
-    if location.endswith(".parquet"):
-        return pq.read_table(io.BytesIO(storage.read_bytes(location)))
-    try:
-        names = sorted(n for n in storage.list_names(location) if _OUTPUT_RE.match(n))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{location}: no such index file or folder") from None
-    if not names:
-        raise FileNotFoundError(f"{location}: no committed <split>-NNNNNN.parquet outputs (has mplug2-infer "
-                                "embed finished a shard there?)")
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(storage.join(location, n)))) for n in names]
-    return pa.concat_tables([t.replace_schema_metadata(None) for t in tables], promote_options="default")
