@@ -197,7 +197,7 @@ def plan_run(shards: str, output: str, *, model: str, options: InferOptions, spl
     """Read the corpus index, check or write the output marker, and split shards into pending / finished."""
     if _canonical(shards) == _canonical(output):
         raise InferConfigError("--output must differ from --shards: the corpus's own per-shard parquet "
-                                  "sidecars use the same names")
+                               "sidecars use the same names")
     index = load_index(shards, split)
     marker_url = storage.join(output, MARKER)
     wanted = _marker(options.task, model, shards, split, options)
