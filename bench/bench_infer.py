@@ -1,5 +1,5 @@
 """Batch inference over a shard corpus: samples/s of one shard task (``infer_shard``: read + check, eval decode,
-model, parquet commit) in this process, and of ``python -m jobs.infer`` end to end on a local Ray (start-up,
+model, parquet commit) in this process, and of the ``jobs.infer`` run end to end on a new private local Ray (start-up,
 actor pool, model load included).
 
     python -m bench infer                                        # tiny preset, random weights, CPU
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,16 +74,20 @@ def main() -> int:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         assert all(r.status == "done" for r in results), results
 
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # A private local Ray (fresh temp dir: never another `ray start` cluster on the machine), started inside
+        # the timed region as `mplug2-infer` without --address would.
+        from jobs.infer import build_parser, run
+        from mplug2.runtime import init_ray
+
         t1 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "jobs.infer", args.task, "--model", str(model), "--shards",
-                               str(shards), "--output", str(root / "ray"), "--batch-size", str(args.batch_size),
-                               "--device", "auto" if args.device != "cpu" else "cpu", "--max-workers", "1",
-                               "--no-progress", "--log-level", "WARNING"],
-                              env=env, cwd=ROOT, capture_output=True, text=True)
+        init_ray(temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), num_cpus=os.cpu_count())
+        summary = run(build_parser().parse_args([
+            args.task, "--model", str(model), "--shards", str(shards), "--output", str(root / "ray"),
+            "--batch-size", str(args.batch_size), "--device", "auto" if args.device != "cpu" else "cpu",
+            "--max-workers", "1", "--no-progress"]))
         ray_wall = time.perf_counter() - t1
-        if proc.returncode != 0:
-            raise SystemExit(f"jobs.infer failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}")
+        if summary.exit_code != 0:
+            raise SystemExit(summary.table())
 
     n = index.num_samples
     print(f"\nmplug2-infer {args.task}: {args.preset} preset, {n} clips x {frames} frames at "
@@ -92,7 +95,7 @@ def main() -> int:
           f"load {os.getloadavg()[0]:.1f}")
     print(f"{'path':44s} {'wall s':>8s} {'samples/s':>10s} {'CPU s':>8s}")
     print(f"{'infer_shard in process (one actor)':44s} {wall:8.2f} {n / wall:10.1f} {cpu:8.2f}")
-    print(f"{'python -m jobs.infer, local Ray, 1 actor':44s} {ray_wall:8.2f} {n / ray_wall:10.1f} {'-':>8s}")
+    print(f"{'jobs.infer on a new local Ray, 1 actor':44s} {ray_wall:8.2f} {n / ray_wall:10.1f} {'-':>8s}")
     return 0
 
 
