@@ -198,8 +198,7 @@ def test_cluster_yaml_node_types_scale_up_from_zero_and_back(fake_cluster, tmp_p
         manifest = make_image_corpus(tmp_path / "src", 9, seed=4, size=32)
         shards = tmp_path / "shards"
         _run([sys.executable, "-m", "jobs.preprocess", "--manifest", str(manifest), "--output", str(shards),
-              "--modality", "image", "--samples-per-shard", "3", "--image-size", "32", "--max-in-flight", "3",
-              "--task-cpus", "1", "--threads", "2"], env)
+              "--modality", "image", "--samples-per-shard", "3", "--image-size", "32"], env)
         cpu_peak, gpu_peak = watcher.peak()
         assert cpu_peak >= 1 and gpu_peak == 0, watcher.timeline
 
