@@ -82,7 +82,7 @@ def cmd_import_official(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mplug2-model", description="Inspect and build mPLUG-2 models.")
+    p = argparse.ArgumentParser(prog="mplug2-model", description="Inspect, build and use mPLUG-2 models.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     pp = sub.add_parser("params", help="print the parameter count per module and in total")

@@ -158,14 +158,20 @@ def cmd_embed(args: argparse.Namespace) -> int:
                                errors=errors, progress=not args.json and sys.stderr.isatty()):
         e = predictor.embed_media(batch.pixels)
         for pos, media, vec in zip(batch.positions, batch.items, e):
-            ids.append(media.source), mods.append(media.modality), sources.append(media.source), embs.append(vec)
+            ids.append(media.source)
+            mods.append(media.modality)
+            sources.append(media.source)
+            embs.append(vec)
             out.row(input=media.source, position=pos, modality=media.modality, output=f"{vec.numel()}-d embedding")
     for pos, err in errors:
         out.error(pos, err)
     for i in range(0, len(texts), args.batch_size):
         chunk = texts[i:i + args.batch_size]
         for j, (t, vec) in enumerate(zip(chunk, predictor.embed_texts(chunk))):
-            ids.append(t), mods.append("text"), sources.append(None), embs.append(vec)
+            ids.append(t)
+            mods.append("text")
+            sources.append(None)
+            embs.append(vec)
             out.row(input=t, position=len(args.media) + i + j, modality="text", output=f"{vec.numel()}-d embedding")
     if embs:
         write_index(args.out, ids, mods, torch.stack(embs), sources)
@@ -268,6 +274,6 @@ def add_commands(sub) -> None:
     common(pr, media=None)
     pr.add_argument("--index", required=True, help="embedding .parquet file or folder of them")
     pr.add_argument("--query", action="append", required=True, help="query text (repeatable)")
-    pr.add_argument("-k", type=int, default=10)
+    pr.add_argument("-k", type=int, default=10, help="results per query")
     pr.add_argument("--rerank", action="store_true", help="re-rank the ITC top 3k by ITM (re-reads the media)")
     pr.set_defaults(fn=cmd_retrieve)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -115,10 +116,14 @@ class MediaLoader:
             raise SampleError(INVALID_INPUT, "empty source")
         local = self.fetcher.local_path(source)
         if local is not None:
-            if not os.path.exists(local):
-                raise SampleError(NOT_FOUND, f"no such file: {local}")
-            if os.path.isdir(local):
-                raise SampleError(INVALID_INPUT, f"{local} is a directory")
+            try:
+                st = os.stat(local)
+            except FileNotFoundError:
+                raise SampleError(NOT_FOUND, f"no such file: {local}") from None
+            except OSError as exc:
+                raise SampleError(INVALID_INPUT, f"cannot stat {local}: {exc.strerror}") from None
+            if not stat.S_ISREG(st.st_mode):      # a folder, FIFO or device would block or never end
+                raise SampleError(INVALID_INPUT, f"{local} is not a regular file")
             if _still_image_format(local):
                 return self._image(source, self.fetcher.fetch(source).data)
             return self._video(source, local)

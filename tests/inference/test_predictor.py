@@ -39,6 +39,10 @@ def test_exported_retrieval_heads_are_used(tmp_path, tok):
         assert torch.allclose(pred.embed_texts(texts), task.encode_texts(ids["input_ids"], ids["attention_mask"])[1],
                               atol=1e-6)
         assert torch.allclose(pred.embed_media(pixels[None]), task.encode_items(want[None])[2], atol=1e-6)
+        vis, vmask, _ = task.encode_items(want[None])
+        text, _ = task.encode_texts(ids["input_ids"][:1], ids["attention_mask"][:1])
+        itm = task.itm_logits(vis, vmask, text, ids["attention_mask"][:1]).softmax(-1)[:, 1]
+        assert torch.allclose(pred.itm_scores(pixels[None], texts[:1]), itm, atol=1e-6)
 
     (tmp_path / "head.safetensors").unlink()                  # a caption/QA folder: seeded, untrained heads
     a, b = Predictor.load(str(tmp_path)), Predictor.load(str(tmp_path))

@@ -125,6 +125,12 @@ def test_bad_files_fail_with_one_clear_line(tmp_path, capsys):
     torch.save({"model": {"encoder.blocks.0.weight": torch.zeros(2), "visual_encoder.foo": torch.zeros(2)}},
                tmp_path / "other.pth")
     cases["other.pth"] = ("not an mPLUG-2 release", "encoder.blocks.0.weight")
+    cap, _, _ = _release_file(tmp_path, "caption", name="caption.pth")
+    sd = torch.load(cap, weights_only=True)
+    sd["model"]["text_decoder.cls.predictions.decoder.weight"] = sd["model"][
+        "text_decoder.cls.predictions.decoder.weight"].clone().add_(1.0)
+    torch.save(sd, tmp_path / "untied.pth")
+    cases["untied.pth"] = ("differs from text_decoder.bert.embeddings.word_embeddings.weight",)
     for name, needles in cases.items():
         _fails_with_one_line(capsys, ["import-official", str(tmp_path / name), "--task", "caption",
                                       "--out", str(tmp_path / "o"), "--config", cfg], *needles)
