@@ -150,7 +150,7 @@ def fake_cluster():
             # on a saturated shared machine registration can take longer: wait for it here instead.
             if "timed out during startup" not in out:
                 raise RuntimeError(f"ray start failed ({starter.returncode}):\n{out}")
-            _wait_for_head(gcs, deadline_s=180)
+            _wait_for_head(gcs, deadline_s=180, logs=temp / "session_latest" / "logs")
         # The drivers below join this cluster, never another one.
         yield gcs, {**env, "RAY_ADDRESS": gcs}, cpu_type, gpu_type
     finally:
@@ -159,7 +159,7 @@ def fake_cluster():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _wait_for_head(gcs_address: str, deadline_s: float) -> None:
+def _wait_for_head(gcs_address: str, deadline_s: float, logs: Path) -> None:
     from ray._raylet import GcsClient
 
     deadline = time.monotonic() + deadline_s
@@ -171,7 +171,10 @@ def _wait_for_head(gcs_address: str, deadline_s: float) -> None:
         except Exception:  # GCS not answering yet
             pass
         time.sleep(1)
-    raise RuntimeError(f"the head at {gcs_address} did not register within {deadline_s:.0f} s")
+    tails = "".join(f"\n--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
+                    for p in sorted(logs.glob("*")) if p.name in ("raylet.out", "raylet.err", "gcs_server.out",
+                                                                  "gcs_server.err", "monitor.log", "monitor.err"))
+    raise RuntimeError(f"the head at {gcs_address} did not register within {deadline_s:.0f} s{tails}")
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
