@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -79,13 +80,20 @@ def main() -> int:
         from jobs.infer import build_parser, run
         from mplug2.runtime import init_ray
 
+        import ray
+
+        ray_temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")     # short: Ray's socket paths have a length limit
         t1 = time.perf_counter()
-        init_ray(temp_dir=tempfile.mkdtemp(prefix="ray", dir="/tmp"), num_cpus=os.cpu_count())
-        summary = run(build_parser().parse_args([
-            args.task, "--model", str(model), "--shards", str(shards), "--output", str(root / "ray"),
-            "--batch-size", str(args.batch_size), "--device", "auto" if args.device != "cpu" else "cpu",
-            "--max-workers", "1", "--no-progress"]))
-        ray_wall = time.perf_counter() - t1
+        try:
+            init_ray(temp_dir=ray_temp, num_cpus=os.cpu_count())
+            summary = run(build_parser().parse_args([
+                args.task, "--model", str(model), "--shards", str(shards), "--output", str(root / "ray"),
+                "--batch-size", str(args.batch_size), "--device", "auto" if args.device != "cpu" else "cpu",
+                "--max-workers", "1", "--no-progress"]))
+            ray_wall = time.perf_counter() - t1
+        finally:
+            ray.shutdown()
+            shutil.rmtree(ray_temp, ignore_errors=True)
         if summary.exit_code != 0:
             raise SystemExit(summary.table())
 
