@@ -9,6 +9,7 @@
 | train  | loader alone vs training step; Ray Train step vs a plain torch.distributed loop |
 | caption | captions/s through the inference API, with and without the KV cache (tiny on CPU; base/large on GPU) |
 | official | peak RSS of `import-official` on a Large-shaped release checkpoint (bound: 1.3x its size) |
+| infer | batch inference over shards: one shard task in process vs `python -m jobs.infer` on a local Ray |
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 
 BENCHES = {"images": "bench.bench_images", "frames": "bench.bench_frames", "model": "bench.bench_model",
            "loader": "bench.bench_loader", "train": "bench.bench_train",
-           "official": "bench.bench_official", "caption": "bench.bench_caption"}
+           "official": "bench.bench_official", "caption": "bench.bench_caption", "infer": "bench.bench_infer"}
 
 
 def main(argv: list[str]) -> int:

@@ -36,7 +36,7 @@ def build_parser(prog: str = "mplug2-infer") -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="corpus prefix holding dataset.json (local or s3://)")
     p.add_argument("--output", required=True, help="output prefix for <split>-NNNNNN.parquet (local or s3://)")
     p.add_argument("--split", default="train", help="shard name prefix in the corpus")
-    p.add_argument("--device", default="auto", help="auto (CUDA + bf16 if the actor sees a GPU, else CPU), "
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto (CUDA + bf16 if the actor sees a GPU, else CPU), "
                                                      "cpu, cuda")
     p.add_argument("--batch-size", type=int, default=16, help="samples per model call")
     p.add_argument("--gpus-per-worker", type=float, default=None,
@@ -94,14 +94,16 @@ def run(args: argparse.Namespace):
     import ray
 
     from mplug2 import storage
-    from mplug2.inference.corpus import InferOptions, InferSummary, ShardResult, plan_run
+    from mplug2.inference.corpus import InferConfigError, InferOptions, InferSummary, ShardResult, plan_run
+    from mplug2.models.mplug2 import WEIGHTS_FILE
     from mplug2.runtime import init_ray
 
     t0 = time.monotonic()
     options = InferOptions(task=args.task, batch_size=args.batch_size, embed_texts=args.embed_texts,
                            beam_size=args.beam_size, max_len=args.max_len, question=args.question)
-    if not storage.exists(args.model):
-        raise ValueError(f"--model {args.model}: no such model folder")
+    if not storage.exists(storage.join(args.model, WEIGHTS_FILE)):
+        raise InferConfigError(f"--model {args.model}: no such model folder (expected {WEIGHTS_FILE} in it, as "
+                               "a fine-tuning run's best/ or `mplug2-model convert` writes)")
     plan = plan_run(args.shards, args.output, model=args.model, options=options, split=args.split,
                     overwrite=args.overwrite)
     summary = InferSummary(task=args.task, skipped=len(plan.finished))
@@ -141,11 +143,11 @@ def main(argv: list[str] | None = None, prog: str = "mplug2-infer") -> int:
     args = build_parser(prog).parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from mplug2.data.dataset_index import DatasetIndexError
-    from mplug2.inference.corpus import OutputMismatchError
+    from mplug2.inference.corpus import InferConfigError
 
     try:
         summary = run(args)
-    except (DatasetIndexError, OutputMismatchError, ValueError) as exc:
+    except (DatasetIndexError, InferConfigError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     print(summary.table(), flush=True)

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import queue
 import random
 import re
@@ -42,7 +43,8 @@ from mplug2.inference.index import SCHEMA as EMBEDDING_SCHEMA
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "TASKS", "InferOptions", "ShardResult", "InferPlan", "InferSummary", "OutputMismatchError", "plan_run",
+    "TASKS", "InferOptions", "ShardResult", "InferPlan", "InferSummary", "InferConfigError", "OutputMismatchError",
+    "DamagedShardError", "plan_run", "output_schema",
     "infer_shard", "output_url", "resolve_device", "MARKER",
 ]
 
@@ -52,7 +54,11 @@ FORMAT = "mplug2-infer/1"
 _FRAME_RE = re.compile(r"^f\d{3}\.(jpg|jpeg|png|webp)$")
 
 
-class OutputMismatchError(ValueError):
+class InferConfigError(ValueError):
+    """Arguments that cannot work (bad option values, no model folder, output = input)."""
+
+
+class OutputMismatchError(InferConfigError):
     """The output folder already holds results of another task, model or corpus."""
 
 
@@ -86,9 +92,9 @@ class InferOptions:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise InferConfigError(f"task {self.task!r} is not one of {', '.join(TASKS)}")
+        if self.batch_size < 1 or self.beam_size < 1:
+            raise InferConfigError(f"batch size and beam size must be >= 1, got {self.batch_size}, {self.beam_size}")
 
 
 @dataclass
@@ -175,17 +181,23 @@ def output_url(output: str, shard: ShardInfo) -> str:
     return storage.join(output, shard.name[: -len(".tar")] + ".parquet")
 
 
+def _canonical(url: str) -> str:
+    """One spelling per location, so a re-run from another folder or with a trailing slash matches."""
+    url = str(url).rstrip("/")
+    return url if storage.is_remote(url) else os.path.abspath(url)
+
+
 def _marker(task: str, model: str, shards: str, split: str, options: InferOptions) -> dict[str, Any]:
-    return {"format": FORMAT, "task": task, "model": str(model).rstrip("/"), "shards": str(shards).rstrip("/"),
+    return {"format": FORMAT, "task": task, "model": _canonical(model), "shards": _canonical(shards),
             "split": split, "options": asdict(options)}
 
 
 def plan_run(shards: str, output: str, *, model: str, options: InferOptions, split: str = "train",
              overwrite: bool = False) -> InferPlan:
     """Read the corpus index, check or write the output marker, and split shards into pending / finished."""
-    if str(shards).rstrip("/") == str(output).rstrip("/"):
-        raise OutputMismatchError("--output must differ from --shards: the corpus's own per-shard parquet "
-                                  "sidecars use the same names")
+    if _canonical(shards) == _canonical(output):
+        raise InferConfigError("--output must differ from --shards: the corpus's own per-shard parquet "
+                               "sidecars use the same names")
     index = load_index(shards, split)
     marker_url = storage.join(output, MARKER)
     wanted = _marker(options.task, model, shards, split, options)
@@ -288,33 +300,32 @@ def _decoded_batches(predictor: PredictorLike, shard: ShardInfo, batch_size: int
 
 
 def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Run ``it`` in a thread ``depth`` items ahead: JPEG decoding overlaps the model (both release the GIL)."""
+    """Run ``it`` in a thread ``depth`` items ahead: JPEG decoding overlaps the model (both release the GIL).
+    An error in ``it`` is raised here; when the consumer stops early the thread stops at its next hand-over."""
     q: queue.Queue = queue.Queue(depth)
-    done = object()
-    stop = threading.Event()
+    end, stop = object(), threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def work() -> None:
         try:
             for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            q.put(done)
+            put(end)
         except BaseException as exc:  # handed to the consumer, raised there
-            q.put(exc)
+            put(exc)
 
-    t = threading.Thread(target=work, daemon=True, name="infer-decode")
-    t.start()
+    threading.Thread(target=work, daemon=True, name="infer-decode").start()
     try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
+        while (item := q.get()) is not end:
             if isinstance(item, BaseException):
                 raise item
             yield item

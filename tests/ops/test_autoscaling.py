@@ -115,36 +115,66 @@ class NodeWatcher:
         raise AssertionError(f"timed out waiting for {what}; nodes seen: {self.timeline}")
 
 
-@pytest.fixture
-def fake_cluster():
-    """A fake multi-node autoscaling head from ``cluster/aws.yaml``; yields (gcs address, env, cpu, gpu types)."""
-    config, cpu_type, gpu_type = fake_node_types(AWS_YAML)
-    temp = Path(tempfile.mkdtemp(prefix="rfake", dir="/tmp"))
+def _start_head(config: dict, temp: Path, env: dict[str, str]) -> tuple[subprocess.Popen, str, str]:
+    """``ray start --head`` with the fake provider on fresh free ports; returns (starter, gcs address, output)."""
     gcs, client, agent_http, agent_grpc, metrics, renv, node_mgr, obj_mgr = free_ports(8)
     config["provider"]["gcs_address"] = f"127.0.0.1:{gcs}"
     (temp / "autoscaling.json").write_text(json.dumps(config))
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-           "PYTHONPATH": str(REPO)}
-    env.pop("RAY_API_SERVER_ADDRESS", None)
-    env["RAY_ADDRESS"] = f"127.0.0.1:{gcs}"       # the drivers below join this cluster, never another one
     cmd = [RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
            f"--autoscaling-config={temp / 'autoscaling.json'}", f"--temp-dir={temp}", "--num-cpus=0", "--num-gpus=0",
            f"--object-store-memory={SMALL_STORE}", "--include-dashboard=false", "--disable-usage-stats",
            f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
            f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
            f"--runtime-env-agent-port={renv}", f"--node-manager-port={node_mgr}", f"--object-manager-port={obj_mgr}"]
-    starter = subprocess.Popen(cmd, env={k: v for k, v in env.items() if k != "RAY_ADDRESS"}, cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    starter = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    out, _ = starter.communicate(timeout=180)
+    return starter, f"127.0.0.1:{gcs}", out
+
+
+@pytest.fixture
+def fake_cluster():
+    """A fake multi-node autoscaling head from ``cluster/aws.yaml``; yields (gcs address, env, cpu, gpu types)."""
+    config, cpu_type, gpu_type = fake_node_types(AWS_YAML)
+    temp = Path(tempfile.mkdtemp(prefix="rfake", dir="/tmp"))
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PYTHONPATH": str(REPO)}
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(key, None)
+    starter = None
     try:
-        out, _ = starter.communicate(timeout=120)
+        starter, gcs, out = _start_head(config, temp, env)
         if starter.returncode != 0:
-            raise RuntimeError(f"ray start failed ({starter.returncode}):\n{out}")
-        yield f"127.0.0.1:{gcs}", env, cpu_type, gpu_type
+            # `ray start` gives the raylet a fixed 30 s to register and then exits, leaving the processes running;
+            # on a saturated shared machine registration can take longer: wait for it here instead.
+            if "timed out during startup" not in out:
+                raise RuntimeError(f"ray start failed ({starter.returncode}):\n{out}")
+            _wait_for_head(gcs, deadline_s=180, logs=temp / "session_latest" / "logs")
+        # The drivers below join this cluster, never another one.
+        yield gcs, {**env, "RAY_ADDRESS": gcs}, cpu_type, gpu_type
     finally:
         # The fake provider's worker raylets are children of the head's autoscaler: same session, same temp dir.
-        _kill_tree(starter.pid, str(temp))
+        _kill_tree(starter.pid if starter is not None else -1, str(temp))   # -1: by temp dir alone
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_for_head(gcs_address: str, deadline_s: float, logs: Path) -> None:
+    from ray._raylet import GcsClient
+
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        try:
+            nodes = GcsClient(address=gcs_address).get_all_node_info(timeout=10).values()
+            if any(n.state == 0 and n.is_head_node for n in nodes):
+                return
+        except Exception:  # GCS not answering yet
+            pass
+        time.sleep(1)
+    tails = "".join(f"\n--- {p.name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-15:])
+                    for p in sorted(logs.glob("*")) if p.name in ("raylet.out", "raylet.err", "gcs_server.out",
+                                                                  "gcs_server.err", "monitor.log", "monitor.err"))
+    raise RuntimeError(f"the head at {gcs_address} did not register within {deadline_s:.0f} s{tails}")
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
@@ -157,7 +187,7 @@ def test_cluster_yaml_node_types_scale_up_from_zero_and_back(fake_cluster, tmp_p
     import torch
 
     from mplug2.config import MPLUG2Config
-    from mplug2.inference.corpus import read_index
+    from mplug2.inference.index import read_index
     from mplug2.models.mplug2 import MPLUG2
     from pipelines.synthetic import make_image_corpus
 
@@ -171,8 +201,7 @@ def test_cluster_yaml_node_types_scale_up_from_zero_and_back(fake_cluster, tmp_p
         manifest = make_image_corpus(tmp_path / "src", 9, seed=4, size=32)
         shards = tmp_path / "shards"
         _run([sys.executable, "-m", "jobs.preprocess", "--manifest", str(manifest), "--output", str(shards),
-              "--modality", "image", "--samples-per-shard", "3", "--image-size", "32", "--max-in-flight", "3",
-              "--task-cpus", "1", "--threads", "2"], env)
+              "--modality", "image", "--samples-per-shard", "3", "--image-size", "32"], env)
         cpu_peak, gpu_peak = watcher.peak()
         assert cpu_peak >= 1 and gpu_peak == 0, watcher.timeline
 
@@ -187,8 +216,8 @@ def test_cluster_yaml_node_types_scale_up_from_zero_and_back(fake_cluster, tmp_p
         assert watcher.peak(before)[1] >= 1, watcher.timeline
         if not torch.cuda.is_available():   # the actor held a (fake) GPU and fell back to CPU torch
             assert "torch sees no CUDA device: running on CPU" in infer.stdout + infer.stderr, infer.stderr[-3000:]
-        table = read_index(str(tmp_path / "emb"))
-        assert sorted(set(table["modality"].to_pylist())) == ["image", "text"] and table.num_rows == 2 * 9
+        index = read_index(str(tmp_path / "emb"))
+        assert sorted(set(index.modalities)) == ["image", "text"] and len(index) == 2 * 9
 
         # 3. idle workers of both types are removed after the idle timeout
         watcher.wait_for(lambda c, g: c == 0 and g == 0, "idle workers to be removed")

@@ -200,6 +200,8 @@ def test_cli_errors_are_one_line(tiny_model, video_shards, tmp_path, capsys):
           str(tmp_path / "o")], "no such model folder"),
         (["embed", "--model", str(tiny_model), "--shards", str(video_shards), "--output", str(video_shards)],
          "must differ"),
+        (["embed", "--model", str(tiny_model), "--shards", str(video_shards), "--output", str(tmp_path / "o"),
+          "--batch-size", "0"], "must be >= 1"),
     ]
     for argv, message in cases:
         assert main(argv) == 2
