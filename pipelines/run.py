@@ -20,7 +20,10 @@ from typing import Any, Iterator
 from mplug2.runtime import setup_process_env
 from pipelines import shards
 from pipelines.config import PreprocessConfig
-from pipelines.errors import ConfigError
+from mplug2.storage import StorageUnavailableError
+from pipelines.errors import (EXIT_BAD_INVOCATION, EXIT_INCOMPLETE, EXIT_OK, EXIT_STORAGE_UNAVAILABLE,
+                              EXIT_TOO_MANY_FAILED, ConfigError)
+from pipelines.preflight import check_manifest_provenance, check_output
 from pipelines.shard_task import ShardTask, run_shard, warm_up, worker_init
 from pipelines.sources import check_manifests, expand_manifests, file_info, iter_rows
 
@@ -44,6 +47,16 @@ class RunSummary:
     watchdog_fired: bool = False
     max_failure_ratio: float = 1.0
     dataset: dict | None = None
+    allow_all_failed: bool = False
+    held: list = field(default_factory=list)  # (task, result) of shards held back: no row succeeded (yet)
+    failure_examples: dict[str, str] = field(default_factory=dict)  # reason -> one message
+    storage_error: str | None = None  # storage unavailable past the retry deadline
+    config_error: str | None = None
+
+    @property
+    def all_failed(self) -> bool:
+        """Every attempted sample failed (a wrong column order, --media-root, ids...): nothing committed."""
+        return self.rows > 0 and self.successes == 0 and not self.allow_all_failed
 
     @property
     def failed(self) -> int:
@@ -59,9 +72,17 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
+        storage_down = self.storage_error or (self.shards_failed and all(
+            StorageUnavailableError.__name__ in why for why in self.shards_failed.values()))
+        if self.config_error:
+            return EXIT_BAD_INVOCATION
+        if storage_down:
+            return EXIT_STORAGE_UNAVAILABLE
         if self.shards_failed or self.watchdog_fired:
-            return 2
-        return 1 if self.failure_ratio > self.max_failure_ratio else 0
+            return EXIT_INCOMPLETE
+        if self.all_failed or self.failure_ratio > self.max_failure_ratio:
+            return EXIT_TOO_MANY_FAILED
+        return EXIT_OK
 
     def table(self) -> str:
         lines = [
@@ -72,8 +93,9 @@ class RunSummary:
             f"samples           {self.rows} attempted, {self.successes} written, {self.failed} failed "
             f"({100 * self.failure_ratio:.1f}%)",
         ]
-        for reason, n in sorted(self.failures.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {reason:<16}{n}")
+        width = max((len(r) for r in self.failures), default=0) + 2
+        for reason, n in sorted(self.failures.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {reason:<{width}}{n}")
         lines.append(f"wall time         {self.wall_s:.1f} s  ({self.samples_per_s:.1f} samples/s)")
         for sid, why in sorted(self.shards_failed.items()):
             lines.append(f"FAILED shard {sid}: {why}")
@@ -81,6 +103,17 @@ class RunSummary:
             lines.append("WATCHDOG: the global deadline ended the run early")
         if self.failure_ratio > self.max_failure_ratio:
             lines.append(f"failure ratio {self.failure_ratio:.3f} > --max-failure-ratio {self.max_failure_ratio}")
+        if self.all_failed:
+            top = max(self.failures, key=lambda r: self.failures[r]) if self.failures else "?"
+            example = self.failure_examples.get(top, "")
+            lines.append(f"EVERY ROW FAILED, nothing committed: mostly {top}" + (f" (e.g. {example})" if example
+                         else "") + "; check --column-names / --url-col / --caption-col / --media-root / "
+                         "--preset against the manifest (--allow-all-failed commits such shards anyway)")
+        if self.storage_error:
+            lines.append(f"STORAGE UNAVAILABLE: {self.storage_error}; committed shards are intact, re-run the "
+                         "same command to resume once the store answers")
+        if self.config_error:
+            lines.append(f"ERROR: {self.config_error}")
         return "\n".join(lines)
 
 
@@ -288,6 +321,7 @@ class _Prepared:
 def _prepare(config: PreprocessConfig, out: shards.Output, fp: str, summary: RunSummary) -> _Prepared:
     """Start-up checks (everything that can be wrong with the inputs fails here, before any write), the
     writer lease, overwrite's deletions, the resume/extend plan and the first shard's rows."""
+    check_output(out.url)  # before anything else: a missing bucket is never created, credentials fail here
     paths = expand_manifests(config.manifest)
     cmaps = check_manifests(paths, config)
     log.info("%d manifest file(s); columns %s", len(paths), {p: cm.url for p, cm in cmaps.items()})
@@ -300,6 +334,7 @@ def _prepare(config: PreprocessConfig, out: shards.Output, fp: str, summary: Run
             for name in os.listdir(out.url):
                 if name.startswith(".staging-"):
                     shutil.rmtree(os.path.join(out.url, name), ignore_errors=True)
+        shards.recover_commits(out, config.split)
         prev = out.read_json("dataset.json")
         if config.mode == "overwrite":
             n = shards.delete_contract_objects(out, config.split)
@@ -308,6 +343,8 @@ def _prepare(config: PreprocessConfig, out: shards.Output, fp: str, summary: Run
         else:
             existing = shards.committed_stats(out, config.split)
             _check_fingerprints(existing, prev, fp)
+            if config.mode == "incremental":
+                check_manifest_provenance(prev, paths, out.url)
         # An extend run numbers rows after earlier runs, so its layout is not "row i -> shard i // S" of the
         # current manifests. Its plan (first shard, rows to skip) is stored before the first shard is written
         # and removed once the run completes: a killed extend resumes the same plan, never re-plans.
@@ -369,7 +406,19 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
     fp = config.fingerprint()
     out = shards.Output(config.output)
     summary = RunSummary(output=out.url, mode=config.mode + (" +retry-failed" if config.retry_failed else ""),
-                         fingerprint=fp, max_failure_ratio=config.max_failure_ratio)
+                         fingerprint=fp, max_failure_ratio=config.max_failure_ratio,
+                         allow_all_failed=config.allow_all_failed)
+    try:
+        return _preprocess(config, out, fp, summary, t0)
+    except StorageUnavailableError as exc:  # past the retry deadline: report, never a traceback
+        log.error("storage unavailable: %s", exc)
+        summary.storage_error = str(exc)
+        summary.wall_s = time.monotonic() - t0
+        return summary
+
+
+def _preprocess(config: PreprocessConfig, out: shards.Output, fp: str, summary: RunSummary,
+                t0: float) -> RunSummary:
     kind = choose_executor(config)
     log.info("executor: %s%s", kind, " (auto)" if config.executor == "auto" else "")
     executor = None
@@ -399,6 +448,7 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
                         {"start_shard": prep.start_shard, "skip": prep.skip, "config_fingerprint": fp,
                          "owner": lease.owner}))
             _drive(config, config_dict, executor, first, prep.tasks, lease, summary, t0, unconfirmed=early)
+            _settle_held(config, config_dict, executor, lease, summary, t0)
         else:
             for _ in prep.tasks:  # pragma: no cover - nothing left after the first None
                 pass
@@ -460,6 +510,9 @@ def _drive(config: PreprocessConfig, config_dict: dict, executor, first: ShardTa
     done_shards = 0
 
     def submit(task: ShardTask, attempt: int) -> None:
+        # Until one row of the run succeeds, a shard where every row failed is held back, not committed.
+        task.hold_if_all_failed = not (config.allow_all_failed or summary.successes or task.retry_failed
+                                       or task.force_commit)
         if unconfirmed:
             task.commit_not_before = lease.settles_at
         in_flight[executor.submit(config_dict, task)] = (task, time.monotonic(), attempt)
@@ -488,6 +541,11 @@ def _drive(config: PreprocessConfig, config_dict: dict, executor, first: ShardTa
                 except Exception as exc:  # whole-shard failure: storage, lost lease, dead worker
                     why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
                     _shard_failed(task, attempt, why, config, pending_retry, summary)
+                    continue
+                if stats.get("held"):
+                    summary.held.append((task, stats))
+                    log.warning("shard %d: every row failed (%s); held back until a row of the run succeeds",
+                                task.shard, stats["failures"])
                     continue
                 done_shards += 1
                 summary.shards_written.append(task.shard)
@@ -522,6 +580,28 @@ def _drive(config: PreprocessConfig, config_dict: dict, executor, first: ShardTa
             lease.renew()
     finally:
         bar.close()
+
+
+def _settle_held(config: PreprocessConfig, config_dict: dict, executor, lease: shards.WriterLease,
+                 summary: RunSummary, t0: float) -> None:
+    """Shards held back because every row failed: if some row of the run succeeded, they are real (dead
+    links) and are run again to commit; if none did, the set-up is wrong: count them, commit nothing."""
+    held, summary.held = summary.held, []
+    if not held:
+        return
+    if summary.successes == 0:
+        for _task, stats in held:
+            summary.rows += stats["count"]
+            for r, n in stats["failures"].items():
+                summary.failures[r] = summary.failures.get(r, 0) + n
+            for r, msg in stats.get("examples", {}).items():
+                summary.failure_examples.setdefault(r, msg)
+        return
+    log.info("%d shard(s) where every row failed: committing them now that other rows succeeded", len(held))
+    tasks = [task for task, _ in held]
+    for t in tasks:
+        t.force_commit = True
+    _drive(config, config_dict, executor, tasks[0], iter(tasks[1:]), lease, summary, t0)
 
 
 def _shard_failed(task: ShardTask, attempt: int, why: str, config: PreprocessConfig,

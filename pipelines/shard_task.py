@@ -8,6 +8,7 @@ CPU, fed through a bounded queue (img2dataset's split). Video rows run whole on 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -25,9 +26,9 @@ from typing import Any
 from pipelines import shards
 from pipelines.config import PreprocessConfig
 from pipelines.errors import INTERNAL_ERROR, RETRYABLE, TIMEOUT, SampleError
-from pipelines.fetch import Fetcher, FetchOptions, resolve_source
+from pipelines.fetch import Fetcher, FetchOptions, non_media_reason, resolve_source
 from pipelines.image import ImageOptions, process_image
-from pipelines.sources import ColumnMap, Item, RawRow, normalize_row
+from pipelines.sources import RESERVED_FIELDS, ColumnMap, Item, RawRow, media_source, normalize_row, row_extras
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ class ShardTask:
     retry_failed: bool = False  # rebuild a committed shard, re-fetching only retryable failures
     lease_owner: str | None = None
     commit_not_before: float = 0.0  # wall clock: the lease's settle time when the driver had not confirmed it
+    hold_if_all_failed: bool = False  # no row of the run succeeded yet: if none of ours does, do not commit
+    force_commit: bool = False  # a held shard run again once other rows of the run succeeded
 
 
 @dataclass
@@ -110,11 +113,17 @@ class RowProcessor:
         return self._video_opts
 
     # ------------------------------------------------------------------------------------------
-    def base_record(self, key: str, row: RawRow, item: Item | None) -> dict[str, Any]:
+    def base_record(self, key: str, row: RawRow, item: Item | None, cmap: ColumnMap | None = None) -> dict[str, Any]:
+        """The parquet row of a sample; for a row that failed validation (``item`` None), its media source
+        and extra columns as far as ``cmap`` can read them, so the sidecar keeps what the manifest said."""
         rec: dict[str, Any] = {"key": key, "source": row.source, "source_index": row.source_index,
                                "status": "success", "error_reason": None, "error_message": None, "attempts": 0}
         if item is not None:
             rec.update(url=item.url, caption=item.caption, captions=item.captions, label=item.label, **item.extras)
+        elif cmap is not None and "__invalid__" not in row.values:
+            rec.update({k: v for k, v in row_extras(row.values, cmap).items()
+                        if isinstance(k, str) and k not in RESERVED_FIELDS and not k.startswith("_")},
+                       url=media_source(row.values, cmap))
         else:
             v = row.values
             rec["url"] = str(v.get("url") or v.get("path") or "") or None
@@ -125,7 +134,7 @@ class RowProcessor:
         try:
             item = normalize_row(row.values, cmap, self.config.modality, self.config.allow_empty_caption)
         except SampleError as exc:
-            return [RowOutcome(key, _fail(self.base_record(key, row, None), exc, 0))]
+            return [RowOutcome(key, _fail(self.base_record(key, row, None, cmap), exc, 0))]
         try:
             if self.config.modality == "image":
                 return [self._image(key, row, item)]
@@ -198,6 +207,9 @@ class RowProcessor:
                     if len(head) > self.config.max_bytes:
                         from pipelines.errors import TOO_LARGE
                         raise SampleError(TOO_LARGE, f"{len(head)} bytes > max_bytes {self.config.max_bytes}")
+                    bad = non_media_reason(head, None, item.url)
+                    if bad is not None:
+                        raise bad
                     data_sha, nbytes = _sha256(head), len(head)
                 except FileNotFoundError:
                     from pipelines.errors import NOT_FOUND
@@ -213,13 +225,16 @@ class RowProcessor:
             outs = []
             for ci, clip in enumerate(clips):
                 ckey = fixed_key or (shards.make_key(*map(int, key.split("_")), ci) if multi else key)
+                citem = item
+                if item.clip_captions is not None and ci < len(item.clip_captions):  # each clip its own sentence
+                    citem = dataclasses.replace(item, captions=[item.clip_captions[ci]], clip_captions=None)
                 if fetch_err is not None:
-                    rec = self.base_record(ckey, row, item)
+                    rec = self.base_record(ckey, row, citem)
                     if multi:
                         rec["clip_index"] = ci
                     outs.append(RowOutcome(ckey, _fail(rec, fetch_err, attempts)))
                     continue
-                outs.append(self._video_clip(ckey, row, item, clip, (local, data_sha, nbytes, attempts),
+                outs.append(self._video_clip(ckey, row, citem, clip, (local, data_sha, nbytes, attempts),
                                              clip_index=ci if multi else None))
             return outs
         finally:
@@ -356,7 +371,7 @@ def _image_outcomes(config: PreprocessConfig, task: ShardTask, proc: RowProcesso
             item = normalize_row(row.values, task.column_maps[row.source], config.modality,
                                  config.allow_empty_caption)
         except SampleError as exc:
-            ready.put(RowOutcome(key, _fail(proc.base_record(key, row, None), exc, 0)))
+            ready.put(RowOutcome(key, _fail(proc.base_record(key, row, None, task.column_maps[row.source]), exc, 0)))
             return
         except Exception as exc:  # a bug, not a bad sample
             ready.put(_internal(proc, key, row, None, exc))
@@ -469,14 +484,20 @@ def _write_and_commit(config: PreprocessConfig, out: shards.Output, task: ShardT
     outcomes.sort(key=lambda o: o.key)
     samples = {o.key: o.fields for o in outcomes if o.fields is not None}
     failures: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for o in outcomes:
         if o.record["status"] != "success":
             failures[o.record["error_reason"]] = failures.get(o.record["error_reason"], 0) + 1
+            examples.setdefault(o.record["error_reason"], str(o.record.get("error_message") or "")[:200])
+    if task.hold_if_all_failed and outcomes and not samples:  # likely a wrong set-up: the driver decides
+        return {"held": True, "count": len(outcomes), "failures": dict(sorted(failures.items())),
+                "examples": examples}
     staging = out.staging_dir()
     try:
         tar_path = os.path.join(staging, shards.shard_name(config.split, task.shard, ".tar"))
         info = shards.write_tar(tar_path, samples)
-        parquet = shards.parquet_bytes([o.record for o in outcomes])
+        types = {k: t for cm in task.column_maps.values() for k, t in cm.extra_types.items()}
+        parquet = shards.parquet_bytes([o.record for o in outcomes], types)
         del samples
         input_rows = len({(o.record["source"], o.record["source_index"]) for o in outcomes})
         stats = {
@@ -495,8 +516,9 @@ def _write_and_commit(config: PreprocessConfig, out: shards.Output, task: ShardT
             time.sleep(wait)
         if task.lease_owner and not shards.lease_owner_ok(config.output, task.lease_owner):
             raise shards.LeaseError(f"shard {task.shard}: writer lease lost, not committing")
-        if task.retry_failed:  # uncommit first: a crash mid-rewrite leaves the shard to be redone
+        if task.retry_failed:  # uncommit first (marker, then tar): a crash mid-rewrite leaves it to be redone
             out.delete(shards.shard_name(config.split, task.shard, "_stats.json"))
+            out.delete(shards.shard_name(config.split, task.shard, ".tar"))
         shards.commit_shard(out, config.split, task.shard, tar_path, parquet, stats)
         return stats
     finally:

@@ -11,6 +11,7 @@ import time
 
 from mplug2 import storage
 from pipelines.config import PreprocessConfig
+from pipelines.errors import EXIT_INCOMPLETE
 from pipelines.run import preprocess
 from tests.pipelines.conftest import make_jpeg
 
@@ -32,7 +33,7 @@ def test_shard_deadline_retries_then_reports(tmp_path, http_server, s3_bucket, r
     summary = preprocess(PreprocessConfig(manifest=[man], output=out, samples_per_shard=2, threads=1,
                                           shard_timeout_s=1.5, max_shard_retry=1, progress=False))
     assert time.monotonic() - t0 < 60
-    assert sorted(summary.shards_failed) == [0, 1, 2] and summary.exit_code == 2
+    assert sorted(summary.shards_failed) == [0, 1, 2] and summary.exit_code == EXIT_INCOMPLETE
     assert all("deadline" in why for why in summary.shards_failed.values())
     assert http_server.hits[f"/0.jpg"] == 2  # first attempt + one retry, then given up
     assert "FAILED shard 0" in summary.table()
@@ -47,7 +48,7 @@ def test_watchdog_ends_the_run_with_a_summary(tmp_path, http_server, s3_bucket, 
     summary = preprocess(PreprocessConfig(manifest=[man], output=out, samples_per_shard=1, threads=1,
                                           max_in_flight=2, watchdog_s=2.0, progress=False))
     assert time.monotonic() - t0 < 30
-    assert summary.watchdog_fired and summary.exit_code == 2 and "WATCHDOG" in summary.table()
+    assert summary.watchdog_fired and summary.exit_code == EXIT_INCOMPLETE and "WATCHDOG" in summary.table()
     done = summary.shards_written
     assert len(done) < 8
     if done:  # what did commit is still described, and marked incomplete if numbering has gaps
