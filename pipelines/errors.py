@@ -46,3 +46,15 @@ EXIT_TOO_MANY_FAILED = 1       # failed/attempted above --max-failure-ratio, or 
 EXIT_BAD_INVOCATION = 2        # bad flag, config, manifest schema, output, credentials (argparse also uses 2)
 EXIT_STORAGE_UNAVAILABLE = 3   # storage kept failing past the retry deadline ($MPLUG2_S3_RETRY_DEADLINE_S)
 EXIT_INCOMPLETE = 4            # shards failed for good, or the global watchdog ended the run
+
+
+class PermanentShardError(RuntimeError):
+    """A whole-shard failure that running the shard again cannot fix (a lost writer lease): the driver
+    reports it at once instead of retrying. Any other exception from a shard task is retried."""
+
+
+def shard_error_is_retryable(exc: BaseException) -> bool:
+    """Whether the driver retries a shard whose task raised ``exc``: storage errors, a dead worker or a
+    deadline may pass; a permanent error or a config error will not. Decided from the type (Ray re-raises a
+    task's exception as a subclass of its cause, a process pool as the same type), never from its text."""
+    return not isinstance(exc, (PermanentShardError, ConfigError))

@@ -26,6 +26,7 @@ from typing import Any, Iterable
 from mplug2 import storage
 from mplug2.data.shard_contract import (DATASET_FILES, FORMAT_VERSION, LOCK_NAME, PENDING_EXTEND,  # noqa: F401
                                         PENDING_TAR, STATS, shard_name, shard_re)
+from pipelines.errors import PermanentShardError
 
 log = logging.getLogger(__name__)
 
@@ -429,8 +430,8 @@ def finalize_dataset(out: Output, split: str, *, config: dict, fingerprint: str,
 
 
 # ---------------------------------------------------------------------------------------------- lease
-class LeaseError(RuntimeError):
-    """Another live run holds the writer lease on this dataset."""
+class LeaseError(PermanentShardError):
+    """Another live run holds the writer lease on this dataset (retrying a shard cannot win it back)."""
 
 
 class WriterLease:

@@ -1,0 +1,255 @@
+"""The run: stream the plan's shard tasks through an executor with bounded concurrency, retry whole-shard
+failures by error type, enforce the per-shard deadline and the global watchdog, and commit the dataset.
+
+Why one task per shard (img2dataset's Ray distributor) and not ``Dataset.write_webdataset``: shard names
+must be deterministic (``train-000012.tar`` owns input rows ``[12·S, 13·S)``), each shard is committed
+as a unit with its sidecars, and resume/retry are shard-granular (data-contract §8, §10).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterator
+
+from mplug2.runtime import setup_process_env
+from pipelines import shards
+from pipelines.config import PreprocessConfig
+from mplug2.storage import StorageUnavailableError
+from pipelines.errors import shard_error_is_retryable
+from pipelines.executors import choose_executor
+from pipelines.executors.local import LocalExecutor
+from pipelines.executors.ray_tasks import RayTaskExecutor
+from pipelines.plan import Prepared, manifest_records, prepare
+from pipelines.shard_task import ShardTask
+from pipelines.summary import RunSummary
+
+log = logging.getLogger(__name__)
+
+
+def _prepare_beside_ray(config: PreprocessConfig, out: shards.Output, fp: str,
+                        summary: RunSummary) -> tuple[Prepared, RayTaskExecutor]:
+    """Start Ray (seconds: a local cluster, or a connection) on this thread while start-up checks and
+    planning run on a side thread. ``ray.init`` stays on the main thread (it installs a SIGTERM handler
+    there). If either side fails, the other is cleaned up (lease released / Ray shut down)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="plan") as side:
+        planned = side.submit(prepare, config, out, fp, summary)
+        try:
+            executor = RayTaskExecutor(config)
+        except BaseException:
+            try:
+                planned.result().lease.release()
+            except BaseException:  # the planning error, if any, matters less than Ray's
+                pass
+            raise
+        try:
+            return planned.result(), executor
+        except BaseException:
+            executor.close()
+            raise
+
+
+def preprocess(config: PreprocessConfig) -> RunSummary:
+    """Preprocess ``config.manifest`` into WebDataset shards under ``config.output``; see module doc."""
+    setup_process_env()
+    t0 = time.monotonic()
+    config.validate()
+    fp = config.fingerprint()
+    out = shards.Output(config.output)
+    summary = RunSummary(output=out.url, mode=config.mode + (" +retry-failed" if config.retry_failed else ""),
+                         fingerprint=fp, max_failure_ratio=config.max_failure_ratio,
+                         allow_all_failed=config.allow_all_failed)
+    try:
+        return _preprocess(config, out, fp, summary, t0)
+    except StorageUnavailableError as exc:  # past the retry deadline: report, never a traceback
+        log.error("storage unavailable: %s", exc)
+        summary.storage_error = str(exc)
+        summary.wall_s = time.monotonic() - t0
+        return summary
+
+
+def _preprocess(config: PreprocessConfig, out: shards.Output, fp: str, summary: RunSummary,
+                t0: float) -> RunSummary:
+    kind = choose_executor(config)
+    log.info("executor: %s%s", kind, " (auto)" if config.executor == "auto" else "")
+    executor = None
+    if kind == "ray":
+        prep, executor = _prepare_beside_ray(config, out, fp, summary)
+    else:
+        executor = LocalExecutor(config)  # its workers start while the driver plans
+        try:
+            prep = prepare(config, out, fp, summary)
+        except BaseException:
+            executor.close()
+            raise
+    lease, prev, existing, pending, first = prep.lease, prep.prev, prep.existing, prep.pending, prep.first
+    try:
+        config_dict = config.to_dict()
+        if first is not None:
+            writes_plan = config.mode == "extend" and not pending
+            # The lease settles (WriterLease.confirm) while the first shards already run when that is
+            # safe: each shard task waits out the settle delay itself before its commit-time lease check,
+            # so no shard commits earlier than before. Ray start-up already covers the delay; an extend
+            # must store its plan before any shard can commit.
+            early = isinstance(executor, LocalExecutor) and not writes_plan
+            if not early:
+                lease.confirm()
+                if writes_plan:
+                    out.write_bytes(shards.PENDING_EXTEND, shards.canonical_json(
+                        {"start_shard": prep.start_shard, "skip": prep.skip, "config_fingerprint": fp,
+                         "owner": lease.owner}))
+            _drive(config, config_dict, executor, first, prep.tasks, lease, summary, t0, unconfirmed=early)
+            _settle_held(config, config_dict, executor, lease, summary, t0)
+        else:
+            for _ in prep.tasks:  # pragma: no cover - nothing left after the first None
+                pass
+
+        summary.shards_written.sort()
+        wrote = bool(summary.shards_written)
+        if wrote or (prev is None and existing) or pending:
+            lease.confirm()
+            all_stats = shards.committed_stats(out, config.split)
+            manifests = manifest_records(prep.plan.manifests, prev, config.mode)
+            summary.dataset = shards.finalize_dataset(
+                out, config.split, config=config.to_dict(), fingerprint=fp, manifests=manifests, stats=all_stats,
+                extended=prep.extended or (config.mode == "extend" and prep.start_shard > 0))
+        else:
+            summary.dataset = prev
+            log.info("nothing new to write; dataset files left as they are")
+        if config.mode == "extend" and (pending or first is not None) and not summary.shards_failed \
+                and not summary.watchdog_fired:
+            out.delete(shards.PENDING_EXTEND)
+    finally:
+        if executor is not None:
+            executor.close()
+        lease.release()
+    summary.shards_written.sort()
+    summary.shards_skipped.sort()
+    summary.wall_s = time.monotonic() - t0
+    return summary
+
+
+def _drive(config: PreprocessConfig, config_dict: dict, executor, first: ShardTask, tasks: Iterator[ShardTask],
+           lease: shards.WriterLease, summary: RunSummary, t0: float, unconfirmed: bool = False) -> None:
+    """Submit shard tasks with bounded concurrency; collect, retry, time out, report progress.
+
+    ``unconfirmed``: the lease has not settled yet; tasks are submitted with ``commit_not_before`` (they
+    wait out the settle delay before their commit-time lease check) and the lease is confirmed once the
+    first tasks run (a lost lease raises :class:`~pipelines.shards.LeaseError` here; no shard commits).
+    """
+    from tqdm import tqdm
+
+    max_in_flight = config.max_in_flight or max(2, int(2 * executor.cpus / getattr(config, "task_cpus", 1.0)))
+    in_flight: dict[Any, tuple[ShardTask, float, int]] = {}  # handle -> (task, started, attempt)
+    pending_retry: list[tuple[ShardTask, int]] = []
+    next_task: ShardTask | None = first
+    bar = tqdm(unit="sample", desc="shards 0", disable=not config.progress, dynamic_ncols=True, mininterval=1.0)
+    done_shards = 0
+
+    def submit(task: ShardTask, attempt: int) -> None:
+        # Until one row of the run succeeds, a shard where every row failed is held back, not committed.
+        task.hold_if_all_failed = not (config.allow_all_failed or summary.successes or task.retry_failed
+                                       or task.force_commit)
+        if unconfirmed:
+            task.commit_not_before = lease.settles_at
+        in_flight[executor.submit(config_dict, task)] = (task, time.monotonic(), attempt)
+
+    try:
+        while True:
+            while len(in_flight) < max_in_flight and not summary.watchdog_fired:
+                if pending_retry:
+                    submit(*pending_retry.pop(0))
+                elif next_task is not None:
+                    submit(next_task, 1)
+                    next_task = next(tasks, None)
+                else:
+                    break
+            if not in_flight:
+                break
+            if unconfirmed:
+                lease.confirm()
+                unconfirmed = False
+            done = executor.wait(list(in_flight), timeout=1.0)
+            now = time.monotonic()
+            for h in done:
+                task, _, attempt = in_flight.pop(h)
+                try:
+                    stats = executor.result(h)
+                except Exception as exc:  # whole-shard failure: storage, lost lease, dead worker
+                    why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+                    _shard_failed(task, attempt, why, shard_error_is_retryable(exc), config, pending_retry,
+                                  summary)
+                    continue
+                if stats.get("held"):
+                    summary.held.append((task, stats))
+                    log.warning("shard %d: every row failed (%s); held back until a row of the run succeeds",
+                                task.shard, stats["failures"])
+                    continue
+                done_shards += 1
+                summary.shards_written.append(task.shard)
+                summary.rows += stats["count"]
+                summary.successes += stats["successes"]
+                for r, n in stats["failures"].items():
+                    summary.failures[r] = summary.failures.get(r, 0) + n
+                bar.update(stats["count"])
+                bar.set_description(f"shards {done_shards}")
+                bar.set_postfix(ok=summary.successes, failed=summary.failed,
+                                sps=f"{summary.successes / max(1e-9, now - t0):.0f}")
+                log.info("shard %d committed: %d/%d samples in %.1fs", task.shard, stats["successes"],
+                         stats["count"], stats["duration"])
+            for h, (task, started, attempt) in list(in_flight.items()):
+                if now - started > config.shard_timeout_s:
+                    executor.cancel(h)
+                    in_flight.pop(h)
+                    why = f"past the per-shard deadline of {config.shard_timeout_s}s"
+                    if not executor.can_kill:  # never let a retry race the still-running first attempt
+                        summary.shards_failed[task.shard] = why + " (local executor: not retried)"
+                        continue
+                    _shard_failed(task, attempt, why, True, config, pending_retry, summary)
+            if config.watchdog_s and now - t0 > config.watchdog_s and not summary.watchdog_fired:
+                log.error("watchdog: %.0fs elapsed, cancelling %d running shards", now - t0, len(in_flight))
+                summary.watchdog_fired = True
+                for h, (task, _, _) in list(in_flight.items()):
+                    executor.cancel(h)
+                    summary.shards_failed[task.shard] = "cancelled by the global watchdog"
+                in_flight.clear()
+                pending_retry.clear()
+                break
+            lease.renew()
+    finally:
+        bar.close()
+
+
+def _settle_held(config: PreprocessConfig, config_dict: dict, executor, lease: shards.WriterLease,
+                 summary: RunSummary, t0: float) -> None:
+    """Shards held back because every row failed: if some row of the run succeeded, they are real (dead
+    links) and run again to commit; if none did, the set-up is wrong: count them, commit nothing."""
+    held, summary.held = summary.held, []
+    if not held:
+        return
+    if summary.successes == 0:
+        for _task, stats in held:
+            summary.rows += stats["count"]
+            for r, n in stats["failures"].items():
+                summary.failures[r] = summary.failures.get(r, 0) + n
+            for r, msg in stats.get("examples", {}).items():
+                summary.failure_examples.setdefault(r, msg)
+        return
+    log.info("%d shard(s) where every row failed: committing them now that other rows succeeded", len(held))
+    tasks = [task for task, _ in held]
+    for t in tasks:
+        t.force_commit = True
+    _drive(config, config_dict, executor, tasks[0], iter(tasks[1:]), lease, summary, t0)
+
+
+def _shard_failed(task: ShardTask, attempt: int, why: str, retryable: bool, config: PreprocessConfig,
+                  pending_retry: list, summary: RunSummary) -> None:
+    if retryable and attempt <= config.max_shard_retry:
+        log.warning("shard %d failed (attempt %d/%d), retrying: %s", task.shard, attempt,
+                    config.max_shard_retry + 1, why)
+        pending_retry.append((task, attempt + 1))
+    else:
+        log.error("shard %d failed for good after %d attempt(s): %s", task.shard, attempt, why)
+        summary.shards_failed[task.shard] = why
