@@ -185,9 +185,15 @@ class BatchBuilder:
             keys.append(key)
             answers.append(answer)
             labels.append(dec.label)
+        requested = len(raw.samples) + len(raw.skipped)
         if not pixels:  # every sample of the batch was unreadable: the loader moves on to the next batch
             return {"corpus": self.corpus, "epoch": raw.epoch, "index": raw.index, "skipped": skipped,
-                    "requested": len(raw.samples) + len(raw.skipped), "empty": True}
+                    "requested": requested, "empty": True}
+        # Holes left by skipped samples are filled with repeats of the batch's readable ones (same keys, so
+        # id-aware objectives treat them as the same sample): every batch keeps its size (ITC queues, DDP).
+        for i in range(requested - len(pixels)):
+            for lst in (pixels, captions, keys, answers, labels):
+                lst.append(lst[i])
         shapes = {tuple(p.shape) for p in pixels}
         if len(shapes) != 1:
             raise SampleError(f"corpus {self.corpus}: samples of one batch differ in shape {sorted(shapes)}")
@@ -206,5 +212,5 @@ class BatchBuilder:
             "epoch": raw.epoch,
             "index": raw.index,
             "skipped": skipped,
-            "requested": len(raw.samples) + len(raw.skipped),
+            "requested": requested,
         }
