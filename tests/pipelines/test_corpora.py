@@ -263,3 +263,26 @@ def test_documented_command_shards_the_layout(name, tmp_path, monkeypatch, http_
         strict_json(v["json"])
     check(got, sidecar(out))
     assert re.search(r"samples\s+\d+ attempted", printed.out)
+
+
+def test_table_quirks_beyond_the_fixtures(tmp_path):
+    """The class of file, not only the fixtures: a header line after all, BOM + CRLF csv, ISO durations, a
+    column that would shadow a contract field named with the flag that fixes it, ids without a template."""
+    from pipelines.config import PreprocessConfig
+    from pipelines.errors import ConfigError, SampleError
+    from pipelines.sources import iter_records, normalize_row, parse_time, resolve_columns
+
+    (tmp_path / "h.tsv").write_text("caption\turl\ncap\thttp://x/a.jpg\n\n\n")
+    assert list(iter_records(str(tmp_path / "h.tsv"), column_names=["caption", "url"])) == [
+        {"caption": "cap", "url": "http://x/a.jpg"}]
+    (tmp_path / "b.csv").write_bytes("\ufeffurl,caption\r\nhttp://x/a.jpg,\"multi\r\nline\"\r\n".encode())
+    assert list(iter_records(str(tmp_path / "b.csv"))) == [{"url": "http://x/a.jpg", "caption": "multi\r\nline"}]
+    assert (parse_time("PT00H01M05S"), parse_time("PT1.5S"), parse_time("P1DT0H0M1S")) == (65.0, 1.5, 86401.0)
+    cfg = PreprocessConfig(url_col="contentUrl", caption_col="name", modality="video")
+    with pytest.raises(ConfigError, match="--drop-cols duration"):
+        resolve_columns(["videoid", "contentUrl", "duration", "page_dir", "name"], cfg)
+    with pytest.raises(ConfigError, match="--column-names .*--preset cc3m"):
+        resolve_columns(["a caption", "http://x/a.jpg"], PreprocessConfig())
+    cm = resolve_columns(["video_id", "question"], PreprocessConfig(url_col="video_id", caption_col="question"))
+    with pytest.raises(SampleError, match="--media-template"):
+        normalize_row({"video_id": 7010, "question": "q"}, cm, "video")

@@ -14,7 +14,7 @@ from mplug2.data.damage import DamagedDataError
 from mplug2.data.dataset_index import load_index
 from mplug2.data.loader import LoaderConfig, build_loader
 from mplug2.data.stream import CorpusStream, StreamConfig
-from mplug2.train.checkpoint import find_latest_valid, read_model_tensors
+from mplug2.train.checkpoint import find_latest_valid, list_step_checkpoints, read_model_tensors
 from mplug2.train.config import TrainConfig
 from mplug2.train.loop import TrainLoop, run_local
 from tests.data.shards_fixture import write_shards
@@ -83,12 +83,12 @@ def test_run_over_damaged_shards_finishes_reports_and_resumes_bitwise(damaged, t
     with pytest.raises(_Stop):
         run_local(_cfg(damaged, runs, "cut"))
     monkeypatch.setattr(TrainLoop, "_inject_fault", orig)
-    ckpt = find_latest_valid(os.path.join(runs, "cut"))
+    ckpt = find_latest_valid(list_step_checkpoints(os.path.join(runs, "cut")))
     state = json.load(open(os.path.join(ckpt, "data_rank0.json")))
     assert set(bad) <= set(json.dumps(state).split('"')), "the checkpoint must come after the damaged shards"
     run_local(_cfg(damaged, runs, "cut"))
-    a = read_model_tensors(find_latest_valid(os.path.join(runs, "whole")))
-    b = read_model_tensors(find_latest_valid(os.path.join(runs, "cut")))
+    a = read_model_tensors(find_latest_valid(list_step_checkpoints(os.path.join(runs, "whole"))))
+    b = read_model_tensors(find_latest_valid(list_step_checkpoints(os.path.join(runs, "cut"))))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
