@@ -237,6 +237,10 @@ def _settle_held(config: PreprocessConfig, config_dict: dict, executor, lease: s
             for r, msg in stats.get("examples", {}).items():
                 summary.failure_examples.setdefault(r, msg)
         return
+    if summary.watchdog_fired:
+        for task, _stats in held:
+            summary.shards_failed[task.shard] = "every row failed; not committed before the global watchdog fired"
+        return
     log.info("%d shard(s) where every row failed: committing them now that other rows succeeded", len(held))
     tasks = [task for task, _ in held]
     for t in tasks:

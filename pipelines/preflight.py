@@ -69,15 +69,20 @@ def check_manifest_provenance(prev: dict | None, paths: list[str], output: str) 
     recorded = [m for m in (prev or {}).get("manifests", []) if "path" in m]
     if not recorded:
         return
-    before = {m["path"]: m for m in recorded}
-    added = sorted(set(paths) - set(before))
-    removed = sorted(set(before) - set(paths))
+
+    def norm(p: str) -> str:  # ./m.jsonl and /abs/m.jsonl name the same file
+        return p if storage.is_remote(p) else os.path.abspath(p)
+
+    before = {norm(m["path"]): m for m in recorded}
+    now = {norm(p): p for p in paths}
+    added = sorted(now[p] for p in set(now) - set(before))
+    removed = sorted(before[p]["path"] for p in set(before) - set(now))
     changed: list[str] = []
     if not added and not removed:
         from pipelines.sources import file_info
 
         for p in paths:
-            old = before[p]
+            old = before[norm(p)]
             if "size" not in old:
                 continue
             fs, path = storage.get_fs(p)
