@@ -87,16 +87,32 @@ class RayDataExecutor:
         ds = self._dataset(works)
         out: queue.SimpleQueue = queue.SimpleQueue()
         done = object()
+        abandoned = threading.Event()  # the driver stopped listening (say it lost the lease): stop the pipeline
 
         def consume() -> None:
+            rows = iter(ds.iter_rows())
             try:
-                for row in ds.iter_rows():
+                for row in rows:
                     out.put(pickle.loads(row["work"]))
+                    if abandoned.is_set():
+                        break
             except BaseException as exc:  # handed to the driver thread
                 out.put(exc)
+            finally:
+                close = getattr(rows, "close", None)
+                if close is not None:  # shuts Ray Data's streaming executor down
+                    close()
             out.put(done)
 
         threading.Thread(target=consume, name="ray-data-consumer", daemon=True).start()
+        try:
+            yield from self._collect(works, out, done, tick)
+        finally:
+            abandoned.set()
+        self._add_stats(ds)
+
+    def _collect(self, works: list[ShardWork], out: queue.SimpleQueue, done: object,
+                 tick: Callable[[], None]) -> Iterator[ShardWork]:
         returned: set[int] = set()
         while True:
             try:
@@ -117,7 +133,6 @@ class RayDataExecutor:
             returned.add(got.task.shard)
             yield got
             tick()
-        self._add_stats(ds)
 
     def _add_stats(self, ds) -> None:
         """Fold this window's per-operator statistics (Ray Data's own) into :attr:`stages`."""
