@@ -55,7 +55,7 @@ class RunSummary:
             lines.append(f"  {reason:<16}{n}")
         lines.append(f"wall time         {self.wall_s:.1f} s  ({self.samples_per_s:.1f} samples/s)")
         if self.stages:
-            lines.append(f"{'stage':<18}{'shards':>7}{'task s':>9}{'wall s':>9}{'samples/s':>11}")
+            lines.append(f"{'Ray Data stages':<18}{'shards':>7}{'task s':>9}{'wall s':>9}{'samples/s':>11}")
             for name, st in self.stages.items():
                 rate = self.rows / st["wall_s"] if st["wall_s"] > 0 else 0.0
                 lines.append(f"  {name:<16}{st['shards']:>7}{st['task_s']:>9.1f}{st['wall_s']:>9.1f}{rate:>11.1f}")
