@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipelines import video  # noqa: E402
+from pipelines.video import probe, pyav_backend, sandbox  # noqa: E402
+from pipelines.video.extract import process_in_worker  # noqa: E402
 from pipelines.video import VideoOptions, probe_video, process_video, sample_times  # noqa: E402
 
 THREADS = 2
@@ -68,10 +69,10 @@ def ours(backend: str) -> Callable[[Path, str], None]:
 
 def ours_in_process(path: Path, task: str) -> None:
     opts = VideoOptions(sampler="middle" if task == "u8" else "fps", fps=1.0, max_frames=1000, timeout_s=300)
-    video._process_in_worker(str(path), "bench", opts, None, None)
+    process_in_worker(str(path), "bench", opts, None, None)
 
 
-class _FullResFrames(video._FrameScaler):
+class _FullResFrames(pyav_backend.FrameScaler):
     """Our sampler's frames handed back as full-resolution RGB arrays, which is what the peers return."""
 
     def __init__(self) -> None:  # no resize target: nothing of the parent's state is needed but the rotation
@@ -86,15 +87,15 @@ def ours_sampler(path: Path, task: str) -> None:
     """Our PyAV sampler alone (probe, packet scan, exact-frame decode), same output as the peers: the
     same work they do, for a like-for-like comparison of the sampling itself."""
     opts = VideoOptions(sampler="middle" if task == "u8" else "fps", num_frames=8, fps=1.0, max_frames=1000)
-    with video._open(str(path)) as container:
-        stream, info = video._probe(container, first_frame=False)
-        start, end, _ = video._resolve_clip(info, None, None, opts)
-        times = video.sample_times(opts.sampler, start, end, num_frames=opts.num_frames, fps=opts.fps,
-                                   max_frames=opts.max_frames, seed=opts.seed, key="bench")
-        packets = video._scan(container, stream, info, start, times[-1])
-        runs = video._plan_runs(packets, times)
-        video._set_threads(stream, video._decode_threads(info, packets, runs))
-        if video._decode_exact(container, stream, info, packets, times, runs, _FullResFrames()) is None:
+    with probe.open_container(str(path)) as container:
+        stream, info = probe.probe_container(container, first_frame=False)
+        start, end, _ = probe.resolve_clip(info, None, None, opts)
+        times = sample_times(opts.sampler, start, end, num_frames=opts.num_frames, fps=opts.fps,
+                             max_frames=opts.max_frames, seed=opts.seed, key="bench")
+        packets = probe.scan_packets(container, stream, info, start, times[-1])
+        runs = pyav_backend.plan_runs(packets, times)
+        probe.set_threads(stream, pyav_backend.decode_threads(info, packets, runs))
+        if pyav_backend.decode_exact(container, stream, info, packets, times, runs, _FullResFrames()) is None:
             raise RuntimeError(f"{path.name}: the exact-frame plan failed")
 
 
@@ -235,7 +236,7 @@ def main() -> None:
     for name, reason in status.items():
         if reason:
             print(f"{name}: n/a ({reason})")
-    video._POOL.close()
+    sandbox.POOL.close()
     if args.out:
         import json
 

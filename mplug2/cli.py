@@ -2,6 +2,8 @@
 
     mplug2-model params --preset large              # parameter count per module and total (built on `meta`)
     mplug2-model convert --preset base --bert <bert ckpt> --clip <clip ckpt> --out <folder>
+    mplug2-model convert --preset tiny --out m       # random weights: a folder to try the commands below on
+    mplug2-model import-official mplug2_caption.pth --task caption --out large-caption   # the release's weights
 """
 
 from __future__ import annotations
@@ -52,16 +54,29 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from mplug2.models.mplug2 import MPLUG2
     from mplug2.weights import load_pretrained
 
-    if not args.bert and not args.clip:
-        print("convert: give --bert and/or --clip", file=sys.stderr)
-        return 2
     cfg = _config(args)
     torch.manual_seed(args.seed)
     model = MPLUG2(cfg)
-    report = load_pretrained(model, bert=args.bert, clip=args.clip)
-    print(report.summary())
+    if args.bert or args.clip:
+        print(load_pretrained(model, bert=args.bert, clip=args.clip).summary())
+    else:
+        print(f"no --bert/--clip: every weight randomly initialised (seed {args.seed}); a model to try the "
+              "commands on, not to use")
     out = model.save_pretrained(args.out)
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_import_official(args: argparse.Namespace) -> int:
+    from mplug2.official import OfficialCheckpointError, import_official
+
+    try:
+        report = import_official(args.checkpoint, args.task, args.out, cfg=_config(args), seed=args.seed)
+    except OfficialCheckpointError as exc:
+        print(f"import-official: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"wrote {args.out} (config.yaml with vision.image_mode: centre, model.safetensors, import_report.json)")
     return 0
 
 
@@ -82,6 +97,17 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--out", required=True, help="output folder (config.yaml + model.safetensors)")
     pc.add_argument("--seed", type=int, default=0, help="seed for the newly initialised modules")
     pc.set_defaults(fn=cmd_convert)
+
+    pi = sub.add_parser("import-official", help="import a released mPLUG-2 caption/QA .pth into a model folder",
+                        description="Import the official X-PLUG/mPLUG-2 video-caption or video-QA checkpoint "
+                                    "(memory-mapped; tensors renamed, unused ones dropped and reported).")
+    pi.add_argument("checkpoint", help="the release's .pth file")
+    pi.add_argument("--task", choices=["caption", "qa"], required=True, help="which release file it is")
+    pi.add_argument("--out", required=True, help="output model folder")
+    pi.add_argument("--preset", choices=PRESET_NAMES, default="large", help="model sizes of the file (release: large)")
+    pi.add_argument("--config", help="a model YAML instead of a preset")
+    pi.add_argument("--seed", type=int, default=0, help="seed for the MLM head, which the release does not have")
+    pi.set_defaults(fn=cmd_import_official)
     return p
 
 

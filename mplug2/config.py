@@ -69,6 +69,10 @@ class FusionConfig:
     layers: int
     stride_layer: int
 
+    def is_connected(self, j: int) -> bool:
+        """Layer j runs connected attention (no cross-attention of its own)."""
+        return j != 0 and j % self.stride_layer == 0
+
 
 @dataclass
 class DecoderConfig:

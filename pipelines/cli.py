@@ -74,13 +74,20 @@ HELP: dict[str, str] = {
     "allow_all_failed": "commit shards even when every row of the run failed (default: nothing is committed "
                         "and the run exits 1, as that usually means a wrong column order or --media-root)",
     "executor": "auto: Ray when a cluster is there (--ray-address, RAY_ADDRESS, a `ray start` cluster on this "
-                "machine, inside a Ray job), else a local process pool; ray: always Ray (starts a local cluster "
-                "if none); local: process pool, no Ray",
+                "machine, inside a Ray job) or model stages are asked for, else a local process pool; ray: a Ray "
+                "Data pipeline of stages (starts a local cluster if none); local: process pool, no Ray",
     "ray_address": "Ray cluster address (default RAY_ADDRESS, else a local cluster)",
     "num_cpus": "CPUs for a local Ray cluster / local executor",
     "progress": "show a progress bar",
     "force_unlock": "take over the writer lease even if it looks alive",
     "lease_ttl_s": "writer lease lifetime without heartbeat",
+    "score_with": "model folder: ITC similarity of media and caption into each sample's json (Ray actor pool)",
+    "min_score": "with --score-with: samples below are counted as low_score and not written",
+    "caption_with": "model folder: a generated caption into each sample's json, beside the original",
+    "caption_field": "json field of the generated caption",
+    "model_batch_size": "samples per forward pass in a model stage",
+    "model_gpus": "GPUs per model actor where the cluster has GPUs (a fraction shares one GPU)",
+    "model_actors": "most actors per model stage",
 }
 CHOICES = {"modality": MODALITIES, "mode": MODES, "input_format": FORMATS, "preset": tuple(PRESETS),
            "resize_mode": RESIZE_MODES, "frame_resize_mode": RESIZE_MODES, "sampler": SAMPLERS,

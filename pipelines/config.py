@@ -61,6 +61,7 @@ _OPERATIONAL = frozenset({
     "manifest", "output", "mode", "retry_failed", "threads", "timeout_s", "retries", "max_shard_retry",
     "max_in_flight", "task_cpus", "shard_timeout_s", "watchdog_s", "max_failure_ratio", "allow_all_failed", "ray_address", "executor",
     "num_cpus", "progress", "force_unlock", "user_agent", "preset", "lease_ttl_s", "media_root",
+    "model_batch_size", "model_gpus", "model_actors",
 })
 
 
@@ -136,6 +137,15 @@ class PreprocessConfig:
     force_unlock: bool = False
     lease_ttl_s: float = 120.0
 
+    # Model stages (Ray Data path): curation with the model being trained (pipelines.model_stages).
+    score_with: str | None = None  # model folder: ITC similarity of media and caption into each sample's json
+    min_score: float | None = None  # with score_with: samples scoring below are counted low_score, not written
+    caption_with: str | None = None  # model folder: a generated caption into each sample's json
+    caption_field: str = "generated_caption"  # the json field of the generated caption
+    model_batch_size: int = 32  # samples per forward pass in a model stage
+    model_gpus: float = 1.0  # GPUs per model actor where the cluster has GPUs (a fraction shares a GPU)
+    model_actors: int = 2  # most actors per model stage (the pool grows from one as work queues up)
+
     def __post_init__(self) -> None:
         if isinstance(self.manifest, str):
             self.manifest = [self.manifest]
@@ -183,12 +193,23 @@ class PreprocessConfig:
             (self.split.isalnum() or set(self.split) <= set("abcdefghijklmnopqrstuvwxyz0123456789_"),
              "split must be [a-z0-9_] (it prefixes shard names)"),
             (not (self.mode == "extend" and self.retry_failed), "--retry-failed cannot be combined with extend"),
+            (self.min_score is None or self.score_with, "--min-score needs --score-with MODEL_DIR"),
+            (not (self.has_model_stages and self.executor == "local"),
+             "--score-with / --caption-with run as Ray actor pools: use --executor ray (or auto)"),
+            (self.caption_field.isidentifier() and self.caption_field not in ("key", "url", "caption", "score"),
+             "caption_field must be a plain name other than key/url/caption/score"),
+            (self.model_batch_size >= 1 and self.model_actors >= 1 and self.model_gpus > 0,
+             "model_batch_size and model_actors must be >= 1, model_gpus > 0"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)
         if "." in self.split or "/" in self.split or "-" in self.split:
             raise ConfigError("split must not contain '.', '/' or '-'")
+
+    @property
+    def has_model_stages(self) -> bool:
+        return bool(self.score_with or self.caption_with)
 
     # ------------------------------------------------------------------ identity
     def content_dict(self) -> dict[str, Any]:

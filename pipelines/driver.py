@@ -1,9 +1,11 @@
-"""The run: stream the plan's shard tasks through an executor with bounded concurrency, retry whole-shard
-failures by error type, enforce the per-shard deadline and the global watchdog, and commit the dataset.
+"""The run: stream the plan's shards through an executor, retry whole-shard failures by error type,
+enforce the per-shard deadline and the global watchdog, and commit the dataset.
 
-Why one task per shard (img2dataset's Ray distributor) and not ``Dataset.write_webdataset``: shard names
-must be deterministic (``train-000012.tar`` owns input rows ``[12·S, 13·S)``), each shard is committed
-as a unit with its sidecars, and resume/retry are shard-granular (data-contract §8, §10).
+Two executors: the local process pool (one task per shard, bounded concurrency, :func:`_drive_pool`) and
+Ray Data (stages per shard, fed in windows, :func:`_drive_stream`). Why shards and not
+``Dataset.write_webdataset``: shard names must be deterministic (``train-000012.tar`` owns input rows
+``[12·S, 13·S)``), each shard is committed as a unit with its sidecars, and resume/retry are
+shard-granular (data-contract §8, §10).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from mplug2.storage import StorageUnavailableError
 from pipelines.errors import shard_error_is_retryable
 from pipelines.executors import choose_executor
 from pipelines.executors.local import LocalExecutor
-from pipelines.executors.ray_tasks import RayTaskExecutor
+from pipelines.executors.ray_data import RayDataExecutor, window_size
 from pipelines.plan import Prepared, manifest_records, prepare
+from pipelines.shard_stages import ShardWork
 from pipelines.shard_task import ShardTask
 from pipelines.summary import RunSummary
 
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 
 
 def _prepare_beside_ray(config: PreprocessConfig, out: shards.Output, fp: str,
-                        summary: RunSummary) -> tuple[Prepared, RayTaskExecutor]:
+                        summary: RunSummary) -> tuple[Prepared, RayDataExecutor]:
     """Start Ray (seconds: a local cluster, or a connection) on this thread while start-up checks and
     planning run on a side thread. ``ray.init`` stays on the main thread (it installs a SIGTERM handler
     there). If either side fails, the other is cleaned up (lease released / Ray shut down)."""
@@ -37,7 +40,7 @@ def _prepare_beside_ray(config: PreprocessConfig, out: shards.Output, fp: str,
     with ThreadPoolExecutor(1, thread_name_prefix="plan") as side:
         planned = side.submit(prepare, config, out, fp, summary)
         try:
-            executor = RayTaskExecutor(config)
+            executor = RayDataExecutor(config)
         except BaseException:
             try:
                 planned.result().lease.release()
@@ -100,7 +103,10 @@ def _preprocess(config: PreprocessConfig, out: shards.Output, fp: str, summary: 
                     out.write_bytes(shards.PENDING_EXTEND, shards.canonical_json(
                         {"start_shard": prep.start_shard, "skip": prep.skip, "config_fingerprint": fp,
                          "owner": lease.owner}))
-            _drive(config, config_dict, executor, first, prep.tasks, lease, summary, t0, unconfirmed=early)
+            if isinstance(executor, RayDataExecutor):
+                _drive_stream(config, executor, first, prep.tasks, lease, summary, t0)
+            else:
+                _drive_pool(config, config_dict, executor, first, prep.tasks, lease, summary, t0, unconfirmed=early)
             _settle_held(config, config_dict, executor, lease, summary, t0)
         else:
             for _ in prep.tasks:  # pragma: no cover - nothing left after the first None
@@ -131,7 +137,7 @@ def _preprocess(config: PreprocessConfig, out: shards.Output, fp: str, summary: 
     return summary
 
 
-def _drive(config: PreprocessConfig, config_dict: dict, executor, first: ShardTask, tasks: Iterator[ShardTask],
+def _drive_pool(config: PreprocessConfig, config_dict: dict, executor, first: ShardTask, tasks: Iterator[ShardTask],
            lease: shards.WriterLease, summary: RunSummary, t0: float, unconfirmed: bool = False) -> None:
     """Submit shard tasks with bounded concurrency; collect, retry, time out, report progress.
 
@@ -149,9 +155,7 @@ def _drive(config: PreprocessConfig, config_dict: dict, executor, first: ShardTa
     done_shards = 0
 
     def submit(task: ShardTask, attempt: int) -> None:
-        # Until one row of the run succeeds, a shard where every row failed is held back, not committed.
-        task.hold_if_all_failed = not (config.allow_all_failed or summary.successes or task.retry_failed
-                                       or task.force_commit)
+        _set_hold(config, task, summary)
         if unconfirmed:
             task.commit_not_before = lease.settles_at
         in_flight[executor.submit(config_dict, task)] = (task, time.monotonic(), attempt)
@@ -182,23 +186,14 @@ def _drive(config: PreprocessConfig, config_dict: dict, executor, first: ShardTa
                     _shard_failed(task, attempt, why, shard_error_is_retryable(exc), config, pending_retry,
                                   summary)
                     continue
-                if stats.get("held"):
-                    summary.held.append((task, stats))
-                    log.warning("shard %d: every row failed (%s); held back until a row of the run succeeds",
-                                task.shard, stats["failures"])
+                if _held(task, stats, summary):
                     continue
                 done_shards += 1
-                summary.shards_written.append(task.shard)
-                summary.rows += stats["count"]
-                summary.successes += stats["successes"]
-                for r, n in stats["failures"].items():
-                    summary.failures[r] = summary.failures.get(r, 0) + n
+                _record(task, stats, summary)
                 bar.update(stats["count"])
                 bar.set_description(f"shards {done_shards}")
                 bar.set_postfix(ok=summary.successes, failed=summary.failed,
                                 sps=f"{summary.successes / max(1e-9, now - t0):.0f}")
-                log.info("shard %d committed: %d/%d samples in %.1fs", task.shard, stats["successes"],
-                         stats["count"], stats["duration"])
             for h, (task, started, attempt) in list(in_flight.items()):
                 if now - started > config.shard_timeout_s:
                     executor.cancel(h)
@@ -245,7 +240,25 @@ def _settle_held(config: PreprocessConfig, config_dict: dict, executor, lease: s
     tasks = [task for task, _ in held]
     for t in tasks:
         t.force_commit = True
-    _drive(config, config_dict, executor, tasks[0], iter(tasks[1:]), lease, summary, t0)
+    if isinstance(executor, RayDataExecutor):
+        _drive_stream(config, executor, tasks[0], iter(tasks[1:]), lease, summary, t0)
+    else:
+        _drive_pool(config, config_dict, executor, tasks[0], iter(tasks[1:]), lease, summary, t0)
+
+
+def _set_hold(config: PreprocessConfig, task: ShardTask, summary: RunSummary) -> None:
+    """Until one row of the run succeeds, a shard where every row failed is held back, not committed."""
+    task.hold_if_all_failed = not (config.allow_all_failed or summary.successes or task.retry_failed
+                                   or task.force_commit)
+
+
+def _held(task: ShardTask, stats: dict, summary: RunSummary) -> bool:
+    if not stats.get("held"):
+        return False
+    summary.held.append((task, stats))
+    log.warning("shard %d: every row failed (%s); held back until a row of the run succeeds", task.shard,
+                stats["failures"])
+    return True
 
 
 def _shard_failed(task: ShardTask, attempt: int, why: str, retryable: bool, config: PreprocessConfig,
@@ -257,3 +270,57 @@ def _shard_failed(task: ShardTask, attempt: int, why: str, retryable: bool, conf
     else:
         log.error("shard %d failed for good after %d attempt(s): %s", task.shard, attempt, why)
         summary.shards_failed[task.shard] = why
+
+
+def _record(task: ShardTask, stats: dict, summary: RunSummary) -> None:
+    """Count a committed shard."""
+    summary.shards_written.append(task.shard)
+    summary.rows += stats["count"]
+    summary.successes += stats["successes"]
+    for r, n in stats["failures"].items():
+        summary.failures[r] = summary.failures.get(r, 0) + n
+    log.info("shard %d committed: %d/%d samples in %.1fs", task.shard, stats["successes"], stats["count"],
+             stats["duration"])
+
+
+def _drive_stream(config: PreprocessConfig, executor: RayDataExecutor, first: ShardTask,
+                  tasks: Iterator[ShardTask], lease: shards.WriterLease, summary: RunSummary, t0: float) -> None:
+    """Feed the plan to the Ray Data pipeline in windows; retry failed shards in the next window.
+
+    The lease is confirmed before the first shard (Ray's start-up covers its settle delay). Deadlines
+    travel with each shard as wall-clock times, so the stages themselves stop late shards and, once the
+    watchdog fires, drain the pipeline: every shard of a window comes back, committed or not.
+    """
+    stop_at = time.time() + config.watchdog_s - (time.monotonic() - t0) if config.watchdog_s else None
+    retry: list[tuple[ShardTask, int]] = []
+    upcoming: ShardTask | None = first
+    size = window_size(executor, config)
+
+    def tick() -> None:
+        lease.renew()
+        if stop_at is not None and time.time() >= stop_at and not summary.watchdog_fired:
+            log.error("watchdog: %.0fs elapsed, the pipeline drains what is left", time.monotonic() - t0)
+            summary.watchdog_fired = True
+
+    while not summary.watchdog_fired:
+        window, retry = retry, []
+        while len(window) < size and upcoming is not None:
+            window.append((upcoming, 1))
+            upcoming = next(tasks, None)
+        if not window:
+            break
+        for task, _ in window:
+            _set_hold(config, task, summary)
+        works = [ShardWork(task, attempt, stop_at=stop_at) for task, attempt in window]
+        for work in executor.run(works, tick):
+            if work.stats is not None and _held(work.task, work.stats, summary):
+                continue
+            if work.stats is not None:
+                _record(work.task, work.stats, summary)
+            elif work.watchdog:
+                summary.watchdog_fired = True
+                summary.shards_failed[work.task.shard] = "cancelled by the global watchdog"
+            else:
+                _shard_failed(work.task, work.attempt, work.error or "unknown", work.retryable, config, retry,
+                              summary)
+    summary.stages = executor.stages

@@ -15,10 +15,11 @@ OPTED_OUT = "opted_out"
 EMPTY_CAPTION = "empty_caption"
 NOT_MEDIA = "not_media"  # the body is a web page / JSON / text, not an image or video (an HTML error page)
 INTERNAL_ERROR = "internal_error"
+LOW_SCORE = "low_score"  # below --min-score of the --score-with model stage
 
 REASONS: tuple[str, ...] = (
     INVALID_INPUT, NOT_FOUND, DOWNLOAD_ERROR, TIMEOUT, TOO_LARGE, DECODE_ERROR, TOO_SMALL, FILTERED,
-    CLIP_OUT_OF_RANGE, OPTED_OUT, EMPTY_CAPTION, NOT_MEDIA, INTERNAL_ERROR,
+    CLIP_OUT_OF_RANGE, OPTED_OUT, EMPTY_CAPTION, NOT_MEDIA, INTERNAL_ERROR, LOW_SCORE,
 )
 
 # Reasons a `--retry-failed` pass fetches again.
@@ -34,6 +35,9 @@ class SampleError(Exception):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message or reason
+
+    def __reduce__(self):  # pickled between pipeline stages: rebuild from (reason, message), keep attributes
+        return (type(self), (self.reason, self.message), self.__dict__)
 
 
 class ConfigError(ValueError):

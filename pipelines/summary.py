@@ -26,6 +26,7 @@ class RunSummary:
     watchdog_fired: bool = False
     max_failure_ratio: float = 1.0
     dataset: dict | None = None
+    stages: dict[str, dict] = field(default_factory=dict)  # Ray Data path: operator -> shards, task_s, wall_s
     allow_all_failed: bool = False
     held: list = field(default_factory=list)  # (task, result) of shards held back: no row succeeded (yet)
     failure_examples: dict[str, str] = field(default_factory=dict)  # reason -> one message
@@ -77,6 +78,11 @@ class RunSummary:
         for reason, n in sorted(self.failures.items(), key=lambda kv: (-kv[1], kv[0])):
             lines.append(f"  {reason:<{width}}{n}")
         lines.append(f"wall time         {self.wall_s:.1f} s  ({self.samples_per_s:.1f} samples/s)")
+        if self.stages:
+            lines.append(f"{'Ray Data stages':<18}{'shards':>7}{'task s':>9}{'wall s':>9}{'samples/s':>11}")
+            for name, st in self.stages.items():
+                rate = self.rows / st["wall_s"] if st["wall_s"] > 0 else 0.0
+                lines.append(f"  {name:<16}{st['shards']:>7}{st['task_s']:>9.1f}{st['wall_s']:>9.1f}{rate:>11.1f}")
         for sid, why in sorted(self.shards_failed.items()):
             lines.append(f"FAILED shard {sid}: {why}")
         if self.watchdog_fired:

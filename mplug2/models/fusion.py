@@ -28,7 +28,7 @@ class FusionEncoder(nn.Module):
         init_bert_weights(self)
 
     def is_connected(self, j: int) -> bool:
-        return j != 0 and j % self.cfg.stride_layer == 0
+        return self.cfg.is_connected(j)
 
     @staticmethod
     def _connected(layer: BertLayer, v: Tensor, t: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

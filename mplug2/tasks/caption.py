@@ -24,6 +24,9 @@ class CaptionConfig:
     num_beams: int | None = None    # None -> model config
     max_length: int | None = None
     min_length: int | None = None
+    # False: the release's decoding: start from [CLS] alone, the model writes the prompt itself (lengths count
+    # it), and a generated prompt is cut off the text afterwards (design/official-ckpt, "Caption decoding").
+    force_prompt: bool = True
 
 
 class Captioner(nn.Module):
@@ -55,7 +58,12 @@ class Captioner(nn.Module):
     def predict(self, pixels: Tensor) -> list[str]:
         """Generated captions, prompt stripped."""
         vis, vis_mask = self.model.encode_vision(pixels)
-        prompt = torch.cat([torch.tensor([self.tok.cls_token_id]), self.prompt_ids.cpu()]).to(pixels.device)
+        forced = self.prompt_ids.cpu() if self.cfg.force_prompt else torch.zeros(0, dtype=torch.long)
+        prompt = torch.cat([torch.tensor([self.tok.cls_token_id]), forced]).to(pixels.device)
         seqs = self.model.generate(vis, vis_mask, num_beams=self.cfg.num_beams, max_length=self.cfg.max_length,
                                    min_length=self.cfg.min_length, prompt_ids=prompt)
-        return [self.tok.decode(s) for s in seqs]
+        texts = [self.tok.decode(s) for s in seqs]
+        if self.cfg.force_prompt or not self.cfg.prompt:
+            return texts
+        said = self.tok.decode(self.prompt_ids.tolist())
+        return [t[len(said):].strip() if t == said or t.startswith(said + " ") else t for t in texts]

@@ -113,19 +113,6 @@ def build_train_loader(cfg: TrainConfig, mcfg: MPLUG2Config, rank: int, world_si
     return MixedLoader(loaders, weights, seed=cfg.seed)
 
 
-def _load_pretrained_folder(url: str) -> MPLUG2:
-    """``MPLUG2.from_pretrained`` for a local or ``s3://`` folder (tied weights restored)."""
-    if not storage.is_remote(url):
-        return MPLUG2.from_pretrained(url)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in ("config.yaml", "model.safetensors"):
-            with open(f"{tmp}/{name}", "wb") as f:
-                f.write(storage.read_bytes(storage.join(url, name)))
-        return MPLUG2.from_pretrained(tmp)
-
-
 def resolve_init(url: str) -> str:
     """A folder holding ``model.safetensors`` or a DCP checkpoint (FSDP2) as is; a run directory -> its newest
     valid checkpoint."""
@@ -146,12 +133,10 @@ def load_init(task: nn.Module, url: str) -> dict[str, int]:
     both (e.g. ITC projections) are copied; the rest stay freshly initialised and are reported."""
     url = resolve_init(url)
     if storage.exists(storage.join(url, "config.yaml")):      # save_pretrained folder: a bare MPLUG2
-        src = {f"model.{k}": v for k, v in _load_pretrained_folder(url).state_dict().items()}
-        head_url = storage.join(url, "head.safetensors")        # a task head exported beside it
-        if storage.exists(head_url):
-            from safetensors.torch import load as load_safetensors
+        from mplug2.model_folder import load_model_folder, read_heads
 
-            src.update(load_safetensors(storage.read_bytes(head_url)))
+        src = {f"model.{k}": v for k, v in load_model_folder(url).state_dict().items()}
+        src.update(read_heads(url))                             # task heads exported beside it
     else:                                                      # a training checkpoint of any task wrapper
         from mplug2.train.checkpoint import read_model_tensors
 

@@ -17,6 +17,8 @@ def choose_executor(config: PreprocessConfig) -> str:
     work without Ray's start-up and shutdown, several seconds of a short run's wall time)."""
     if config.executor != "auto":
         return config.executor
+    if config.has_model_stages:  # model stages are Ray actor pools
+        return "ray"
     return "ray" if ray_cluster_available(config.ray_address) else "local"
 
 

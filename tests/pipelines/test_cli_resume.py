@@ -57,8 +57,13 @@ def test_failure_ratio_sets_exit_code(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_incremental_resume(tmp_path, http_server):
-    """Kill the CLI (and its workers) after a few shards commit; the re-run completes every row exactly once."""
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_sigkill_mid_run_then_incremental_resume(tmp_path, http_server, executor):
+    """Kill the CLI (and its workers) after a few shards commit; the re-run completes every row exactly once.
+    ``ray``: the run starts its own Ray (in a fresh temp dir, so it joins no other cluster on this machine)
+    and streams shards through the Ray Data stages; the kill takes the driver, Ray and its workers."""
+    import tempfile
+
     imgs = write_images(tmp_path / "img", 48)
     for p in imgs:
         http_server.routes[f"/{p.name}"] = (200, {}, p.read_bytes())
@@ -67,24 +72,30 @@ def test_sigkill_mid_run_then_incremental_resume(tmp_path, http_server):
     urls = [http_server.url(f"/{p.name}") for p in imgs]
     man.write_text("".join(json.dumps({"url": u, "caption": f"c{i}"}) + "\n" for i, u in enumerate(urls)))
     out = tmp_path / "out"
-    cmd = [PY, "-m", "pipelines.cli", "shard", "--manifest", str(man), "--output", str(out), "--local",
+    cmd = [PY, "-m", "pipelines.cli", "shard", "--manifest", str(man), "--output", str(out), "--executor", executor,
            "--num-cpus", "2", "--samples-per-shard", "4", "--threads", "2", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if out.exists() and len([n for n in os.listdir(out) if n.endswith("_stats.json")]) >= 3:
-                break
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its worker processes, mid-write
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True, env=env)
+        try:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline:
+                if out.exists() and len([n for n in os.listdir(out) if n.endswith("_stats.json")]) >= 3:
+                    break
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its worker processes, mid-write
+        finally:
+            proc.wait(timeout=30)
+        committed = {n for n in os.listdir(out) if n.endswith("_stats.json")}
+        assert 3 <= len(committed) < 12, "the kill must land mid-run"
+        assert not (out / "dataset.json").exists()  # loaders see no dataset yet, so no uncommitted shard either
+        http_server.delay_s = 0.0
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     finally:
-        proc.wait(timeout=30)
-    committed = {n for n in os.listdir(out) if n.endswith("_stats.json")}
-    assert 3 <= len(committed) < 12, "the kill must land mid-run"
-    assert not (out / "dataset.json").exists()  # loaders see no dataset yet, so no uncommitted shard either
-    http_server.delay_s = 0.0
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180)
+        _kill_leftovers(ray_tmp)
     assert res.returncode == 0, res.stderr[-2000:]
     # only the uncommitted shards were redone
     assert f"{12 - len(committed)} written, {len(committed)} skipped" in res.stdout, res.stdout
@@ -98,3 +109,17 @@ def test_sigkill_mid_run_then_incremental_resume(tmp_path, http_server):
     assert sorted(seen) == sorted(urls)  # every row exactly once
     assert not [n for n in os.listdir(out) if n.startswith(".staging-") or ".partial" in n]
     assert not (out / shards.LOCK_NAME).exists()
+
+
+def _kill_leftovers(ray_tmp: str) -> None:
+    """SIGKILL what is left of the killed run's Ray (processes whose command line names its temp dir)."""
+    import shutil
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if ray_tmp.encode() in f.read():
+                    os.kill(int(pid), signal.SIGKILL)
+        except OSError:  # gone already, or not ours to read
+            pass
+    shutil.rmtree(ray_tmp, ignore_errors=True)

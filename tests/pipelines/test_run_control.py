@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from mplug2 import storage
 from pipelines.config import PreprocessConfig
 from pipelines.errors import EXIT_INCOMPLETE
@@ -59,8 +61,6 @@ def test_watchdog_ends_the_run_with_a_summary(tmp_path, http_server, s3_bucket, 
 
 def test_interrupted_extend_resumes_its_own_plan(tmp_path, http_server, s3_bucket, ray_local):
     """An extend cut short (here by the watchdog) keeps its plan; the next extend finishes exactly those rows."""
-    import pytest
-
     from pipelines import shards
     from pipelines.errors import ConfigError
 
@@ -94,7 +94,8 @@ def test_interrupted_extend_resumes_its_own_plan(tmp_path, http_server, s3_bucke
     assert preprocess(PreprocessConfig(mode="extend", **cfg)).shards_written == []
 
 
-def test_rows_that_time_out_twice_are_quarantined(tmp_path, http_server, ray_local):
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_rows_that_time_out_twice_are_quarantined(tmp_path, http_server, ray_local, executor):
     import socket
 
     from pipelines import shards
@@ -108,7 +109,8 @@ def test_rows_that_time_out_twice_are_quarantined(tmp_path, http_server, ray_loc
         man.write_text(json.dumps({"url": http_server.url("/ok.jpg"), "caption": "ok"}) + "\n"
                        + json.dumps({"url": f"http://127.0.0.1:{stall.getsockname()[1]}/x.jpg", "caption": "hang"}) + "\n")
         out = tmp_path / "out"
-        cfg = dict(manifest=[str(man)], output=str(out), timeout_s=0.5, retries=0, progress=False)
+        cfg = dict(manifest=[str(man)], output=str(out), timeout_s=0.5, retries=0, progress=False, executor=executor,
+                   num_cpus=2)
         first = preprocess(PreprocessConfig(**cfg))
         assert first.failures == {"timeout": 1}
         second = preprocess(PreprocessConfig(retry_failed=True, **cfg))

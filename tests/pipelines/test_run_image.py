@@ -150,6 +150,7 @@ def test_rerun_is_byte_identical_and_incremental(corpus, s3_bucket, ray_local):
     db = json.loads(storage.read_bytes(f"{b}/dataset.json"))
     assert da["shards"] == db["shards"]  # names, counts and sha256 of every tar
     for s in da["shards"]:
+        assert hashlib.sha256(storage.read_bytes(f"{b}/{s['name']}")).hexdigest() == s["sha256"]
         assert storage.read_bytes(f"{a}/{s['name']}") == storage.read_bytes(f"{b}/{s['name']}")
         assert storage.read_bytes(f"{a}/{s['name'][:-4]}.parquet") == storage.read_bytes(f"{b}/{s['name'][:-4]}.parquet")
 
@@ -172,8 +173,8 @@ def test_rerun_is_byte_identical_and_incremental(corpus, s3_bucket, ray_local):
 
 
 def test_local_executor_writes_the_same_bytes_as_ray(corpus, s3_bucket, ray_local):
-    """The process pool (what ``--executor auto`` picks without a Ray cluster) runs the same shard code as
-    Ray tasks: same tars, same parquet sidecars, same dataset index."""
+    """The process pool (what ``--executor auto`` picks without a Ray cluster) and the Ray Data stages run
+    the same shard code: same tars (sha256), same parquet sidecars, same dataset index."""
     a, b = f"{s3_bucket}/ex-ray", f"{s3_bucket}/ex-local"
     ra = preprocess(_config(corpus, a, executor="ray"))
     rb = preprocess(_config(corpus, b, executor="local", num_cpus=2))
@@ -183,6 +184,7 @@ def test_local_executor_writes_the_same_bytes_as_ray(corpus, s3_bucket, ray_loca
     db = json.loads(storage.read_bytes(f"{b}/dataset.json"))
     assert da["shards"] == db["shards"]
     for s in da["shards"]:
+        assert hashlib.sha256(storage.read_bytes(f"{b}/{s['name']}")).hexdigest() == s["sha256"]
         assert storage.read_bytes(f"{a}/{s['name']}") == storage.read_bytes(f"{b}/{s['name']}")
         assert storage.read_bytes(f"{a}/{s['name'][:-4]}.parquet") == storage.read_bytes(f"{b}/{s['name'][:-4]}.parquet")
     assert verify_dataset(b) == []

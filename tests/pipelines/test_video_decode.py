@@ -177,21 +177,22 @@ def test_exact_decode_skipping_nonref_frames_equals_a_full_decode(tmp_path, monk
     """The PyAV sampler skips B-frames nothing references on its way to each target (skip_frame set
     per packet, also under frame threading); that must not change a single output byte against
     decoding every frame (the sequential path)."""
-    from pipelines import video
+    from pipelines.video import pyav_backend as video
+    from pipelines.video.extract import process_in_worker
 
     monkeypatch.setattr(video, "THREADED_MIN_PIXELS", 0 if threaded else 10**9)
     threads = []
-    real = video._set_threads
-    monkeypatch.setattr(video, "_set_threads", lambda s, n: (threads.append(n), real(s, n))[1])
+    real = video.set_threads
+    monkeypatch.setattr(video, "set_threads", lambda s, n: (threads.append(n), real(s, n))[1])
     clip = make_video(tmp_path / "b3.mp4", seconds=4, fps=25, size=(96, 64), gop=40, bframes=3)
     for sampler in ("middle", "random_segment", "fps"):
         opts = VideoOptions(sampler=sampler, num_frames=12, fps=3.0, size=48, seed=1)
         with monkeypatch.context() as m:
-            m.setattr(video, "_decode_sequential", lambda *a, **k: pytest.fail("exact path fell back"))
-            fast = video._process_in_worker(str(clip), "k", opts, None, None)
+            m.setattr(video, "decode_sequential", lambda *a, **k: pytest.fail("exact path fell back"))
+            fast = process_in_worker(str(clip), "k", opts, None, None)
         with monkeypatch.context() as m:
-            m.setattr(video, "_decode_exact", lambda *a, **k: None)  # None: take the sequential path
-            full = video._process_in_worker(str(clip), "k", opts, None, None)
+            m.setattr(video, "decode_exact", lambda *a, **k: None)  # None: take the sequential path
+            full = process_in_worker(str(clip), "k", opts, None, None)
         assert fast[1] == full[1]
         assert fast[0] == full[0], sampler
     assert set(threads) == ({video.DECODE_THREADS} if threaded else {1})

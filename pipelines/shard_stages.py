@@ -1,0 +1,170 @@
+"""One shard's work cut into stages (fetch → decode → commit) for the Ray Data path.
+
+The unit that flows between stages is a whole shard (:class:`ShardWork`, its rows inside): the commit
+stage then sees every row of its shard, so a shard is still written and committed as one unit (tar,
+parquet, ``_stats.json`` last), by the same code as the local pool (:func:`pipelines.shard_task.write_and_commit`),
+with the same bytes. Nothing here imports Ray: the stages are plain functions of a :class:`ShardWork`.
+
+A stage never raises: a whole-shard failure (storage error, a lost lease, the shard's deadline) is kept
+in the work, later stages pass it on untouched, and the driver decides from its type whether to retry.
+Deadlines are wall-clock times carried by the work, so every stage, on any node, stops a shard that is
+past its own deadline or the run's watchdog, and the whole pipeline drains quickly once the watchdog fires.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pipelines import shards
+from pipelines.config import PreprocessConfig
+from pipelines.errors import PermanentShardError, SampleError, shard_error_is_retryable
+from pipelines.rows import RowOutcome, RowProcessor, fail_record, internal_outcome
+from pipelines.shard_task import ShardTask, cpu_threads, retry_outcomes, worker_threads, write_and_commit
+from pipelines.sources import normalize_row
+
+log = logging.getLogger(__name__)
+
+
+class ShardDeadline(RuntimeError):
+    """The shard ran past ``shard_timeout_s`` (retried: a slow source may answer next time)."""
+
+
+class WatchdogStop(PermanentShardError):
+    """The run's global deadline passed before this shard committed."""
+
+
+@dataclass
+class ShardWork:
+    """A shard on its way through the stages."""
+
+    task: ShardTask
+    attempt: int = 1
+    stop_at: float | None = None  # wall clock: the run's watchdog deadline
+    deadline: float | None = None  # wall clock: this shard's deadline, set when its first stage starts
+    started: float = 0.0
+    fetched: list[Any] = field(default_factory=list)  # per row: a RowOutcome or a fetched row
+    outcomes: list[RowOutcome] = field(default_factory=list)
+    quarantine: list[str] | None = None
+    stats: dict | None = None
+    error: str | None = None
+    retryable: bool = True
+    watchdog: bool = False
+
+    @property
+    def samples(self) -> int:
+        return len(self.outcomes) or len(self.fetched) or len(self.task.rows)
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        self.retryable = shard_error_is_retryable(exc)
+        self.watchdog = isinstance(exc, WatchdogStop)
+        self.fetched, self.outcomes = [], []
+
+    def check_time(self) -> float:
+        """Raise when the run's watchdog or the shard's deadline has passed; else seconds left (or inf)."""
+        now = time.time()
+        if self.stop_at is not None and now >= self.stop_at:
+            raise WatchdogStop("cancelled by the global watchdog")
+        if self.deadline is not None and now >= self.deadline:
+            raise ShardDeadline(f"past the per-shard deadline of {self.deadline - self.started:g}s")
+        ends = [t for t in (self.stop_at, self.deadline) if t is not None]
+        return min(ends) - now if ends else float("inf")
+
+
+def run_stage(stage: Callable[[PreprocessConfig, ShardWork], None], config_dict: dict, payload: bytes) -> bytes:
+    """Apply one stage to a pickled :class:`ShardWork` (the form it travels in between stages)."""
+    work: ShardWork = pickle.loads(payload)
+    if work.error is None:
+        try:
+            if not work.started:
+                work.started = time.time()
+                work.deadline = work.started + float(config_dict["shard_timeout_s"])
+            work.check_time()
+            stage(PreprocessConfig.from_dict(config_dict), work)
+        except Exception as exc:  # a whole-shard failure: reported to the driver, never raised into Ray Data
+            if not isinstance(exc, (ShardDeadline, WatchdogStop)):
+                log.error("shard %d: %s failed", work.task.shard, stage.__name__, exc_info=exc)
+            work.fail(exc)
+    return pickle.dumps(work, protocol=5)
+
+
+def _map_until(work: ShardWork, fn: Callable, items: list, threads: int) -> list:
+    """``[fn(x) for x in items]`` on ``threads`` threads, abandoned (queued items cancelled) at the deadline."""
+    if not items:
+        return []
+    pool = ThreadPoolExecutor(max(1, min(threads, len(items))))
+    try:
+        futures = [pool.submit(fn, x) for x in items]
+        while True:
+            _, pending = wait(futures, timeout=min(work.check_time(), 1.0))
+            if not pending:
+                return [f.result() for f in futures]
+    finally:  # on a deadline, running items end by their own timeouts (fetch, video deadline)
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def fetch(config: PreprocessConfig, work: ShardWork) -> None:
+    """I/O: download (or check) every row's media on ``config.threads`` threads."""
+    task = work.task
+    if task.retry_failed:  # a committed shard's retryable rows are fetched and decoded in `decode`
+        return
+    proc = RowProcessor(config, media_root=config.media_root)
+
+    def one(r_row) -> Any:
+        r, row = r_row
+        key = shards.make_key(task.shard, r)
+        try:
+            item = normalize_row(row.values, task.column_maps[row.source], config.modality,
+                                 config.allow_empty_caption)
+        except SampleError as exc:
+            return RowOutcome(key, fail_record(proc.base_record(key, row, None, task.column_maps[row.source]), exc, 0))
+        try:
+            if config.modality == "image":
+                return proc.image_fetch(key, row, item)
+            return proc.video_fetch(key, row, item)
+        except Exception as exc:  # a bug, not a bad sample
+            return internal_outcome(proc, key, row, item, exc)
+
+    threads = config.threads if config.modality == "image" else worker_threads(config)
+    try:
+        work.fetched = _map_until(work, one, list(enumerate(task.rows)), threads)
+    finally:
+        proc.fetcher.close()
+
+
+def decode(config: PreprocessConfig, work: ShardWork) -> None:
+    """CPU: decode, sample frames, resize and encode every fetched row (or rebuild a committed shard
+    under ``--retry-failed``)."""
+    proc = RowProcessor(config, media_root=config.media_root)
+    try:
+        if work.task.retry_failed:
+            work.outcomes, work.quarantine = retry_outcomes(config, shards.Output(config.output), work.task, proc)
+            return
+
+        def one(f: Any) -> list[RowOutcome]:
+            if isinstance(f, RowOutcome):
+                return [f]
+            try:
+                return [proc.image_finish(f)] if config.modality == "image" else proc.video_finish(f)
+            except Exception as exc:  # a bug, not a bad sample
+                return [internal_outcome(proc, f.key, f.row, f.item, exc)]
+
+        threads = cpu_threads(config) if config.modality == "image" else worker_threads(config)
+        work.outcomes = [o for outs in _map_until(work, one, work.fetched, threads) for o in outs]
+        work.fetched = []
+    finally:
+        proc.fetcher.close()
+
+
+def commit(config: PreprocessConfig, work: ShardWork) -> None:
+    """Storage: write the tar and sidecars and commit the shard (``_stats.json`` last), lease checked."""
+    work.check_time()  # nothing commits past a deadline the driver has already reported
+    work.stats = write_and_commit(config, shards.Output(config.output), work.task, work.outcomes, work.started,
+                                  work.quarantine)
+    work.outcomes = []
