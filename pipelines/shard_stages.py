@@ -55,10 +55,6 @@ class ShardWork:
     retryable: bool = True
     watchdog: bool = False
 
-    @property
-    def samples(self) -> int:
-        return len(self.outcomes) or len(self.fetched) or len(self.task.rows)
-
     def fail(self, exc: BaseException) -> None:
         self.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
         self.retryable = shard_error_is_retryable(exc)
