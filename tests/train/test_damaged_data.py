@@ -45,7 +45,7 @@ def damaged(tmp_path):
 def _cfg(shards: str, storage_dir: str, name: str, **data) -> TrainConfig:
     return TrainConfig.from_dict(dict(
         run_name=name, storage=storage_dir, task="pretrain", seed=5,
-        model={"preset": "tiny", "tokenizer": "bert-base-uncased", "text": {"vocab_size": 30522}, "queue_size": 16},
+        model={"preset": "tiny", "queue_size": 16},  # its own small vocabulary: a cheaper model
         data=dict(train=[dict(name="images", path=shards, num_frames=1)], batch_size=4, shuffle_buffer=8,
                   max_text_len=16, read_attempts=1, **data),
         optim=dict(lr=5e-4, lr_vision=5e-4, warmup_steps=2),
