@@ -38,6 +38,8 @@ HELP: dict[str, str] = {
     "end_col": "clip end column (seconds or HH:MM:SS.fff; empty = end of file)",
     "clips_col": "column holding a list of [start, end] pairs: one sample per clip",
     "drop_cols": "manifest columns not to copy into json/parquet",
+    "media_template": "turn the media column's ids into file names, e.g. 'video{}.mp4' (MSRVTT-QA's integer ids)",
+    "clip_captions": "the caption list holds one caption per clip of --clips-col (ActivityNet, HowTo100M)",
     "allow_empty_caption": "keep rows with an empty caption (default: counted as empty_caption)",
     "media_root": "base for relative media paths (default: each manifest's folder)",
     "threads": "fetch/decode threads per shard task",
