@@ -29,7 +29,7 @@ HELP: dict[str, str] = {
     "split": "shard name prefix: {split}-NNNNNN.tar",
     "samples_per_shard": "input rows per shard (failures included)",
     "preset": "column flags for a known corpus",
-    "input_format": "force the manifest format instead of using the suffix",
+    "input_format": "force the manifest format instead of using the suffix, or name a corpus layout (docs/corpora.md)",
     "column_names": "column names for header-less csv/tsv, space- or comma-separated (CC3M: caption,url)",
     "url_col": "media column: http(s)/s3/file URL or local path ('path' is an alias of 'url')",
     "caption_col": "caption column(s): one, or several (each may hold a list of references)",
