@@ -69,7 +69,8 @@ HELP: dict[str, str] = {
     "retry_failed": "re-fetch rows of committed shards whose failure reason is retryable",
     "max_shard_retry": "retries of a whole-shard failure (storage error, dead worker)",
     "max_in_flight": "shard tasks in flight (default 2 x the tasks that fit the cluster's CPUs)",
-    "task_cpus": "CPUs Ray reserves per shard task; below 1 runs more shards at once (threads overlap I/O)",
+    "task_cpus": "CPUs Ray reserves per shard (Ray Data: 3/4 for its decode task, 1/4 for each of fetch and "
+                 "commit); below 1 runs more shards at once (threads overlap I/O)",
     "shard_timeout_s": "deadline per shard task",
     "watchdog_s": "global deadline: cancel what is left and report",
     "max_failure_ratio": "exit non-zero (after writing everything) when failed/attempted exceeds this",
