@@ -252,3 +252,20 @@ def test_uncommitted_tar_is_never_listed(where, tmp_path, request, monkeypatch):
     assert shards.recover_commits(out, "train") == 1                # the next run rolls it forward
     assert "train-000000.tar" in out.list_names() and "train-000000.tar.pending" not in out.list_names()
     assert shards.read_tar(out.read_bytes("train-000000.tar")) == {"000000_000000": {"txt": b"x"}}
+
+
+def test_every_row_failed_on_the_ray_data_path(tmp_path, ray_local):
+    """The same hold-back on Ray Data: nothing committed when no row succeeds; a dead first shard of a
+    working run is committed once another shard succeeded."""
+    _images(tmp_path / "media", 2)
+    man = tmp_path / "m.jsonl"
+    man.write_text("".join(json.dumps({"url": n, "caption": "c"}) + "\n" for n in ("gone0.jpg", "gone1.jpg")))
+    cfg = dict(manifest=[str(man)], output=str(tmp_path / "out"), samples_per_shard=2, executor="ray",
+               progress=False, image_size=32)
+    dead = preprocess(PreprocessConfig(**cfg))
+    assert dead.exit_code == EXIT_TOO_MANY_FAILED and dead.failures == {"not_found": 2}
+    assert not list((tmp_path / "out").glob("*.tar"))
+    man.write_text("".join(json.dumps({"url": n, "caption": "c"}) + "\n"
+                           for n in ("gone0.jpg", "gone1.jpg", "media/i0.jpg", "media/i1.jpg")))
+    ok = preprocess(PreprocessConfig(**cfg))
+    assert ok.exit_code == EXIT_OK and ok.shards_written == [0, 1] and (ok.successes, ok.failed) == (2, 2)
