@@ -170,86 +170,36 @@ def run_img2dataset(manifest: Path, out: Path, args) -> dict:
     return {"tool": f"img2dataset {I2D_VERSION}", "wall_s": wall, "images": ok}
 
 
-class RayCluster:
-    """A ``ray start --head`` cluster of this benchmark's own (loopback, fresh temp dir, ``processes`` CPUs),
-    so the Ray Data path can be timed without Ray's start-up. Stopped by killing exactly its processes
-    (never ``ray stop``, which would stop every Ray on the machine)."""
-
-    def __init__(self, cpus: int, port: int):
-        import tempfile
-
-        self.cpus, self.port = cpus, port
-        self.tmp = tempfile.mkdtemp(prefix="raybench", dir="/tmp")  # short: Ray's socket paths live under it
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        ray_exe = Path(sys.executable).parent / "ray"
-        self.proc = subprocess.Popen(
-            [str(ray_exe), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
-             "--num-cpus", str(self.cpus), "--include-dashboard", "false", "--temp-dir", self.tmp],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "RAY_TMPDIR": self.tmp})
-        import ray
-
-        deadline = time.monotonic() + 120
-        while True:  # ready once a driver can connect and sees the CPUs
-            try:
-                ray.init(address=self.address, log_to_driver=False)
-                ok = ray.cluster_resources().get("CPU", 0) >= self.cpus
-                ray.shutdown()
-                if ok:
-                    return
-            except Exception:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise
-            time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        for pid in filter(str.isdigit, os.listdir("/proc")):  # workers and services of this cluster only
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    if self.tmp.encode() in f.read():
-                        os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 def run_ours(manifest: Path, out: Path, args, executor: str = "ray") -> dict:
-    """``executor``: ray / local / auto as `mplug2-data shard --executor`, or ray-cluster (the Ray Data path
-    on a running cluster: started here first, not timed)."""
+    """``executor``: ray / local / auto as `mplug2-data shard --executor`, or ray-cluster: the Ray Data path
+    on a running Ray (started in the driver process before the clock, as in a `ray job` or a notebook that
+    already has Ray up; its workers prestarted), timing only the run."""
     shutil.rmtree(out, ignore_errors=True)
     venv_py = REPO / ".venv" / "bin" / "python"
     cmd = [str(venv_py if venv_py.exists() else sys.executable), "-m", "pipelines.cli", "shard", "--manifest", str(manifest),
            "--output", str(out), "--samples-per-shard", str(args.shard_size), "--threads", str(args.threads),
            "--image-size", str(args.size), "--resize-mode", "border", "--jpeg-quality", "95", "--mode", "overwrite",
            "--num-cpus", str(args.processes), "--retries", "0", "--no-progress", "--log-level", "WARNING"]
-    cluster = RayCluster(args.processes, args.ray_port) if executor == "ray-cluster" else None
-    cmd += ["--executor", "ray", "--ray-address", cluster.address] if cluster else ["--executor", executor]
-    cmd += args.ours_args.split()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    if not cluster:
-        import tempfile
+    import tempfile
 
-        env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="raybench", dir="/tmp")  # never join another cluster
+    env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="raybench", dir="/tmp")  # never join another cluster
+    if executor == "ray-cluster":
+        timed = (f"import json, sys, time; from mplug2.runtime import init_ray; init_ray(num_cpus={args.processes}, "
+                 "include_dashboard=False); import ray; ray.get([ray.remote(lambda: 0).remote() for _ in "
+                 f"range({args.processes})]); from pipelines.cli import main; t0 = time.monotonic(); "
+                 "rc = main(sys.argv[1:]); print(json.dumps({'wall_s': time.monotonic() - t0})); sys.exit(rc)")
+        cmd = [cmd[0], "-c", timed] + cmd[3:] + ["--executor", "ray"] + args.ours_args.split()
+    else:
+        cmd += ["--executor", executor] + args.ours_args.split()
     try:
-        if cluster:
-            cluster.start()
         t0 = time.monotonic()
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
         wall = time.monotonic() - t0
     finally:
-        if cluster:
-            cluster.stop()
-        else:
-            shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+    if executor == "ray-cluster" and res.returncode == 0:
+        wall = json.loads(res.stdout.strip().splitlines()[-1])["wall_s"]
     if res.returncode != 0:
         sys.exit(f"mplug2-data failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
     ds = json.loads((out / "dataset.json").read_text())
@@ -266,11 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--port", type=int, default=18089)
     p.add_argument("--executors", default="ray-cluster,ray,local",
-                   help="our executors to run, comma-separated: ray-cluster (the Ray Data stages on a running "
-                        "`ray start` cluster of --processes CPUs, started before the clock), ray (the same, Ray "
-                        "started by the run and its start-up counted), local (process pool, no Ray) and/or auto "
+                   help="our executors to run, comma-separated: ray-cluster (the Ray Data stages on a Ray of "
+                        "--processes CPUs already running in the driver process, started before the clock), ray "
+                        "(the same, Ray started by the run and its start-up counted), local (process pool, no Ray) and/or auto "
                         "(the default of `mplug2-data shard`: local here; RAY_ADDRESS is removed)")
-    p.add_argument("--ray-port", type=int, default=16399, help="GCS port of the ray-cluster executor's cluster")
     p.add_argument("--ours-args", default="", help="extra flags for `mplug2-data shard` (e.g. '--task-cpus 0.5')")
     p.add_argument("--skip-img2dataset", action="store_true")
     p.add_argument("--skip-ours", action="store_true")

@@ -55,6 +55,7 @@ __all__ = [
     "retry_deadline_s",
     "reset_fs_cache",
     "StorageUnavailableError",
+    "move",
 ]
 
 
@@ -270,6 +271,19 @@ def list_names(url: str) -> list[str]:
 def upload_file(local: str, url: str) -> None:
     """Copy a local file to ``url`` (one PUT on S3: visible only when complete); the local file is kept."""
     _with_retries(url, "put", lambda fs, path: fs.put_file(local, path))
+
+
+def move(src: str, dst: str) -> None:
+    """Move an object within one store (S3: server-side copy, then delete the source; safe to repeat)."""
+    def op(fs: fsspec.AbstractFileSystem, path: str) -> None:
+        dst_path = get_fs(dst)[1]
+        if fs.exists(path):
+            fs.copy(path, dst_path)
+            fs.rm_file(path)
+        elif not fs.exists(dst_path):
+            raise FileNotFoundError(src)
+
+    _with_retries(src, "move", op)
 
 
 def download_file(url: str, local: str) -> None:

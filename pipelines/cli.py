@@ -17,7 +17,8 @@ import sys
 import typing
 
 from pipelines.config import EXECUTORS, FORMATS, MODALITIES, MODES, PRESETS, SAMPLERS, PreprocessConfig
-from pipelines.errors import ConfigError
+from pipelines.errors import EXIT_BAD_INVOCATION, ConfigError
+from pipelines.preflight import credentials_error
 from pipelines.resize import RESIZE_MODES
 from pipelines.shards import LeaseError
 
@@ -28,8 +29,8 @@ HELP: dict[str, str] = {
     "split": "shard name prefix: {split}-NNNNNN.tar",
     "samples_per_shard": "input rows per shard (failures included)",
     "preset": "column flags for a known corpus",
-    "input_format": "force the manifest format instead of using the suffix",
-    "column_names": "column names for header-less csv/tsv (CC3M: caption url)",
+    "input_format": "force the manifest format instead of using the suffix, or name a corpus layout (docs/corpora.md)",
+    "column_names": "column names for header-less csv/tsv, space- or comma-separated (CC3M: caption,url)",
     "url_col": "media column: http(s)/s3/file URL or local path ('path' is an alias of 'url')",
     "caption_col": "caption column(s): one, or several (each may hold a list of references)",
     "label_col": "integer label column, written as the cls field",
@@ -37,6 +38,8 @@ HELP: dict[str, str] = {
     "end_col": "clip end column (seconds or HH:MM:SS.fff; empty = end of file)",
     "clips_col": "column holding a list of [start, end] pairs: one sample per clip",
     "drop_cols": "manifest columns not to copy into json/parquet",
+    "media_template": "turn the media column's ids into file names, e.g. 'video{}.mp4' (MSRVTT-QA's integer ids)",
+    "clip_captions": "the caption list holds one caption per clip of --clips-col (ActivityNet, HowTo100M)",
     "allow_empty_caption": "keep rows with an empty caption (default: counted as empty_caption)",
     "media_root": "base for relative media paths (default: each manifest's folder)",
     "threads": "fetch/decode threads per shard task",
@@ -66,10 +69,13 @@ HELP: dict[str, str] = {
     "retry_failed": "re-fetch rows of committed shards whose failure reason is retryable",
     "max_shard_retry": "retries of a whole-shard failure (storage error, dead worker)",
     "max_in_flight": "shard tasks in flight (default 2 x the tasks that fit the cluster's CPUs)",
-    "task_cpus": "CPUs Ray reserves per shard task; below 1 runs more shards at once (threads overlap I/O)",
+    "task_cpus": "CPUs Ray reserves per shard (Ray Data: 3/4 for its decode task, 1/4 for each of fetch and "
+                 "commit); below 1 runs more shards at once (threads overlap I/O)",
     "shard_timeout_s": "deadline per shard task",
     "watchdog_s": "global deadline: cancel what is left and report",
     "max_failure_ratio": "exit non-zero (after writing everything) when failed/attempted exceeds this",
+    "allow_all_failed": "commit shards even when every row of the run failed (default: nothing is committed "
+                        "and the run exits 1, as that usually means a wrong column order or --media-root)",
     "executor": "auto: Ray when a cluster is there (--ray-address, RAY_ADDRESS, a `ray start` cluster on this "
                 "machine, inside a Ray job) or model stages are asked for, else a local process pool; ray: a Ray "
                 "Data pipeline of stages (starts a local cluster if none); local: process pool, no Ray",
@@ -118,16 +124,20 @@ def add_config_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mplug2-data", description="Corpus preprocessing into WebDataset shards.")
     sub = parser.add_subparsers(dest="command", required=True)
+    # No ArgumentDefaultsHelpFormatter: flag defaults are None (so --config YAML values apply) and the
+    # help strings already name the real default once.
     shard = sub.add_parser("shard", help="turn manifests into WebDataset shards (Ray)",
-                           description="Fetch, decode and shard a manifest; resumable (see --mode).",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           description="Fetch, decode and shard a manifest; resumable (see --mode). Exit codes: "
+                                       "0 ok, 1 too many failed samples (or every row failed), 2 bad invocation, "
+                                       "3 storage unavailable, 4 shards failed or watchdog. Corpus layouts: "
+                                       "docs/corpora.md.")
     shard.add_argument("--config", help="YAML file of PreprocessConfig fields (flags override it)")
     shard.add_argument("--local", action="store_true", help="shorthand for --executor local")
-    shard.add_argument("--log-level", default="INFO")
+    shard.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     add_config_flags(shard)
     verify = sub.add_parser("verify", help="check a written dataset against the contract (tars, sidecars, index)")
     verify.add_argument("--output", required=True)
-    verify.add_argument("--split", default="train")
+    verify.add_argument("--split", default="train", help="shard name prefix (default: train)")
     return parser
 
 
@@ -150,19 +160,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "verify":
         from pipelines.verify import verify_dataset
 
-        problems = verify_dataset(args.output, args.split)
+        try:
+            problems = verify_dataset(args.output, args.split)
+        except PermissionError as exc:
+            print(f"mplug2-data: error: {credentials_error(args.output, exc)}", file=sys.stderr)
+            return EXIT_BAD_INVOCATION
         for p in problems:
             print("PROBLEM:", p)
         print("OK" if not problems else f"{len(problems)} problem(s)")
         return 0 if not problems else 1
+    from pipelines.run import RunSummary, preprocess
+
     try:
         config = config_from_args(args)
-        from pipelines.run import preprocess
-
         summary = preprocess(config)
-    except (ConfigError, LeaseError) as exc:
+    except (ConfigError, LeaseError, PermissionError) as exc:
+        if isinstance(exc, PermissionError):
+            exc = credentials_error(getattr(args, "output", None) or "storage", exc)
         print(f"mplug2-data: error: {exc}", file=sys.stderr)
-        return 2
+        print(RunSummary(output=str(getattr(args, "output", None) or "-"), mode=str(args.mode or "-"),
+                         fingerprint="-", config_error=str(exc)).table())
+        return EXIT_BAD_INVOCATION
     print(summary.table())
     return summary.exit_code
 

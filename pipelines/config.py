@@ -22,26 +22,44 @@ from pipelines.resize import RESIZE_MODES
 MODALITIES = ("image", "video")
 MODES = ("incremental", "overwrite", "extend")
 SAMPLERS = ("middle", "random_segment", "fps")
-FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "json")
+FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl", "json", "json_by_media", "msrvtt_videodatainfo", "karpathy",
+           "activitynet_captions", "howto100m_captions")  # the last five: pipelines.corpora layouts
 EXECUTORS = ("auto", "ray", "local")
 
-# Column presets for common corpora (flags a user would otherwise type).
+# Column presets for the corpora people download (docs/corpora.md: one tested command per preset and what each
+# sample's json then holds). Explicit flags win over a preset.
+_CLIP_LAYOUT = {"url_col": "video_id", "media_template": "{}.mp4", "caption_col": "caption", "clips_col": "clips",
+                "clip_captions": True, "modality": "video"}
 PRESETS: dict[str, dict[str, Any]] = {
-    # CC3M / CC12M: tsv with caption and url (add --column-names caption,url for header-less files).
-    "cc3m": {"url_col": "url", "caption_col": "caption", "modality": "image"},
-    # WebVid csv: videoid, contentUrl, name (caption), duration, page_dir.
-    # Its `duration` column (ISO-8601 text) would collide with the probed duration: dropped.
+    # Conceptual Captions: header-less tsv, caption then url (CC3M) / url then caption (CC12M).
+    "cc3m": {"column_names": ["caption", "url"], "url_col": "url", "caption_col": "caption", "modality": "image"},
+    "cc12m": {"column_names": ["url", "caption"], "url_col": "url", "caption_col": "caption", "modality": "image"},
+    # LAION parquet: URL, TEXT, WIDTH, HEIGHT, similarity, ... (Hugging Face re-exports add __index_level_0__).
+    "laion": {"url_col": "URL", "caption_col": "TEXT", "modality": "image"},
+    # WebVid csv: videoid, contentUrl, duration (ISO 8601 text; the probed duration
+    # is written instead, so the column is dropped), page_dir, name.
     "webvid": {"url_col": "contentUrl", "caption_col": "name", "modality": "video", "drop_cols": ["duration"]},
-    # MSR-VTT style json list: {"video_id"/"video": ..., "caption": [...]}
-    "msrvtt": {"url_col": "video", "caption_col": "caption", "modality": "video"},
-    # COCO / Karpathy-style json list: {"image": ..., "caption": [...]}
-    "coco": {"url_col": "image", "caption_col": "caption", "modality": "image"},
+    # MSR-VTT as ALBEF ships it (msrvtt_train.json: one entry per caption; test: caption lists): one sample
+    # per video, every caption kept.
+    "msrvtt": {"input_format": "json_by_media", "url_col": "video", "caption_col": "caption", "modality": "video"},
+    # MSR-VTT's original train_val_videodatainfo.json (videos + sentences joined on video_id).
+    "msrvtt-videodatainfo": {"input_format": "msrvtt_videodatainfo", "url_col": "video_id",
+                             "media_template": "{}.mp4", "caption_col": "caption", "modality": "video"},
+    # Video QA json lists with integer video ids: {"question", "answer", "video_id": 7010, "id"}.
+    "msrvtt-qa": {"url_col": "video_id", "media_template": "video{}.mp4", "caption_col": "question",
+                  "modality": "video"},
+    "msvd-qa": {"url_col": "video_id", "media_template": "vid{}.avi", "caption_col": "question", "modality": "video"},
+    # COCO / Flickr30k: Karpathy's dataset_coco.json (or ALBEF's per-caption lists): one sample per image.
+    "coco": {"input_format": "karpathy", "url_col": "image", "caption_col": "caption", "modality": "image"},
+    # ActivityNet Captions / HowTo100M caption.json: one sample per clip, each with its own sentence.
+    "activitynet": {"input_format": "activitynet_captions", **_CLIP_LAYOUT},
+    "howto100m": {"input_format": "howto100m_captions", **_CLIP_LAYOUT},
 }
 
 # Fields that do not change the bytes of a shard (left out of the fingerprint).
 _OPERATIONAL = frozenset({
     "manifest", "output", "mode", "retry_failed", "threads", "timeout_s", "retries", "max_shard_retry",
-    "max_in_flight", "task_cpus", "shard_timeout_s", "watchdog_s", "max_failure_ratio", "ray_address", "executor",
+    "max_in_flight", "task_cpus", "shard_timeout_s", "watchdog_s", "max_failure_ratio", "allow_all_failed", "ray_address", "executor",
     "num_cpus", "progress", "force_unlock", "user_agent", "preset", "lease_ttl_s", "media_root",
     "model_batch_size", "model_gpus", "model_actors",
 })
@@ -68,6 +86,8 @@ class PreprocessConfig:
     end_col: str | None = None
     clips_col: str | None = None
     drop_cols: list[str] = field(default_factory=list)  # manifest columns not to keep as extras
+    media_template: str | None = None  # media column value -> file name, e.g. "video{}.mp4" (integer ids)
+    clip_captions: bool = False  # the caption list holds one caption per clip (ActivityNet, HowTo100M)
     allow_empty_caption: bool = False
     media_root: str | None = None  # base for relative media paths (default: the manifest's folder)
 
@@ -109,6 +129,7 @@ class PreprocessConfig:
     shard_timeout_s: float = 3600.0
     watchdog_s: float | None = None  # global deadline for the whole run
     max_failure_ratio: float = 1.0
+    allow_all_failed: bool = False  # commit shards even when every row of the run failed
     executor: str = "auto"  # "auto" (Ray when a cluster is there, else local) | "ray" | "local" (process pool)
     ray_address: str | None = None
     num_cpus: int | None = None
@@ -128,6 +149,9 @@ class PreprocessConfig:
     def __post_init__(self) -> None:
         if isinstance(self.manifest, str):
             self.manifest = [self.manifest]
+        if self.column_names is not None:  # "caption,url", ["caption,url"] and ["caption", "url"] alike
+            names = [self.column_names] if isinstance(self.column_names, str) else self.column_names
+            self.column_names = [n.strip() for part in names for n in str(part).split(",") if n.strip()]
         if self.preset:
             if self.preset not in PRESETS:
                 raise ConfigError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from mplug2.runtime import setup_process_env
 from pipelines import shards
 from pipelines.config import PreprocessConfig
+from mplug2.storage import StorageUnavailableError
 from pipelines.errors import shard_error_is_retryable
 from pipelines.executors import choose_executor
 from pipelines.executors.local import LocalExecutor
@@ -61,7 +62,19 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
     fp = config.fingerprint()
     out = shards.Output(config.output)
     summary = RunSummary(output=out.url, mode=config.mode + (" +retry-failed" if config.retry_failed else ""),
-                         fingerprint=fp, max_failure_ratio=config.max_failure_ratio)
+                         fingerprint=fp, max_failure_ratio=config.max_failure_ratio,
+                         allow_all_failed=config.allow_all_failed)
+    try:
+        return _preprocess(config, out, fp, summary, t0)
+    except StorageUnavailableError as exc:  # past the retry deadline: report, never a traceback
+        log.error("storage unavailable: %s", exc)
+        summary.storage_error = str(exc)
+        summary.wall_s = time.monotonic() - t0
+        return summary
+
+
+def _preprocess(config: PreprocessConfig, out: shards.Output, fp: str, summary: RunSummary,
+                t0: float) -> RunSummary:
     kind = choose_executor(config)
     log.info("executor: %s%s", kind, " (auto)" if config.executor == "auto" else "")
     executor = None
@@ -94,6 +107,7 @@ def preprocess(config: PreprocessConfig) -> RunSummary:
                 _drive_stream(config, executor, first, prep.tasks, lease, summary, t0)
             else:
                 _drive_pool(config, config_dict, executor, first, prep.tasks, lease, summary, t0, unconfirmed=early)
+            _settle_held(config, config_dict, executor, lease, summary, t0)
         else:
             for _ in prep.tasks:  # pragma: no cover - nothing left after the first None
                 pass
@@ -141,6 +155,7 @@ def _drive_pool(config: PreprocessConfig, config_dict: dict, executor, first: Sh
     done_shards = 0
 
     def submit(task: ShardTask, attempt: int) -> None:
+        _set_hold(config, task, summary)
         if unconfirmed:
             task.commit_not_before = lease.settles_at
         in_flight[executor.submit(config_dict, task)] = (task, time.monotonic(), attempt)
@@ -171,6 +186,8 @@ def _drive_pool(config: PreprocessConfig, config_dict: dict, executor, first: Sh
                     _shard_failed(task, attempt, why, shard_error_is_retryable(exc), config, pending_retry,
                                   summary)
                     continue
+                if _held(task, stats, summary):
+                    continue
                 done_shards += 1
                 _record(task, stats, summary)
                 bar.update(stats["count"])
@@ -198,6 +215,50 @@ def _drive_pool(config: PreprocessConfig, config_dict: dict, executor, first: Sh
             lease.renew()
     finally:
         bar.close()
+
+
+def _settle_held(config: PreprocessConfig, config_dict: dict, executor, lease: shards.WriterLease,
+                 summary: RunSummary, t0: float) -> None:
+    """Shards held back because every row failed: if some row of the run succeeded, they are real (dead
+    links) and run again to commit; if none did, the set-up is wrong: count them, commit nothing."""
+    held, summary.held = summary.held, []
+    if not held:
+        return
+    if summary.successes == 0:
+        for _task, stats in held:
+            summary.rows += stats["count"]
+            for r, n in stats["failures"].items():
+                summary.failures[r] = summary.failures.get(r, 0) + n
+            for r, msg in stats.get("examples", {}).items():
+                summary.failure_examples.setdefault(r, msg)
+        return
+    if summary.watchdog_fired:
+        for task, _stats in held:
+            summary.shards_failed[task.shard] = "every row failed; not committed before the global watchdog fired"
+        return
+    log.info("%d shard(s) where every row failed: committing them now that other rows succeeded", len(held))
+    tasks = [task for task, _ in held]
+    for t in tasks:
+        t.force_commit = True
+    if isinstance(executor, RayDataExecutor):
+        _drive_stream(config, executor, tasks[0], iter(tasks[1:]), lease, summary, t0)
+    else:
+        _drive_pool(config, config_dict, executor, tasks[0], iter(tasks[1:]), lease, summary, t0)
+
+
+def _set_hold(config: PreprocessConfig, task: ShardTask, summary: RunSummary) -> None:
+    """Until one row of the run succeeds, a shard where every row failed is held back, not committed."""
+    task.hold_if_all_failed = not (config.allow_all_failed or summary.successes or task.retry_failed
+                                   or task.force_commit)
+
+
+def _held(task: ShardTask, stats: dict, summary: RunSummary) -> bool:
+    if not stats.get("held"):
+        return False
+    summary.held.append((task, stats))
+    log.warning("shard %d: every row failed (%s); held back until a row of the run succeeds", task.shard,
+                stats["failures"])
+    return True
 
 
 def _shard_failed(task: ShardTask, attempt: int, why: str, retryable: bool, config: PreprocessConfig,
@@ -248,8 +309,12 @@ def _drive_stream(config: PreprocessConfig, executor: RayDataExecutor, first: Sh
             upcoming = next(tasks, None)
         if not window:
             break
+        for task, _ in window:
+            _set_hold(config, task, summary)
         works = [ShardWork(task, attempt, stop_at=stop_at) for task, attempt in window]
         for work in executor.run(works, tick):
+            if work.stats is not None and _held(work.task, work.stats, summary):
+                continue
             if work.stats is not None:
                 _record(work.task, work.stats, summary)
             elif work.watchdog:

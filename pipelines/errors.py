@@ -13,12 +13,13 @@ FILTERED = "filtered"
 CLIP_OUT_OF_RANGE = "clip_out_of_range"
 OPTED_OUT = "opted_out"
 EMPTY_CAPTION = "empty_caption"
+NOT_MEDIA = "not_media"  # the body is a web page / JSON / text, not an image or video (an HTML error page)
 INTERNAL_ERROR = "internal_error"
 LOW_SCORE = "low_score"  # below --min-score of the --score-with model stage
 
 REASONS: tuple[str, ...] = (
     INVALID_INPUT, NOT_FOUND, DOWNLOAD_ERROR, TIMEOUT, TOO_LARGE, DECODE_ERROR, TOO_SMALL, FILTERED,
-    CLIP_OUT_OF_RANGE, OPTED_OUT, EMPTY_CAPTION, INTERNAL_ERROR, LOW_SCORE,
+    CLIP_OUT_OF_RANGE, OPTED_OUT, EMPTY_CAPTION, NOT_MEDIA, INTERNAL_ERROR, LOW_SCORE,
 )
 
 # Reasons a `--retry-failed` pass fetches again.
@@ -41,6 +42,14 @@ class SampleError(Exception):
 
 class ConfigError(ValueError):
     """A start-up error (bad manifest schema, bad option): raised before anything is written."""
+
+
+# Exit codes of ``mplug2-data shard`` (the summary is printed in every case).
+EXIT_OK = 0
+EXIT_TOO_MANY_FAILED = 1       # failed/attempted above --max-failure-ratio, or every row failed
+EXIT_BAD_INVOCATION = 2        # bad flag, config, manifest schema, output, credentials (argparse also uses 2)
+EXIT_STORAGE_UNAVAILABLE = 3   # storage kept failing past the retry deadline ($MPLUG2_S3_RETRY_DEADLINE_S)
+EXIT_INCOMPLETE = 4            # shards failed for good, or the global watchdog ended the run
 
 
 class PermanentShardError(RuntimeError):

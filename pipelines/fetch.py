@@ -17,12 +17,30 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
 from mplug2 import storage
-from pipelines.errors import (DOWNLOAD_ERROR, INVALID_INPUT, NOT_FOUND, OPTED_OUT, TIMEOUT, TOO_LARGE,
-                              SampleError)
+from pipelines.errors import (DOWNLOAD_ERROR, INVALID_INPUT, NOT_FOUND, NOT_MEDIA, OPTED_OUT, TIMEOUT,
+                              TOO_LARGE, SampleError)
 
 # Directives that opt a page out of AI training / indexing (img2dataset's default disallow list).
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
 _CHUNK = 1 << 18
+# Content types that are never an image or a video, whatever the body (a CDN's error or consent page).
+_NON_MEDIA_TYPES = ("text/html", "application/xhtml+xml", "application/json", "text/xml", "application/xml")
+# The first bytes of text documents (after optional whitespace / BOM), lower-cased.
+_TEXT_MAGIC = (b"<!doctype", b"<html", b"<head", b"<body", b"<?xml", b"<!--")
+
+
+def non_media_reason(data: bytes, content_type: str | None, url: str) -> SampleError | None:
+    """``not_media`` when a body is a web page / JSON / XML rather than media (HTML served with status 200
+    for an image is common: expired links, consent walls, soft 404s), judged from the Content-Type and
+    from the body's first bytes, before any decoder sees it. The message names the type and the URL."""
+    ctype = (content_type or "").split(";", 1)[0].strip().lower()
+    if ctype in _NON_MEDIA_TYPES:
+        return SampleError(NOT_MEDIA, f"{ctype} body, not media, from {url}")
+    head = data[:64].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith(_TEXT_MAGIC):
+        kind = "XML" if head.startswith(b"<?xml") else "HTML"
+        return SampleError(NOT_MEDIA, f"{kind} body (Content-Type {ctype or 'none'}), not media, from {url}")
+    return None
 
 
 @dataclass(frozen=True)
@@ -102,14 +120,20 @@ class Fetcher:
             raise SampleError(INVALID_INPUT, "empty source")
         scheme = urlparse(url).scheme.lower()
         if scheme in ("http", "https"):
-            return self._http(url)
-        if scheme == "s3":
-            return Fetched(self._s3(url), 1, url)
-        if scheme == "file":
-            return Fetched(self._local(unquote(urlparse(url).path)), 1, url)
-        if scheme and len(scheme) > 1:  # "c:" style drive letters are not schemes
+            got = self._http(url)
+        elif scheme == "s3":
+            got = Fetched(self._s3(url), 1, url)
+        elif scheme == "file":
+            got = Fetched(self._local(unquote(urlparse(url).path)), 1, url)
+        elif scheme and len(scheme) > 1:  # "c:" style drive letters are not schemes
             raise SampleError(INVALID_INPUT, f"unsupported URL scheme {scheme!r}")
-        return Fetched(self._local(url), 1, url)
+        else:
+            got = Fetched(self._local(url), 1, url)
+        err = non_media_reason(got.data, None, url)
+        if err is not None:
+            err.attempts = got.attempts  # type: ignore[attr-defined]
+            raise err
+        return got
 
     def local_path(self, url: str) -> str | None:
         """The local file behind ``url`` when it needs no download (videos are decoded in place)."""
@@ -201,6 +225,9 @@ class Fetcher:
                 raise err
             if opts.honor_robots and robots_opt_out(resp.headers.getlist("X-Robots-Tag")):
                 raise SampleError(OPTED_OUT, "X-Robots-Tag forbids use")
+            ctype_err = non_media_reason(b"", resp.headers.get("Content-Type"), url)
+            if ctype_err is not None:
+                raise ctype_err
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > opts.max_bytes:
                 raise SampleError(TOO_LARGE, f"Content-Length {length} > max_bytes {opts.max_bytes}")

@@ -23,7 +23,7 @@ from pipelines import shards
 from pipelines.config import PreprocessConfig
 from pipelines.errors import LOW_SCORE, SampleError
 from pipelines.shard_stages import ShardWork, run_stage
-from pipelines.shard_task import RowOutcome, _fail
+from pipelines.rows import RowOutcome, fail_record
 
 
 def _frames(fields: dict[str, bytes]) -> list:
@@ -88,7 +88,7 @@ class ScoreStage(_ModelStage):
             _set_json(o, "score", s)
             if floor is not None and s < floor:
                 o.fields = None
-                _fail(o.record, SampleError(LOW_SCORE, f"ITC score {s:.4f} < --min-score {floor:g}"),
+                fail_record(o.record, SampleError(LOW_SCORE, f"ITC score {s:.4f} < --min-score {floor:g}"),
                       int(o.record.get("attempts") or 1))
 
 

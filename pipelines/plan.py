@@ -15,6 +15,7 @@ from typing import Iterator
 from pipelines import shards
 from pipelines.config import PreprocessConfig
 from pipelines.errors import ConfigError
+from pipelines.preflight import check_manifest_provenance, check_output
 from pipelines.shard_task import ShardTask
 from pipelines.sources import check_manifests, expand_manifests, file_info, iter_rows
 from pipelines.summary import RunSummary
@@ -96,6 +97,7 @@ class Prepared:
 def prepare(config: PreprocessConfig, out: shards.Output, fp: str, summary: RunSummary) -> Prepared:
     """Start-up checks (everything that can be wrong with the inputs fails here, before any write), the
     writer lease, overwrite's deletions, the resume/extend plan and the first shard's rows."""
+    check_output(out.url)  # before anything else: a missing bucket is never created, credentials fail here
     paths = expand_manifests(config.manifest)
     cmaps = check_manifests(paths, config)
     log.info("%d manifest file(s); columns %s", len(paths), {p: cm.url for p, cm in cmaps.items()})
@@ -108,6 +110,7 @@ def prepare(config: PreprocessConfig, out: shards.Output, fp: str, summary: RunS
             for name in os.listdir(out.url):
                 if name.startswith(".staging-"):
                     shutil.rmtree(os.path.join(out.url, name), ignore_errors=True)
+        shards.recover_commits(out, config.split)
         prev = out.read_json("dataset.json")
         if config.mode == "overwrite":
             n = shards.delete_contract_objects(out, config.split)
@@ -125,6 +128,8 @@ def prepare(config: PreprocessConfig, out: shards.Output, fp: str, summary: RunS
         if config.mode == "incremental" and extended:
             raise ConfigError(f"{out.url} was built with --mode extend, so its shards do not follow the plain row "
                               "layout: resume or add rows with --mode extend, or rebuild with --mode overwrite")
+        if config.mode == "incremental":
+            check_manifest_provenance(prev, paths, out.url)
         skip: dict[str, int] = {}
         start_shard = 0
         plan_existing = existing if config.mode != "extend" else {}

@@ -23,8 +23,8 @@ from typing import Any, Callable
 from pipelines import shards
 from pipelines.config import PreprocessConfig
 from pipelines.errors import PermanentShardError, SampleError, shard_error_is_retryable
-from pipelines.shard_task import (RowOutcome, RowProcessor, ShardTask, _fail, _internal, cpu_threads,
-                                  retry_outcomes, worker_threads, write_and_commit)
+from pipelines.rows import RowOutcome, RowProcessor, fail_record, internal_outcome
+from pipelines.shard_task import ShardTask, cpu_threads, retry_outcomes, worker_threads, write_and_commit
 from pipelines.sources import normalize_row
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,6 @@ class ShardWork:
     error: str | None = None
     retryable: bool = True
     watchdog: bool = False
-
-    @property
-    def samples(self) -> int:
-        return len(self.outcomes) or len(self.fetched) or len(self.task.rows)
 
     def fail(self, exc: BaseException) -> None:
         self.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
@@ -123,13 +119,13 @@ def fetch(config: PreprocessConfig, work: ShardWork) -> None:
             item = normalize_row(row.values, task.column_maps[row.source], config.modality,
                                  config.allow_empty_caption)
         except SampleError as exc:
-            return RowOutcome(key, _fail(proc.base_record(key, row, None), exc, 0))
+            return RowOutcome(key, fail_record(proc.base_record(key, row, None, task.column_maps[row.source]), exc, 0))
         try:
             if config.modality == "image":
                 return proc.image_fetch(key, row, item)
             return proc.video_fetch(key, row, item)
         except Exception as exc:  # a bug, not a bad sample
-            return _internal(proc, key, row, item, exc)
+            return internal_outcome(proc, key, row, item, exc)
 
     threads = config.threads if config.modality == "image" else worker_threads(config)
     try:
@@ -153,7 +149,7 @@ def decode(config: PreprocessConfig, work: ShardWork) -> None:
             try:
                 return [proc.image_finish(f)] if config.modality == "image" else proc.video_finish(f)
             except Exception as exc:  # a bug, not a bad sample
-                return [_internal(proc, f.key, f.row, f.item, exc)]
+                return [internal_outcome(proc, f.key, f.row, f.item, exc)]
 
         threads = cpu_threads(config) if config.modality == "image" else worker_threads(config)
         work.outcomes = [o for outs in _map_until(work, one, work.fetched, threads) for o in outs]

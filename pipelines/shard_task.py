@@ -1,6 +1,7 @@
 """The work of one output shard: fetch + decode every row, then write and commit the shard.
 
-This runs inside one Ray task per shard (or in a local process for ``--executor local``); it never
+This runs inside one local process per shard (``--executor local``; the Ray Data path cuts the same work
+into stages, :mod:`pipelines.shard_stages`, and commits with :func:`write_and_commit`); it never
 raises for a bad *sample*: every row ends as a sample or as a parquet row with a failure reason.
 Image rows: downloads run on ``threads`` I/O threads and decode/resize/encode on one thread per task
 CPU, fed through a bounded queue (img2dataset's split). Video rows run whole on a small thread pool.
@@ -12,21 +13,17 @@ import logging
 import math
 import os
 import queue
-import re
 import shutil
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 from pipelines import shards
 from pipelines.config import PreprocessConfig
-from pipelines.errors import INTERNAL_ERROR, INVALID_INPUT, NOT_FOUND, RETRYABLE, TIMEOUT, TOO_LARGE, SampleError
-from pipelines.fetch import Fetcher, FetchOptions, resolve_source
-from pipelines.image import ImageOptions, process_image
+from pipelines.errors import INTERNAL_ERROR, RETRYABLE, TIMEOUT, SampleError
+from pipelines.rows import RowOutcome, RowProcessor, fail_record, internal_outcome
 from pipelines.sources import ColumnMap, Item, RawRow, normalize_row
 
 log = logging.getLogger(__name__)
@@ -42,256 +39,8 @@ class ShardTask:
     retry_failed: bool = False  # rebuild a committed shard, re-fetching only retryable failures
     lease_owner: str | None = None
     commit_not_before: float = 0.0  # wall clock: the lease's settle time when the driver had not confirmed it
-
-
-@dataclass
-class _ImageFetch:
-    """An image row between its two stages: downloaded bytes, or the reason there are none."""
-
-    key: str
-    row: RawRow
-    item: Item
-    got: Any  # pipelines.fetch.Fetched
-    error: SampleError | None
-
-
-@dataclass
-class _VideoFetch:
-    """A video row between its two stages: downloaded bytes or a local path, their hash and size, or the
-    reason there are none."""
-
-    key: str
-    row: RawRow
-    item: Item
-    local: str | None = None
-    data: bytes | None = None
-    sha256: str | None = None
-    nbytes: int | None = None
-    attempts: int = 1
-    error: SampleError | None = None
-
-
-@dataclass
-class RowOutcome:
-    """One parquet row plus, on success, the sample's tar fields."""
-
-    key: str
-    record: dict[str, Any]
-    fields: dict[str, bytes] | None = None
-
-
-_ADDRESS_RE = re.compile(r" at 0x[0-9a-fA-F]+")
-
-
-def _fail(record: dict, exc: SampleError, attempts: int) -> dict:
-    # Object addresses ("<BytesIO at 0x7f..>") would make sidecars differ between identical runs.
-    message = _ADDRESS_RE.sub("", exc.message or exc.reason)
-    record.update(status="failed", error_reason=exc.reason, error_message=message,
-                  attempts=int(getattr(exc, "attempts", attempts)))
-    return record
-
-
-def _text_fields(item: Item, meta: dict, key: str) -> dict[str, bytes]:
-    fields = {"txt": item.caption.encode("utf-8"), "json": shards.canonical_json(meta)}
-    if item.label is not None:
-        fields["cls"] = str(item.label).encode()
-    return fields
-
-
-class RowProcessor:
-    """Turns one manifest row into outcomes (several for a video row with a ``clips`` list)."""
-
-    def __init__(self, config: PreprocessConfig, media_root: str | None = None):
-        self.config = config
-        self.media_root = media_root
-        self.fetcher = Fetcher(FetchOptions(timeout_s=config.timeout_s, retries=config.retries,
-                                            max_bytes=config.max_bytes, honor_robots=config.honor_robots,
-                                            user_agent=config.user_agent, pool_size=max(config.threads, 4)))
-        self.image_opts = ImageOptions(size=config.image_size, resize_mode=config.resize_mode,
-                                       jpeg_quality=config.jpeg_quality, min_image_size=config.min_image_size,
-                                       max_aspect_ratio=config.max_aspect_ratio, resample=config.resample)
-        self._video_opts = None
-
-    @property
-    def video_opts(self):
-        if self._video_opts is None:
-            from pipelines.video import VideoOptions
-
-            c = self.config
-            self._video_opts = VideoOptions(num_frames=c.num_frames, sampler=c.sampler, fps=c.fps,
-                                            max_frames=c.max_frames, size=c.frame_size,
-                                            resize_mode=c.frame_resize_mode, jpeg_quality=c.jpeg_quality,
-                                            backend=c.video_backend, timeout_s=c.video_timeout_s,
-                                            min_duration=c.min_duration, keep_video=c.keep_video, seed=c.seed)
-        return self._video_opts
-
-    # ------------------------------------------------------------------------------------------
-    def base_record(self, key: str, row: RawRow, item: Item | None) -> dict[str, Any]:
-        rec: dict[str, Any] = {"key": key, "source": row.source, "source_index": row.source_index,
-                               "status": "success", "error_reason": None, "error_message": None, "attempts": 0}
-        if item is not None:
-            rec.update(url=item.url, caption=item.caption, captions=item.captions, label=item.label, **item.extras)
-        else:
-            v = row.values
-            rec["url"] = str(v.get("url") or v.get("path") or "") or None
-        return rec
-
-    def process(self, shard: int, r: int, row: RawRow, cmap: ColumnMap) -> list[RowOutcome]:
-        key = shards.make_key(shard, r)
-        try:
-            item = normalize_row(row.values, cmap, self.config.modality, self.config.allow_empty_caption)
-        except SampleError as exc:
-            return [RowOutcome(key, _fail(self.base_record(key, row, None), exc, 0))]
-        try:
-            if self.config.modality == "image":
-                return [self._image(key, row, item)]
-            return self._video(key, row, item)
-        except Exception as exc:  # a bug, not a bad sample: recorded with type and message, run goes on
-            return [_internal(self, key, row, item, exc)]
-
-    def retry_item(self, key: str, row: RawRow, item: Item, clip: tuple | None) -> RowOutcome:
-        """Re-run one row (or one clip) of a committed shard under ``--retry-failed``."""
-        if self.config.modality == "image":
-            return self._image(key, row, item)
-        return self._video_clip(key, row, item, clip, None)
-
-    def _image(self, key: str, row: RawRow, item: Item) -> RowOutcome:
-        return self.image_finish(self.image_fetch(key, row, item))
-
-    # The two stages of an image row. ``run_shard`` runs the first (I/O) on the fetch threads and the
-    # second (decode/resize/encode, CPU) on ``cpu_threads`` threads, as img2dataset does: with 32
-    # threads each doing both, GIL and scheduler contention cost ~10-15 % more CPU per image (measured
-    # on the 10k-image benchmark: 22-24 s vs 20 s of CPU, most of the difference in system time).
-    def image_fetch(self, key: str, row: RawRow, item: Item) -> "_ImageFetch":
-        """Download the row's bytes (a failure is kept, not raised)."""
-        try:
-            got = self.fetcher.fetch(resolve_source(item.url, self.media_root, row.source))
-        except SampleError as exc:
-            return _ImageFetch(key, row, item, None, exc)
-        return _ImageFetch(key, row, item, got, None)
-
-    def image_finish(self, f: "_ImageFetch") -> RowOutcome:
-        """Decode, resize and encode fetched bytes into a sample, or record why not."""
-        rec = self.base_record(f.key, f.row, f.item)
-        if f.error is not None:
-            return RowOutcome(f.key, _fail(rec, f.error, 1))
-        rec["attempts"] = f.got.attempts
-        try:
-            sample = process_image(f.got.data, self.image_opts)
-        except SampleError as exc:
-            return RowOutcome(f.key, _fail(rec, exc, rec["attempts"] or 1))
-        item, row, key = f.item, f.row, f.key
-        rec.update(sample.meta)
-        meta = {"key": key, "url": item.url, "source": row.source, "source_index": row.source_index,
-                **sample.meta, **item.extras}
-        if len(item.captions) > 1:
-            meta["captions"] = item.captions
-        fields = _text_fields(item, meta, key)
-        fields["jpg"] = sample.jpg
-        return RowOutcome(key, rec, fields)
-
-    def _video(self, key: str, row: RawRow, item: Item, fixed_key: str | None = None) -> list[RowOutcome]:
-        return self.video_finish(self.video_fetch(key, row, item), fixed_key)
-
-    # The two stages of a video row: fetching (a download, or reading a local file for its hash and size)
-    # and decoding every clip. The local pool runs both in one call; the Ray Data path runs them as stages.
-    def video_fetch(self, key: str, row: RawRow, item: Item) -> "_VideoFetch":
-        """Download the row's media (kept in memory), or check a local file (kept as its path)."""
-        url = resolve_source(item.url, self.media_root, row.source)
-        local = self.fetcher.local_path(url)
-        f = _VideoFetch(key, row, item, local=local)
-        if local is None:
-            try:
-                got = self.fetcher.fetch(url)
-                f.attempts, f.data = got.attempts, got.data
-                f.sha256, f.nbytes = _sha256(got.data), len(got.data)
-            except SampleError as exc:
-                f.error = exc
-            return f
-        try:
-            with open(local, "rb") as fh:  # also proves the file exists and is readable
-                head = fh.read()
-            if len(head) > self.config.max_bytes:
-                raise SampleError(TOO_LARGE, f"{len(head)} bytes > max_bytes {self.config.max_bytes}")
-            f.sha256, f.nbytes = _sha256(head), len(head)
-        except FileNotFoundError:
-            f.error = SampleError(NOT_FOUND, f"no such file: {local}")
-        except IsADirectoryError:
-            f.error = SampleError(INVALID_INPUT, f"{local} is a directory")
-        except SampleError as exc:
-            f.error = exc
-        return f
-
-    def video_finish(self, f: "_VideoFetch", fixed_key: str | None = None) -> list[RowOutcome]:
-        """Decode every clip of a fetched video row into samples, or record why not."""
-        key, row, item = f.key, f.row, f.item
-        tmp_dir = None
-        try:
-            local = f.local
-            if f.error is None and local is None:
-                tmp_dir = tempfile.mkdtemp(prefix="mplug2-video-")
-                local = os.path.join(tmp_dir, "media")
-                with open(local, "wb") as fh:
-                    fh.write(f.data)
-            clips: list[tuple | None] = list(item.clips) if item.clips else [None]
-            # With a clips column every key gets a clip suffix, even for one-clip rows (stable key shape).
-            multi = fixed_key is None and (bool(self.config.clips_col) or (item.clips is not None and len(item.clips) > 1))
-            outs = []
-            for ci, clip in enumerate(clips):
-                ckey = fixed_key or (shards.make_key(*map(int, key.split("_")), ci) if multi else key)
-                if f.error is not None:
-                    rec = self.base_record(ckey, row, item)
-                    if multi:
-                        rec["clip_index"] = ci
-                    outs.append(RowOutcome(ckey, _fail(rec, f.error, f.attempts)))
-                    continue
-                outs.append(self._video_clip(ckey, row, item, clip, (local, f.sha256, f.nbytes, f.attempts),
-                                             clip_index=ci if multi else None))
-            return outs
-        finally:
-            if tmp_dir:
-                shutil.rmtree(tmp_dir, ignore_errors=True)
-
-    def _video_clip(self, key: str, row: RawRow, item: Item, clip: tuple | None, fetched: tuple | None,
-                    clip_index: int | None = None) -> RowOutcome:
-        from pipelines.video import process_video
-
-        if fetched is None:  # retry path: fetch this row again
-            outs = self._video(key, row, Item(item.url, item.captions, item.label, [clip] if clip else None,
-                                              item.extras), fixed_key=key)
-            return outs[0]
-        local, data_sha, nbytes, attempts = fetched
-        rec = self.base_record(key, row, item)
-        rec["attempts"] = attempts
-        if clip_index is not None:
-            rec["clip_index"] = clip_index
-        start, end = (clip if clip else (None, None))
-        rec["clip_start"], rec["clip_end"] = start, end
-        try:
-            vs = process_video(local, key=key, opts=self.video_opts, clip_start=start, clip_end=end)
-        except SampleError as exc:
-            return RowOutcome(key, _fail(rec, exc, attempts))
-        m = vs.meta
-        rec.update(width=m.get("width"), height=m.get("height"), duration=m.get("duration"), fps=m.get("fps"),
-                   num_frames=m.get("num_frames", len(vs.frames)), bytes=nbytes, sha256=data_sha)
-        meta = {"key": key, "url": item.url, "source": row.source, "source_index": row.source_index,
-                "bytes": nbytes, "sha256": data_sha, **m, **item.extras}
-        if clip_index is not None:
-            meta["clip_index"] = clip_index
-        if len(item.captions) > 1:
-            meta["captions"] = item.captions
-        fields = _text_fields(item, meta, key)
-        for i, frame in enumerate(vs.frames):
-            fields[f"f{i:03d}.jpg"] = frame
-        if vs.mp4 is not None:
-            fields["mp4"] = vs.mp4
-        return RowOutcome(key, rec, fields)
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
+    hold_if_all_failed: bool = False  # no row of the run succeeded yet: if none of ours does, do not commit
+    force_commit: bool = False  # a held shard run again once other rows of the run succeeded
 
 
 # ---------------------------------------------------------------------------------------------- shard
@@ -382,15 +131,16 @@ def _image_outcomes(config: PreprocessConfig, task: ShardTask, proc: RowProcesso
             item = normalize_row(row.values, task.column_maps[row.source], config.modality,
                                  config.allow_empty_caption)
         except SampleError as exc:
-            ready.put(RowOutcome(key, _fail(proc.base_record(key, row, None), exc, 0)))
+            ready.put(RowOutcome(key, fail_record(proc.base_record(key, row, None, task.column_maps[row.source]), exc,
+                                                  0)))
             return
         except Exception as exc:  # a bug, not a bad sample
-            ready.put(_internal(proc, key, row, None, exc))
+            ready.put(internal_outcome(proc, key, row, None, exc))
             return
         try:
             ready.put(proc.image_fetch(key, row, item))
         except Exception as exc:
-            ready.put(_internal(proc, key, row, item, exc))
+            ready.put(internal_outcome(proc, key, row, item, exc))
 
     def consume(count: int) -> list[RowOutcome]:
         mine = []
@@ -403,7 +153,7 @@ def _image_outcomes(config: PreprocessConfig, task: ShardTask, proc: RowProcesso
             try:
                 mine.append(proc.image_finish(got))
             except Exception as exc:
-                mine.append(_internal(proc, got.key, got.row, got.item, exc))
+                mine.append(internal_outcome(proc, got.key, got.row, got.item, exc))
         return mine
 
     cpu = min(cpu_threads(config), n)
@@ -427,13 +177,6 @@ def _image_outcomes(config: PreprocessConfig, task: ShardTask, proc: RowProcesso
         for f in fetches:
             f.result()
     return outcomes
-
-
-def _internal(proc: RowProcessor, key: str, row: RawRow, item: Item | None, exc: Exception) -> RowOutcome:
-    """A bug, not a bad sample: logged with its traceback and recorded as ``internal_error``."""
-    log.error("internal error on %s", key, exc_info=exc)
-    err = SampleError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-    return RowOutcome(key, _fail(proc.base_record(key, row, item), err, 1))
 
 
 def retry_outcomes(config: PreprocessConfig, out: shards.Output, task: ShardTask,
@@ -474,7 +217,7 @@ def retry_outcomes(config: PreprocessConfig, out: shards.Output, task: ShardTask
             o = proc.retry_item(rec["key"], row, item, clip)
         except Exception as exc:
             err = SampleError(INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")
-            o = RowOutcome(rec["key"], _fail(dict(rec), err, 1))
+            o = RowOutcome(rec["key"], fail_record(dict(rec), err, 1))
         o.record["attempts"] = int(rec.get("attempts") or 0) + int(o.record.get("attempts") or 1)
         if rec.get("clip_index") is not None:
             o.record["clip_index"] = rec["clip_index"]
@@ -495,14 +238,20 @@ def write_and_commit(config: PreprocessConfig, out: shards.Output, task: ShardTa
     outcomes.sort(key=lambda o: o.key)
     samples = {o.key: o.fields for o in outcomes if o.fields is not None}
     failures: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for o in outcomes:
         if o.record["status"] != "success":
             failures[o.record["error_reason"]] = failures.get(o.record["error_reason"], 0) + 1
+            examples.setdefault(o.record["error_reason"], str(o.record.get("error_message") or "")[:200])
+    if task.hold_if_all_failed and outcomes and not samples:  # likely a wrong set-up: the driver decides
+        return {"held": True, "count": len(outcomes), "failures": dict(sorted(failures.items())),
+                "examples": examples}
     staging = out.staging_dir()
     try:
         tar_path = os.path.join(staging, shards.shard_name(config.split, task.shard, ".tar"))
         info = shards.write_tar(tar_path, samples)
-        parquet = shards.parquet_bytes([o.record for o in outcomes])
+        types = {k: t for cm in task.column_maps.values() for k, t in cm.extra_types.items()}
+        parquet = shards.parquet_bytes([o.record for o in outcomes], types)
         del samples
         input_rows = len({(o.record["source"], o.record["source_index"]) for o in outcomes})
         stats = {
@@ -521,8 +270,9 @@ def write_and_commit(config: PreprocessConfig, out: shards.Output, task: ShardTa
             time.sleep(wait)
         if task.lease_owner and not shards.lease_owner_ok(config.output, task.lease_owner):
             raise shards.LeaseError(f"shard {task.shard}: writer lease lost, not committing")
-        if task.retry_failed:  # uncommit first: a crash mid-rewrite leaves the shard to be redone
+        if task.retry_failed:  # uncommit first (marker, then tar): a crash mid-rewrite leaves it to be redone
             out.delete(shards.shard_name(config.split, task.shard, "_stats.json"))
+            out.delete(shards.shard_name(config.split, task.shard, ".tar"))
         shards.commit_shard(out, config.split, task.shard, tar_path, parquet, stats)
         return stats
     finally:

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -23,25 +24,14 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 from mplug2 import storage
+from mplug2.data.shard_contract import (DATASET_FILES, FORMAT_VERSION, LOCK_NAME, PENDING_EXTEND,  # noqa: F401
+                                        PENDING_TAR, STATS, shard_name, shard_re)
 from pipelines.errors import PermanentShardError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-LOCK_NAME = "_writer.lock"
-PENDING_EXTEND = "_extend.pending.json"  # the plan of an unfinished extend run
-DATASET_FILES = ("sizes.json", "wids-index.json", "dataset.json")
 _KEY_RE = re.compile(r"^[0-9_]+$")
 _FIELD_RE = re.compile(r"^[a-z0-9][a-z0-9_.]*$")
-
-
-def shard_re(split: str) -> re.Pattern:
-    return re.compile(rf"^{re.escape(split)}-(\d{{6}})(\.tar|\.parquet|_stats\.json)$")
-
-
-def shard_name(split: str, shard: int, kind: str = ".tar") -> str:
-    """``train-000012.tar`` / ``.parquet`` / ``_stats.json``."""
-    return f"{split}-{shard:06d}{kind}"
 
 
 def make_key(shard: int, row: int, clip: int | None = None) -> str:
@@ -52,7 +42,20 @@ def make_key(shard: int, row: int, clip: int | None = None) -> str:
 
 def canonical_json(obj: Any) -> bytes:
     """UTF-8, sorted keys, compact (the ``json`` field and every sidecar)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_default).encode()
+    return json.dumps(json_safe(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      default=_json_default, allow_nan=False).encode()
+
+
+def json_safe(v: Any) -> Any:
+    """NaN / inf (pandas' missing value in parquet and csv exports) become None, so what we write is JSON
+    that every reader parses (Python's json writes a bare ``NaN`` otherwise)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
+    return v
 
 
 def _json_default(o: Any) -> Any:
@@ -178,11 +181,12 @@ PARQUET_COLUMNS = (
 )
 
 
-def parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
+def parquet_bytes(rows: list[dict[str, Any]], types: dict[str, Any] | None = None) -> bytes:
     """One row per input row (or clip) of a shard: fixed columns, then extras in name order.
 
-    Extra columns keep their native types; a column whose values pyarrow cannot type consistently
-    is stored as JSON text rather than dropped.
+    Extra columns keep their native types (``types``: the manifest's arrow types by column, so a float32
+    stays float32); a column whose values pyarrow cannot type consistently is stored as JSON text rather
+    than dropped.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -199,7 +203,10 @@ def parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
     for name in extras:
         values = [r.get(name) for r in rows]
         try:
-            arr = pa.array(values)
+            try:
+                arr = pa.array(values, type=(types or {}).get(name))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
+                arr = pa.array(values)
         except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):
             arr = pa.array([None if v is None else canonical_json(v).decode() for v in values], type=pa.string())
         arrays.append(arr)
@@ -243,6 +250,13 @@ class Output:
         else:
             os.replace(local, self.path(name))
 
+    def rename(self, src: str, dst: str) -> None:
+        """Move ``src`` to ``dst`` (local: one ``os.replace``; S3: a server-side copy, then the delete)."""
+        if self.remote:
+            storage.move(self.path(src), self.path(dst))
+        else:
+            os.replace(self.path(src), self.path(dst))
+
     def write_bytes(self, name: str, data: bytes) -> None:
         storage.atomic_write(self.path(name), data)
 
@@ -282,10 +296,44 @@ class Output:
 
 # ---------------------------------------------------------------------------------------------- commit
 def commit_shard(out: Output, split: str, shard: int, tar_local: str, parquet: bytes, stats: dict) -> None:
-    """Publish tar, then parquet, then ``_stats.json`` (the commit marker), in that order."""
-    out.publish_file(tar_local, shard_name(split, shard, ".tar"))
+    """Upload the tar under its pending name, then the parquet, then ``_stats.json`` (the commit marker),
+    then publish the tar under its final name.
+
+    Why the pending name: a reader that lists ``*.tar`` must never see a shard whose marker is not written
+    (on S3 an uploaded object is visible at once). A crash between the marker and the publish leaves a
+    committed shard with a pending tar, which :func:`recover_commits` rolls forward on the next run.
+    """
+    pending = shard_name(split, shard, PENDING_TAR)
+    out.publish_file(tar_local, pending)
     out.write_bytes(shard_name(split, shard, ".parquet"), parquet)
-    out.write_bytes(shard_name(split, shard, "_stats.json"), canonical_json(stats))
+    out.write_bytes(shard_name(split, shard, STATS), canonical_json(stats))
+    out.rename(pending, shard_name(split, shard, ".tar"))
+
+
+def recover_commits(out: Output, split: str) -> int:
+    """Finish or discard what killed runs left (call under the writer lease): a pending tar of a committed
+    shard is published (roll forward), one of an uncommitted shard is deleted. Returns how many were fixed."""
+    pat = shard_re(split)
+    names = set(out.list_names())
+    n = 0
+    if not out.remote:  # half-written files of a killed local run (storage.atomic_write's temporaries)
+        for name in [x for x in names if ".partial." in x]:
+            os.remove(os.path.join(out.url, name))
+            names.discard(name)
+            n += 1
+    for name in sorted(names):
+        m = pat.match(name)
+        if not m or m.group(2) != PENDING_TAR:
+            continue
+        sid = int(m.group(1))
+        final = shard_name(split, sid, ".tar")
+        if shard_name(split, sid, STATS) in names and final not in names:
+            log.warning("shard %d was committed but its tar not published (a killed run): publishing it", sid)
+            out.rename(name, final)
+        else:
+            out.delete(name)
+        n += 1
+    return n
 
 
 def committed_stats(out: Output, split: str, threads: int = 16) -> dict[int, dict]:

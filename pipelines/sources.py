@@ -23,6 +23,8 @@ from typing import Any, Iterator
 
 from mplug2 import storage
 from pipelines.config import PreprocessConfig
+from pipelines.corpora import LAYOUTS
+from pipelines.shards import json_safe
 from pipelines.errors import EMPTY_CAPTION, INVALID_INPUT, ConfigError, SampleError
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,14 @@ URL_ALIASES = {"url": ("path",), "path": ("url",), "contentUrl": ("path", "url")
                "video": ("video_id", "path", "url"), "image": ("path", "url", "filepath")}
 
 _TIME_RE = re.compile(r"^(?:(\d+):)?(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
+# ISO 8601 durations as WebVid writes them: PT00H00M18S, PT1M2.5S, P0DT0H0M9S.
+_ISO_RE = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
+# Index columns pandas / Hugging Face write into parquet exports: row numbers, not data.
+_INDEX_RE = re.compile(r"^__index_level_\d+__$|^__null_dask_index__$")
+
+
+def is_index_column(name: str) -> bool:
+    return bool(_INDEX_RE.match(name))
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -122,16 +132,20 @@ def iter_records(path: str, input_format: str = "auto", column_names: list[str] 
     ``invalid_input`` at its row number instead of shifting every later key.
     """
     fmt, gz = detect_format(path, input_format)
+    if fmt in LAYOUTS:
+        fmt = "json"
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
         with _open_binary(path, False) as f:
             pf = pq.ParquetFile(f)
-            for batch in pf.iter_batches(batch_size=batch_rows):
+            columns = [c for c in pf.schema_arrow.names if not is_index_column(c)]
+            for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
                 yield from batch.to_pylist()
     elif fmt in ("csv", "tsv"):
         with _open_binary(path, gz) as raw:
-            text = io.TextIOWrapper(raw, encoding="utf-8", newline="", errors="replace")
+            # utf-8-sig: a byte-order mark (Excel, Windows exports) is not part of the first column's name.
+            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="", errors="replace")
             # TSV (CC3M/CC12M) captions contain bare quotes: no quoting there, as img2dataset/pandas do.
             kw = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
             reader = csv.reader(text, **kw)
@@ -139,9 +153,14 @@ def iter_records(path: str, input_format: str = "auto", column_names: list[str] 
             if header is None:
                 return
             header = [h.strip() for h in header]
+            first = column_names is not None
             for cells in reader:
-                if not cells:
+                if not cells or not any(c.strip() for c in cells):  # blank and trailing lines
                     continue
+                if first and [c.strip().lower() for c in cells] == [h.lower() for h in header]:
+                    first = False  # --column-names given, but the file has that header after all
+                    continue
+                first = False
                 if len(cells) != len(header):
                     yield {"__invalid__": f"{len(cells)} fields, expected {len(header)}"}
                     continue
@@ -160,7 +179,10 @@ def iter_records(path: str, input_format: str = "auto", column_names: list[str] 
     elif fmt == "json":
         # A JSON array must be parsed whole; such files (MSR-VTT, COCO annotations) are small.
         with _open_binary(path, gz) as raw:
-            data = json.load(raw)
+            data = json.loads(raw.read().decode("utf-8-sig"))
+        if input_format in LAYOUTS:
+            yield from LAYOUTS[input_format](data, path)
+            return
         if isinstance(data, dict):
             for k in ("annotations", "data", "items", "videos", "images"):
                 if isinstance(data.get(k), list):
@@ -181,13 +203,13 @@ def read_columns(path: str, input_format: str = "auto", column_names: list[str] 
         import pyarrow.parquet as pq
 
         with _open_binary(path, False) as f:
-            return list(pq.ParquetFile(f).schema_arrow.names)
+            return [c for c in pq.ParquetFile(f).schema_arrow.names if not is_index_column(c)]
     for rec in iter_records(path, input_format, column_names):
         if "__invalid__" not in rec:
             return list(rec)
     if fmt in ("csv", "tsv"):
         with _open_binary(path, detect_format(path, input_format)[1]) as raw:
-            first = io.TextIOWrapper(raw, encoding="utf-8", errors="replace").readline()
+            first = io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace").readline()
         return column_names or first.rstrip("\r\n").split("\t" if fmt == "tsv" else ",")
     return []
 
@@ -204,6 +226,10 @@ class ColumnMap:
     end: str | None = None
     clips: str | None = None
     drop: frozenset[str] = field(default_factory=frozenset)
+    media_template: str | None = None  # "video{}.mp4": the media column holds ids, not paths
+    clip_captions: bool = False  # captions[i] belongs to clips[i]
+    # Extra columns' arrow types (parquet manifests), so the sidecar keeps float32 as float32.
+    extra_types: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def used(self) -> set[str]:
@@ -219,8 +245,12 @@ def resolve_columns(columns: list[str], config: PreprocessConfig, path: str = "m
         if alias:
             url = alias
         else:
-            raise ConfigError(f"{path}: media column {config.url_col!r} not found (columns: {sorted(cols)}); "
-                              "set --url-col")
+            hint = "set --url-col or --preset (docs/corpora.md)"
+            if any("://" in c or c.lower().endswith((".jpg", ".png", ".mp4")) for c in cols):
+                hint = ("its first line looks like data, not a header: pass --column-names (e.g. caption,url "
+                        "for CC3M, url,caption for CC12M) or --preset cc3m / cc12m")
+            raise ConfigError(f"{path}: media column {config.url_col!r} not found (columns: {sorted(cols)[:8]}); "
+                              + hint)
     caps = config.caption_col if isinstance(config.caption_col, (list, tuple)) else [config.caption_col]
     captions = []
     for c in caps:
@@ -228,6 +258,8 @@ def resolve_columns(columns: list[str], config: PreprocessConfig, path: str = "m
             captions.append(c)
         elif c == "caption" and ({"captions", "sentences"} & cols):  # COCO/MSR-VTT reference lists
             captions.append(sorted({"captions", "sentences"} & cols)[0])
+        elif c == "TEXT" and ({"text", "caption"} & cols):  # LAION re-exports with lower-case names
+            captions.append(sorted({"text", "caption"} & cols)[-1])
         else:
             raise ConfigError(f"{path}: caption column {c!r} not found (columns: {sorted(cols)}); "
                               "set --caption-col")
@@ -236,12 +268,44 @@ def resolve_columns(columns: list[str], config: PreprocessConfig, path: str = "m
         if col and col not in cols:
             raise ConfigError(f"{path}: {name} column {col!r} not found (columns: {sorted(cols)})")
     cmap = ColumnMap(url=url, captions=tuple(captions), label=config.label_col, start=config.start_col,
-                     end=config.end_col, clips=config.clips_col, drop=frozenset(config.drop_cols))
-    collide = sorted((cols - cmap.used - cmap.drop) & RESERVED_FIELDS)
+                     end=config.end_col, clips=config.clips_col, drop=frozenset(config.drop_cols),
+                     media_template=config.media_template, clip_captions=config.clip_captions,
+                     extra_types=_parquet_types(path, config.input_format))
+    extra = cols - cmap.used - cmap.drop
+    collide = sorted(c for c in extra if c in RESERVED_FIELDS or (c.startswith("_") and not is_index_column(c)))
     if collide:
-        raise ConfigError(f"{path}: extra columns {collide} collide with contract fields; rename them in the "
-                          "manifest or map them with --url-col/--caption-col/...")
+        raise ConfigError(f"{path}: extra columns {collide} collide with contract fields; drop them with "
+                          f"--drop-cols {' '.join(collide)}, rename them in the manifest, or map them with "
+                          "--url-col / --caption-col / --label-col / --start-col / --end-col")
     return cmap
+
+
+def _parquet_types(path: str, input_format: str) -> dict:
+    try:
+        if detect_format(path, input_format)[0] != "parquet":
+            return {}
+    except ConfigError:
+        return {}
+    import pyarrow.parquet as pq
+
+    with _open_binary(path, False) as f:
+        schema = pq.ParquetFile(f).schema_arrow
+    return {f.name: f.type for f in schema}
+
+
+def row_extras(raw: dict[str, Any], cmap: ColumnMap) -> dict[str, Any]:
+    """The row's columns the contract does not map, to keep in the json and the parquet sidecar: NaN as
+    None, pandas / Hugging Face index columns dropped."""
+    return {k: json_safe(v) for k, v in raw.items()
+            if k not in cmap.used and k not in cmap.drop and not (isinstance(k, str) and is_index_column(k))}
+
+
+def media_source(raw: dict[str, Any], cmap: ColumnMap) -> str | None:
+    """The row's media source as text (through ``--media-template`` for id columns), None if absent."""
+    v = raw.get(cmap.url)
+    if cmap.media_template and isinstance(v, (str, int)) and not isinstance(v, bool) and str(v).strip():
+        return cmap.media_template.format(str(v).strip())
+    return v.strip() if isinstance(v, str) and v.strip() else None
 
 
 # ---------------------------------------------------------------------------------------------- rows
@@ -254,6 +318,7 @@ class Item:
     label: int | None = None
     clips: list[tuple[float, float | None]] | None = None  # None: the whole file (images, plain videos)
     extras: dict[str, Any] = field(default_factory=dict)
+    clip_captions: list[str] | None = None  # clip i's own caption (ActivityNet, HowTo100M)
 
     @property
     def caption(self) -> str:
@@ -274,6 +339,10 @@ def parse_time(value: Any) -> float | None:
         if m:
             h, mi, sec = m.groups()
             return int(h or 0) * 3600 + int(mi) * 60 + float(sec)
+        m = _ISO_RE.match(s)
+        if m and s not in ("P", "PT"):
+            d, h, mi, sec = m.groups()
+            return int(d or 0) * 86400 + int(h or 0) * 3600 + int(mi or 0) * 60 + float(sec or 0)
         try:
             return float(s)
         except ValueError:
@@ -292,7 +361,7 @@ def _captions(raw: dict[str, Any], cmap: ColumnMap, allow_empty: bool) -> list[s
                 pass
         values = v if isinstance(v, (list, tuple)) else [v]
         for c in values:
-            if c is None:
+            if c is None or (isinstance(c, float) and math.isnan(c)):  # pandas' missing text
                 continue
             if isinstance(c, dict) and isinstance(c.get("caption"), str):  # MSR-VTT {"caption": ...} items
                 c = c["caption"]
@@ -310,10 +379,11 @@ def normalize_row(raw: dict[str, Any], cmap: ColumnMap, modality: str, allow_emp
     """Validate one raw manifest row into an :class:`Item` or raise ``SampleError``."""
     if "__invalid__" in raw:
         raise SampleError(INVALID_INPUT, str(raw["__invalid__"]))
-    url = raw.get(cmap.url)
-    if not isinstance(url, str) or not url.strip():
-        raise SampleError(INVALID_INPUT, f"empty or non-text media source in {cmap.url!r}: {url!r}")
-    url = url.strip()
+    url = media_source(raw, cmap)
+    if url is None:
+        v = raw.get(cmap.url)
+        hint = " (ids? set --media-template, e.g. 'video{}.mp4')" if isinstance(v, int) else ""
+        raise SampleError(INVALID_INPUT, f"empty or non-text media source in {cmap.url!r}: {v!r}{hint}")
     captions = _captions(raw, cmap, allow_empty_caption)
     label = None
     if cmap.label:
@@ -342,15 +412,19 @@ def normalize_row(raw: dict[str, Any], cmap: ColumnMap, modality: str, allow_emp
                 clips.append(_check_span(parse_time(pair[0]), parse_time(pair[1])))
             if len(clips) > 1000:
                 raise SampleError(INVALID_INPUT, f"{len(clips)} clips in one row (max 1000)")
+            if cmap.clip_captions and len(captions) != len(clips):
+                raise SampleError(INVALID_INPUT, f"{len(clips)} clips but {len(captions)} captions (one per clip)")
         elif cmap.start or cmap.end:
             start = parse_time(raw.get(cmap.start)) if cmap.start else None
             end = parse_time(raw.get(cmap.end)) if cmap.end else None
             clips = [_check_span(start, end)]
-    extras = {k: v for k, v in raw.items() if k not in cmap.used and k not in cmap.drop}
+    clip_captions = captions if cmap.clip_captions and clips is not None else None
+    extras = row_extras(raw, cmap)
     bad = sorted(k for k in extras if k in RESERVED_FIELDS or not isinstance(k, str) or k.startswith("_"))
     if bad:
-        raise SampleError(INVALID_INPUT, f"fields {bad} collide with contract fields")
-    return Item(url=url, captions=captions, label=label, clips=clips, extras=extras)
+        raise SampleError(INVALID_INPUT, f"fields {bad} collide with contract fields (drop them with "
+                                         f"--drop-cols {' '.join(map(str, bad))})")
+    return Item(url=url, captions=captions, label=label, clips=clips, extras=extras, clip_captions=clip_captions)
 
 
 def _check_span(start: float | None, end: float | None) -> tuple[float, float | None]:

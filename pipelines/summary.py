@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mplug2.storage import StorageUnavailableError
+from pipelines.errors import (EXIT_BAD_INVOCATION, EXIT_INCOMPLETE, EXIT_OK, EXIT_STORAGE_UNAVAILABLE,
+                              EXIT_TOO_MANY_FAILED)
+
 
 @dataclass
 class RunSummary:
@@ -23,6 +27,16 @@ class RunSummary:
     max_failure_ratio: float = 1.0
     dataset: dict | None = None
     stages: dict[str, dict] = field(default_factory=dict)  # Ray Data path: operator -> shards, task_s, wall_s
+    allow_all_failed: bool = False
+    held: list = field(default_factory=list)  # (task, result) of shards held back: no row succeeded (yet)
+    failure_examples: dict[str, str] = field(default_factory=dict)  # reason -> one message
+    storage_error: str | None = None  # storage unavailable past the retry deadline
+    config_error: str | None = None  # a bad invocation, found before any work
+
+    @property
+    def all_failed(self) -> bool:
+        """Every attempted sample failed (a wrong column order, --media-root, ids...): nothing committed."""
+        return self.rows > 0 and self.successes == 0 and not self.allow_all_failed
 
     @property
     def failed(self) -> int:
@@ -38,9 +52,18 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
+        """One code per kind of outcome (pipelines.errors.EXIT_*), so a scheduler can tell them apart."""
+        storage_down = self.storage_error or (self.shards_failed and all(
+            StorageUnavailableError.__name__ in why for why in self.shards_failed.values()))
+        if self.config_error:
+            return EXIT_BAD_INVOCATION
+        if storage_down:
+            return EXIT_STORAGE_UNAVAILABLE
         if self.shards_failed or self.watchdog_fired:
-            return 2
-        return 1 if self.failure_ratio > self.max_failure_ratio else 0
+            return EXIT_INCOMPLETE
+        if self.all_failed or self.failure_ratio > self.max_failure_ratio:
+            return EXIT_TOO_MANY_FAILED
+        return EXIT_OK
 
     def table(self) -> str:
         lines = [
@@ -51,11 +74,12 @@ class RunSummary:
             f"samples           {self.rows} attempted, {self.successes} written, {self.failed} failed "
             f"({100 * self.failure_ratio:.1f}%)",
         ]
-        for reason, n in sorted(self.failures.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {reason:<16}{n}")
+        width = max((len(r) for r in self.failures), default=0) + 2  # a long reason never runs into its count
+        for reason, n in sorted(self.failures.items(), key=lambda kv: (-kv[1], kv[0])):
+            lines.append(f"  {reason:<{width}}{n}")
         lines.append(f"wall time         {self.wall_s:.1f} s  ({self.samples_per_s:.1f} samples/s)")
         if self.stages:
-            lines.append(f"{'stage':<18}{'shards':>7}{'task s':>9}{'wall s':>9}{'samples/s':>11}")
+            lines.append(f"{'Ray Data stages':<18}{'shards':>7}{'task s':>9}{'wall s':>9}{'samples/s':>11}")
             for name, st in self.stages.items():
                 rate = self.rows / st["wall_s"] if st["wall_s"] > 0 else 0.0
                 lines.append(f"  {name:<16}{st['shards']:>7}{st['task_s']:>9.1f}{st['wall_s']:>9.1f}{rate:>11.1f}")
@@ -65,4 +89,15 @@ class RunSummary:
             lines.append("WATCHDOG: the global deadline ended the run early")
         if self.failure_ratio > self.max_failure_ratio:
             lines.append(f"failure ratio {self.failure_ratio:.3f} > --max-failure-ratio {self.max_failure_ratio}")
+        if self.all_failed:
+            top = max(self.failures, key=lambda r: self.failures[r]) if self.failures else "?"
+            example = self.failure_examples.get(top, "")
+            lines.append(f"EVERY ROW FAILED, nothing committed: mostly {top}" + (f" (e.g. {example})" if example
+                         else "") + "; check --column-names / --url-col / --caption-col / --media-root / "
+                         "--preset against the manifest (--allow-all-failed commits such shards anyway)")
+        if self.storage_error:
+            lines.append(f"STORAGE UNAVAILABLE: {self.storage_error}; committed shards are intact, re-run the "
+                         "same command to resume once the store answers")
+        if self.config_error:
+            lines.append(f"ERROR: {self.config_error}")
         return "\n".join(lines)

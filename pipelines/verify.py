@@ -54,7 +54,22 @@ def verify_shard_bytes(data: bytes, mtime: int | None = None) -> list[str]:
             if fl and field < fl[-1]:
                 problems.append(f"{key}: fields not sorted")
             fl.append(field)
+            if field == "json":
+                problems += _json_problems(m.name, tar.extractfile(m).read())
     return problems
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_problems(member: str, data: bytes) -> list[str]:
+    """A sample's json must be strict JSON (no NaN / Infinity, which Python writes and most readers refuse)."""
+    try:
+        json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        return [f"{member}: invalid JSON ({exc})"]
+    return []
 
 
 def verify_dataset(output: str, split: str = "train") -> list[str]:
@@ -85,9 +100,13 @@ def verify_dataset(output: str, split: str = "train") -> list[str]:
             problems.append(f"{name}: listed but not committed")
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             problems.append(f"{name}: sha256 mismatch")
-        problems += [f"{name}: {p}" for p in verify_shard_bytes(data)]
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            n = len({m.name.partition(".")[0] for m in tar})
+        try:
+            problems += [f"{name}: {p}" for p in verify_shard_bytes(data)]
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+                n = len({m.name.partition(".")[0] for m in tar})
+        except (tarfile.TarError, EOFError, OSError) as exc:  # truncated or not a tar at all
+            problems.append(f"{name}: damaged, not a readable tar ({type(exc).__name__}: {exc})")
+            continue
         if n != entry["nsamples"] or sizes.get(name) != n:
             problems.append(f"{name}: {n} samples, dataset.json {entry['nsamples']}, sizes.json {sizes.get(name)}")
         w = wids_by_url.get(name)

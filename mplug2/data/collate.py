@@ -164,10 +164,16 @@ class BatchBuilder:
     def __call__(self, raw: RawBatch) -> dict[str, Any]:
         pixels, captions, keys, answers, labels = [], [], [], [], []
         train = self.transform.cfg.train
-        for sample in raw.samples:
+        skipped = list(raw.skipped)
+        for i, sample in enumerate(raw.samples):
             key = sample["__key__"]
             rng = self.sample_rng(raw.epoch, key)
-            dec = decode_sample(sample, num_frames=self.num_frames, train=train, rng=rng, label_key=self.label_key)
+            try:
+                dec = decode_sample(sample, num_frames=self.num_frames, train=train, rng=rng,
+                                    label_key=self.label_key)
+            except SampleError as exc:  # an unreadable sample: skipped and counted (mplug2.data.damage)
+                skipped.append((raw.shards[i] if i < len(raw.shards) else "?", str(exc)))
+                continue
             caption = rng.choice(dec.captions) if train else dec.captions[0]
             clip, aug = self.transform.with_params(dec.frames, rng)
             answer = dec.answer
@@ -179,6 +185,15 @@ class BatchBuilder:
             keys.append(key)
             answers.append(answer)
             labels.append(dec.label)
+        requested = len(raw.samples) + len(raw.skipped)
+        if not pixels:  # every sample of the batch was unreadable: the loader moves on to the next batch
+            return {"corpus": self.corpus, "epoch": raw.epoch, "index": raw.index, "skipped": skipped,
+                    "requested": requested, "empty": True}
+        # Holes left by skipped samples are filled with repeats of the batch's readable ones (same keys, so
+        # id-aware objectives treat them as the same sample): every batch keeps its size (ITC queues, DDP).
+        for i in range(requested - len(pixels)):
+            for lst in (pixels, captions, keys, answers, labels):
+                lst.append(lst[i])
         shapes = {tuple(p.shape) for p in pixels}
         if len(shapes) != 1:
             raise SampleError(f"corpus {self.corpus}: samples of one batch differ in shape {sorted(shapes)}")
@@ -196,4 +211,6 @@ class BatchBuilder:
             "corpus": self.corpus,
             "epoch": raw.epoch,
             "index": raw.index,
+            "skipped": skipped,
+            "requested": requested,
         }

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 
 from mplug2 import storage
+from mplug2.data.shard_contract import DATASET_JSON, FORMAT_VERSION, SHARD_TAR_RE as _SHARD_RE, SIZES_JSON
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-_SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<num>\d{6})\.tar$")
 
 __all__ = ["FORMAT_VERSION", "ShardInfo", "DatasetIndex", "DatasetIndexError", "load_index"]
 
@@ -80,7 +77,7 @@ def load_index(prefix: str, split: str = "train") -> DatasetIndex:
     ``sizes.json`` (``{"train-000000.tar": 9998, ...}``, open_clip's format) is the fallback.
     """
     prefix = str(prefix).rstrip("/")
-    ds_url, sizes_url = storage.join(prefix, "dataset.json"), storage.join(prefix, "sizes.json")
+    ds_url, sizes_url = storage.join(prefix, DATASET_JSON), storage.join(prefix, SIZES_JSON)
     if storage.exists(ds_url):
         try:
             meta = json.loads(storage.read_bytes(ds_url))

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mplug2 import storage
 from mplug2.data.collate import BatchBuilder, Tokenize
+from mplug2.data.damage import DamageLedger
 from mplug2.data.dataset_index import DatasetIndex, load_index
 from mplug2.data.stream import CorpusStream, Cursor, EpochPlan, StreamConfig, derive_seed
 from mplug2.data.transforms import TransformConfig, VideoTransform
@@ -58,6 +59,8 @@ class LoaderConfig:
     pin_memory: bool = False
     read_attempts: int = 5
     label_key: str = "label"             # json field with the class label (classification corpora)
+    max_bad_samples: int | None = 10_000  # damaged samples skipped before the run fails (None: no limit)
+    max_bad_fraction: float = 1.0         # ... or this fraction of the samples asked for (mplug2.data.damage)
 
     @property
     def streams(self) -> int:
@@ -97,6 +100,7 @@ class CorpusLoader:
                                     max_words=cfg.max_words, max_length=cfg.max_length, tokenize=tokenize,
                                     tokenizer_path=cfg.tokenizer, label_key=cfg.label_key)
         self.cursor = Cursor()
+        self.damage = DamageLedger(cfg.corpus, cfg.max_bad_samples, cfg.max_bad_fraction)
         self.stream.plan(0)   # fail at start-up, not in a worker, if shards are too small for the batch
         self._it: Iterator[dict[str, Any]] | None = None
         self._loader: DataLoader | None = None
@@ -122,13 +126,16 @@ class CorpusLoader:
     def __next__(self) -> dict[str, Any]:
         if self._it is None:
             self._it = self._make_iter()
-        batch = next(self._it)
-        expected = self.stream.normalize(self.cursor)
-        got = Cursor(batch["epoch"], batch["index"])
-        if got != expected:   # would mean the worker round-robin assumption broke: never silently continue
-            raise RuntimeError(f"corpus {self.cfg.corpus}: received batch {got}, expected {expected}")
-        self.cursor = self.stream.cursor_after(got.epoch, got.batches)
-        return batch
+        while True:
+            batch = next(self._it)
+            expected = self.stream.normalize(self.cursor)
+            got = Cursor(batch["epoch"], batch["index"])
+            if got != expected:   # would mean the worker round-robin assumption broke: never silently continue
+                raise RuntimeError(f"corpus {self.cfg.corpus}: received batch {got}, expected {expected}")
+            self.cursor = self.stream.cursor_after(got.epoch, got.batches)  # counts batches of skipped samples
+            self.damage.record(batch.pop("skipped", ()), int(batch.pop("requested", 0)))
+            if not batch.get("empty"):
+                return batch
 
     def close(self) -> None:
         """Stop worker processes (also done on garbage collection)."""
@@ -159,7 +166,7 @@ class CorpusLoader:
         plan = self.stream.plan(cur.epoch)
         return {"version": STATE_VERSION, **cur.to_dict(),
                 "samples_seen": cur.batches * self.cfg.batch_size, "batches_per_epoch": plan.batches_per_rank,
-                "order": self._fingerprint()}
+                "order": self._fingerprint(), "damage": self.damage.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any], *, allow_reshard: bool = False) -> None:
         """Resume at ``state``'s cursor. Any difference in what determines the order is an error, unless
@@ -177,6 +184,7 @@ class CorpusLoader:
             log.warning("corpus %s: world size changed %s; exact resume impossible, restarting at epoch %d",
                         self.cfg.corpus, diff, cursor.epoch)
         self.cursor = self.stream.normalize(cursor)
+        self.damage.load_state_dict(state.get("damage"))
         self.close()
         log.info("corpus %s rank %d: resuming at epoch %d batch %d", self.cfg.corpus, self.rank,
                  self.cursor.epoch, self.cursor.batches)

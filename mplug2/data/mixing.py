@@ -75,6 +75,17 @@ class MixedLoader:
         self.step += 1
         return batch
 
+    @property
+    def damaged_samples(self) -> int:
+        """Samples skipped as unreadable so far, over every corpus (mplug2.data.damage)."""
+        return sum(loader.damage.total for loader in self.loaders.values() if hasattr(loader, "damage"))
+
+    def damage_report(self) -> str:
+        """One line per corpus with damaged shards, for the run summary ("" when none)."""
+        return "\n".join(f"{name}: {loader.damage.total} damaged samples skipped in {loader.damage.describe()}"
+                         for name, loader in sorted(self.loaders.items())
+                         if getattr(loader, "damage", None) is not None and loader.damage.total)
+
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "weights": self.schedule.weights, "seed": self.schedule.seed,
                 "corpora": {n: l.state_dict() for n, l in sorted(self.loaders.items())}}

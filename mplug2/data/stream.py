@@ -34,7 +34,8 @@ from mplug2.data.dataset_index import DatasetIndex, ShardInfo
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "derive_seed", "StreamConfig", "Cursor", "EpochPlan", "RawBatch", "ShardReadError", "CorpusStream",
+    "derive_seed", "StreamConfig", "Cursor", "EpochPlan", "RawBatch", "ShardReadError", "ShardDamagedError",
+    "CorpusStream",
     "iter_tar_samples", "iter_shard_samples",
 ]
 
@@ -116,10 +117,19 @@ class RawBatch:
     epoch: int
     index: int                          # rank-local batch index within the epoch
     samples: list[RawSample] = field(default_factory=list)
+    # (shard name, reason) per sample of this batch's ids that could not be read (mplug2.data.damage)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)   # shard name of each sample (to name a bad one)
 
 
 class ShardReadError(OSError):
     """A shard could not be read after all retries (the trainer restarts from its checkpoint)."""
+
+
+class ShardDamagedError(ShardReadError, ValueError):
+    """A shard's bytes are bad (not a tar, truncated, other counts than the index): retrying will not help,
+    the stream skips its unreadable samples and counts them (:mod:`mplug2.data.damage`). A ValueError too:
+    a shard that disagrees with its index breaks the contract."""
 
 
 # --------------------------------------------------------------------------------------------- tar reading
@@ -169,22 +179,27 @@ def iter_shard_samples(shard: ShardInfo, *, attempts: int = 5, base_delay: float
                     if i < yielded:
                         continue
                     if yielded >= shard.nsamples:
-                        raise ValueError(f"{shard.url}: more samples than the manifest's {shard.nsamples}")
+                        raise ShardDamagedError(f"{shard.url}: more samples than the manifest's {shard.nsamples}")
                     yield sample
                     yielded += 1
             break
+        except ShardDamagedError:
+            raise
         except FileNotFoundError as exc:
-            raise ShardReadError(f"{shard.url}: shard listed in the manifest is missing") from exc
+            raise ShardDamagedError(f"{shard.url}: shard listed in the manifest is missing") from exc
         except (OSError, EOFError, tarfile.TarError) as exc:
             failures += 1
             if failures >= attempts:
-                raise ShardReadError(f"{shard.url}: read failed {failures} times, last: {exc!r}") from exc
+                # Bad bytes read back the same every time; an I/O error that outlived the retries is an
+                # outage (the trainer restarts from its checkpoint), never a reason to skip data.
+                kind = ShardDamagedError if isinstance(exc, (EOFError, tarfile.TarError)) else ShardReadError
+                raise kind(f"{shard.url}: read failed {failures} times, last: {exc!r}") from exc
             log.warning("shard %s: read error after %d samples (%r); retry %d/%d in %.1fs",
                         shard.url, yielded, exc, failures, attempts - 1, delay)
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
     if yielded != shard.nsamples:
-        raise ValueError(f"{shard.url}: {yielded} samples, the manifest says {shard.nsamples}")
+        raise ShardDamagedError(f"{shard.url}: {yielded} samples, the manifest says {shard.nsamples}")
 
 
 # ----------------------------------------------------------------------------------------- order on ids
@@ -262,14 +277,27 @@ class _Fetcher:
         self._cache: dict[SampleId, RawSample] = {}
         self._pulled_at_resume, self._buffer_at_resume = consumed or ({}, set())
         self.shards_opened = 0
+        self.damaged: dict[int, str] = {}   # shard -> why its rows from the damage on cannot be read
 
     def _consumed_before_resume(self, sid: SampleId) -> bool:
         return sid[1] < self._pulled_at_resume.get(sid[0], 0) and sid not in self._buffer_at_resume
 
-    def get(self, sid: SampleId) -> RawSample:
+    def get(self, sid: SampleId) -> RawSample | None:
+        """The sample, or None when its shard is damaged at or before this row (the caller counts it).
+        Damage reads back the same on every pass, so a resumed run skips exactly the same samples."""
         hit = self._cache.pop(sid, None)
         if hit is not None:
             return hit
+        if sid[0] in self.damaged:
+            return None
+        try:
+            return self._read(sid)
+        except ShardDamagedError as exc:
+            self.damaged[sid[0]] = str(exc).replace(self._shards[sid[0]].url + ": ", "")
+            self._readers.pop(sid[0], None)
+            return None
+
+    def _read(self, sid: SampleId) -> RawSample:
         shard = sid[0]
         if shard not in self._readers:
             info = self._shards[shard]
@@ -283,8 +311,8 @@ class _Fetcher:
             try:
                 sample = next(it)
             except StopIteration:
-                raise ValueError(f"{self._shards[shard].url}: ended before row {sid[1]} "
-                                 f"(manifest says {self._shards[shard].nsamples})") from None
+                raise ShardDamagedError(f"{self._shards[shard].url}: ended before row {sid[1]} "
+                                        f"(manifest says {self._shards[shard].nsamples})") from None
             pos[0] += 1
             if pos[0] == self._shards[shard].nsamples:
                 self._finish(shard)
@@ -295,8 +323,12 @@ class _Fetcher:
 
     def _finish(self, shard: int) -> None:
         it, _ = self._readers.pop(shard)
-        for _extra in it:  # drives the count check at the end of the tar
-            pass
+        try:
+            for _extra in it:  # drives the count check at the end of the tar
+                pass
+        except ShardDamagedError as exc:  # every row was read: nothing to skip, but say so
+            log.warning("shard %s: %s (all %d indexed samples were read)", self._shards[shard].url, exc,
+                        self._shards[shard].nsamples)
 
     def close(self) -> None:
         for it, _ in self._readers.values():
@@ -369,7 +401,8 @@ class CorpusStream:
                          derive_seed(*base, "interleave"), derive_seed(*base, "buffer"))
         return order, shard_ids
 
-    def _stream_batches(self, epoch: int, stream: int, skip_batches: int) -> Iterator[list[RawSample]]:
+    def _stream_batches(self, epoch: int, stream: int, skip_batches: int
+                        ) -> Iterator[tuple[list[RawSample], list[str], list[tuple[str, str]]]]:
         plan, B = self.plan(epoch), self.cfg.batch_size
         order, shard_ids = self._id_order(epoch, stream)
         consumed = None
@@ -380,7 +413,15 @@ class CorpusStream:
         fetcher = _Fetcher({i: self.index.shards[i] for i in shard_ids}, self.cfg, consumed)
         try:
             for _ in range(skip_batches, plan.batches_per_stream):
-                yield [fetcher.get(next(order)) for _ in range(B)]
+                samples, names, skipped = [], [], []
+                for sid in (next(order) for _ in range(B)):
+                    sample = fetcher.get(sid)
+                    if sample is None:
+                        skipped.append((self.index.shards[sid[0]].name, fetcher.damaged[sid[0]]))
+                    else:
+                        samples.append(sample)
+                        names.append(self.index.shards[sid[0]].name)
+                yield samples, names, skipped
         finally:
             fetcher.close()
 
@@ -401,13 +442,14 @@ class CorpusStream:
         while True:
             total = self.plan(epoch).batches_per_rank
             b = first + ((residue - first) % P)
-            gens: dict[int, Iterator[list[RawSample]]] = {}
+            gens: dict[int, Iterator[tuple[list[RawSample], list[str], list[tuple[str, str]]]]] = {}
             try:
                 while b < total:
                     s, local = b % S, b // S
                     if s not in gens:
                         gens[s] = self._stream_batches(epoch, s, local)
-                    yield RawBatch(epoch, b, next(gens[s]))
+                    samples, names, skipped = next(gens[s])
+                    yield RawBatch(epoch, b, samples, skipped, names)
                     b += P
             finally:
                 for g in gens.values():

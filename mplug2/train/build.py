@@ -105,7 +105,8 @@ def build_train_loader(cfg: TrainConfig, mcfg: MPLUG2Config, rank: int, world_si
             train=True, res=mcfg.vision.image_res, num_frames=c.num_frames, max_length=d.max_text_len,
             tokenizer=mcfg.tokenizer, shards_in_flight=d.shards_in_flight, shuffle_buffer=d.shuffle_buffer,
             randaug=d.augment, multiprocessing_context="forkserver" if d.num_workers else None,
-            label_key=cfg.label_key,
+            label_key=cfg.label_key, max_bad_samples=d.max_bad_samples, max_bad_fraction=d.max_bad_fraction,
+            read_attempts=d.read_attempts,
         )
         loaders[c.name] = build_loader(lc, rank=rank, world_size=world_size)
         weights[c.name] = c.weight

@@ -42,6 +42,10 @@ class DataConfig:
     shards_in_flight: int = 2
     max_text_len: int = 16
     augment: bool = True
+    # Damaged shards / samples are skipped and counted; the run fails past either budget (mplug2.data.damage).
+    max_bad_samples: int | None = 10_000
+    max_bad_fraction: float = 1.0
+    read_attempts: int = 5       # per shard read, with backoff; damaged bytes are skipped after these
 
 
 @dataclass

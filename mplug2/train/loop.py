@@ -229,6 +229,8 @@ class TrainLoop:
         if cfg.debug.log_keys:
             self._log_keys(keys, corpora, epochs)
         values["lr"] = self.optimizer.param_groups[0]["lr"]
+        if hasattr(self.loader, "damaged_samples"):
+            values["data/damaged_samples"] = float(self.loader.damaged_samples)
         times.step_time_s = time.perf_counter() - t0
         return values, times
 
@@ -326,6 +328,9 @@ class TrainLoop:
 
     def finish(self) -> None:
         """Rank 0: export the final model and the curves PNG; close loaders and writers."""
+        report = self.loader.damage_report() if hasattr(self.loader, "damage_report") else ""
+        if report:   # the run summary: what was skipped, where
+            log.warning("rank %d: damaged training data skipped:\n%s", self.rank, report)
         self.loader.close()
         self.export("final")        # every rank: FSDP2 gathers the shards, rank 0 writes
         if self.rank == 0:

@@ -1,8 +1,10 @@
-"""Execution back-ends of a preprocessing run: where shard tasks run (local process pool or Ray).
+"""Execution back-ends of a preprocessing run: where shards are processed.
 
-Each back-end offers ``submit(config_dict, task) -> handle``, ``wait(handles, timeout) -> done``,
-``result(handle) -> stats``, ``cancel(handle)``, ``close()``, ``cpus`` and ``can_kill``; the driver
-(:mod:`pipelines.driver`) schedules, retries and reports through that interface.
+- :mod:`~pipelines.executors.local`: a process pool, one task per shard (``submit`` / ``wait`` / ``result`` /
+  ``cancel``), scheduled by :func:`pipelines.driver._drive_pool`;
+- :mod:`~pipelines.executors.ray_data`: a Ray Data pipeline of stages fed windows of shards (``run``), driven
+  by :func:`pipelines.driver._drive_stream`;
+- :mod:`~pipelines.executors.discovery`: which of the two ``--executor auto`` picks, without importing Ray.
 """
 
 from pipelines.executors.discovery import choose_executor, local_ray_started, ray_cluster_available

@@ -65,7 +65,7 @@ def test_score_and_caption_stages_write_fields_and_count_low_score(tmp_path, tin
     assert summary.exit_code == 0 and summary.failures == {"low_score": below}
     assert summary.successes == len(images) - below
     assert any("Score" in name for name in summary.stages) and any("Caption" in name for name in summary.stages)
-    assert "stage" in summary.table()
+    assert "Ray Data stages" in summary.table() and "Map(ScoreStage)" in summary.table()
     assert verify_dataset(str(out)) == []
     written = {}
     for sid in (0, 1):

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
+
 from mplug2 import storage
 from pipelines.config import PreprocessConfig
+from pipelines.errors import EXIT_INCOMPLETE
 from pipelines.run import preprocess
 from tests.pipelines.conftest import make_jpeg
 
@@ -32,7 +35,7 @@ def test_shard_deadline_retries_then_reports(tmp_path, http_server, s3_bucket, r
     summary = preprocess(PreprocessConfig(manifest=[man], output=out, samples_per_shard=2, threads=1,
                                           shard_timeout_s=1.5, max_shard_retry=1, progress=False))
     assert time.monotonic() - t0 < 60
-    assert sorted(summary.shards_failed) == [0, 1, 2] and summary.exit_code == 2
+    assert sorted(summary.shards_failed) == [0, 1, 2] and summary.exit_code == EXIT_INCOMPLETE
     assert all("deadline" in why for why in summary.shards_failed.values())
     assert http_server.hits[f"/0.jpg"] == 2  # first attempt + one retry, then given up
     assert "FAILED shard 0" in summary.table()
@@ -47,7 +50,7 @@ def test_watchdog_ends_the_run_with_a_summary(tmp_path, http_server, s3_bucket, 
     summary = preprocess(PreprocessConfig(manifest=[man], output=out, samples_per_shard=1, threads=1,
                                           max_in_flight=2, watchdog_s=2.0, progress=False))
     assert time.monotonic() - t0 < 30
-    assert summary.watchdog_fired and summary.exit_code == 2 and "WATCHDOG" in summary.table()
+    assert summary.watchdog_fired and summary.exit_code == EXIT_INCOMPLETE and "WATCHDOG" in summary.table()
     done = summary.shards_written
     assert len(done) < 8
     if done:  # what did commit is still described, and marked incomplete if numbering has gaps
@@ -58,8 +61,6 @@ def test_watchdog_ends_the_run_with_a_summary(tmp_path, http_server, s3_bucket, 
 
 def test_interrupted_extend_resumes_its_own_plan(tmp_path, http_server, s3_bucket, ray_local):
     """An extend cut short (here by the watchdog) keeps its plan; the next extend finishes exactly those rows."""
-    import pytest
-
     from pipelines import shards
     from pipelines.errors import ConfigError
 
@@ -93,7 +94,8 @@ def test_interrupted_extend_resumes_its_own_plan(tmp_path, http_server, s3_bucke
     assert preprocess(PreprocessConfig(mode="extend", **cfg)).shards_written == []
 
 
-def test_rows_that_time_out_twice_are_quarantined(tmp_path, http_server, ray_local):
+@pytest.mark.parametrize("executor", ["ray", "local"])
+def test_rows_that_time_out_twice_are_quarantined(tmp_path, http_server, ray_local, executor):
     import socket
 
     from pipelines import shards
@@ -107,7 +109,8 @@ def test_rows_that_time_out_twice_are_quarantined(tmp_path, http_server, ray_loc
         man.write_text(json.dumps({"url": http_server.url("/ok.jpg"), "caption": "ok"}) + "\n"
                        + json.dumps({"url": f"http://127.0.0.1:{stall.getsockname()[1]}/x.jpg", "caption": "hang"}) + "\n")
         out = tmp_path / "out"
-        cfg = dict(manifest=[str(man)], output=str(out), timeout_s=0.5, retries=0, progress=False)
+        cfg = dict(manifest=[str(man)], output=str(out), timeout_s=0.5, retries=0, progress=False, executor=executor,
+                   num_cpus=2)
         first = preprocess(PreprocessConfig(**cfg))
         assert first.failures == {"timeout": 1}
         second = preprocess(PreprocessConfig(retry_failed=True, **cfg))
