@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,11 +84,12 @@ class Stages:
 
 
 def ray_temp_dir(workdir: Path) -> str:
-    """A short, per-workdir Ray temp dir (Unix socket paths must stay under 108 bytes)."""
+    """A short, per-workdir Ray temp dir (Unix socket paths must stay under 108 bytes, so not inside the
+    workdir); :func:`run_demo` removes it when the demo ends, success or failure."""
     import hashlib
 
     tag = hashlib.sha256(str(workdir.resolve()).encode()).hexdigest()[:8]
-    path = f"/tmp/mplug2-demo-ray-{tag}"
+    path = f"{tempfile.gettempdir()}/mplug2-demo-ray-{tag}"
     os.makedirs(path, exist_ok=True)
     return path
 
@@ -117,7 +119,27 @@ def build_corpus(cfg: DemoConfig) -> dict[str, str]:
             "qa_eval": str(qa_eval)}
 
 
-def preprocess_all(manifests: dict[str, str], corpora: str) -> dict[str, Any]:
+def validate_sizes(cfg: DemoConfig) -> None:
+    """Refuse corpus sizes the training stages cannot use, before anything starts: every rank needs at least
+    one batch of every training corpus per epoch (:class:`mplug2.data.stream.CorpusStream`)."""
+    need = cfg.workers * cfg.batch_size
+    for flag, n in (("--train-videos", cfg.train_videos), ("--images", cfg.images), ("--qa-videos", cfg.qa_videos)):
+        if n < need:
+            raise ValueError(f"{flag} {n} is too small: {cfg.workers} workers x batch {cfg.batch_size} need at "
+                             f"least {need} clips per training corpus (use {flag} {need} or more, or --workers 1)")
+    if not 1 <= cfg.eval_videos <= 72:
+        raise ValueError(f"--eval-videos {cfg.eval_videos}: use 1..72 (72 = every colour/shape/direction once)")
+
+
+def shard_size(rows: int, workers: int) -> int:
+    """Samples per training shard: about 32, with a shard count that is a multiple of ``workers`` and shards
+    of nearly equal size, so every rank's share of shards holds the same number of samples (± a few)."""
+    shards = max(workers, -(-rows // 32))
+    shards = -(-shards // workers) * workers
+    return -(-rows // shards)
+
+
+def preprocess_all(manifests: dict[str, str], corpora: str, workers: int = 2) -> dict[str, Any]:
     from pipelines.config import PreprocessConfig
     from pipelines.run import preprocess
 
@@ -125,9 +147,12 @@ def preprocess_all(manifests: dict[str, str], corpora: str) -> dict[str, Any]:
     specs = {"videos": ("video", "train"), "videos_eval": ("video", "eval"), "images": ("image", "train"),
              "qa": ("video", "train"), "qa_eval": ("video", "eval")}
     for name, (modality, split) in specs.items():
+        with open(manifests[name]) as f:
+            rows = sum(1 for line in f if line.strip())
         summary = preprocess(PreprocessConfig(
             manifest=[manifests[name]], output=f"{corpora}/{name}", modality=modality, split=split,
-            samples_per_shard=32 if split == "train" else 72, num_frames=8, frame_size=32, image_size=32,
+            samples_per_shard=shard_size(rows, workers) if split == "train" else 72, num_frames=8, frame_size=32,
+            image_size=32,
             resize_mode="center_crop", progress=False))
         print(summary.table(), flush=True)
         out[name] = {"successes": summary.successes, "failures": summary.failures,
@@ -210,12 +235,14 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     stages = Stages(cfg.workdir)
     server = None
     started_ray = False
+    temp = None
     try:
         if cfg.storage is None:
-            from mplug2.s3server import S3Server
+            from mplug2.s3server import S3Server, apply_client_env
 
+            # secret: $MPLUG2_S3_SECRET, else the data folder's own (random, 0600 in <workdir>/s3/credentials)
             server = S3Server(root=cfg.workdir / "s3", buckets=("mplug2",)).start()
-            os.environ.update(server.env())
+            apply_client_env(server)
             print(f"[demo] embedded S3 at {server.endpoint_url} (data in {cfg.workdir / 's3'})", flush=True)
             base = "s3://mplug2/demo"
         else:
@@ -225,12 +252,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
         if not ray.is_initialized():
             temp = ray_temp_dir(cfg.workdir)
+            started_ray = True
             init_ray(cfg.address, num_cpus=None if cfg.address else 2,
                      object_store_memory=None if cfg.address else 512 << 20, temp_dir=temp)
-            started_ray = True
         manifests = stages.run("corpus", lambda: build_corpus(cfg))
         manifests = {k: v for k, v in manifests.items() if k != "seconds"}
-        stages.run("preprocess", lambda: preprocess_all(manifests, corpora))
+        stages.run("preprocess", lambda: preprocess_all(manifests, corpora, cfg.workers))
 
         from mplug2.train.trainer import fit, latest_eval
 
@@ -260,6 +287,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             import ray
 
             ray.shutdown()
+            if temp is not None:       # Ray's session logs of this demo: nothing stays in /tmp
+                shutil.rmtree(temp, ignore_errors=True)
         if server is not None:
             server.stop()
             print("[demo] embedded S3 stopped", flush=True)
@@ -289,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
                      caption_steps=args.caption_steps, qa_steps=args.qa_steps, workers=args.workers, fresh=args.fresh,
                      train_videos=args.train_videos, eval_videos=args.eval_videos, images=args.images,
                      qa_videos=args.qa_videos)
+    try:
+        validate_sizes(cfg)
+    except ValueError as e:
+        print(f"mplug2-demo: error: {e}", file=sys.stderr)
+        return 2
     try:
         run_demo(cfg)
     except KeyboardInterrupt:

@@ -55,7 +55,27 @@ __all__ = [
     "retry_deadline_s",
     "reset_fs_cache",
     "StorageUnavailableError",
+    "StorageCredentialsError",
 ]
+
+
+class StorageCredentialsError(PermissionError):
+    """No usable S3 credentials in this process: an answer, not an outage, so never retried."""
+
+
+CREDENTIALS_FIX = (
+    "give this process and the Ray cluster's nodes S3 credentials: an instance role / service account, "
+    "AWS_SHARED_CREDENTIALS_FILE naming a 0600 credentials file (`eval \"$(mplug2-s3 env --dir .s3)\"` for the "
+    "embedded S3), or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment a `ray start` node was started "
+    "with; jobs on a cluster without them need `mplug2-submit submit --forward-credentials`")
+
+
+def _credential_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:
+        return ()
+    return (NoCredentialsError, PartialCredentialsError)
 
 
 class StorageUnavailableError(OSError):
@@ -196,6 +216,8 @@ def retry_io(fn: Callable[[], T], *, attempts: int | None = None, deadline_s: fl
             raise
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
             raise
+        except _credential_errors() as exc:     # retrying cannot make credentials appear
+            raise StorageCredentialsError(f"{what}: no S3 credentials ({type(exc).__name__}); {CREDENTIALS_FIX}") from exc
         except retryable as exc:
             elapsed = time.monotonic() - t0
             if (attempts is not None and attempt >= attempts) or elapsed + delay > deadline:

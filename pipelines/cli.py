@@ -148,12 +148,14 @@ def main(argv: list[str] | None = None) -> int:
             print("PROBLEM:", p)
         print("OK" if not problems else f"{len(problems)} problem(s)")
         return 0 if not problems else 1
+    from mplug2.storage import StorageCredentialsError
+
     try:
         config = config_from_args(args)
         from pipelines.run import preprocess
 
         summary = preprocess(config)
-    except (ConfigError, LeaseError) as exc:
+    except (ConfigError, LeaseError, StorageCredentialsError) as exc:
         print(f"mplug2-data: error: {exc}", file=sys.stderr)
         return 2
     print(summary.table())

@@ -18,6 +18,7 @@ import logging
 import sys
 import time
 
+from mplug2.paths import config_file
 from mplug2.runtime import init_ray, setup_process_env
 from mplug2.train.config import TrainConfig
 
@@ -42,7 +43,15 @@ def load_config(args: argparse.Namespace, task: str | None) -> TrainConfig:
         overrides["storage"] = args.storage
     if task:
         overrides.setdefault("task", task)
-    return TrainConfig.from_yaml(args.config, overrides)
+    # relative paths are made absolute here, on the driver (mplug2.paths): workers run in other folders
+    try:
+        return TrainConfig.from_yaml(config_file(args.config), overrides).resolve_paths()
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigFileError(f"{args.config}: {e}") from e
+
+
+class ConfigFileError(ValueError):
+    """The run config cannot be read or names an unusable path / placeholder."""
 
 
 def _train(args: argparse.Namespace, task: str | None) -> int:
@@ -127,9 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--label-key", default="label", help="classify: the json field holding each sample's label")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.cmd == "evaluate":
-        return _evaluate(args)
-    return _train(args, "pretrain" if args.cmd == "pretrain" else None)
+    from mplug2.storage import StorageCredentialsError
+
+    try:
+        if args.cmd == "evaluate":
+            return _evaluate(args)
+        return _train(args, "pretrain" if args.cmd == "pretrain" else None)
+    except (StorageCredentialsError, ConfigFileError) as e:   # a bad config / path, missing credentials: one line
+        print(f"mplug2-train: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

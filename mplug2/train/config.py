@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 TASKS = ("pretrain", "retrieval", "caption", "qa", "classify")
-STRATEGIES = ("ddp", "fsdp2")   # scale.strategy: mplug2.train.parallel
+STRATEGIES = ("ddp", "fsdp2")
+PLACEHOLDER = "s3://my-bucket"   # configs/pretrain_base.yaml ships it: a run refuses it by field name   # scale.strategy: mplug2.train.parallel
 
 
 @dataclass
@@ -151,6 +152,28 @@ class TrainConfig:
         for dotted, value in (overrides or {}).items():
             set_dotted(d, dotted, value)
         return cls.from_dict(d)
+
+    def resolve_paths(self) -> "TrainConfig":
+        """A copy whose local paths (storage, init_from, model YAML, corpora) are absolute: called on the
+        driver, so workers in other working directories read and write the same folders (:mod:`mplug2.paths`).
+        Fails on a placeholder bucket (``s3://my-bucket``), naming the field to set."""
+        from mplug2 import paths
+
+        def local(value: str | None, name: str, output: bool = False) -> str | None:
+            if value and str(value).startswith(PLACEHOLDER):
+                raise ValueError(f"{name} is the placeholder {value!r}: set it, e.g. --set {name}=s3://<your-bucket>/...")
+            return paths.resolve(value, field=name, output=output)
+
+        d = self.to_dict()
+        d["storage"] = local(self.storage, "storage", output=True)
+        d["init_from"] = local(self.init_from, "init_from")
+        if isinstance(self.model, str) and self.model.endswith((".yaml", ".yml")):
+            d["model"] = local(self.model, "model")
+        for i, corpus in enumerate(d["data"]["train"]):
+            corpus["path"] = local(corpus["path"], f"data.train[{i}].path")
+        if d["data"]["eval"] is not None:
+            d["data"]["eval"]["path"] = local(d["data"]["eval"]["path"], "data.eval.path")
+        return TrainConfig.from_dict(d)
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
