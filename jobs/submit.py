@@ -203,8 +203,10 @@ def build_runtime_env(spec: RuntimeEnvSpec, *, run: str) -> dict[str, Any]:
     file's path (``AWS_SHARED_CREDENTIALS_FILE``, ``AWS_PROFILE``), which the job's nodes must be able to read.
     """
     env = load_runtime_env_file(spec.file)
-    working_dir = spec.working_dir or env.get("working_dir") or str(REPO_ROOT)
-    if "://" not in str(working_dir) and not Path(working_dir).is_dir():
+    # A checkout ships itself; an installed package (the container image) has its code on every node already,
+    # and shipping site-packages as working_dir would be wrong.
+    working_dir = spec.working_dir or env.get("working_dir") or (str(REPO_ROOT) if is_checkout() else None)
+    if working_dir is not None and "://" not in str(working_dir) and not Path(working_dir).is_dir():
         raise SubmitError(f"working_dir {working_dir!r} is not a directory")
     excludes = list(dict.fromkeys([*DEFAULT_EXCLUDES, *(env.get("excludes") or [])]))
     forwarded = forwarded_env()              # never holds key values (mplug2.runtime.SECRET_ENV)
@@ -220,8 +222,15 @@ def build_runtime_env(spec: RuntimeEnvSpec, *, run: str) -> dict[str, Any]:
         "MPLUG2_RUN_NAME": run,
     }
     out = {k: v for k, v in env.items() if k not in ("working_dir", "excludes", "env_vars")}
-    out.update(working_dir=str(working_dir), excludes=excludes, env_vars=env_vars)
+    if working_dir is not None:
+        out.update(working_dir=str(working_dir), excludes=excludes)
+    out.update(env_vars=env_vars)
     return out
+
+
+def is_checkout() -> bool:
+    """True when this code runs from a source checkout (not from an installed wheel)."""
+    return (REPO_ROOT / "pyproject.toml").is_file()
 
 
 def check_credentials_file() -> str:
@@ -428,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append a date to the run name (scheduled runs): <run>-YYYYMMDD; no value = today (UTC)")
     s.add_argument("--runtime-env", metavar="YAML",
                    help="runtime_env YAML, or a name under jobs/runtime_env/ (preprocess, pretrain, ...)")
-    s.add_argument("--working-dir", help="directory shipped to the cluster (default: this repository)")
+    s.add_argument("--working-dir", help="directory shipped to the cluster (default: this repository when run "
+                                         "from a checkout; none when installed, e.g. in the container image)")
     s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env var for the job")
     s.add_argument("--forward-credentials", action="store_true",
                    help="forward the path in AWS_SHARED_CREDENTIALS_FILE (+ AWS_PROFILE) to the job, for nodes without "

@@ -131,8 +131,10 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         overrides["executor"] = "local"
     if isinstance(overrides.get("caption_col"), list) and len(overrides["caption_col"]) == 1:
         overrides["caption_col"] = overrides["caption_col"][0]
-    if args.config:
-        return PreprocessConfig.from_yaml(args.config, **overrides)
+    if args.config:   # a file here, else the copy shipped with the package (configs/...)
+        from mplug2.paths import config_file
+
+        return PreprocessConfig.from_yaml(config_file(args.config), **overrides)
     return PreprocessConfig.from_dict({}, **overrides)
 
 
