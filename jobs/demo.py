@@ -89,9 +89,7 @@ def ray_temp_dir(workdir: Path) -> str:
     import hashlib
 
     tag = hashlib.sha256(str(workdir.resolve()).encode()).hexdigest()[:8]
-    path = f"{tempfile.gettempdir()}/mplug2-demo-ray-{tag}"
-    os.makedirs(path, exist_ok=True)
-    return path
+    return f"{tempfile.gettempdir()}/mplug2-demo-ray-{tag}"
 
 
 def build_corpus(cfg: DemoConfig) -> dict[str, str]:

@@ -11,19 +11,19 @@ import socket
 from pathlib import Path
 
 
-def process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line)."""
+def process_table() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, session id, command line)."""
     table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = Path(f"/proc/{entry}/stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            table[int(entry)] = (int(fields[1]), int(fields[3]), cmd.strip())
         except (OSError, ValueError, IndexError):
             continue
-        table[int(entry)] = (ppid, cmd.strip())
     return table
 
 
@@ -31,13 +31,13 @@ def descendants(root: int) -> dict[int, str]:
     """``root`` and every process below it, with their command lines."""
     table = process_table()
     children: dict[int, list[int]] = {}
-    for pid, (ppid, _) in table.items():
+    for pid, (ppid, _, _) in table.items():
         children.setdefault(ppid, []).append(pid)
     out, stack = {}, [root]
     while stack:
         pid = stack.pop()
         if pid in table:
-            out[pid] = table[pid][1]
+            out[pid] = table[pid][2]
         stack.extend(children.get(pid, []))
     return out
 

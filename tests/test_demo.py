@@ -4,9 +4,11 @@ same command run again skips completed stages, finishes, prints the results tabl
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,8 +46,10 @@ def _wait_gone(needles: tuple[str, ...], timeout: float = 30.0) -> list[str]:
 def test_ctrl_c_then_rerun_resumes_and_cleans_up(tmp_path):
     workdir = tmp_path / "demo"
     cmd = [sys.executable, "-m", "jobs.demo", "--workdir", str(workdir), *SMALL]
-    needles = (str(workdir / "s3"), ray_temp_dir(workdir))
+    tmp = Path(tempfile.mkdtemp(prefix="m2d-", dir="/tmp"))   # the demo's TMPDIR (short: Ray's socket paths)
+    needles = (str(workdir / "s3"), str(tmp / Path(ray_temp_dir(workdir)).name))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    env["TMPDIR"] = str(tmp)
     log1 = open(tmp_path / "run1.log", "w")
     proc = subprocess.Popen(cmd, stdout=log1, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -77,6 +81,9 @@ def test_ctrl_c_then_rerun_resumes_and_cleans_up(tmp_path):
     assert (workdir / "curves_pretrain.png").stat().st_size > 10_000
     assert (workdir / "results.json").exists()
     assert _wait_gone(needles) == [], "processes left after the run"
+    left = os.listdir(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert left == [], "temporary files left outside the workdir"
 
     run3 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run3.returncode == 0 and "finetune_qa: done earlier, skipped" in run3.stdout

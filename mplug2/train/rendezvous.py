@@ -97,7 +97,8 @@ class _BoundTorchBackend(_TorchBackend):
     def on_start(self, worker_group, backend_config: "BoundTorchConfig") -> None:
         import ray
 
-        backend = backend_config.backend or "gloo"
+        gpus = worker_group.get_resources_per_worker().get("GPU", 0)
+        backend = backend_config.backend or ("nccl" if gpus else "gloo")     # Ray's default choice
         addr, port = worker_group.execute_single(0, open_store_listener)
         worker_group.execute(_set_torch_distributed_env_vars)     # LOCAL_RANK, WORLD_SIZE, ... as Ray does
         ray.get([worker_group.execute_single_async(i, init_process_group, backend=backend, world_rank=i,
