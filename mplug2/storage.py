@@ -3,9 +3,10 @@
 One rule for every component: a URL is either ``s3://bucket/key`` (through s3fs, endpoint and credentials
 from the standard AWS environment variables) or a local path. Nothing here knows about Ray or models.
 
-Environment (never put credentials in files or configs):
+Environment (never put credentials in configs or Ray runtime envs):
 
-- ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or an instance role),
+- ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, or ``AWS_SHARED_CREDENTIALS_FILE`` naming a 0600
+  credentials file, or an instance role (missing credentials raise :class:`StorageCredentialsError` at once),
 - ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` for S3-compatible stores (SeaweedFS, MinIO),
 - ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default ``us-east-1``),
 - ``MPLUG2_S3_RETRY_DEADLINE_S``: how long :func:`retry_io` keeps retrying a failing S3 call (default 120 s,

@@ -12,7 +12,6 @@ reports it. A restarted worker restores all of it, so the next step is exactly t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -405,35 +404,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = TrainConfig.from_dict(config)
     ctx = ray.train.get_context()
-    with worker_scratch():
-        loop = TrainLoop(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
-                         device=ray.train.torch.get_device(), hooks=RayHooks(cfg))
-        loop.restore()
-        evaluate = None
-        if cfg.task != "pretrain" and cfg.data.eval is not None:
-            from mplug2.train.finetune import evaluate as evaluate_task
+    loop = TrainLoop(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+                     device=ray.train.torch.get_device(), hooks=RayHooks(cfg))
+    loop.restore()
+    evaluate = None
+    if cfg.task != "pretrain" and cfg.data.eval is not None:
+        from mplug2.train.finetune import evaluate as evaluate_task
 
-            evaluate = evaluate_task
-        loop.run(evaluate)
-
-
-@contextlib.contextmanager
-def worker_scratch():
-    """This worker's temporary files (checkpoint parts before upload, log copies) go to a folder of its own
-    under the run's scratch folder (``MPLUG2_SCRATCH_DIR``, removed by the driver when the run ends, also after
-    a crash), and the folder is removed when the worker ends normally or with an error."""
-    root = os.environ.get("MPLUG2_SCRATCH_DIR")
-    if not root:
-        yield
-        return
-    os.makedirs(root, exist_ok=True)
-    mine = tempfile.mkdtemp(prefix="worker-", dir=root)
-    previous, tempfile.tempdir = tempfile.tempdir, mine
-    try:
-        yield
-    finally:
-        tempfile.tempdir = previous
-        shutil.rmtree(mine, ignore_errors=True)
+        evaluate = evaluate_task
+    loop.run(evaluate)
 
 
 # ------------------------------------------------------------------------- plain torch.distributed binding

@@ -8,6 +8,7 @@ up to ``scale.max_failures`` times.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ from mplug2.train.config import TrainConfig
 log = logging.getLogger(__name__)
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"
-SCRATCH_ENV = "MPLUG2_SCRATCH_DIR"   # the run's temporary folder on each node (mplug2.train.loop.scratch_dir)
+SCRATCH_ENV = "MPLUG2_SCRATCH_DIR"   # the run's temporary folder on each node (worker_scratch)
 
 
 def run_dir(cfg: TrainConfig) -> str:
@@ -37,7 +38,6 @@ def build_trainer(cfg: TrainConfig, scratch: str | None = None):
     from ray.train.torch import TorchTrainer
 
     from mplug2.runtime import forwarded_env
-    from mplug2.train.loop import train_loop_per_worker
     from mplug2.train.rendezvous import BoundTorchConfig
 
     fs, path = storage.pyarrow_fs(cfg.storage)
@@ -48,7 +48,7 @@ def build_trainer(cfg: TrainConfig, scratch: str | None = None):
     if cfg.scale.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
-        train_loop_per_worker,
+        train_loop_in_scratch,
         train_loop_config=cfg.to_dict(),
         # the process group listens on the node's cluster address (127.0.0.1 locally), not on every interface
         torch_config=BoundTorchConfig(backend=backend, timeout_s=cfg.scale.timeout_s),
@@ -67,6 +67,34 @@ def build_trainer(cfg: TrainConfig, scratch: str | None = None):
                                              **({SCRATCH_ENV: scratch, "TMPDIR": scratch} if scratch else {})}},
         ),
     )
+
+
+def train_loop_in_scratch(config: dict) -> None:
+    """What Ray Train runs on every worker: :func:`mplug2.train.loop.train_loop_per_worker` inside
+    :func:`worker_scratch`."""
+    from mplug2.train.loop import train_loop_per_worker
+
+    with worker_scratch():
+        train_loop_per_worker(config)
+
+
+@contextlib.contextmanager
+def worker_scratch():
+    """This worker's temporary files (checkpoint parts before upload, log copies) go to a folder of its own
+    under the run's scratch folder (``MPLUG2_SCRATCH_DIR``; :func:`fit` removes it when the run ends, also after
+    a crash on this node), and the worker removes its folder when it ends, normally or with an error."""
+    root = os.environ.get(SCRATCH_ENV)
+    if not root:
+        yield
+        return
+    os.makedirs(root, exist_ok=True)
+    mine = tempfile.mkdtemp(prefix="worker-", dir=root)
+    previous, tempfile.tempdir = tempfile.tempdir, mine
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(mine, ignore_errors=True)
 
 
 def latest_eval(cfg: TrainConfig) -> dict[str, float]:
