@@ -28,11 +28,16 @@ HOST_ENV = "MPLUG2_RENDEZVOUS_HOST"
 _listener: socket.socket | None = None   # rank 0's store socket, kept open until the store owns it
 
 
-def bind_host() -> str:
-    """``$MPLUG2_RENDEZVOUS_HOST``, else the address Ray knows this node by."""
+def ray_node_ip() -> str:
+    """The address Ray knows this node by (127.0.0.1 on a one-machine cluster)."""
     import ray.util
 
-    return os.environ.get(HOST_ENV) or ray.util.get_node_ip_address()
+    return ray.util.get_node_ip_address()
+
+
+def bind_host() -> str:
+    """``$MPLUG2_RENDEZVOUS_HOST``, else :func:`ray_node_ip`."""
+    return os.environ.get(HOST_ENV) or ray_node_ip()
 
 
 def interface_of(address: str) -> str | None:
@@ -65,12 +70,6 @@ def open_store_listener() -> tuple[str, int]:
     _listener = sock
     connect = ray_node_ip() if host in ("0.0.0.0", "::") else host
     return connect, sock.getsockname()[1]
-
-
-def ray_node_ip() -> str:
-    import ray.util
-
-    return ray.util.get_node_ip_address()
 
 
 def init_process_group(backend: str, world_rank: int, world_size: int, addr: str, port: int, timeout_s: int) -> None:

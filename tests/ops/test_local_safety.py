@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -64,6 +65,14 @@ def test_shipped_config_is_found_from_any_folder(tmp_path, monkeypatch) -> None:
     assert paths.config_file("configs/pretrain_tiny.yaml") == "configs/pretrain_tiny.yaml"   # the user's wins
     with pytest.raises(FileNotFoundError, match="nor among the shipped configs"):
         paths.config_file("configs/nope.yaml")
+
+
+def test_rendezvous_finds_the_loopback_interface() -> None:
+    from mplug2.train.rendezvous import interface_of
+
+    name = interface_of("127.0.0.1")
+    assert name is not None and dict((n, i) for i, n in socket.if_nameindex())[name]   # a real interface
+    assert interface_of("203.0.113.7") is None and interface_of("not-an-ip") is None
 
 
 # --------------------------------------------------------------------------------------- embedded S3
