@@ -30,7 +30,6 @@ class EvalSet:
     captions: list[list[str]]       # every reference per item, cleaned (the question, for QA)
     answers: list[str | None]
     labels: list[str | int | None] | None = None
-    boxes: list[list[float] | None] | None = None       # grounding: the referred box, xywh in input pixels
     answer_lists: list[list[str] | None] | None = None  # VQA: the human answers (10 in VQA v2) per question
     positions: list[int] | None = None                  # manifest positions of the items (a rank's slice)
     total: int | None = None                            # items in the whole corpus (all slices)
@@ -40,6 +39,16 @@ class EvalSet:
             self.positions = list(range(len(self.keys)))
         if self.total is None:
             self.total = len(self.keys)
+
+    def shard(self, rank: int, world_size: int) -> "EvalSet":
+        """This rank's slice (items ``rank, rank + world_size, ...``), as :func:`load_eval_set` reads it."""
+        take = [i for i, p in enumerate(self.positions) if p % world_size == rank]
+
+        def pick(xs):
+            return None if xs is None else [xs[i] for i in take]
+        return EvalSet(pick(self.keys), self.pixels[take], pick(self.captions), pick(self.answers),
+                       pick(self.labels), pick(self.answer_lists),
+                       [self.positions[i] for i in take], self.total)
 
 
 def _samples(index) -> Iterator[dict[str, Any]]:
@@ -52,7 +61,7 @@ def load_eval_set(path: str, split: str, num_frames: int, res: int, *, max_items
     """Decode items ``rank, rank + world_size, ...`` of the corpus at ``path`` (every item when world_size=1)."""
     index = load_index(path, split)
     transform = VideoTransform(TransformConfig(res=res, train=False))
-    keys, pixels, caps, answers, labels, boxes, answer_lists, positions = [], [], [], [], [], [], [], []
+    keys, pixels, caps, answers, labels, answer_lists, positions = [], [], [], [], [], [], []
     total = 0
     for pos, raw in enumerate(_samples(index)):
         if max_items and pos >= max_items:
@@ -66,14 +75,13 @@ def load_eval_set(path: str, split: str, num_frames: int, res: int, *, max_items
         caps.append([pre_caption(c) for c in dec.captions])
         answers.append(dec.answer)
         labels.append(dec.label)
-        boxes.append(getattr(dec, "box", None))
-        answer_lists.append(getattr(dec, "answer_list", None))
+        answer_lists.append(dec.answer_list)
         positions.append(pos)
     if total == 0:
         raise ValueError(f"eval corpus {path} has no samples")
     if not keys:
         raise ValueError(f"eval corpus {path} has {total} samples: fewer than the {world_size} ranks")
-    return EvalSet(keys, torch.stack(pixels), caps, answers, labels, boxes, answer_lists, positions, total)
+    return EvalSet(keys, torch.stack(pixels), caps, answers, labels, answer_lists, positions, total)
 
 
 _CACHE: dict[tuple, EvalSet] = {}
