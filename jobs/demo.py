@@ -257,7 +257,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             temp = ray_temp_dir(cfg.workdir)
             # Workers' logs (the loop's step lines, Ray Train's reports) stay in Ray's log files, not here.
             init_ray(cfg.address, num_cpus=None if cfg.address else 2,
-                     object_store_memory=None if cfg.address else 512 << 20, temp_dir=temp, log_to_driver=False)
+                     object_store_memory=None if cfg.address else 512 << 20, temp_dir=temp, log_to_driver=False,
+                     logging_level=logging.WARNING)
             started_ray = True
             print(f"[demo] local Ray; worker and Ray Train logs in {temp}/session_latest/logs", flush=True)
         manifests = stages.run("corpus", lambda: build_corpus(cfg),
