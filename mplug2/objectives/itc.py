@@ -72,20 +72,21 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return -(F.log_softmax(logits.float(), dim=1) * targets).sum(dim=1).mean()
 
 
-_HASH_WEIGHTS: dict[tuple[int, str], Tensor] = {}
+_HASH_WEIGHTS: dict[str, Tensor] = {}
 
 
 def caption_ids(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """(B,) non-negative 62-bit id per caption: equal exactly when the token sequences are equal (up to a
-    hash collision, ~B²/2⁶² per batch). Computed from what the model reads, on its device, so it holds
-    whatever the loader did to the text (a flipped clip's swapped "left"/"right" included)."""
-    length = input_ids.shape[1]
-    key = (length, str(input_ids.device))
-    if key not in _HASH_WEIGHTS:
-        g = torch.Generator().manual_seed(0x6D706C7567)
-        _HASH_WEIGHTS[key] = torch.randint(1, 2**62, (length,), generator=g, dtype=torch.long).to(input_ids.device)
+    hash collision, ~B²/2⁶² per batch), whatever the padded length of the batch. Computed from what the model
+    reads, on its device, so it holds whatever the loader did to the text (a flipped clip's swapped
+    "left"/"right" included)."""
+    length, dev = input_ids.shape[1], str(input_ids.device)
+    if dev not in _HASH_WEIGHTS or _HASH_WEIGHTS[dev].numel() < length:
+        g = torch.Generator().manual_seed(0x6D706C7567)      # one fixed table: position p has one weight
+        table = torch.randint(1, 2**62, (max(1024, length),), generator=g, dtype=torch.long)
+        _HASH_WEIGHTS[dev] = table.to(input_ids.device)
     tokens = input_ids.long() * attention_mask.long() + attention_mask.long()   # pads hash apart from token 0
-    return (tokens * _HASH_WEIGHTS[key]).sum(1) & (2**62 - 1)                    # int64 wraps: deterministic
+    return (tokens * _HASH_WEIGHTS[dev][:length]).sum(1) & (2**62 - 1)          # int64 wraps: deterministic
 
 
 def same_pair(query_ids: Tensor | None, key_ids: Tensor | None, query_text_ids: Tensor | None = None,
