@@ -27,6 +27,8 @@ SKIPPED = {
     # the same path as the retrieval fine-tune above (local Ray, 2 workers, init_from a relative run folder),
     # another ~1-2 min on 2 cores; the classify task itself: tests/train/test_classify_task.py
     "mplug2-train finetune --config configs/classify_tiny.yaml": "same launcher path as the retrieval fine-tune",
+    "mplug2-train finetune --config configs/qa_rank_tiny.yaml": "same launcher path as the retrieval fine-tune; "
+                                                                "the QA task: tests/train (task learning tests)",
 }
 
 
