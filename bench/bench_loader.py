@@ -64,11 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         if "s3" in where:
-            from mplug2.s3server import S3Server
+            from mplug2.s3server import S3Server, apply_client_env
 
             server = S3Server(root=scratch / "s3", buckets=("bench",))
             server.start()
-            os.environ.update(server.env())
+            apply_client_env(server)
         for modality in args.modality.split(","):
             frames = 8 if modality == "video" else 0
             for res in map(int, args.res.split(",")):

@@ -273,11 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     try:
         if args.s3:
-            from mplug2.s3server import S3Server
+            from mplug2.s3server import S3Server, apply_client_env
 
             server = S3Server(root=scratch / "s3", buckets=("bench",))
             server.start()
-            os.environ.update(server.env())
+            apply_client_env(server)
             base_url = "s3://bench"
         else:
             base_url = str(scratch)

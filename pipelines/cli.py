@@ -148,8 +148,10 @@ def config_from_args(args: argparse.Namespace) -> PreprocessConfig:
         overrides["executor"] = "local"
     if isinstance(overrides.get("caption_col"), list) and len(overrides["caption_col"]) == 1:
         overrides["caption_col"] = overrides["caption_col"][0]
-    if args.config:
-        return PreprocessConfig.from_yaml(args.config, **overrides)
+    if args.config:   # a file here, else the copy shipped with the package (configs/...)
+        from mplug2.paths import config_file
+
+        return PreprocessConfig.from_yaml(config_file(args.config), **overrides)
     return PreprocessConfig.from_dict({}, **overrides)
 
 
@@ -169,13 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             print("PROBLEM:", p)
         print("OK" if not problems else f"{len(problems)} problem(s)")
         return 0 if not problems else 1
+    from mplug2.storage import StorageCredentialsError
     from pipelines.run import RunSummary, preprocess
 
     try:
         config = config_from_args(args)
         summary = preprocess(config)
     except (ConfigError, LeaseError, PermissionError) as exc:
-        if isinstance(exc, PermissionError):
+        if isinstance(exc, PermissionError) and not isinstance(exc, StorageCredentialsError):
             exc = credentials_error(getattr(args, "output", None) or "storage", exc)
         print(f"mplug2-data: error: {exc}", file=sys.stderr)
         print(RunSummary(output=str(getattr(args, "output", None) or "-"), mode=str(args.mode or "-"),

@@ -29,19 +29,14 @@ def scratch_root() -> Path:
 @pytest.fixture(scope="session")
 def s3_server(scratch_root):
     """A real SeaweedFS S3 endpoint; its client env vars are exported for the whole session."""
-    from mplug2.s3server import S3Server
+    from mplug2.s3server import S3Server, apply_client_env, restore_env
 
     srv = S3Server(root=scratch_root / "s3", buckets=("mplug2",))
     srv.start()
-    saved = {k: os.environ.get(k) for k in srv.env()}
-    os.environ.update(srv.env())
+    saved = apply_client_env(srv)
     yield srv
     srv.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    restore_env(saved)
 
 
 @pytest.fixture

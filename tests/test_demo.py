@@ -4,9 +4,11 @@ same command run again skips completed stages, finishes, prints the results tabl
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,8 +46,10 @@ def _wait_gone(needles: tuple[str, ...], timeout: float = 30.0) -> list[str]:
 def test_ctrl_c_then_rerun_resumes_and_cleans_up(tmp_path):
     workdir = tmp_path / "demo"
     cmd = [sys.executable, "-m", "jobs.demo", "--workdir", str(workdir), *SMALL]
-    needles = (str(workdir / "s3"), ray_temp_dir(workdir))
+    tmp = Path(tempfile.mkdtemp(prefix="m2d-", dir="/tmp"))   # the demo's TMPDIR (short: Ray's socket paths)
+    needles = (str(workdir / "s3"), str(tmp / Path(ray_temp_dir(workdir)).name))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    env["TMPDIR"] = str(tmp)
     log1 = open(tmp_path / "run1.log", "w")
     proc = subprocess.Popen(cmd, stdout=log1, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
@@ -72,6 +76,8 @@ def test_ctrl_c_then_rerun_resumes_and_cleans_up(tmp_path):
     assert "[demo] corpus: done earlier, skipped" in out2
     assert "[demo] preprocess: done earlier, skipped" in out2
     assert "text→video R@1" in out2 and "caption CIDEr (pycocoevalcap)" in out2 and "QA accuracy" in out2
+    assert "TrainingReport(" not in out2 and "RayTrainWorker" not in out2   # Ray's raw logs stay in files
+    assert "chance" in out2 and "(ITC alone)" in out2
     for stage in ("pretrain", "finetune_retrieval", "finetune_caption", "finetune_qa"):
         assert (workdir / "stages" / f"{stage}.json").exists()
     assert (workdir / "curves_pretrain.png").stat().st_size > 10_000
@@ -80,6 +86,9 @@ def test_ctrl_c_then_rerun_resumes_and_cleans_up(tmp_path):
     assert f"mplug2-model caption YOUR_FILE_OR_URL --model {workdir / 'models' / 'caption'}" in out2
     assert (workdir / "models" / "qa" / "model.safetensors").exists()
     assert _wait_gone(needles) == [], "processes left after the run"
+    left = os.listdir(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    assert left == [], "temporary files left outside the workdir"
 
     run3 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert run3.returncode == 0 and "finetune_qa: done earlier, skipped" in run3.stdout

@@ -16,8 +16,10 @@ from typing import Any
 
 import yaml
 
-TASKS = ("pretrain", "retrieval", "caption", "qa", "classify")
+from mplug2.train.tasks import get_task
+
 STRATEGIES = ("ddp", "fsdp2")   # scale.strategy: mplug2.train.parallel
+PLACEHOLDER = "s3://my-bucket"   # configs/pretrain_base.yaml ships it: a run refuses it by field name
 
 
 @dataclass
@@ -111,12 +113,12 @@ class TrainConfig:
     # classify: the label names, in head order; each sample's json ``label`` is one of them or its index
     classes: list[str] = field(default_factory=list)
     label_key: str = "label"      # classify: the json field holding each sample's label
+    task_options: dict[str, Any] = field(default_factory=dict)   # the task's own typed options (tasks.py)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.task == "classify" and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
-            raise ValueError(f"task 'classify' needs `classes`: at least two distinct label names, got {self.classes!r}")
+        spec = get_task(self.task)
+        spec.options(self.task_options)
+        spec.validate(self)
         if self.resume not in ("auto", "never"):
             raise ValueError("resume must be 'auto' or 'never'")
         if self.scale.strategy not in STRATEGIES:
@@ -130,6 +132,11 @@ class TrainConfig:
     # --- (de)serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def options(self) -> Any:
+        """The task's typed options (``task_options`` checked against the registry)."""
+        return get_task(self.task).options(self.task_options)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -155,6 +162,28 @@ class TrainConfig:
         for dotted, value in (overrides or {}).items():
             set_dotted(d, dotted, value)
         return cls.from_dict(d)
+
+    def resolve_paths(self) -> "TrainConfig":
+        """A copy whose local paths (storage, init_from, model YAML, corpora) are absolute: called on the
+        driver, so workers in other working directories read and write the same folders (:mod:`mplug2.paths`).
+        Fails on a placeholder bucket (``s3://my-bucket``), naming the field to set."""
+        from mplug2 import paths
+
+        def local(value: str | None, name: str, output: bool = False) -> str | None:
+            if value and str(value).startswith(PLACEHOLDER):
+                raise ValueError(f"{name} is the placeholder {value!r}: set it, e.g. --set {name}=s3://<your-bucket>/...")
+            return paths.resolve(value, field=name, output=output)
+
+        d = self.to_dict()
+        d["storage"] = local(self.storage, "storage", output=True)
+        d["init_from"] = local(self.init_from, "init_from")
+        if isinstance(self.model, str) and self.model.endswith((".yaml", ".yml")):
+            d["model"] = local(self.model, "model")
+        for i, corpus in enumerate(d["data"]["train"]):
+            corpus["path"] = local(corpus["path"], f"data.train[{i}].path")
+        if d["data"]["eval"] is not None:
+            d["data"]["eval"]["path"] = local(d["data"]["eval"]["path"], "data.eval.path")
+        return TrainConfig.from_dict(d)
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.hygiene import process_table
+
 REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -52,25 +54,9 @@ class RayHead:
         return proc
 
 
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, session id, cmdline) from /proc (Linux; psutil is not a dependency of this project)."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            table[int(entry)] = (int(fields[1]), int(fields[3]), cmdline)
-        except (OSError, ValueError, IndexError):
-            continue
-    return table
-
-
 def _our_processes(sid: int, marker: str) -> set[int]:
     """Processes in the head's session or naming its temp dir, plus all their descendants."""
-    table = _proc_table()
+    table = process_table()
     pids = {pid for pid, (_, s, cmd) in table.items() if s == sid or marker in cmd}
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in table.items():

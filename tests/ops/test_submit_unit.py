@@ -83,8 +83,15 @@ def test_runtime_env_excludes_forwarding_and_credentials(monkeypatch, tmp_path) 
     assert env["env_vars"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"  # from jobs/runtime_env/pretrain.yaml
     assert "AWS_SECRET_ACCESS_KEY" not in env["env_vars"]  # not forwarded unless asked
     assert env["config"]["setup_timeout_seconds"] == 1200
+    # --forward-credentials forwards a 0600 credentials file by path, never the values (Ray logs runtime envs)
+    creds = tmp_path / "credentials"
+    creds.write_text("[default]\naws_access_key_id = AKIDLOCAL\naws_secret_access_key = supersecretvalue\n")
+    creds.chmod(0o600)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
     with_creds = build_runtime_env(RuntimeEnvSpec(forward_credentials=True), run="pt")
-    assert with_creds["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "supersecretvalue"
+    assert with_creds["env_vars"]["AWS_SHARED_CREDENTIALS_FILE"] == str(creds)
+    assert "supersecretvalue" not in json.dumps(with_creds) and "AKIDLOCAL" not in json.dumps(with_creds)
+    with_creds["env_vars"].update(AWS_ACCESS_KEY_ID="AKIDLOCAL", AWS_SECRET_ACCESS_KEY="supersecretvalue")
     masked = json.dumps(mask_secrets(with_creds))
     assert "supersecretvalue" not in masked and "AKIDLOCAL" not in masked and "127.0.0.1:8333" in masked
     assert mask_secrets({"TOKENIZERS_PARALLELISM": "false", "GITHUB_TOKEN": "x", "db_password": "y"}) == {
@@ -107,8 +114,12 @@ def test_entrypoint_rendering() -> None:
         render_entrypoint([], "r")
 
 
-def test_dry_run_prints_masked_submission(monkeypatch, capsys) -> None:
+def test_dry_run_prints_masked_submission(monkeypatch, capsys, tmp_path) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "supersecretvalue")
+    creds = tmp_path / "credentials"
+    creds.write_text("[default]\naws_secret_access_key = supersecretvalue\n")
+    creds.chmod(0o600)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
     code = main(["submit", "--run-name", "preprocess-cc3m", "--date-id", "20260812", "--runtime-env", "preprocess",
                  "--forward-credentials", "--dry-run", "--", "python", "-m", "jobs.preprocess", "--run-name",
                  "{run_name}"])
@@ -117,7 +128,7 @@ def test_dry_run_prints_masked_submission(monkeypatch, capsys) -> None:
     data = json.loads(out)
     assert data["run"] == "preprocess-cc3m-20260812"
     assert data["entrypoint"] == "python -m jobs.preprocess --run-name preprocess-cc3m-20260812"
-    assert data["runtime_env"]["env_vars"]["AWS_SECRET_ACCESS_KEY"] == "***"
+    assert "AWS_SECRET_ACCESS_KEY" not in data["runtime_env"]["env_vars"]       # values are never forwarded
     assert "supersecretvalue" not in out
 
 

@@ -1,0 +1,1 @@
+"""Model-shape configs (presets as YAML), shipped with the package."""
