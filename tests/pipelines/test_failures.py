@@ -102,7 +102,9 @@ def test_output_bucket_that_does_not_exist_is_refused_not_created(s3_server, tmp
 def test_bad_credentials_say_one_line_without_traceback(s3_server, s3_bucket, tmp_path):
     man = tmp_path / "m.jsonl"
     man.write_text(json.dumps({"url": "x.jpg", "caption": "c"}) + "\n")
-    env = {**os.environ, **s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong-secret", "PYTHONPATH": str(ROOT),
+    # key variables win over the server's credentials file: the right key id with a wrong secret
+    env = {**os.environ, **s3_server.env(), "AWS_ACCESS_KEY_ID": s3_server.access_key,
+           "AWS_SECRET_ACCESS_KEY": "wrong-secret", "PYTHONPATH": str(ROOT),
            "MPLUG2_S3_RETRY_DEADLINE_S": "5"}
     res = subprocess.run([sys.executable, "-m", "pipelines.cli", "shard", "--manifest", str(man), "--output",
                           f"{s3_bucket}/c", *RUN], capture_output=True, text=True, env=env, timeout=120)
