@@ -5,7 +5,9 @@ RNG seeded by ``(seed, corpus, epoch, key)``, so a batch's content depends only 
 
 Batch layout (what the training loop and objectives receive)::
 
-    pixels          (B, 3, T, H, W) float32, CLIP-normalised (images: T = 1)
+    pixels          (B, 3, T, H, W) float32, CLIP-normalised (images: T = 1); with ``augment_on: device``
+                    uint8 (cropped, flipped), plus aug_ops (B, N, 3) and pixel_norm (2, 3) for
+                    ``mplug2.data.augment.finish_batch`` on the training device
     input_ids       (B, L) long
     attention_mask  (B, L) long
     ids             (B,) long, stable per image/video (from the key; clips of one video share it)
@@ -64,9 +66,11 @@ class DecodedSample:
     label: str | int | None = None  # classification corpora: the sample's json label (a name or an index)
 
 
-def _open_image(data: bytes, key: str, fld: str) -> Image.Image:
+def _open_image(data: bytes, key: str, fld: str, lazy: bool = False) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
+        if lazy:                 # header only: the transform decodes, at the size it needs
+            return img
         img.load()
     except Exception as exc:  # PIL raises several types for bad bytes
         raise SampleError(f"sample {key}: field {fld} is not a decodable image ({exc})") from exc
@@ -74,8 +78,9 @@ def _open_image(data: bytes, key: str, fld: str) -> Image.Image:
 
 
 def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.Random,
-                  label_key: str = "label") -> DecodedSample:
-    """Decode only the frames that will be used (``num_frames`` of those stored) and the captions."""
+                  label_key: str = "label", lazy: bool = False) -> DecodedSample:
+    """Decode only the frames that will be used (``num_frames`` of those stored) and the captions; with
+    ``lazy`` the frames are opened (header parsed) but their pixels are left to the transform."""
     key = raw["__key__"]
     frame_fields = sorted(f for f in raw if _FRAME_RE.match(f))
     if frame_fields:
@@ -84,13 +89,13 @@ def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.R
         frames = []
         for i in picks:
             if i not in cache:
-                cache[i] = _open_image(raw[frame_fields[i]], key, frame_fields[i])
+                cache[i] = _open_image(raw[frame_fields[i]], key, frame_fields[i], lazy)
             frames.append(cache[i])
     else:
         fld = next((f for f in _IMAGE_FIELDS if f in raw), None)
         if fld is None:
             raise SampleError(f"sample {key}: no image field (jpg/png/webp) and no fNNN.jpg frames")
-        frames = [_open_image(raw[fld], key, fld)]
+        frames = [_open_image(raw[fld], key, fld, lazy)]
     captions: list[str] = []
     answer: str | None = None
     label: str | int | None = None
@@ -162,14 +167,19 @@ class BatchBuilder:
         return random.Random(derive_seed(self.seed, self.corpus, epoch, key, "sample"))
 
     def __call__(self, raw: RawBatch) -> dict[str, Any]:
-        pixels, captions, keys, answers, labels = [], [], [], [], []
-        train = self.transform.cfg.train
+        pixels, params, captions, keys, answers, labels = [], [], [], [], [], []
+        train, lazy = self.transform.cfg.train, self.transform.lazy_decode
         for sample in raw.samples:
             key = sample["__key__"]
             rng = self.sample_rng(raw.epoch, key)
-            dec = decode_sample(sample, num_frames=self.num_frames, train=train, rng=rng, label_key=self.label_key)
+            dec = decode_sample(sample, num_frames=self.num_frames, train=train, rng=rng, label_key=self.label_key,
+                                lazy=lazy)
             caption = rng.choice(dec.captions) if train else dec.captions[0]
-            clip, aug = self.transform.with_params(dec.frames, rng)
+            try:
+                clip, aug = self.transform.with_params(dec.frames, rng)
+            except (OSError, SyntaxError, Image.DecompressionBombError) as exc:   # lazy decode: bad pixel data
+                raise SampleError(f"sample {key}: frames are not decodable images ({exc})") from exc
+            params.append(aug)
             answer = dec.answer
             if aug.flip:                      # the mirrored clip moves the other way: say so
                 caption = swap_left_right(caption)
@@ -186,8 +196,7 @@ class BatchBuilder:
         extra: dict[str, Any] = {"answers": answers} if any(a is not None for a in answers) else {}
         if any(lb is not None for lb in labels):
             extra["class_labels"] = labels       # raw names / indices; the classify task maps them to ids
-        return {**extra,
-            "pixels": torch.stack(pixels),
+        return {**extra, **self.transform.collate(pixels, params),
             "input_ids": torch.as_tensor(tok["input_ids"], dtype=torch.long),
             "attention_mask": torch.as_tensor(tok["attention_mask"], dtype=torch.long),
             "ids": torch.tensor([key_to_id(k) for k in keys], dtype=torch.long),

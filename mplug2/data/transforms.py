@@ -127,7 +127,12 @@ def frames_to_tensor(frames: Sequence[Image.Image], mean: Sequence[float], std: 
 
 
 class VideoTransform:
-    """Frames (an image is a one-frame clip) -> (3, T, res, res) float, CLIP-normalised."""
+    """Frames (an image is a one-frame clip) -> (3, T, res, res) float, CLIP-normalised.
+
+    The PIL reference implementation, one frame at a time; :class:`mplug2.data.augment.TensorTransform` is
+    the fast path the loader uses by default and is checked against this one."""
+
+    lazy_decode = False      # frames arrive fully decoded (TensorTransform decodes them itself, at size)
 
     def __init__(self, cfg: TransformConfig) -> None:
         self.cfg = cfg
@@ -177,3 +182,7 @@ class VideoTransform:
             params = AugParams()
         out = [self.apply(f, params) for f in frames]
         return frames_to_tensor(out, self.cfg.mean, self.cfg.std), params
+
+    def collate(self, clips: list[torch.Tensor], params: list[AugParams]) -> dict[str, torch.Tensor]:
+        """The batch's pixel fields from its transformed clips."""
+        return {"pixels": torch.stack(clips)}
