@@ -14,6 +14,7 @@ from mplug2.train import loop as loop_mod
 from mplug2.train.checkpoint import list_step_checkpoints, validate_checkpoint
 from mplug2.train.config import TrainConfig
 from mplug2.train.loop import run_local
+from mplug2.train.uploader import BackgroundUploader
 from tests.data.shards_fixture import write_shards
 
 STEPS, KEEP = 5, 2
@@ -117,12 +118,29 @@ def test_training_continues_while_a_checkpoint_upload_is_blocked(shards, tmp_pat
     assert [validate_checkpoint(c) for c in list_step_checkpoints(str(tmp_path / "gated"))] == [True, True]
 
 
-def test_background_upload_error_surfaces_in_the_training_process(shards, tmp_path, monkeypatch):
-    def failing_upload(local: str, dest: str):
-        raise OSError(f"disk full while uploading {dest}")
+def test_background_upload_error_surfaces_in_the_training_thread():
+    """The uploader re-raises a failed upload's own exception: at once when asked without blocking (the check
+    after every step), and at the next submit; one upload at a time, the next waits for the previous."""
+    release, started = threading.Event(), threading.Event()
+    uploader = BackgroundUploader()
 
-    monkeypatch.setattr(loop_mod, "upload_checkpoint", failing_upload)
-    cfg = _cfg(shards, str(tmp_path), "failing")
-    cfg.schedule.total_steps, cfg.schedule.ckpt_every_steps = 2, 2
-    with pytest.raises(OSError, match="disk full while uploading .*step_00000002"):
-        run_local(cfg)
+    def slow():
+        started.set()
+        assert release.wait(60)
+
+    def failing():
+        raise OSError("disk full while uploading step_00000002")
+
+    uploader.submit(slow, "step_00000001")
+    assert started.wait(60) and uploader.busy
+    uploader.wait(block=False)                  # still running: returns at once, nothing to raise
+    release.set()
+    uploader.submit(failing, "step_00000002")   # waits for step 1 first
+    uploader._thread.join()
+    with pytest.raises(OSError, match="disk full while uploading step_00000002"):
+        uploader.wait(block=False)
+    uploader.submit(lambda: None, "step_00000003")
+    uploader.wait()
+    with pytest.raises(OSError, match="step_00000004"):
+        uploader.submit(lambda: (_ for _ in ()).throw(OSError("step_00000004")), "step_00000004")
+        uploader.submit(lambda: None, "step_00000005")
