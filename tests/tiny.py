@@ -32,3 +32,18 @@ def distinct_pixels(b: int, t: int = 2) -> torch.Tensor:
         px[i, i % 3] = 2.0
         px[i, :, :, : 8 * (i % 4 + 1)] *= -1
     return px
+
+
+def fit_batch(module: torch.nn.Module, batch: dict, steps: int, keys: tuple[str, ...], lr: float) -> list[dict]:
+    """Train ``module`` (a pretrainer: ``param_groups``, ``momentum_update``) on one batch with AdamW; returns
+    the ``keys`` of its outputs at every step."""
+    opt = torch.optim.AdamW(module.param_groups(lr, lr, 0.0))
+    hist = []
+    for _ in range(steps):
+        out = module(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        module.momentum_update()
+        hist.append({k: out[k].item() for k in keys})
+    return hist

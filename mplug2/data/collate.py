@@ -64,6 +64,7 @@ class DecodedSample:
     captions: list[str]
     answer: str | None = None      # QA corpora: the sample's json ``answer`` (the caption is the question)
     label: str | int | None = None  # classification corpora: the sample's json label (a name or an index)
+    answer_list: list[str] | None = None   # VQA corpora: the json ``answers`` (10 human answers in VQA v2)
 
 
 def _open_image(data: bytes, key: str, fld: str, lazy: bool = False) -> Image.Image:
@@ -99,6 +100,7 @@ def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.R
     captions: list[str] = []
     answer: str | None = None
     label: str | int | None = None
+    answer_list: list[str] | None = None
     if "json" in raw:
         try:
             meta = json.loads(raw["json"])
@@ -112,11 +114,15 @@ def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.R
         if isinstance(meta, dict) and isinstance(meta.get(label_key), (str, int)) \
                 and not isinstance(meta.get(label_key), bool):
             label = meta[label_key]
+        human = meta.get("answers") if isinstance(meta, dict) else None
+        if isinstance(human, list) and human and all(isinstance(a, str) for a in human):
+            answer_list = list(human)
+            answer = answer if answer is not None else max(set(human), key=human.count)   # the majority answer
     if not captions and "txt" in raw:
         captions = [raw["txt"].decode("utf-8")]
     if not captions:
         raise SampleError(f"sample {key}: no caption (txt or json.captions)")
-    return DecodedSample(key, frames, captions, answer, label)
+    return DecodedSample(key, frames, captions, answer, label, answer_list)
 
 
 def default_tokenizer(path: str | None = None) -> Tokenize:

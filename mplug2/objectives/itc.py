@@ -10,8 +10,10 @@ Follows model-spec §4 (ALBEF / mPLUG v1 / Youku-mPLUG formulas) and training-an
   (:func:`~mplug2.objectives.distributed.gather_with_grad`), local queries × global keys (open_clip
   ``local_loss``); after DDP averaging the gradients equal a single process on the global batch.
 
-Targets are ``α·softmax(s_m) + (1−α)·y_hard``; ``y_hard`` is one-hot, or in retrieval mode (``ids`` given)
-uniform over every key with the same id (the queue keeps ids too).
+Targets are ``α·softmax(s_m) + (1−α)·y_hard``; ``y_hard`` is one-hot, or, when ``ids`` and/or ``text_ids`` are
+given, uniform over every key that shares the query's item id *or* its caption (:func:`caption_ids`): a clip
+and a caption written for another clip with the very same words are a match, not a negative (the queue keeps
+both ids too).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from torch import Tensor, nn
 
 from mplug2.objectives.distributed import gather_no_grad, gather_sizes, gather_with_grad, rank_and_world
 
-__all__ = ["ITCConfig", "ITCOutput", "ITCHead", "soft_cross_entropy", "contrastive_targets"]
+__all__ = ["ITCConfig", "ITCOutput", "ITCHead", "soft_cross_entropy", "contrastive_targets", "caption_ids",
+           "same_pair"]
 
 log = logging.getLogger(__name__)
 
@@ -69,14 +72,45 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
     return -(F.log_softmax(logits.float(), dim=1) * targets).sum(dim=1).mean()
 
 
+_HASH_WEIGHTS: dict[str, Tensor] = {}
+
+
+def caption_ids(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """(B,) non-negative 62-bit id per caption: equal exactly when the token sequences are equal (up to a
+    hash collision, ~B²/2⁶² per batch), whatever the padded length of the batch. Computed from what the model
+    reads, on its device, so it holds whatever the loader did to the text (a flipped clip's swapped
+    "left"/"right" included)."""
+    length, dev = input_ids.shape[1], str(input_ids.device)
+    if dev not in _HASH_WEIGHTS or _HASH_WEIGHTS[dev].numel() < length:
+        g = torch.Generator().manual_seed(0x6D706C7567)      # one fixed table: position p has one weight
+        table = torch.randint(1, 2**62, (max(1024, length),), generator=g, dtype=torch.long)
+        _HASH_WEIGHTS[dev] = table.to(input_ids.device)
+    tokens = input_ids.long() * attention_mask.long() + attention_mask.long()   # pads hash apart from token 0
+    return (tokens * _HASH_WEIGHTS[dev][:length]).sum(1) & (2**62 - 1)          # int64 wraps: deterministic
+
+
+def same_pair(query_ids: Tensor | None, key_ids: Tensor | None, query_text_ids: Tensor | None = None,
+              key_text_ids: Tensor | None = None) -> Tensor | None:
+    """(Q, K) bool: the query's image/video and the key's text describe the same thing (same item id or the
+    same caption); ``None`` when neither id is known (then only the diagonal pair matches)."""
+    match = None
+    for q, k in ((query_ids, key_ids), (query_text_ids, key_text_ids)):
+        if q is not None and k is not None:
+            m = (q.view(-1, 1) == k.view(1, -1)) & (k.view(1, -1) != _NO_ID)
+            match = m if match is None else match | m
+    return match
+
+
 def contrastive_targets(n_query: int, n_keys: int, offset: int, query_ids: Tensor | None,
-                        key_ids: Tensor | None, device: torch.device) -> Tensor:
-    """Hard targets: one-hot at ``offset + i``, or uniform over keys sharing the query's id."""
-    if query_ids is None:
+                        key_ids: Tensor | None, device: torch.device, query_text_ids: Tensor | None = None,
+                        key_text_ids: Tensor | None = None) -> Tensor:
+    """Hard targets: one-hot at ``offset + i``, or uniform over keys sharing the query's id or caption."""
+    pos = same_pair(query_ids, key_ids, query_text_ids, key_text_ids)
+    if pos is None:
         t = torch.zeros(n_query, n_keys, device=device)
         t[torch.arange(n_query, device=device), offset + torch.arange(n_query, device=device)] = 1.0
         return t
-    pos = (query_ids.view(-1, 1) == key_ids.view(1, -1)).float()
+    pos = pos.float()
     counts = pos.sum(1, keepdim=True)
     if bool((counts == 0).any()):
         raise RuntimeError("ITC: a query has no positive key (its own pair must be among the keys)")
@@ -102,6 +136,7 @@ class ITCHead(nn.Module):
             self.register_buffer("vision_queue", F.normalize(torch.randn(q, cfg.embed_dim, generator=g), dim=1))
             self.register_buffer("text_queue", F.normalize(torch.randn(q, cfg.embed_dim, generator=g), dim=1))
             self.register_buffer("idx_queue", torch.full((q,), _NO_ID, dtype=torch.long))
+            self.register_buffer("text_idx_queue", torch.full((q,), _NO_ID, dtype=torch.long))
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         if global_batch is not None:
             self.check_global_batch(global_batch)
@@ -127,10 +162,11 @@ class ITCHead(nn.Module):
         return F.normalize(self.text_proj(cls_state), dim=-1)
 
     def forward(self, f_v: Tensor, f_t: Tensor, f_v_m: Tensor | None = None, f_t_m: Tensor | None = None,
-                ids: Tensor | None = None, alpha: float = 0.0) -> ITCOutput:
+                ids: Tensor | None = None, alpha: float = 0.0, text_ids: Tensor | None = None) -> ITCOutput:
         """ITC on unit-norm online features ``f_v, f_t`` (B, E) and momentum twins ``f_*_m``.
 
-        ``ids`` (B,) switches on id-aware positives. ``alpha`` > 0 needs momentum features.
+        ``ids`` (B,) item ids and ``text_ids`` (B,) caption ids (:func:`caption_ids`) switch on id-aware
+        positives, across ranks and through the queue. ``alpha`` > 0 needs momentum features.
         Enqueues (training mode, queue mode) after computing the loss.
         """
         if f_v.shape != f_t.shape or f_v.dim() != 2:
@@ -145,12 +181,14 @@ class ITCHead(nn.Module):
         temp = self.temp.float()
         f_v, f_t = f_v.float(), f_t.float()
         b = f_v.shape[0]
-        if ids is not None and bool((ids < 0).any()):
-            raise ValueError("ITC ids must be >= 0 (negative ids mark empty queue slots)")
+        for name, t in (("ids", ids), ("text_ids", text_ids)):
+            if t is not None and bool((t < 0).any()):
+                raise ValueError(f"ITC {name} must be >= 0 (negative ids mark empty queue slots)")
         rank, _ = rank_and_world()
         sizes = gather_sizes(b, f_v.device)
         offset = sum(sizes[:rank])
         gids = gather_no_grad(ids, sizes) if ids is not None else None
+        gtids = gather_no_grad(text_ids, sizes) if text_ids is not None else None
 
         if self.use_queue:
             with torch.no_grad():
@@ -159,11 +197,12 @@ class ITCHead(nn.Module):
                 keys_v = torch.cat([gv_m, self.vision_queue.clone()], 0)
                 keys_t = torch.cat([gt_m, self.text_queue.clone()], 0)
                 key_ids = torch.cat([gids, self.idx_queue.clone()], 0) if gids is not None else None
+                key_tids = torch.cat([gtids, self.text_idx_queue.clone()], 0) if gtids is not None else None
             keys_v_grad, keys_t_grad = keys_v, keys_t
         else:
             keys_v_grad = gather_with_grad(f_v)
             keys_t_grad = gather_with_grad(f_t)
-            key_ids = gids
+            key_ids, key_tids = gids, gtids
             if has_m:
                 with torch.no_grad():
                     keys_v = gather_no_grad(f_v_m.float(), sizes)
@@ -172,7 +211,7 @@ class ITCHead(nn.Module):
         sim_i2t = f_v @ keys_t_grad.t() / temp
         sim_t2i = f_t @ keys_v_grad.t() / temp
         with torch.no_grad():
-            hard = contrastive_targets(b, sim_i2t.shape[1], offset, ids, key_ids, f_v.device)
+            hard = contrastive_targets(b, sim_i2t.shape[1], offset, ids, key_ids, f_v.device, text_ids, key_tids)
             if alpha > 0:
                 t_det = temp.detach()
                 s_m_i2t = f_v_m.float() @ keys_t.t() / t_det
@@ -184,14 +223,14 @@ class ITCHead(nn.Module):
         loss = 0.5 * (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i))
 
         if self.use_queue and self.training:
-            self._enqueue(gv_m, gt_m, gids)
+            self._enqueue(gv_m, gt_m, gids, gtids)
         return ITCOutput(loss=loss, sim_i2t=sim_i2t, sim_t2i=sim_t2i,
                          local_i2t=sim_i2t[:, offset:offset + b].detach(),
                          local_t2i=sim_t2i[:, offset:offset + b].detach(),
                          targets_i2t=targets_i2t, targets_t2i=targets_t2i)
 
     @torch.no_grad()
-    def _enqueue(self, f_v: Tensor, f_t: Tensor, ids: Tensor | None) -> None:
+    def _enqueue(self, f_v: Tensor, f_t: Tensor, ids: Tensor | None, text_ids: Tensor | None = None) -> None:
         n = f_v.shape[0]
         q = self.cfg.queue_size
         if q % n != 0:
@@ -200,4 +239,5 @@ class ITCHead(nn.Module):
         self.vision_queue[ptr:ptr + n] = f_v.to(self.vision_queue.dtype)
         self.text_queue[ptr:ptr + n] = f_t.to(self.text_queue.dtype)
         self.idx_queue[ptr:ptr + n] = ids if ids is not None else _NO_ID
+        self.text_idx_queue[ptr:ptr + n] = text_ids if text_ids is not None else _NO_ID
         self.queue_ptr.fill_((ptr + n) % q)

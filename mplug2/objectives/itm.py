@@ -1,7 +1,8 @@
 """Image/video-text matching (ITM) with hard negatives mined from the ITC similarities (model-spec §4).
 
 Negatives are drawn per rank from the local (B, B) similarity block: the softmax over a row, restricted to
-valid candidates (not the positive, not a same-id item), is the sampling distribution, so harder negatives
+valid candidates (not the positive, not a same-id item, not a clip whose caption is word for word the same), is
+the sampling distribution, so harder negatives
 (more similar) are drawn more often. Masking with −inf before the softmax is the same distribution as
 "softmax, zero the positives, renormalise", but never underflows to an all-zero row.
 """
@@ -40,31 +41,36 @@ class ITMHead(nn.Module):
         return self.fc(fused_text[:, 0])
 
 
-def _valid_mask(b: int, ids: Tensor | None, device: torch.device) -> Tensor:
-    if ids is None:
-        return ~torch.eye(b, dtype=torch.bool, device=device)
-    return ids.view(-1, 1) != ids.view(1, -1)
+def _valid_mask(b: int, ids: Tensor | None, device: torch.device, text_ids: Tensor | None = None) -> Tensor:
+    """(B, B): pair (i, j) may serve as a negative — neither the same item nor the same caption."""
+    valid = ~torch.eye(b, dtype=torch.bool, device=device)
+    for t in (ids, text_ids):
+        if t is not None:
+            valid &= t.view(-1, 1) != t.view(1, -1)
+    return valid
 
 
 @torch.no_grad()
 def sample_hard_negatives(local_i2t: Tensor, local_t2i: Tensor, ids: Tensor | None = None,
-                          generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+                          generator: torch.Generator | None = None,
+                          text_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Draw one negative text per image and one negative image per text.
 
     ``local_i2t[i, j]`` is the similarity of image i with text j on this rank. Returns
-    ``(neg_text_for_image, neg_image_for_text)``, each (B,) long. Raises ``ValueError`` when a row has no
-    valid negative (batch of one, or every item sharing the row's id).
+    ``(neg_text_for_image, neg_image_for_text)``, each (B,) long. ``ids`` / ``text_ids`` (B,) exclude items
+    with the same id or the same caption (:func:`~mplug2.objectives.itc.caption_ids`). Raises ``ValueError``
+    when a row has no valid negative (batch of one, or every item sharing the row's id or caption).
     """
     b = local_i2t.shape[0]
     if local_i2t.shape != (b, b) or local_t2i.shape != (b, b):
         raise ValueError(f"ITM needs square local similarity blocks, got {tuple(local_i2t.shape)}")
-    valid = _valid_mask(b, ids, local_i2t.device)
+    valid = _valid_mask(b, ids, local_i2t.device, text_ids)
     empty = ~valid.any(dim=1)
     if bool(empty.any()):
         rows = empty.nonzero().flatten().tolist()
         raise ValueError(
             f"ITM: rows {rows} have no valid negative in the local batch of {b} "
-            "(every other item is the positive or shares its id); use a larger or more diverse batch")
+            "(every other item is the positive or shares its id or caption); use a larger or more diverse batch")
     neg = float("-inf")
     w_i2t = F.softmax(local_i2t.float().masked_fill(~valid, neg), dim=1)
     w_t2i = F.softmax(local_t2i.float().masked_fill(~valid, neg), dim=1)
@@ -75,10 +81,10 @@ def sample_hard_negatives(local_i2t: Tensor, local_t2i: Tensor, ids: Tensor | No
 
 def itm_loss(fuse: FuseFn, head: ITMHead, vis: Tensor, vis_mask: Tensor, text: Tensor, text_mask: Tensor,
              local_i2t: Tensor, local_t2i: Tensor, ids: Tensor | None = None,
-             generator: torch.Generator | None = None) -> ITMOutput:
+             generator: torch.Generator | None = None, text_ids: Tensor | None = None) -> ITMOutput:
     """B positives plus 2B hard negatives through ``fuse`` in one call; CE on the ITM head."""
     b = vis.shape[0]
-    neg_t, neg_v = sample_hard_negatives(local_i2t, local_t2i, ids, generator)
+    neg_t, neg_v = sample_hard_negatives(local_i2t, local_t2i, ids, generator, text_ids)
     vis_all = torch.cat([vis, vis[neg_v], vis], 0)
     vmask_all = torch.cat([vis_mask, vis_mask[neg_v], vis_mask], 0)
     text_all = torch.cat([text, text, text[neg_t]], 0)

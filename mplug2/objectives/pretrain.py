@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mplug2.models.mplug2 import MPLUG2
-from mplug2.objectives.itc import ITCConfig, ITCHead
+from mplug2.objectives.itc import ITCConfig, ITCHead, caption_ids
 from mplug2.objectives.itm import ITMHead, itm_loss
 from mplug2.objectives.mlm import MaskingConfig, mask_tokens, mlm_loss
 from mplug2.objectives.momentum import MomentumPairs
@@ -51,6 +51,8 @@ class PretrainConfig:
     queue_size: int | None = None       # ITC queue (model config); 0 = in-batch keys gathered with gradient
     global_batch: int | None = None     # micro-batch x world size, checked against the queue at start-up
     use_ids: bool = True                # id-aware ITC positives / ITM negatives when the batch has "ids"
+    same_caption_matches: bool = True   # a clip and another clip's identical caption are a match (ITC
+                                        # positive, never an ITM negative): corpora repeat captions
     mlm_probability: float | None = None
     prefix_prompt: str | None = None    # optional instruction prompt, masked from the prefix-LM loss
 
@@ -149,6 +151,7 @@ class MPLUG2Pretrainer(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         pixels, ids, mask = batch["pixels"], batch["input_ids"], batch["attention_mask"]
         sample_ids = batch.get("ids") if self.cfg.use_ids else None
+        text_ids = caption_ids(batch["input_ids"], batch["attention_mask"]) if self.cfg.same_caption_matches else None
         model, cfg, alpha = self.model, self.cfg, self.alpha
         dev = ids.device
         vis, vis_mask = model.encode_vision(pixels)
@@ -167,12 +170,12 @@ class MPLUG2Pretrainer(nn.Module):
         zero = torch.zeros((), device=dev)
         out: dict[str, Tensor] = {}
         itc = self.itc(self.itc.embed_vision(vis[:, 0]), self.itc.embed_text(text[:, 0]), f_v_m, f_t_m,
-                       ids=sample_ids, alpha=alpha)
+                       ids=sample_ids, alpha=alpha, text_ids=text_ids)
         out["itc"] = itc.loss
 
         if cfg.itm_weight > 0:
             itm = itm_loss(model.fuse, self.itm_head, vis, vis_mask, text, mask, itc.local_i2t, itc.local_t2i,
-                           ids=sample_ids)
+                           ids=sample_ids, text_ids=text_ids)
             out["itm"] = itm.loss
             out["itm_acc"] = (itm.logits.argmax(1) == itm.labels).float().mean().detach()
         else:

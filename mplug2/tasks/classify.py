@@ -4,13 +4,15 @@ text (GLUE-style) from the text encoder's [CLS] — the ``BertForSequenceClassif
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mplug2.models.mplug2 import MPLUG2
 
-__all__ = ["VisualClassifier", "TextClassifier"]
+__all__ = ["VisualClassifier", "TextClassifier", "ClassifyTask"]
 
 
 def _outputs(logits: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
@@ -68,3 +70,44 @@ class TextClassifier(nn.Module):
     @torch.no_grad()
     def predict(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.forward({"input_ids": input_ids, "attention_mask": attention_mask})["logits"].argmax(-1)
+
+
+class ClassifyTask(nn.Module):
+    """:class:`~mplug2.tasks.classify.VisualClassifier` over loader batches: maps each sample's raw label
+    (``batch["class_labels"]``: a name from ``classes`` or an index) to its class id."""
+
+    def __init__(self, model: MPLUG2, classes: list[str]) -> None:
+        super().__init__()
+        self.classes = list(classes)
+        self.index = {name: i for i, name in enumerate(self.classes)}
+        self.clf = VisualClassifier(model, len(self.classes))
+
+    @property
+    def model(self) -> MPLUG2:
+        return self.clf.model
+
+    def label_ids(self, labels: list[Any]) -> torch.Tensor:
+        ids = []
+        for lb in labels:
+            if isinstance(lb, int) and not isinstance(lb, bool) and 0 <= lb < len(self.classes):
+                ids.append(lb)
+            elif isinstance(lb, str) and lb in self.index:
+                ids.append(self.index[lb])
+            elif isinstance(lb, str) and lb.isdigit() and int(lb) < len(self.classes):
+                ids.append(int(lb))
+            else:
+                raise ValueError(f"label {lb!r} is neither one of the {len(self.classes)} configured classes "
+                                 f"({', '.join(self.classes[:8])}{', ...' if len(self.classes) > 8 else ''}) "
+                                 "nor a class index")
+        return torch.tensor(ids, dtype=torch.long)
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        labels = batch.get("class_labels")
+        if labels is None or any(lb is None for lb in labels):
+            raise ValueError("classification batches need a label in every sample's json (see `label_key`)")
+        out = self.clf({"pixels": batch["pixels"], "labels": self.label_ids(labels).to(batch["pixels"].device)})
+        return {"loss": out["loss"], "acc": out["acc"]}
+
+    @torch.no_grad()
+    def logits(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.clf({"pixels": pixels})["logits"]

@@ -10,6 +10,7 @@ softmax over the k candidates), off by default as in the release.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.objectives.mlm import IGNORE_INDEX
 
-__all__ = ["QAConfig", "RankedAnswers", "VideoQA"]
+__all__ = ["QAConfig", "RankedAnswers", "VideoQA", "QATask"]
 
 
 @dataclass
@@ -100,3 +101,28 @@ class VideoQA(nn.Module):
         probs = F.softmax(-nll, dim=1)
         best = cand.gather(1, probs.argmax(1, keepdim=True)).squeeze(1)
         return RankedAnswers(best=best, candidates=cand, probs=probs)
+
+
+class QATask(nn.Module):
+    """:class:`~mplug2.tasks.qa.VideoQA` over loader batches: questions are the tokenised captions, answers
+    (``batch["answers"]``) are tokenised here as ``[CLS] answer [SEP]``."""
+
+    def __init__(self, model: MPLUG2, tokenizer, max_answer_len: int = 10) -> None:
+        super().__init__()
+        self.qa = VideoQA(model, tokenizer)
+        self.tok, self.max_answer_len = tokenizer, max_answer_len
+
+    @property
+    def model(self) -> MPLUG2:
+        return self.qa.model
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        answers = batch.get("answers")
+        if answers is None or any(a is None for a in answers):
+            raise ValueError("QA batches need an `answer` in every sample's json (see pipelines.synthetic)")
+        enc = self.tok(list(answers), max_length=self.max_answer_len + 2)
+        dev = batch["input_ids"].device
+        return self.qa({**batch, "answer_ids": enc["input_ids"].to(dev), "answer_mask": enc["attention_mask"].to(dev)})
+
+    def predict(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[str]:
+        return self.qa.predict(pixels, input_ids, attention_mask)

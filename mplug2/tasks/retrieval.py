@@ -84,40 +84,51 @@ class Retriever(nn.Module):
         return self.core.itm_head(fused)[:, 1].float()
 
     @torch.no_grad()
+    def encode(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(V, V_mask, f_v, T, f_t)`` of every item and text, in chunks of ``batch_size``."""
+        bs = self.cfg.batch_size
+        items = [self.encode_items(pixels[i:i + bs]) for i in range(0, len(pixels), bs)]
+        texts = [self.encode_texts(input_ids[i:i + bs], attention_mask[i:i + bs])
+                 for i in range(0, len(input_ids), bs)]
+        return (torch.cat([x[0] for x in items]), torch.cat([x[1] for x in items]), torch.cat([x[2] for x in items]),
+                torch.cat([x[0] for x in texts]), torch.cat([x[1] for x in texts]))
+
+    @torch.no_grad()
     def predict(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 k: int | None = None) -> RetrievalScores:
         """Score every item against every text: ITC over all pairs, ITM re-rank of each query's top-k."""
         was_training = self.training
         self.eval()
         try:
-            bs = self.cfg.batch_size
-            items = [self.encode_items(pixels[i:i + bs]) for i in range(0, len(pixels), bs)]
-            vis = torch.cat([x[0] for x in items])
-            vmask = torch.cat([x[1] for x in items])
-            f_v = torch.cat([x[2] for x in items])
-            texts = [self.encode_texts(input_ids[i:i + bs], attention_mask[i:i + bs])
-                     for i in range(0, len(input_ids), bs)]
-            text = torch.cat([x[0] for x in texts])
-            f_t = torch.cat([x[1] for x in texts])
+            vis, vmask, f_v, text, f_t = self.encode(pixels, input_ids, attention_mask)
             sim = f_v.float() @ f_t.float().t()
-            n_items, n_texts = sim.shape
-            k = min(k or self.cfg.k_test, n_texts)
-            i2t = torch.full_like(sim, _OUTSIDE)
-            for i in range(n_items):
-                top_sim, top = sim[i].topk(k)
-                score = self._chunked_itm(vis[i:i + 1].expand(k, -1, -1), vmask[i:i + 1].expand(k, -1),
-                                          text[top], attention_mask[top])
-                i2t[i, top] = score + top_sim
-            k2 = min(k, n_items)
-            t2i = torch.full((n_texts, n_items), _OUTSIDE, dtype=sim.dtype, device=sim.device)
-            for j in range(n_texts):
-                top_sim, top = sim[:, j].topk(k2)
-                score = self._chunked_itm(vis[top], vmask[top], text[j:j + 1].expand(k2, -1, -1),
-                                          attention_mask[j:j + 1].expand(k2, -1))
-                t2i[j, top] = score + top_sim
+            i2t, t2i = self.rerank(sim, vis, vmask, text, attention_mask, range(sim.shape[0]), range(sim.shape[1]), k)
             return RetrievalScores(itc_i2t=sim, i2t=i2t, t2i=t2i)
         finally:
             self.train(was_training)
+
+    @torch.no_grad()
+    def rerank(self, sim: Tensor, vis: Tensor, vmask: Tensor, text: Tensor, tmask: Tensor,
+               item_rows: Sequence[int], text_rows: Sequence[int], k: int | None = None) -> tuple[Tensor, Tensor]:
+        """ITM re-rank of the top-k ITC candidates for the given query rows only (a rank's share of the
+        queries): ``(i2t (len(item_rows), N_texts), t2i (len(text_rows), N_items))``, −100 outside the top-k."""
+        n_items, n_texts = sim.shape
+        k = min(k or self.cfg.k_test, n_texts)
+        i2t = torch.full((len(item_rows), n_texts), _OUTSIDE, dtype=sim.dtype, device=sim.device)
+        for r, i in enumerate(item_rows):
+            top_sim, top = sim[i].topk(k)
+            score = self._chunked_itm(vis[i:i + 1].expand(k, -1, -1), vmask[i:i + 1].expand(k, -1),
+                                      text[top], tmask[top])
+            i2t[r, top] = score + top_sim
+        k2 = min(k, n_items)
+        t2i = torch.full((len(text_rows), n_items), _OUTSIDE, dtype=sim.dtype, device=sim.device)
+        for r, j in enumerate(text_rows):
+            top_sim, top = sim[:, j].topk(k2)
+            score = self._chunked_itm(vis[top], vmask[top], text[j:j + 1].expand(k2, -1, -1),
+                                      tmask[j:j + 1].expand(k2, -1))
+            t2i[r, top] = score + top_sim
+        return i2t, t2i
 
     def _chunked_itm(self, vis, vmask, text, tmask) -> Tensor:
         bs = self.cfg.batch_size

@@ -16,6 +16,7 @@ from mplug2 import storage
 from mplug2.config import MPLUG2Config
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.train.config import TrainConfig
+from mplug2.train.tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +34,8 @@ def model_config(cfg: TrainConfig) -> MPLUG2Config:
 
 
 def build_task(cfg: TrainConfig, mcfg: MPLUG2Config, tokenizer, world_size: int) -> nn.Module:
-    """The trainable module for ``cfg.task``: ``forward(batch) -> {"loss": ..., ...}``."""
-    model = MPLUG2(mcfg)
-    w = cfg.loss_weights
-    if cfg.task == "pretrain":
-        from mplug2.objectives.pretrain import MPLUG2Pretrainer, PretrainConfig
-
-        pc = PretrainConfig(
-            itc_weight=w.get("itc", 1.0), itm_weight=w.get("itm", 1.0), mlm_weight=w.get("mlm", 1.0),
-            prefix_lm_weight=w.get("prefix_lm", 1.0), global_batch=cfg.data.batch_size * world_size,
-            alpha_ramp_steps=min(cfg.schedule.total_steps, max(1, cfg.schedule.total_steps // 10)),
-        )
-        return MPLUG2Pretrainer(model, tokenizer, pc)
-    from mplug2.train import finetune
-
-    return finetune.build(cfg, model, tokenizer, world_size)
+    """The trainable module of ``cfg.task`` (from the registry): ``forward(batch) -> {"loss": ..., ...}``."""
+    return get_task(cfg.task).build(cfg, MPLUG2(mcfg), tokenizer, world_size)
 
 
 def vision_prefixes(module: nn.Module) -> tuple[str, ...]:

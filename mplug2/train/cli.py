@@ -19,7 +19,10 @@ import sys
 import time
 
 from mplug2.runtime import init_ray, setup_process_env
+import yaml
+
 from mplug2.train.config import TrainConfig
+from mplug2.train.tasks import REGISTRY, describe_tasks, get_task
 
 log = logging.getLogger("mplug2.train")
 
@@ -67,38 +70,39 @@ def _train(args: argparse.Namespace, task: str | None) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from mplug2.models.mplug2 import MPLUG2
+    from mplug2 import storage
+    from mplug2.config import MPLUG2Config
     from mplug2.tokenizer import load_tokenizer
-    from mplug2.train.config import CorpusConfig
-    from mplug2.train.finetune import build, evaluate_task, load_eval_set
-    from mplug2.train.build import load_init
+    from mplug2.train.build import build_task, load_init
+    from mplug2.train.evalset import load_eval_set
+    from mplug2.train.tasks import EvalContext, get_task
 
     setup_process_env()
-    import tempfile
-    from mplug2 import storage
+    spec = get_task(args.task)
 
-    with tempfile.TemporaryDirectory() as tmp:   # fetch config.yaml for the model shape
-        with open(f"{tmp}/config.yaml", "wb") as f:
-            f.write(storage.read_bytes(storage.join(args.model, "config.yaml")))
-        from mplug2.config import MPLUG2Config
+    def read(name: str) -> bytes | None:          # a file exported beside the model, if there
+        url = storage.join(args.model, name)
+        return storage.read_bytes(url) if storage.exists(url) else None
 
-        mcfg = MPLUG2Config.from_yaml(f"{tmp}/config.yaml")
+    raw_cfg = read("config.yaml")
+    if raw_cfg is None:
+        raise SystemExit(f"{args.model} has no config.yaml: pass an exported model folder (<run>/best or final)")
+    mcfg = MPLUG2Config.from_dict(yaml.safe_load(raw_cfg))
+    try:
+        fields = spec.import_fields(read)
+    except ValueError as e:
+        raise SystemExit(f"{args.model}: {e}") from None
+    cfg = TrainConfig(run_name="evaluate", task=args.task, model=mcfg.to_dict(), label_key=args.label_key,
+                      task_options={k: yaml.safe_load(v) for k, v in _parse_sets(args.option).items()},
+                      **fields)
     tok = load_tokenizer(mcfg.tokenizer)
-    classes: list[str] = []
-    if args.task == "classify":                  # label names exported beside a classifier's weights
-        classes_url = storage.join(args.model, "classes.json")
-        if not storage.exists(classes_url):
-            raise SystemExit(f"{args.model} has no classes.json: export a `classify` run's best/final model")
-        classes = json.loads(storage.read_bytes(classes_url))
-    cfg = TrainConfig(run_name="evaluate", task=args.task, model=mcfg.to_dict(), classes=classes,
-                      label_key=args.label_key)
-    task = build(cfg, MPLUG2(mcfg), tok, world_size=1)
+    task = build_task(cfg, mcfg, tok, world_size=1)
     load_init(task, args.model)
     task.eval()
-    data = load_eval_set(CorpusConfig(name="eval", path=args.eval, num_frames=args.frames, split=args.split),
-                         mcfg.vision.image_res, max_items=args.max_items, label_key=args.label_key)
+    data = load_eval_set(args.eval, args.split, args.frames, mcfg.vision.image_res, max_items=args.max_items,
+                         label_key=args.label_key)
     with torch.no_grad():
-        scores = evaluate_task(task, args.task, data, tok, max_text_len=args.max_text_len)
+        scores = spec.evaluate(task, data, EvalContext(tok, max_text_len=args.max_text_len, options=cfg.options))
     print(json.dumps(scores, indent=1, sort_keys=True))
     return 0
 
@@ -106,9 +110,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mplug2-train", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, help_ in [("pretrain", "ITC + ITM + MLM + prefix-LM pretraining"),
-                        ("finetune", "fine-tune a task (retrieval, caption, qa, classify) with evaluation and a best export")]:
-        sp = sub.add_parser(name, help=help_, description=help_)
+    finetune_help = "fine-tune a task with evaluation and a best export; the task is the config's `task:`"
+    for name, help_, epilog in [("pretrain", get_task("pretrain").summary, None),
+                                ("finetune", finetune_help, "tasks (configs/*_tiny.yaml):\n" + describe_tasks())]:
+        sp = sub.add_parser(name, help=help_, description=help_, epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
         sp.add_argument("--config", required=True, help="run YAML (see configs/)")
         sp.add_argument("--run-name", help="stable run id: re-running with the same name resumes")
         sp.add_argument("--storage", help="runs root: local folder or s3://bucket/prefix")
@@ -116,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="override a config field, e.g. --set schedule.total_steps=200 (repeatable)")
         sp.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else a local Ray)")
         sp.add_argument("--num-cpus", type=int, help="CPUs for a local Ray")
-    ev = sub.add_parser("evaluate", help="score an exported model on a shard corpus")
-    ev.add_argument("--task", choices=["retrieval", "caption", "qa", "classify"], required=True)
+    ev = sub.add_parser("evaluate", help="score an exported model on a shard corpus",
+                        epilog="tasks:\n" + describe_tasks(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("--task", choices=[s.name for s in REGISTRY.values() if s.evaluate is not None], required=True)
     ev.add_argument("--model", required=True, help="folder with config.yaml + model.safetensors (local or s3://)")
     ev.add_argument("--eval", required=True, help="shard dataset prefix (local or s3://)")
     ev.add_argument("--split", default="train", help="shard name prefix of the eval set")
@@ -125,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-items", type=int)
     ev.add_argument("--max-text-len", type=int, default=30)
     ev.add_argument("--label-key", default="label", help="classify: the json field holding each sample's label")
+    ev.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a task option, e.g. --option k_test=32 for retrieval (repeatable)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.cmd == "evaluate":

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from mplug2.data import defaults as loader_defaults
+from mplug2.train.tasks import get_task
 
-TASKS = ("pretrain", "retrieval", "caption", "qa", "classify")
 STRATEGIES = ("ddp", "fsdp2")   # scale.strategy: mplug2.train.parallel
 BLOCK_TYPES = ("vision", "text", "fusion", "decoder")   # scale.activation_checkpointing: mplug2.train.parallel
 
@@ -116,12 +116,12 @@ class TrainConfig:
     # classify: the label names, in head order; each sample's json ``label`` is one of them or its index
     classes: list[str] = field(default_factory=list)
     label_key: str = "label"      # classify: the json field holding each sample's label
+    task_options: dict[str, Any] = field(default_factory=dict)   # the task's own typed options (tasks.py)
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.task == "classify" and (len(self.classes) < 2 or len(set(self.classes)) != len(self.classes)):
-            raise ValueError(f"task 'classify' needs `classes`: at least two distinct label names, got {self.classes!r}")
+        spec = get_task(self.task)
+        spec.options(self.task_options)
+        spec.validate(self)
         if self.resume not in ("auto", "never"):
             raise ValueError("resume must be 'auto' or 'never'")
         if self.scale.strategy not in STRATEGIES:
@@ -142,6 +142,11 @@ class TrainConfig:
     # --- (de)serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def options(self) -> Any:
+        """The task's typed options (``task_options`` checked against the registry)."""
+        return get_task(self.task).options(self.task_options)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

@@ -39,7 +39,9 @@ from mplug2.train.checkpoint import (
     upload_checkpoint,
 )
 from mplug2.train.config import TrainConfig
+from mplug2.train.evalset import cached_eval_set
 from mplug2.train.metrics import MetricsLogger, plot_curves
+from mplug2.train.tasks import EvalContext, get_task
 from mplug2.train.uploader import BackgroundUploader
 
 log = logging.getLogger("mplug2.train")
@@ -81,6 +83,7 @@ class TrainLoop:
     def __init__(self, cfg: TrainConfig, *, rank: int, world_size: int, device: torch.device, hooks: Hooks):
         setup_process_env()
         self.cfg, self.rank, self.world_size, self.device, self.hooks = cfg, rank, world_size, device, hooks
+        self.spec = get_task(cfg.task)
         self.run_dir = storage.join(cfg.storage, cfg.run_name)
         if cfg.debug.deterministic:
             torch.use_deterministic_algorithms(True)
@@ -122,7 +125,7 @@ class TrainLoop:
             parallel.compile_blocks(task)
         return parallel.wrap(task, strategy=self.cfg.scale.strategy, device=self.device,
                              world_size=self.world_size, precision=self.cfg.scale.precision,
-                             find_unused_parameters=not (self.cfg.task == "pretrain" and all_video),
+                             find_unused_parameters=not (self.spec.uses_every_parameter and all_video),
                              reshard_after_forward=self.cfg.scale.reshard_after_forward)
 
     def _log_dir(self) -> str:
@@ -253,9 +256,21 @@ class TrainLoop:
         times.step_time_s = time.perf_counter() - t0
         return values, times
 
-    def run(self, evaluate: Callable[["TrainLoop"], dict[str, float]] | None = None) -> dict[str, float]:
-        """Train to ``total_steps``; returns the last logged metrics (rank 0) and runs ``evaluate`` as configured."""
+    def evaluate(self) -> dict[str, float]:
+        """The task's evaluation on the configured eval corpus: this rank scores its slice (decoded once per
+        process), the task gathers the pieces; every rank returns the same numbers."""
+        c = self.cfg.data.eval
+        data = cached_eval_set(c.path, c.split, c.num_frames, self.mcfg.vision.image_res,
+                               label_key=self.cfg.label_key, rank=self.rank, world_size=self.world_size)
+        ctx = EvalContext(self.tokenizer, max_text_len=self.cfg.data.max_text_len, device=self.device,
+                          options=self.cfg.options)
+        return self.spec.evaluate(self.task, data, ctx)
+
+    def run(self) -> dict[str, float]:
+        """Train to ``total_steps``; returns the last logged metrics (rank 0); evaluates as configured when the
+        task has an evaluation and the run an eval corpus."""
         cfg, s = self.cfg, self.cfg.schedule
+        evaluate = self.evaluate if self.spec.evaluate is not None and cfg.data.eval is not None else None
         global_batch = cfg.data.batch_size * cfg.optim.grad_accum * self.world_size
         last: dict[str, float] = {}
         ckpt_wait = 0.0
@@ -292,10 +307,10 @@ class TrainLoop:
         self.finish()
         return last
 
-    def _evaluate(self, evaluate: Callable[["TrainLoop"], dict[str, float]]) -> dict[str, float]:
+    def _evaluate(self, evaluate: Callable[[], dict[str, float]]) -> dict[str, float]:
         self.task.eval()
         with torch.no_grad(), parallel.full_weights(self.ddp):   # FSDP2: evaluation calls methods, not forward
-            scores = evaluate(self)
+            scores = evaluate()
         self.task.train()
         scores = {f"eval/{k}": float(v) for k, v in scores.items()}
         self.metrics.log_step(self.step, scores)
@@ -330,14 +345,15 @@ class TrainLoop:
             model.load_state_dict({k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)})
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            if getattr(self.task, "classes", None):
+            if self.spec.exports_head:
                 state = full if full is not None else self.task.state_dict()
                 head = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.startswith(prefix)}
                 from safetensors.torch import save_file
 
                 save_file(head, os.path.join(tmp, "head.safetensors"))
-                with open(os.path.join(tmp, "classes.json"), "w") as f:
-                    json.dump(list(self.task.classes), f)
+            for fname, payload in self.spec.export_files(self.task).items():
+                with open(os.path.join(tmp, fname), "wb") as f:
+                    f.write(payload)
             for fname in os.listdir(tmp):
                 with open(os.path.join(tmp, fname), "rb") as f:
                     storage.atomic_write(storage.join(self.run_dir, name, fname), f.read())
@@ -459,12 +475,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loop = TrainLoop(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                      device=ray.train.torch.get_device(), hooks=RayHooks(cfg))
     loop.restore()
-    evaluate = None
-    if cfg.task != "pretrain" and cfg.data.eval is not None:
-        from mplug2.train.finetune import evaluate as evaluate_task
-
-        evaluate = evaluate_task
-    loop.run(evaluate)
+    loop.run()
 
 
 # ------------------------------------------------------------------------- plain torch.distributed binding
@@ -521,9 +532,4 @@ def run_local(cfg: TrainConfig, device: str = "cpu") -> dict[str, float]:
     world = dist.get_world_size() if dist.is_initialized() else 1
     loop = TrainLoop(cfg, rank=rank, world_size=world, device=torch.device(device), hooks=LocalHooks(cfg, rank))
     loop.restore()
-    evaluate = None
-    if cfg.task != "pretrain" and cfg.data.eval is not None:
-        from mplug2.train.finetune import evaluate as evaluate_task
-
-        evaluate = evaluate_task
-    return loop.run(evaluate)
+    return loop.run()

@@ -118,7 +118,10 @@ class MetricsLogger:
 
 
 def plot_curves(jsonl_path: str, out_png: str, *, keys: list[str] | None = None) -> list[str]:
-    """One panel per metric (default: every numeric key) against step; returns the keys plotted."""
+    """One panel per metric (default: every numeric key) against step; returns the keys plotted.
+
+    Metrics logged at many steps are lines; metrics logged at a few steps (evaluations) are points with their
+    values written beside them; metrics logged once go into one table panel (a single point is no curve)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -135,16 +138,35 @@ def plot_curves(jsonl_path: str, out_png: str, *, keys: list[str] | None = None)
     keys = [k for k in (keys or all_keys) if k in all_keys]
     if not keys:
         raise ValueError(f"{jsonl_path}: none of the requested metrics present (have {all_keys})")
-    cols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / cols)
+    series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
+    once = [k for k in keys if len(series[k]) == 1]
+    panels = [k for k in keys if len(series[k]) > 1]
+    n = len(panels) + (1 if once else 0)
+    cols = min(3, n)
+    nrows = math.ceil(n / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3 * nrows), squeeze=False)
-    for ax, k in zip(axes.flat, keys):
-        pts = [(r["step"], r[k]) for r in rows if k in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+    flat = list(axes.flat)
+    for ax, k in zip(flat, panels):
+        pts = series[k]
+        xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+        if len(pts) <= 10:                       # evaluations: points, each with its value
+            ax.plot(xs, ys, "o-", lw=1, ms=5)
+            for x, y in pts:
+                ax.annotate(f"{y:.3g}", (x, y), textcoords="offset points", xytext=(0, 5), ha="center", fontsize=7)
+        else:
+            ax.plot(xs, ys, lw=1)
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    if once:
+        ax = flat[len(panels)]
+        ax.axis("off")
+        cells = [[k, f"{series[k][0][1]:.4g}", str(series[k][0][0])] for k in once]
+        table = ax.table(cellText=cells, colLabels=["metric", "value", "step"], loc="center", cellLoc="left")
+        table.auto_set_font_size(False)
+        table.set_fontsize(7)
+        ax.set_title("logged once", fontsize=9)
+    for ax in flat[n:]:
         ax.axis("off")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)

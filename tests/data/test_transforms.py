@@ -93,3 +93,12 @@ def test_left_right_swap_keeps_case_and_only_touches_whole_words():
     assert swap_left_right("rightwards and lefts") == "leftwards and rights"
     assert swap_left_right("bright lights, copyright, leftover") == "bright lights, copyright, leftover"
     assert swap_left_right(swap_left_right("left right up down")) == "left right up down"
+    # the synthetic corpus' attributes: only the direction is mirrored, never size or speed
+    from pipelines.synthetic import SIZES, SPEEDS, ClipSpec
+
+    for size in SIZES:
+        for speed in SPEEDS:
+            spec = ClipSpec("red", "circle", "left", 0, size=size, speed=speed)
+            assert swap_left_right(spec.caption) == ClipSpec("red", "circle", "right", 0, size=size, speed=speed).caption
+            assert swap_left_right(ClipSpec("red", "circle", "up", 0, size=size, speed=speed).caption) == \
+                ClipSpec("red", "circle", "up", 0, size=size, speed=speed).caption

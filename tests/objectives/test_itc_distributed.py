@@ -21,8 +21,9 @@ from mplug2.objectives.momentum import MomentumPairs
 from mplug2.runtime import free_loopback_port
 
 WORLD, LOCAL_B, IN, WIDTH, EMB, QUEUE = 2, 4, 8, 12, 6, 16
-MODES = {  # name -> (queue_size, use ids, alpha, plain all_gather)
+MODES = {  # name -> (queue_size, use ids ("text": item ids and caption ids), alpha, plain all_gather)
     "queue": (QUEUE, False, 0.4, False),
+    "queue_caption_ids": (QUEUE, "text", 0.4, False),   # captions repeated across ranks: positives there too
     "queue_ids": (QUEUE, True, 0.4, False),
     "noqueue": (0, False, 0.0, False),
     "noqueue_distill": (0, True, 0.4, False),
@@ -44,30 +45,31 @@ class Toy(nn.Module):
             for p in [*self.vis.parameters(), *self.txt.parameters()]:
                 p.add_(0.3 * torch.randn_like(p))
 
-    def forward(self, xv, xt, ids, alpha):
+    def forward(self, xv, xt, ids, alpha, text_ids=None):
         f_v = self.itc.embed_vision(self.vis(xv))
         f_t = self.itc.embed_text(self.txt(xt))
         with torch.no_grad():
             f_v_m = F.normalize(self.mom["vproj"](self.mom["vis"](xv)), dim=-1)
             f_t_m = F.normalize(self.mom["tproj"](self.mom["txt"](xt)), dim=-1)
-        return self.itc(f_v, f_t, f_v_m, f_t_m, ids=ids, alpha=alpha).loss
+        return self.itc(f_v, f_t, f_v_m, f_t_m, ids=ids, alpha=alpha, text_ids=text_ids).loss
 
 
 def _data(step: int):
     g = torch.Generator().manual_seed(100 + step)
     b = WORLD * LOCAL_B
-    return torch.randn(b, IN, generator=g), torch.randn(b, IN, generator=g), torch.tensor([0, 1, 2, 0, 3, 4, 5, 3])
+    return (torch.randn(b, IN, generator=g), torch.randn(b, IN, generator=g), torch.tensor([0, 1, 2, 0, 3, 4, 5, 3]),
+            torch.tensor([10, 11, 12, 13, 10, 14, 15, 11]))   # caption ids: rank 0's 10 and 11 recur on rank 1
 
 
 def _run(model_call, params, queue_of, rank: int | None):
     """Two steps; per step: loss, gradients (then zeroed), queue state."""
     out = []
     for step in range(2):
-        xv, xt, ids = _data(step)
+        xv, xt, ids, tids = _data(step)
         if rank is not None:
             sl = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
-            xv, xt, ids = xv[sl], xt[sl], ids[sl]
-        loss = model_call(xv, xt, ids)
+            xv, xt, ids, tids = xv[sl], xt[sl], ids[sl], tids[sl]
+        loss = model_call(xv, xt, ids, tids)
         loss.backward()
         grads = [p.grad.detach().clone() for p in params()]
         for p in params():
@@ -79,7 +81,8 @@ def _run(model_call, params, queue_of, rank: int | None):
 def _queues(head: ITCHead):
     if not head.use_queue:
         return None
-    return [head.vision_queue.clone(), head.text_queue.clone(), head.idx_queue.clone(), head.queue_ptr.clone()]
+    return [head.vision_queue.clone(), head.text_queue.clone(), head.idx_queue.clone(), head.text_idx_queue.clone(),
+            head.queue_ptr.clone()]
 
 
 def _worker(rank: int, port: int, results: dict):
@@ -97,7 +100,9 @@ def _worker(rank: int, port: int, results: dict):
             toy = Toy(q)
             ddp = nn.parallel.DistributedDataParallel(toy, forward_sync_buffers=False)
 
-            def call(xv, xt, ids, _ddp=ddp, _u=use_ids, _a=alpha):
+            def call(xv, xt, ids, tids, _ddp=ddp, _u=use_ids, _a=alpha):
+                if _u == "text":
+                    return _ddp(xv, xt, torch.arange(len(ids)) + 100 * rank, _a, tids)
                 return _ddp(xv, xt, ids if _u else None, _a)
             steps = _run(call, lambda: [p for p in toy.parameters() if p.requires_grad],
                          lambda: _queues(toy.itc), rank)
@@ -123,7 +128,11 @@ def dist_results():
 def test_two_ranks_equal_single_process(mode, dist_results):
     q, use_ids, alpha, _ = MODES[mode]
     toy = Toy(q)
-    single = _run(lambda xv, xt, ids: toy(xv, xt, ids if use_ids else None, alpha),
+    def call(xv, xt, ids, tids):
+        if use_ids == "text":       # distinct item ids (as rank r numbers them), repeated captions
+            return toy(xv, xt, torch.cat([torch.arange(LOCAL_B) + 100 * r for r in range(WORLD)]), alpha, tids)
+        return toy(xv, xt, ids if use_ids else None, alpha)
+    single = _run(call,
                   lambda: [p for p in toy.parameters() if p.requires_grad], lambda: _queues(toy.itc), None)
     for rank in range(WORLD):
         for step, (s, d) in enumerate(zip(single, dist_results[rank][mode])):
@@ -140,7 +149,7 @@ def test_two_ranks_equal_single_process(mode, dist_results):
 
 def test_plain_all_gather_breaks_no_queue_gradients(dist_results):
     toy = Toy(0)
-    single = _run(lambda xv, xt, ids: toy(xv, xt, None, 0.0),
+    single = _run(lambda xv, xt, ids, tids: toy(xv, xt, None, 0.0),
                   lambda: [p for p in toy.parameters() if p.requires_grad], lambda: None, None)
     d = dist_results[0]["noqueue_plain_gather"]
     # the loss value itself is right (forward is the same) ...

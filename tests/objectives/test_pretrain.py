@@ -8,7 +8,7 @@ import torch
 from mplug2.config import MPLUG2Config
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.objectives.pretrain import MPLUG2Pretrainer, PretrainConfig, is_no_decay
-from tests.tiny import distinct_pixels, one_thread, tok  # noqa: F401  (fixtures)
+from tests.tiny import distinct_pixels, fit_batch, one_thread, tok  # noqa: F401  (fixtures)
 
 CAPTIONS = ["a man playing", "the dog is on a cat", "a woman in the video", "what is the person playing"]
 
@@ -21,16 +21,7 @@ def make_batch(tok, b: int = 4) -> dict:
 def test_tiny_model_overfits_one_batch_on_every_loss(tok):
     torch.manual_seed(0)
     pt = MPLUG2Pretrainer(MPLUG2(MPLUG2Config.preset("tiny")), tok, PretrainConfig(queue_size=0, distill=False))
-    opt = torch.optim.AdamW(pt.param_groups(1e-3, 1e-3, 0.0))
-    batch = make_batch(tok)
-    hist = []
-    for _ in range(120):
-        out = pt(batch)
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-        pt.momentum_update()
-        hist.append({k: out[k].item() for k in ("itc", "itm", "mlm", "prefix_lm")})
+    hist = fit_batch(pt, make_batch(tok), 120, ("itc", "itm", "mlm", "prefix_lm"), lr=1e-3)
     first = hist[0]
     last = {k: sum(h[k] for h in hist[-5:]) / 5 for k in first}
     assert first["itc"] > 1.0 and last["itc"] < 0.05

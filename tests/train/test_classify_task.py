@@ -8,7 +8,9 @@ import torch
 from mplug2.config import MPLUG2Config
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.train.config import TrainConfig
-from mplug2.train.finetune import ClassifyTask, EvalSet, evaluate_task
+from mplug2.tasks.classify import ClassifyTask
+from mplug2.train.evalset import EvalSet
+from mplug2.train.tasks import EvalContext, get_task
 
 CLASSES = ["left", "right", "up", "down"]
 
@@ -44,11 +46,12 @@ def test_evaluation_reports_top1_and_top_k(task):
     gold = [CLASSES[p] for p in pred[:3]] + [CLASSES[(p + 1) % 4] for p in pred[3:]]   # 3 right, 3 wrong
     data = EvalSet(keys=[str(i) for i in range(6)], pixels=pixels, captions=[["x"]] * 6, answers=[None] * 6,
                    labels=gold)
-    scores = evaluate_task(task, "classify", data, tokenizer=None, batch_size=4)
+    evaluate = get_task("classify").evaluate
+    scores = evaluate(task, data, EvalContext(tokenizer=None, batch_size=4))
     assert scores["top1"] == pytest.approx(50.0)
     assert scores["top4"] == pytest.approx(100.0)         # k = min(5, #classes): every class is in the top 4
     with pytest.raises(ValueError, match="label in every sample"):
-        evaluate_task(task, "classify", EvalSet(["0"], pixels[:1], [["x"]], [None], [None]), tokenizer=None)
+        evaluate(task, EvalSet(["0"], pixels[:1], [["x"]], [None], [None]), EvalContext(tokenizer=None))
 
 
 def test_config_requires_distinct_class_names():

@@ -1,13 +1,17 @@
-"""The model really learns: tiny pretraining + retrieval fine-tuning on synthetic clips whose captions describe
-what is visible (colour, shape, motion direction) beats chance text→video retrieval on held-out clips
-(the issue's target, R@1 >= 5x chance, is asserted; the note in the test gives the numbers seen).
+"""The model really learns, and by a margin that noise cannot explain: tiny pretraining + retrieval
+fine-tuning at the demo's budget (200 + 500 steps of 32 clips) on synthetic clips whose captions say what is
+visible (size, colour, shape, direction, speed), evaluated on 72 held-out clips that each have their own
+caption (chance R@1 = 1/72 = 1.4 %). Three seeds (seed changes the initial weights, the data order, the
+masks and the negatives); the targets are on the median and on the worst seed, and ITM re-ranking must
+beat ITC alone.
 
 Runs in one process through the same loop Ray Train workers run (``run_local``), on shards written by the
-real pipeline. Held-out clips are drawn with another seed; their captions are all different, so chance
-R@1 = 1 / #clips.
+real pipeline.
 """
 
 from __future__ import annotations
+
+import statistics
 
 import pytest
 import torch
@@ -17,7 +21,9 @@ from mplug2.train.loop import run_local
 
 pytestmark = pytest.mark.slow
 
-EVAL_CLIPS = 72   # every (colour, shape, direction) combination once: captions are unique
+EVAL_CLIPS = 72   # every (colour, shape, direction) once, size and speed drawn: captions are unique
+SEEDS = (0, 1, 2)
+PRETRAIN_STEPS, RETRIEVAL_STEPS = 200, 500      # the demo's budget
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +34,8 @@ def corpora(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("learn")
     out = {}
-    for name, n, seed, split in (("train", 256, 0, "train"), ("eval", EVAL_CLIPS, 4242, "eval")):
-        man = make_video_corpus(root / "media", n, seed=seed, num_frames=16, size=64, split=split)
+    for name, n, seed, split, distinct in (("train", 256, 0, "train", False), ("eval", EVAL_CLIPS, 4242, "eval", True)):
+        man = make_video_corpus(root / "media", n, seed=seed, num_frames=16, size=64, split=split, distinct=distinct)
         out[name] = str(root / name)
         summary = preprocess(PreprocessConfig(manifest=[str(man)], output=out[name], modality="video", split=split,
                                               samples_per_shard=72, num_frames=8, frame_size=32, executor="local",
@@ -39,9 +45,9 @@ def corpora(tmp_path_factory):
     return out
 
 
-def _cfg(corpora, task, steps, init_from=None, **extra) -> TrainConfig:
+def _cfg(corpora, task, steps, init_from=None, seed=0, **extra) -> TrainConfig:
     return TrainConfig.from_dict(dict(extra,
-        run_name=f"learn-{task}", storage=corpora["runs"], task=task, init_from=init_from, seed=0,
+        run_name=f"learn-{task}-s{seed}", storage=corpora["runs"], task=task, init_from=init_from, seed=seed,
         model={"preset": "tiny", "tokenizer": "bert-base-uncased", "text": {"vocab_size": 30522},
                "queue_size": 64, "momentum": 0.99, "alpha": 0.2},
         loss_weights={"itc": 1.0, "itm": 1.0, "mlm": 1.0, "prefix_lm": 1.0},
@@ -55,24 +61,34 @@ def _cfg(corpora, task, steps, init_from=None, **extra) -> TrainConfig:
     ))
 
 
-def test_pretrain_then_retrieval_beats_chance(corpora, monkeypatch):
-    # Seen (200 pretraining + 1600 retrieval steps, four seeds): R@1 16.7 / 22.2 / 55.6 / 16.7 % against a bar
-    # of 6.9 % (5x chance); with 1200 steps 9.7-19.4 %. Runs are bitwise reproducible for the same corpus
-    # bytes; the corpus is rebuilt in a new tmp folder per run, and its absolute paths in each sample's json
-    # shift the last float bits by step 20, which training amplifies to seed-level variance. Before the flip
-    # fix (a flipped clip kept "moving left") and with 600 retrieval steps, R@1 was 4.2-11.1 %.
+def test_pretrain_then_retrieval_learns_far_above_chance(corpora, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    pre = run_local(_cfg(corpora, "pretrain", 200))
-    assert pre["loss/loss"] < 16.0, pre        # from ~26 at step 1: all four objectives fall
-    scores = run_local(_cfg(corpora, "retrieval", 1600, init_from=f"{corpora['runs']}/learn-pretrain"))
     chance = 100.0 / EVAL_CLIPS
-    t2v_r1, t2v_r5 = scores["eval/img_r1"], scores["eval/img_r5"]
-    print(f"\ntext→video on {EVAL_CLIPS} held-out clips: R@1 {t2v_r1:.1f} %, R@5 {t2v_r5:.1f} %, "
-          f"R@10 {scores['eval/img_r10']:.1f} % (chance R@1 {chance:.1f} %); "
-          f"video→text R@1 {scores['eval/txt_r1']:.1f} %")
-    assert t2v_r1 >= 5 * chance, scores
-    assert t2v_r5 >= 3 * 5 * chance, scores
+    rows = []
+    for seed in SEEDS:
+        pre = run_local(_cfg(corpora, "pretrain", PRETRAIN_STEPS, seed=seed))
+        assert pre["loss/loss"] < 16.0, pre        # from ~26 at step 1: all four objectives fall
+        s = run_local(_cfg(corpora, "retrieval", RETRIEVAL_STEPS, seed=seed,
+                           init_from=f"{corpora['runs']}/learn-pretrain-s{seed}"))
+        rows.append({"seed": seed, "t2v_r1": s["eval/img_r1"], "t2v_r1_itc": s["eval/itc_img_r1"],
+                     "t2v_r5": s["eval/img_r5"], "v2t_r1": s["eval/txt_r1"], "v2t_r1_itc": s["eval/itc_txt_r1"],
+                     "itm_acc_pretrain": pre.get("itm_acc", float("nan")), "itm_acc": s.get("itm_acc", float("nan"))})
+    with capsys.disabled():
+        print(f"\ntext<->video retrieval on {EVAL_CLIPS} held-out clips (chance R@1 {chance:.1f} %), "
+              f"{PRETRAIN_STEPS} pretraining + {RETRIEVAL_STEPS} retrieval steps of 32 clips")
+        print(f"{'seed':>4s} {'t2v R@1':>8s} {'(ITC)':>6s} {'t2v R@5':>8s} {'v2t R@1':>8s} {'(ITC)':>6s} "
+              f"{'ITM acc pre/ret':>16s}")
+        for r in rows:
+            print(f"{r['seed']:4d} {r['t2v_r1']:8.1f} {r['t2v_r1_itc']:6.1f} {r['t2v_r5']:8.1f} {r['v2t_r1']:8.1f} "
+                  f"{r['v2t_r1_itc']:6.1f} {r['itm_acc_pretrain']:8.3f}/{r['itm_acc']:.3f}")
+    t2v = [r["t2v_r1"] for r in rows]
+    assert statistics.median(t2v) >= 25.0, rows          # >= 18x chance
+    assert min(t2v) >= 12.0, rows
+    reranked = sum(r["t2v_r1"] + r["v2t_r1"] for r in rows)
+    itc_alone = sum(r["t2v_r1_itc"] + r["v2t_r1_itc"] for r in rows)
+    assert reranked > itc_alone, rows                    # ITM re-ranking helps, over seeds and directions
+    assert all(r["itm_acc"] > 0.75 for r in rows), rows   # ITM learns (always "no match" scores 0.667)
 
 
 def test_classification_finetune_learns_labels_from_json(corpora, monkeypatch, capsys):
@@ -93,7 +109,7 @@ def test_classification_finetune_learns_labels_from_json(corpora, monkeypatch, c
         print(f"\nmotion direction on {EVAL_CLIPS} held-out clips: top-1 {scores['eval/top1']:.1f} % "
               f"(chance {chance:.0f} %)")
     assert scores["eval/top1"] >= 2 * chance, scores
-    best = f"{corpora['runs']}/learn-classify/best"
+    best = f"{corpora['runs']}/learn-classify-s0/best"
     assert json.loads(open(f"{best}/classes.json").read()) == list(DIRECTIONS)
     capsys.readouterr()
     assert train_cli(["evaluate", "--task", "classify", "--model", best, "--eval", corpora["eval"], "--split", "eval",
