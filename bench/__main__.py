@@ -5,8 +5,11 @@
 | images | preprocessing 10k images: this pipeline vs img2dataset 1.47 (nginx on loopback) |
 | frames | 8-frame / 1-fps sampling: our PyAV and ffmpeg backends vs PyAV-naive, decord, torchcodec |
 | model  | forward + backward time, peak memory (and MFU on a GPU) for tiny / base / large |
-| loader | training loader samples/s (image and video shards, local and S3) |
+| loader | training loader samples/s and CPU ms per sample (PIL reference vs tensor path, augment_on cpu / device) |
+| ckpt   | checkpoint steps vs other steps on the critical path (background uploads to S3) |
 | train  | loader alone vs training step; Ray Train step vs a plain torch.distributed loop |
+
+GPU figures of issue 13 at once: ``bash bench/gpu_all.sh`` (model MFU eager / compiled, loader with augment_on).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import importlib
 import sys
 
 BENCHES = {"images": "bench.bench_images", "frames": "bench.bench_frames", "model": "bench.bench_model",
-           "loader": "bench.bench_loader", "train": "bench.bench_train"}
+           "loader": "bench.bench_loader", "train": "bench.bench_train", "ckpt": "bench.bench_ckpt"}
 
 
 def main(argv: list[str]) -> int:
