@@ -111,6 +111,7 @@ class TrainLoop:
         self.metrics = MetricsLogger(self.log_dir, rank=rank, num_devices=world_size,
                                      peak_flops=peak * 1e12 if peak else None)
         self.flops = StepFlops()                               # FLOPs per batch shape, measured once each
+        self._log_uploader = BackgroundUploader("mplug2-log-upload")
         self.best: float | None = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -138,14 +139,24 @@ class TrainLoop:
                 f.write(storage.read_bytes(remote))
         return local
 
-    def _sync_logs(self) -> None:
+    def _sync_logs(self, background: bool = False) -> None:
+        """Copy the local logs to the run's storage; ``background``: in a thread, off the training's critical
+        path (one sync at a time; a failure surfaces at the next sync)."""
         if self.rank != 0 or not storage.is_remote(self.run_dir):
             return
         self.metrics.flush()
-        for name in os.listdir(self.log_dir):
-            local = os.path.join(self.log_dir, name)
-            if os.path.isfile(local):
-                storage.upload_file(local, storage.join(self.run_dir, "logs", name))
+
+        def upload() -> None:
+            for name in os.listdir(self.log_dir):
+                local = os.path.join(self.log_dir, name)
+                if os.path.isfile(local):
+                    storage.upload_file(local, storage.join(self.run_dir, "logs", name))
+
+        if background:
+            self._log_uploader.submit(upload, "logs")
+        else:
+            self._log_uploader.wait()
+            upload()
 
     # ----------------------------------------------------------------------------------- checkpoints
     def restore(self) -> None:
@@ -189,7 +200,7 @@ class TrainLoop:
         if self.rank == 0:   # each rank reports its own folder; Ray merges them; markers checked on load
             commit_checkpoint(local, step=self.step, world_size=self.world_size,
                               config_fingerprint=self.cfg.fingerprint(), wait_for_ranks_s=0)
-        self._sync_logs()
+        self._sync_logs(background=True)
         self.hooks.report(metrics, local, self.step)
         return time.perf_counter() - t0
 
@@ -364,6 +375,7 @@ class TrainLoop:
         self.loader.close()
         self.export("final")        # every rank: FSDP2 gathers the shards, rank 0 writes
         if self.rank == 0:
+            self._log_uploader.wait()          # the jsonl is rewritten below: no upload may be reading it
             self.metrics.flush()
             jsonl = os.path.join(self.log_dir, "metrics.jsonl")
             if os.path.exists(jsonl):

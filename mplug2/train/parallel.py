@@ -111,13 +111,14 @@ def set_activation_checkpointing(task: nn.Module, block_types: list[str] | None)
     return counts
 
 
-def compile_blocks(task: nn.Module) -> int:
+def compile_blocks(task: nn.Module, backend: str = "inductor") -> int:
     """``torch.compile`` every transformer block in place (the FSDP2 units of :func:`shard_units`), as
     torchtitan does: blocks take tensors only, so graphs stay stable whatever the batch dict holds, and
-    parameter names (checkpoints) do not change. Call before :func:`wrap`. Returns the number compiled."""
+    parameter names (checkpoints) do not change. Call before :func:`wrap`. Returns the number compiled.
+    ``backend``: torch.compile's (``aot_eager`` captures the same graphs without generating kernels)."""
     units = shard_units(task)
     for unit in units:
-        unit.compile()
+        unit.compile(backend=backend)
     log.info("torch.compile: %d blocks", len(units))
     return len(units)
 
