@@ -82,18 +82,8 @@ class TensorTransform(VideoTransform):
 
     def with_params(self, frames: Sequence[Image.Image],
                     rng: random.Random | None = None) -> tuple[torch.Tensor, AugParams]:
-        if not frames:
-            raise ValueError("a sample needs at least one frame")
-        w, h = frames[0].size
-        if any(f.size != (w, h) for f in frames):
-            raise ValueError(f"frames of one clip differ in size: {sorted({f.size for f in frames})}")
-        if self.cfg.train:
-            if rng is None:
-                raise ValueError("train transforms need a seeded rng (reproducibility)")
-            params = self.draw(w, h, rng)
-        else:
-            params = AugParams()
-        box = params.crop or (0, 0, w, h)
+        params = self.draw_for(frames, rng)
+        box = params.crop or (0, 0, *frames[0].size)
         decoded: dict[int, torch.Tensor] = {}       # a frame repeated in the clip (padding) is decoded once
         crops = []
         for f in frames:
