@@ -142,11 +142,20 @@ def preprocess_all(manifests: dict[str, str], corpora: str, report: Path) -> dic
     return out
 
 
+def _preprocess_line(result: dict[str, Any], report: Path) -> str:
+    corpora = [v for v in result.values() if isinstance(v, dict)]
+    failed = sum(sum(v["failures"].values()) if isinstance(v["failures"], dict) else int(v["failures"])
+                 for v in corpora)
+    return (f"{sum(v['successes'] for v in corpora)} samples in {sum(v['shards'] for v in corpora)} shards, "
+            f"{failed} failed (report: {report})")
+
+
 def _model() -> dict[str, Any]:
     # The tiny preset with the real bert-base-uncased WordPiece vocabulary (captions are English words),
     # a faster EMA and a shorter queue for runs of a few hundred steps.
+    # Captions are 7 words ("a small red circle moving left slowly"): generation may run to 10 tokens.
     return {"preset": "tiny", "tokenizer": "bert-base-uncased", "text": {"vocab_size": 30522},
-            "queue_size": 64, "momentum": 0.99, "alpha": 0.2}
+            "queue_size": 64, "momentum": 0.99, "alpha": 0.2, "gen_max_len": 10}
 
 
 def train_config(cfg: DemoConfig, corpora: str, runs: str, task: str, steps: int, init_from: str | None):
@@ -267,10 +276,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         manifests = {k: v for k, v in manifests.items() if k not in ("seconds",)}
         report = cfg.workdir / "preprocess.txt"
         stages.run("preprocess", lambda: preprocess_all(manifests, corpora, report),
-                   lambda r: f"{sum(v['successes'] for v in r.values() if isinstance(v, dict))} samples, "
-                             f"{sum(v['failures'] for v in r.values() if isinstance(v, dict))} failed, "
-                             f"{sum(v['shards'] for v in r.values() if isinstance(v, dict))} shards "
-                             f"(report: {report})")
+                   lambda r: _preprocess_line(r, report))
 
         from mplug2.train.trainer import fit, latest_eval
 

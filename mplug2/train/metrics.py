@@ -162,10 +162,9 @@ def plot_curves(jsonl_path: str, out_png: str, *, keys: list[str] | None = None)
         ax = flat[len(panels)]
         ax.axis("off")
         cells = [[k, f"{series[k][0][1]:.4g}", str(series[k][0][0])] for k in once]
-        table = ax.table(cellText=cells, colLabels=["metric", "value", "step"], loc="center", cellLoc="left")
+        table = ax.table(cellText=cells, colLabels=["metric", "value", "step"], loc="upper center", cellLoc="left")
         table.auto_set_font_size(False)
         table.set_fontsize(7)
-        ax.set_title("logged once", fontsize=9)
     for ax in flat[n:]:
         ax.axis("off")
     fig.tight_layout()
