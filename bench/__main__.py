@@ -5,11 +5,14 @@
 | images | preprocessing 10k images: this pipeline vs img2dataset 1.47 (nginx on loopback) |
 | frames | 8-frame / 1-fps sampling: our PyAV and ffmpeg backends vs PyAV-naive, decord, torchcodec |
 | model  | forward + backward time, peak memory (and MFU on a GPU) for tiny / base / large |
-| loader | training loader samples/s (image and video shards, local and S3) |
+| loader | training loader samples/s and CPU ms per sample (PIL reference vs tensor path, augment_on cpu / device) |
+| ckpt   | checkpoint steps vs other steps on the critical path (background uploads to S3) |
 | train  | loader alone vs training step; Ray Train step vs a plain torch.distributed loop |
 | caption | captions/s through the inference API, with and without the KV cache (tiny on CPU; base/large on GPU) |
 | official | peak RSS of `import-official` on a Large-shaped release checkpoint (bound: 1.3x its size) |
 | infer | batch inference over shards: one shard task in process vs `python -m jobs.infer` on a local Ray |
+
+GPU figures of issue 13 at once: ``bash bench/gpu_all.sh`` (model MFU eager / compiled, loader with augment_on).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import importlib
 import sys
 
 BENCHES = {"images": "bench.bench_images", "frames": "bench.bench_frames", "model": "bench.bench_model",
-           "loader": "bench.bench_loader", "train": "bench.bench_train",
+           "loader": "bench.bench_loader", "train": "bench.bench_train", "ckpt": "bench.bench_ckpt",
            "official": "bench.bench_official", "caption": "bench.bench_caption", "infer": "bench.bench_infer"}
 
 

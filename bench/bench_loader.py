@@ -1,13 +1,21 @@
-"""Loader-only throughput (samples/s): image (T=1) and video (8 frames) shards at tiny (32 px) and base (224 px)
-resolution, read from a local folder and from S3 (an embedded SeaweedFS on 127.0.0.1).
+"""Loader-only throughput (samples/s) and CPU cost (ms of CPU per sample, summed over the main process and every
+DataLoader worker) for image (T=1) and video (8 frames) shards, per transform path:
 
-    .venv/bin/python bench/bench_loader.py                      # full table
-    .venv/bin/python bench/bench_loader.py --where local --res 224 --batches 20
+- ``pil``: the per-frame PIL reference transforms (the path before issue 13, ``LoaderConfig.pil_transforms``);
+- ``cpu``: decode at size + tensor crop/resize + batched RandAugment and normalisation in the workers;
+- ``device``: the workers stop after decode + crop/resize (uint8); flip is folded in, RandAugment and
+  normalisation run on the training device (not counted here: that is the point).
+
+    python -m bench loader                                        # 224 px, local, all three paths
+    python -m bench loader --where local,s3 --res 32,224 --path cpu
+
+Storage is a local folder or S3 (an embedded SeaweedFS on 127.0.0.1).
 
 Shards are written once per run to a scratch folder (stored frames are 1.15 x res, as a resize-to-256 writer
 would leave them for 224 training). Timing starts after the first batch (worker start-up excluded; reported
 separately) and covers decode, train transforms (RandomResizedCrop + flip + RandAugment), tokenisation and
-collation.
+collation. CPU time is read from ``/proc/<pid>/stat`` of every worker and the main process over the timed window,
+so it holds on a shared machine where wall time does not; the 1-minute load average is printed beside it.
 """
 
 from __future__ import annotations
@@ -31,26 +39,48 @@ from mplug2.data.loader import LoaderConfig, build_loader  # noqa: E402
 from tests.data.shards_fixture import write_shards  # noqa: E402
 
 
-def run_case(prefix: str, *, frames: int, res: int, batch_size: int, batches: int, num_workers: int) -> dict:
+PATHS = {"pil": dict(pil_transforms=True), "cpu": dict(augment_on="cpu"), "device": dict(augment_on="device")}
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a process, all its threads (``/proc/<pid>/stat`` fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def run_case(prefix: str, *, frames: int, res: int, batch_size: int, batches: int, num_workers: int,
+             path: str = "cpu") -> dict:
     cfg = LoaderConfig(prefix=prefix, corpus="bench", batch_size=batch_size, num_workers=num_workers, res=res,
-                       num_frames=max(1, frames), shuffle_buffer=256)
+                       num_frames=max(1, frames), shuffle_buffer=256, **PATHS[path])
     loader = build_loader(cfg)
     t0 = time.perf_counter()
     next(loader)
     startup = time.perf_counter() - t0
+    pids = [os.getpid(), *loader.worker_pids()]
+    cpu0 = [_cpu_s(p) for p in pids]
     t1 = time.perf_counter()
     for _ in range(batches):
         next(loader)
     dt = time.perf_counter() - t1
+    cpu = [_cpu_s(p) - c for p, c in zip(pids, cpu0)]
     loader.close()
-    return {"startup_s": round(startup, 2), "samples_per_s": round(batches * batch_size / dt, 1)}
+    n = batches * batch_size
+    return {"startup_s": round(startup, 2), "samples_per_s": round(n / dt, 1),
+            "cpu_ms_per_sample": round(1e3 * sum(cpu) / n, 2), "main_ms_per_sample": round(1e3 * cpu[0] / n, 2),
+            "load_1min": round(os.getloadavg()[0], 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--where", default="local,s3", help="comma list of local,s3")
+    ap.add_argument("--where", default="local", help="comma list of local,s3")
     ap.add_argument("--modality", default="image,video", help="comma list of image,video")
-    ap.add_argument("--res", default="32,224", help="comma list of training resolutions")
+    ap.add_argument("--res", default="224", help="comma list of training resolutions")
+    ap.add_argument("--path", default="pil,cpu,device", help=f"comma list of {','.join(PATHS)}")
+    ap.add_argument("--texture", default="natural", choices=("natural", "noise"),
+                    help="stored frames: smooth colour fields + mild noise (photo-like JPEG size and decode cost), "
+                         "or uniform +-30 noise per pixel (worst-case entropy; the figures before issue 13)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--batches", type=int, default=30, help="timed batches per case")
     ap.add_argument("--num-workers", type=int, default=2)
@@ -76,28 +106,35 @@ def main(argv: list[str] | None = None) -> int:
                 for loc in where:
                     prefix = (f"s3://bench/{modality}-{res}" if loc == "s3" else str(scratch / f"{modality}-{res}"))
                     t0 = time.perf_counter()
-                    write_shards(prefix, [args.samples_per_shard] * args.shards, frames=frames, size=(stored, stored))
+                    write_shards(prefix, [args.samples_per_shard] * args.shards, frames=frames, size=(stored, stored),
+                                 texture=args.texture)
                     write_s = time.perf_counter() - t0
                     need = (args.batches + 1) * args.batch_size
                     if need > args.shards * args.samples_per_shard:
                         raise SystemExit(f"need {need} samples: raise --shards or --samples-per-shard")
-                    r = run_case(prefix, frames=frames, res=res, batch_size=args.batch_size, batches=args.batches,
-                                 num_workers=args.num_workers)
-                    row = {"modality": modality, "T": max(1, frames), "res": res, "where": loc, **r,
-                           "frames_per_s": round(r["samples_per_s"] * max(1, frames), 1), "write_s": round(write_s, 1)}
-                    rows.append(row)
-                    print(f"{modality:5s} T={row['T']} res={res:3d} {loc:5s}  {row['samples_per_s']:8.1f} samples/s  "
-                          f"({row['frames_per_s']:.0f} frames/s, start-up {row['startup_s']}s)", flush=True)
+                    for path in args.path.split(","):
+                        r = run_case(prefix, frames=frames, res=res, batch_size=args.batch_size,
+                                     batches=args.batches, num_workers=args.num_workers, path=path)
+                        row = {"modality": modality, "T": max(1, frames), "res": res, "where": loc, "path": path, **r,
+                               "frames_per_s": round(r["samples_per_s"] * max(1, frames), 1),
+                               "write_s": round(write_s, 1)}
+                        rows.append(row)
+                        print(f"{modality:5s} T={row['T']} res={res:3d} {loc:5s} {path:6s} {row['samples_per_s']:8.1f} "
+                              f"samples/s  {row['cpu_ms_per_sample']:6.2f} CPU ms/sample (main "
+                              f"{row['main_ms_per_sample']}), load {row['load_1min']}, start-up {row['startup_s']}s",
+                              flush=True)
     finally:
         if server is not None:
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    print(f"\n| modality | T | res | storage | samples/s | frames/s | first batch (s) |\n|---|---|---|---|---|---|---|")
+    print("\n| modality | T | res | storage | path | CPU ms/sample (all processes) | of which main | samples/s "
+          "| frames/s | load (1 min) | first batch (s) |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['modality']} | {r['T']} | {r['res']} | {r['where']} | {r['samples_per_s']} | {r['frames_per_s']} "
+        print(f"| {r['modality']} | {r['T']} | {r['res']} | {r['where']} | {r['path']} | {r['cpu_ms_per_sample']} "
+              f"| {r['main_ms_per_sample']} | {r['samples_per_s']} | {r['frames_per_s']} | {r['load_1min']} "
               f"| {r['startup_s']} |")
     print(f"\nbatch {args.batch_size}, {args.num_workers} workers, {args.batches} timed batches, train transforms, "
-          f"{os.cpu_count()} CPUs")
+          f"{args.texture} frames stored at 1.15 x res, {os.cpu_count()} CPUs")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(rows, indent=1))

@@ -25,7 +25,6 @@ import torch  # noqa: E402
 
 from mplug2.config import MPLUG2Config  # noqa: E402
 
-H100_BF16_PEAK = 989e12  # dense bf16, H100 SXM datasheet
 
 
 def make_batch(cfg: MPLUG2Config, batch: int, frames: int, text_len: int, answer_len: int, device: str):
@@ -68,6 +67,10 @@ def run_child(args: argparse.Namespace) -> dict:
 
     model = MPLUG2(cfg).to(device).train()
     n_params = sum(model.parameter_counts().values())
+    if args.compile:
+        from mplug2.train.parallel import compile_blocks
+
+        compile_blocks(model)                 # per transformer block, as `scale.compile: true` trains
     dtype = {"fp32": None, "bf16": torch.bfloat16}[args.dtype]
 
     def autocast():
@@ -106,13 +109,17 @@ def run_child(args: argparse.Namespace) -> dict:
     flops = counter.get_total_flops()
     step = sorted(times)[len(times) // 2]
     nv = 1 + args.frames * cfg.vision.grid ** 2
+    from mplug2.train.flops import peak_tflops
+
+    peak = peak_tflops(torch.device(device))
+    gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     return {"preset": preset, "device": device, "dtype": args.dtype, "params": n_params, "batch": args.batch,
             "frames": args.frames, "visual_tokens": nv, "step_s": step, "min_step_s": min(times),
             "samples_per_s": args.batch / step, "peak_mem_gib": peak / 2 ** 30,
             "rss_before_gib": rss_before * 1024 / 2 ** 30, "flops_per_step": flops,
             "achieved_tflops": flops / step / 1e12,
-            "mfu": flops / step / H100_BF16_PEAK if device == "cuda" else None,
-            "checkpointing": args.checkpointing}
+            "mfu": flops / step / (peak * 1e12) if peak else None, "peak_tflops": peak, "gpu": gpu,
+            "compile": args.compile, "checkpointing": args.checkpointing}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     p.add_argument("--checkpointing", action="store_true", help="per-block activation checkpointing")
+    p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (raise --warmup)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -142,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--child", preset, "--device", args.device, "--dtype", args.dtype,
                "--batch", str(args.batch), "--frames", str(args.frames), "--text-len", str(args.text_len),
                "--answer-len", str(args.answer_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--threads", str(args.threads)] + (["--checkpointing"] if args.checkpointing else [])
+               "--threads", str(args.threads)] + (["--checkpointing"] if args.checkpointing else []) \
+            + (["--compile"] if args.compile else [])
         print(f"[bench] {preset}: {args.device} {args.dtype}, batch {args.batch}, {args.frames} frames ...",
               file=sys.stderr, flush=True)
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -163,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['frames']:>7}{r['visual_tokens']:>8}{r['step_s']:>9.3f}{r['samples_per_s']:>10.2f}"
               f"{r['peak_mem_gib']:>9.2f}{r['flops_per_step'] / 1e12:>11.3f}{r['achieved_tflops']:>9.3f}{mfu:>7}")
     peak_note = "torch.cuda.max_memory_allocated" if args.device == "cuda" else "process peak RSS (ru_maxrss)"
-    print(f"peak memory = {peak_note}; FLOPs from torch.utils.flop_counter on one real fwd+bwd; "
-          f"MFU vs {H100_BF16_PEAK / 1e12:.0f} TFLOP/s (H100 SXM dense bf16)")
+    peaks = sorted({(r["gpu"], r["peak_tflops"]) for r in rows if r["peak_tflops"]})
+    print(f"peak memory = {peak_note}; FLOPs from torch.utils.flop_counter on one real fwd+bwd; MFU vs "
+          + (", ".join(f"{p:.0f} TFLOP/s ({g}, dense bf16, mplug2.train.flops)" for g, p in peaks) or "- (no peak)")
+          + ("; blocks compiled" if args.compile else "; eager"))
     if args.checkpointing:
         print("with --checkpointing the counted FLOPs include the recomputed forward: the MFU column is HFU")
     if args.json:

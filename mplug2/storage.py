@@ -269,8 +269,15 @@ def _with_retries(url: str, what: str, op: Callable[[fsspec.AbstractFileSystem, 
     calls retry until the storage deadline (an S3 restart); local paths get a few quick tries (an NFS
     hiccup), not the outage deadline."""
     path = get_fs(url)[1]
-    return retry_io(lambda: op(get_fs(url)[0], path), attempts=None if is_remote(url) else 3,
-                    what=f"{what} {url}")
+
+    def attempt() -> T:
+        fs = get_fs(url)[0]
+        # s3fs caches one instance per thread, each with its own listing cache: a checkpoint uploaded from
+        # a background thread must be visible to the next listing or size check in the training thread
+        fs.invalidate_cache()
+        return op(fs, path)
+
+    return retry_io(attempt, attempts=None if is_remote(url) else 3, what=f"{what} {url}")
 
 
 def read_bytes(url: str) -> bytes:
@@ -324,3 +331,7 @@ def remove(url: str) -> None:
 def remove_tree(url: str) -> None:
     """Delete a folder / prefix and everything under it."""
     _with_retries(url, "delete", lambda fs, path: fs.rm(path, recursive=True))
+    if is_remote(url):
+        # Filer-backed S3 servers (SeaweedFS) keep the emptied folder, which would still be listed (a pruned
+        # checkpoint that seems to exist); deleting its "<prefix>/" key removes it (a no-op on AWS S3).
+        remove(url.rstrip("/") + "/")

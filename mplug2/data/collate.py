@@ -5,7 +5,9 @@ RNG seeded by ``(seed, corpus, epoch, key)``, so a batch's content depends only 
 
 Batch layout (what the training loop and objectives receive)::
 
-    pixels          (B, 3, T, H, W) float32, CLIP-normalised (images: T = 1)
+    pixels          (B, 3, T, H, W) float32, CLIP-normalised (images: T = 1); with ``augment_on: device``
+                    uint8 (cropped, flipped), plus aug_ops (B, N, 3) and pixel_norm (2, 3) for
+                    ``mplug2.data.augment.finish_batch`` on the training device
     input_ids       (B, L) long
     attention_mask  (B, L) long
     ids             (B,) long, stable per image/video (from the key; clips of one video share it)
@@ -65,9 +67,11 @@ class DecodedSample:
     answer_list: list[str] | None = None   # VQA corpora: the json ``answers`` (10 human answers in VQA v2)
 
 
-def _open_image(data: bytes, key: str, fld: str) -> Image.Image:
+def _open_image(data: bytes, key: str, fld: str, lazy: bool = False) -> Image.Image:
     try:
         img = Image.open(io.BytesIO(data))
+        if lazy:                 # header only: the transform decodes, at the size it needs
+            return img
         img.load()
     except Exception as exc:  # PIL raises several types for bad bytes
         raise SampleError(f"sample {key}: field {fld} is not a decodable image ({exc})") from exc
@@ -75,8 +79,9 @@ def _open_image(data: bytes, key: str, fld: str) -> Image.Image:
 
 
 def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.Random,
-                  label_key: str = "label") -> DecodedSample:
-    """Decode only the frames that will be used (``num_frames`` of those stored) and the captions."""
+                  label_key: str = "label", lazy: bool = False) -> DecodedSample:
+    """Decode only the frames that will be used (``num_frames`` of those stored) and the captions; with
+    ``lazy`` the frames are opened (header parsed) but their pixels are left to the transform."""
     key = raw["__key__"]
     frame_fields = sorted(f for f in raw if _FRAME_RE.match(f))
     if frame_fields:
@@ -85,13 +90,13 @@ def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.R
         frames = []
         for i in picks:
             if i not in cache:
-                cache[i] = _open_image(raw[frame_fields[i]], key, frame_fields[i])
+                cache[i] = _open_image(raw[frame_fields[i]], key, frame_fields[i], lazy)
             frames.append(cache[i])
     else:
         fld = next((f for f in _IMAGE_FIELDS if f in raw), None)
         if fld is None:
             raise SampleError(f"sample {key}: no image field (jpg/png/webp) and no fNNN.jpg frames")
-        frames = [_open_image(raw[fld], key, fld)]
+        frames = [_open_image(raw[fld], key, fld, lazy)]
     captions: list[str] = []
     answer: str | None = None
     label: str | int | None = None
@@ -168,20 +173,24 @@ class BatchBuilder:
         return random.Random(derive_seed(self.seed, self.corpus, epoch, key, "sample"))
 
     def __call__(self, raw: RawBatch) -> dict[str, Any]:
-        pixels, captions, keys, answers, labels = [], [], [], [], []
-        train = self.transform.cfg.train
+        pixels, params, captions, keys, answers, labels = [], [], [], [], [], []
+        train, lazy = self.transform.cfg.train, self.transform.lazy_decode
         skipped = list(raw.skipped)
         for i, sample in enumerate(raw.samples):
             key = sample["__key__"]
             rng = self.sample_rng(raw.epoch, key)
             try:
                 dec = decode_sample(sample, num_frames=self.num_frames, train=train, rng=rng,
-                                    label_key=self.label_key)
+                                    label_key=self.label_key, lazy=lazy)
+                caption = rng.choice(dec.captions) if train else dec.captions[0]
+                try:
+                    clip, aug = self.transform.with_params(dec.frames, rng)
+                except (OSError, SyntaxError, Image.DecompressionBombError) as exc:   # lazy decode: bad pixels
+                    raise SampleError(f"sample {key}: frames are not decodable images ({exc})") from exc
             except SampleError as exc:  # an unreadable sample: skipped and counted (mplug2.data.damage)
                 skipped.append((raw.shards[i] if i < len(raw.shards) else "?", str(exc)))
                 continue
-            caption = rng.choice(dec.captions) if train else dec.captions[0]
-            clip, aug = self.transform.with_params(dec.frames, rng)
+            params.append(aug)
             answer = dec.answer
             if aug.flip:                      # the mirrored clip moves the other way: say so
                 caption = swap_left_right(caption)
@@ -198,7 +207,7 @@ class BatchBuilder:
         # Holes left by skipped samples are filled with repeats of the batch's readable ones (same keys, so
         # id-aware objectives treat them as the same sample): every batch keeps its size (ITC queues, DDP).
         for i in range(requested - len(pixels)):
-            for lst in (pixels, captions, keys, answers, labels):
+            for lst in (pixels, params, captions, keys, answers, labels):
                 lst.append(lst[i])
         shapes = {tuple(p.shape) for p in pixels}
         if len(shapes) != 1:
@@ -207,8 +216,7 @@ class BatchBuilder:
         extra: dict[str, Any] = {"answers": answers} if any(a is not None for a in answers) else {}
         if any(lb is not None for lb in labels):
             extra["class_labels"] = labels       # raw names / indices; the classify task maps them to ids
-        return {**extra,
-            "pixels": torch.stack(pixels),
+        return {**extra, **self.transform.collate(pixels, params),
             "input_ids": torch.as_tensor(tok["input_ids"], dtype=torch.long),
             "attention_mask": torch.as_tensor(tok["attention_mask"], dtype=torch.long),
             "ids": torch.tensor([key_to_id(k) for k in keys], dtype=torch.long),

@@ -20,6 +20,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mplug2 import storage
+from mplug2.data import defaults
+from mplug2.data.augment import TensorTransform
 from mplug2.data.collate import BatchBuilder, Tokenize
 from mplug2.data.damage import DamageLedger
 from mplug2.data.dataset_index import DatasetIndex, load_index
@@ -46,21 +48,33 @@ class LoaderConfig:
     res: int = 224
     num_frames: int = 1                  # frames per sample; 1 for image corpora
     max_words: int = 30
-    max_length: int = 30                 # tokens
+    max_length: int = defaults.MAX_TEXT_LEN   # tokens
     tokenizer: str | None = None         # mplug2.tokenizer.load_tokenizer path (None = bert-base-uncased, "tiny")
-    shards_in_flight: int = 4
-    shuffle_buffer: int = 1000
-    randaug: bool = True
+    shards_in_flight: int = defaults.SHARDS_IN_FLIGHT
+    shuffle_buffer: int = defaults.SHUFFLE_BUFFER
+    randaug: bool = defaults.AUGMENT
     crop_scale: tuple[float, float] = (0.5, 1.0)
-    prefetch_factor: int = 2
+    # cpu: workers return normalised float pixels; device: uint8 pixels + the drawn ops, finished on the
+    # training device by mplug2.data.augment.finish_batch (train loaders only; eval is always "cpu")
+    augment_on: str = defaults.AUGMENT_ON
+    # the per-frame PIL reference transforms (mplug2.data.transforms.VideoTransform) instead of the tensor
+    # path: kept for comparisons (bench loader --path pil, the distribution test)
+    pil_transforms: bool = False
+    prefetch_factor: int = defaults.PREFETCH_FACTOR
     # None: "forkserver" for s3:// corpora (forking a process that holds s3fs/aiohttp connections and its
     # event-loop thread is unsafe), else the platform default; use "forkserver" inside Ray actors.
     multiprocessing_context: str | None = None
     pin_memory: bool = False
-    read_attempts: int = 5
+    read_attempts: int = defaults.READ_ATTEMPTS
     label_key: str = "label"             # json field with the class label (classification corpora)
-    max_bad_samples: int | None = 10_000  # damaged samples skipped before the run fails (None: no limit)
-    max_bad_fraction: float = 1.0         # ... or this fraction of the samples asked for (mplug2.data.damage)
+    max_bad_samples: int | None = defaults.MAX_BAD_SAMPLES  # damaged samples skipped before the run fails (None: no limit)
+    max_bad_fraction: float = defaults.MAX_BAD_FRACTION  # ... or this fraction of the samples asked for (mplug2.data.damage)
+
+    def __post_init__(self) -> None:
+        if self.augment_on not in defaults.AUGMENT_ON_CHOICES:
+            raise ValueError(f"augment_on must be one of {defaults.AUGMENT_ON_CHOICES}, got {self.augment_on!r}")
+        if self.augment_on == "device" and self.pil_transforms:
+            raise ValueError("augment_on='device' needs the tensor transforms (pil_transforms=False)")
 
     @property
     def streams(self) -> int:
@@ -94,8 +108,9 @@ class CorpusLoader:
                                   shards_in_flight=cfg.shards_in_flight, shuffle_buffer=cfg.shuffle_buffer,
                                   read_attempts=cfg.read_attempts)
         self.stream = CorpusStream(self.index, cfg.corpus, stream_cfg, rank=rank, world_size=world_size)
-        transform = VideoTransform(TransformConfig(res=cfg.res, train=cfg.train, randaug=cfg.randaug,
-                                                   crop_scale=cfg.crop_scale))
+        tcfg = TransformConfig(res=cfg.res, train=cfg.train, randaug=cfg.randaug, crop_scale=cfg.crop_scale)
+        transform = (VideoTransform(tcfg) if cfg.pil_transforms
+                     else TensorTransform(tcfg, augment_on=cfg.augment_on))
         self.builder = BatchBuilder(cfg.corpus, transform, num_frames=cfg.num_frames, seed=cfg.seed,
                                     max_words=cfg.max_words, max_length=cfg.max_length, tokenize=tokenize,
                                     tokenizer_path=cfg.tokenizer, label_key=cfg.label_key)
@@ -136,6 +151,11 @@ class CorpusLoader:
             self.damage.record(batch.pop("skipped", ()), int(batch.pop("requested", 0)))
             if not batch.get("empty"):
                 return batch
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running DataLoader workers (empty before the first batch or without workers):
+        for measuring the loader's CPU cost over all its processes."""
+        return [w.pid for w in getattr(self._it, "_workers", [])]
 
     def close(self) -> None:
         """Stop worker processes (also done on garbage collection)."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Iterator
 
 from mplug2 import storage
+from mplug2.data import defaults
 from mplug2.data.dataset_index import DatasetIndex, ShardInfo
 
 log = logging.getLogger(__name__)
@@ -59,9 +60,9 @@ class StreamConfig:
     batch_size: int
     seed: int = 0
     streams_per_rank: int = 1        # logical streams per rank; DataLoader workers must divide it
-    shards_in_flight: int = 4        # K shards interleaved per stream
-    shuffle_buffer: int = 1000       # samples; 1 disables shuffling
-    read_attempts: int = 5           # per shard, with exponential backoff
+    shards_in_flight: int = defaults.SHARDS_IN_FLIGHT   # K shards interleaved per stream
+    shuffle_buffer: int = defaults.SHUFFLE_BUFFER       # samples; 1 disables shuffling
+    read_attempts: int = defaults.READ_ATTEMPTS         # per shard, with exponential backoff
     retry_base_delay: float = 0.5    # seconds
     read_block_size: int = 8 << 20   # S3 read-ahead
 

@@ -127,7 +127,12 @@ def frames_to_tensor(frames: Sequence[Image.Image], mean: Sequence[float], std: 
 
 
 class VideoTransform:
-    """Frames (an image is a one-frame clip) -> (3, T, res, res) float, CLIP-normalised."""
+    """Frames (an image is a one-frame clip) -> (3, T, res, res) float, CLIP-normalised.
+
+    The PIL reference implementation, one frame at a time; :class:`mplug2.data.augment.TensorTransform` is
+    the fast path the loader uses by default and is checked against this one."""
+
+    lazy_decode = False      # frames arrive fully decoded (TensorTransform decodes them itself, at size)
 
     def __init__(self, cfg: TransformConfig) -> None:
         self.cfg = cfg
@@ -163,17 +168,24 @@ class VideoTransform:
     def with_params(self, frames: Sequence[Image.Image],
                     rng: random.Random | None = None) -> tuple[torch.Tensor, AugParams]:
         """The transformed clip and the parameters drawn for it (the caller mirrors the text on a flip)."""
+        frames = [f if f.mode == "RGB" else f.convert("RGB") for f in frames]
+        params = self.draw_for(frames, rng)
+        out = [self.apply(f, params) for f in frames]
+        return frames_to_tensor(out, self.cfg.mean, self.cfg.std), params
+
+    def draw_for(self, frames: Sequence[Image.Image], rng: random.Random | None) -> AugParams:
+        """Check a clip (frames of one size) and draw its parameters (train) or none (eval)."""
         if not frames:
             raise ValueError("a sample needs at least one frame")
-        frames = [f if f.mode == "RGB" else f.convert("RGB") for f in frames]
         w, h = frames[0].size
         if any(f.size != (w, h) for f in frames):
             raise ValueError(f"frames of one clip differ in size: {sorted({f.size for f in frames})}")
-        if self.cfg.train:
-            if rng is None:
-                raise ValueError("train transforms need a seeded rng (reproducibility)")
-            params = self.draw(w, h, rng)
-        else:
-            params = AugParams()
-        out = [self.apply(f, params) for f in frames]
-        return frames_to_tensor(out, self.cfg.mean, self.cfg.std), params
+        if not self.cfg.train:
+            return AugParams()
+        if rng is None:
+            raise ValueError("train transforms need a seeded rng (reproducibility)")
+        return self.draw(w, h, rng)
+
+    def collate(self, clips: list[torch.Tensor], params: list[AugParams]) -> dict[str, torch.Tensor]:
+        """The batch's pixel fields from its transformed clips."""
+        return {"pixels": torch.stack(clips)}

@@ -55,7 +55,10 @@ def build_optimizer(cfg: TrainConfig, task: nn.Module) -> torch.optim.Optimizer:
     groups = param_groups(task, o.lr, o.lr_vision, o.weight_decay, vision_prefixes=vision_prefixes(task))
     for g in groups:
         g["initial_lr"] = g["lr"]
-    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    from mplug2.train.parallel import optimizer_impl
+
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                             **optimizer_impl(task))
 
 
 def lr_lambda(cfg: TrainConfig):
@@ -92,7 +95,8 @@ def build_train_loader(cfg: TrainConfig, mcfg: MPLUG2Config, rank: int, world_si
             prefix=c.path, corpus=c.name, split=c.split, batch_size=d.batch_size, num_workers=d.num_workers, seed=cfg.seed,
             train=True, res=mcfg.vision.image_res, num_frames=c.num_frames, max_length=d.max_text_len,
             tokenizer=mcfg.tokenizer, shards_in_flight=d.shards_in_flight, shuffle_buffer=d.shuffle_buffer,
-            randaug=d.augment, multiprocessing_context="forkserver" if d.num_workers else None,
+            randaug=d.augment, augment_on=d.augment_on,
+            multiprocessing_context="forkserver" if d.num_workers else None,
             label_key=cfg.label_key, max_bad_samples=d.max_bad_samples, max_bad_fraction=d.max_bad_fraction,
             read_attempts=d.read_attempts,
         )

@@ -16,10 +16,12 @@ from typing import Any
 
 import yaml
 
+from mplug2.data import defaults as loader_defaults
 from mplug2.train.tasks import get_task
 
 STRATEGIES = ("ddp", "fsdp2")   # scale.strategy: mplug2.train.parallel
 PLACEHOLDER = "s3://my-bucket"   # configs/pretrain_base.yaml ships it: a run refuses it by field name
+BLOCK_TYPES = ("vision", "text", "fusion", "decoder")   # scale.activation_checkpointing: mplug2.train.parallel
 
 
 @dataclass
@@ -39,15 +41,16 @@ class DataConfig:
     eval: CorpusConfig | None = None
     batch_size: int = 8          # per rank, per micro-step
     eval_batch_size: int = 16
-    num_workers: int = 0         # DataLoader workers per rank
-    shuffle_buffer: int = 64
-    shards_in_flight: int = 2
-    max_text_len: int = 16
-    augment: bool = True
+    num_workers: int = 0         # DataLoader workers per rank (0: in the trainer process)
+    shuffle_buffer: int = loader_defaults.SHUFFLE_BUFFER
+    shards_in_flight: int = loader_defaults.SHARDS_IN_FLIGHT
+    max_text_len: int = loader_defaults.MAX_TEXT_LEN
+    augment: bool = loader_defaults.AUGMENT
+    augment_on: str = loader_defaults.AUGMENT_ON     # cpu | device (GPU nodes: the CPU only decodes)
     # Damaged shards / samples are skipped and counted; the run fails past either budget (mplug2.data.damage).
-    max_bad_samples: int | None = 10_000
-    max_bad_fraction: float = 1.0
-    read_attempts: int = 5       # per shard read, with backoff; damaged bytes are skipped after these
+    max_bad_samples: int | None = loader_defaults.MAX_BAD_SAMPLES
+    max_bad_fraction: float = loader_defaults.MAX_BAD_FRACTION
+    read_attempts: int = loader_defaults.READ_ATTEMPTS   # per shard read, with backoff; then skipped as damaged
 
 
 @dataclass
@@ -82,6 +85,11 @@ class ScaleConfig:
     precision: str = "fp32"      # fp32 | bf16
     backend: str | None = None   # default: nccl with GPUs, gloo otherwise
     timeout_s: int = 900
+    compile: bool = False        # torch.compile every transformer block (mplug2.train.parallel.compile_blocks)
+    # block types recomputed in backward (activation checkpointing): any of vision, text, fusion, decoder;
+    # None keeps the model config's `activation_checkpointing` (all or nothing)
+    activation_checkpointing: list[str] | None = None
+    peak_tflops: float | None = None   # dense bf16 peak per device for MFU; None: mplug2.train.flops table
 
 
 @dataclass
@@ -124,6 +132,13 @@ class TrainConfig:
         if self.scale.strategy not in STRATEGIES:
             raise ValueError(f"scale.strategy must be one of {STRATEGIES}, got {self.scale.strategy!r} "
                              "(fsdp2 = torch fully_shard, not Ray's FSDP1 prepare_model)")
+        if self.data.augment_on not in loader_defaults.AUGMENT_ON_CHOICES:
+            raise ValueError(f"data.augment_on must be one of {loader_defaults.AUGMENT_ON_CHOICES}, "
+                             f"got {self.data.augment_on!r}")
+        bad = set(self.scale.activation_checkpointing or ()) - set(BLOCK_TYPES)
+        if bad:
+            raise ValueError(f"scale.activation_checkpointing: unknown block types {sorted(bad)}; "
+                             f"choose from {BLOCK_TYPES}")
         if self.scale.precision not in ("fp32", "bf16"):
             raise ValueError(f"scale.precision must be 'fp32' or 'bf16', got {self.scale.precision!r}")
         if not self.run_name or "/" in self.run_name:

@@ -19,6 +19,7 @@ import random
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -29,8 +30,10 @@ import torch.distributed as dist
 from torch import nn
 
 from mplug2 import storage
+from mplug2.data.augment import finish_batch
 from mplug2.runtime import setup_process_env
 from mplug2.train import build, parallel
+from mplug2.train.flops import StepFlops, peak_tflops
 from mplug2.train.checkpoint import (
     STEP_PREFIX, commit_checkpoint, find_latest_valid, list_step_checkpoints, load_checkpoint, save_checkpoint,
     upload_checkpoint,
@@ -39,18 +42,26 @@ from mplug2.train.config import TrainConfig
 from mplug2.train.evalset import cached_eval_set
 from mplug2.train.metrics import MetricsLogger, plot_curves
 from mplug2.train.tasks import EvalContext, get_task
+from mplug2.train.uploader import BackgroundUploader
 
 log = logging.getLogger("mplug2.train")
 
 
 
 class Hooks(Protocol):
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, step: int) -> None: ...
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, step: int) -> None:
+        """Report a step; a ``checkpoint_dir`` is uploaded in the background and then deleted by the hooks."""
+    def wait_for_upload(self, block: bool = True) -> None:
+        """Block until the checkpoint upload in flight (if any) ended; raise its error (``block=False``: raise
+        the error of an upload that already failed, do not wait)."""
     def resume_from(self) -> str | None: ...
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    """Move a batch to ``device`` and finish its pixels there when the loader left that to the device
+    (``data.augment_on: device``)."""
+    moved = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return finish_batch(moved)
 
 
 def _seed_all(seed: int) -> None:
@@ -63,6 +74,7 @@ def _seed_all(seed: int) -> None:
 class StepTimes:
     data_wait_s: float = 0.0
     step_time_s: float = 0.0
+    flops: float = 0.0            # this device's FLOPs in the step (forward + backward of every micro-batch)
 
 
 class TrainLoop:
@@ -95,8 +107,11 @@ class TrainLoop:
         self.step = 0
         _seed_all(cfg.seed * 1000 + rank + 1)                  # per-rank masking / negatives / dropout
         self.log_dir = self._log_dir()
+        peak = peak_tflops(device, cfg.scale.peak_tflops)
         self.metrics = MetricsLogger(self.log_dir, rank=rank, num_devices=world_size,
-                                     peak_flops=float(os.environ.get("MPLUG2_PEAK_FLOPS", 0)) or None)
+                                     peak_flops=peak * 1e12 if peak else None)
+        self.flops = StepFlops()                               # FLOPs per batch shape, measured once each
+        self._log_uploader = BackgroundUploader("mplug2-log-upload")
         self.best: float | None = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -106,6 +121,9 @@ class TrainLoop:
         # retrieval), and image batches (T=1) bypass the local temporal modules. Only all-video pretraining
         # uses everything.
         all_video = all(c.num_frames > 1 for c in self.cfg.data.train)
+        parallel.set_activation_checkpointing(task, self.cfg.scale.activation_checkpointing)
+        if self.cfg.scale.compile:
+            parallel.compile_blocks(task)
         return parallel.wrap(task, strategy=self.cfg.scale.strategy, device=self.device,
                              world_size=self.world_size, precision=self.cfg.scale.precision,
                              find_unused_parameters=not (self.spec.uses_every_parameter and all_video),
@@ -121,14 +139,24 @@ class TrainLoop:
                 f.write(storage.read_bytes(remote))
         return local
 
-    def _sync_logs(self) -> None:
+    def _sync_logs(self, background: bool = False) -> None:
+        """Copy the local logs to the run's storage; ``background``: in a thread, off the training's critical
+        path (one sync at a time; a failure surfaces at the next sync)."""
         if self.rank != 0 or not storage.is_remote(self.run_dir):
             return
         self.metrics.flush()
-        for name in os.listdir(self.log_dir):
-            local = os.path.join(self.log_dir, name)
-            if os.path.isfile(local):
-                storage.upload_file(local, storage.join(self.run_dir, "logs", name))
+
+        def upload() -> None:
+            for name in os.listdir(self.log_dir):
+                local = os.path.join(self.log_dir, name)
+                if os.path.isfile(local):
+                    storage.upload_file(local, storage.join(self.run_dir, "logs", name))
+
+        if background:
+            self._log_uploader.submit(upload, "logs")
+        else:
+            self._log_uploader.wait()
+            upload()
 
     # ----------------------------------------------------------------------------------- checkpoints
     def restore(self) -> None:
@@ -158,9 +186,13 @@ class TrainLoop:
                  orchestrator)
 
     def save(self, metrics: dict[str, float]) -> float:
-        """Write this rank's checkpoint part into a fresh local folder and report it; returns seconds spent."""
+        """Write this rank's checkpoint part into a fresh local folder and report it; returns seconds spent.
+
+        The upload runs in the background while training goes on; the previous one must have ended first
+        (one upload in flight, in step order; its error surfaces here)."""
         t0 = time.perf_counter()
-        local = tempfile.mkdtemp(prefix="mplug2-ckpt-")    # must outlive report(): Ray uploads from it
+        self.hooks.wait_for_upload()
+        local = tempfile.mkdtemp(prefix="mplug2-ckpt-")    # the hooks delete it once uploaded
         save_checkpoint(local, model=self.task, optimizer=self.optimizer, scheduler=self.scheduler,
                         step=self.step, extra={"best": self.best}, rank=self.rank, world_size=self.world_size,
                         data_state=self.loader.state_dict(), config_fingerprint=self.cfg.fingerprint(),
@@ -168,9 +200,8 @@ class TrainLoop:
         if self.rank == 0:   # each rank reports its own folder; Ray merges them; markers checked on load
             commit_checkpoint(local, step=self.step, world_size=self.world_size,
                               config_fingerprint=self.cfg.fingerprint(), wait_for_ranks_s=0)
-        self._sync_logs()
+        self._sync_logs(background=True)
         self.hooks.report(metrics, local, self.step)
-        shutil.rmtree(local, ignore_errors=True)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------- steps
@@ -211,11 +242,12 @@ class TrainLoop:
             epochs += [int(batch.get("epoch", -1))] * n
             corpora += [str(batch.get("corpus", ""))] * n
             batch = _to_device(batch, self.device)
-            with parallel.grad_sync(self.ddp, sync=micro == k - 1):   # reduce on the last micro-batch only
-                with autocast:
+            with self.flops.measure(batch), parallel.grad_sync(self.ddp, sync=micro == k - 1):   # reduce on
+                with autocast:                                                                     # the last only
                     out = self.ddp(batch)
                     loss = out["loss"].float() / k
                 loss.backward()
+            times.flops += self.flops.of(batch)
             for name, v in out.items():   # kept on the device: one host sync per step, not per value
                 if isinstance(v, torch.Tensor) and v.numel() == 1:
                     totals[name] = totals.get(name, 0.0) + v.detach().float() / k
@@ -260,13 +292,15 @@ class TrainLoop:
         bar = progress_bar(self.rank, s.total_steps, self.step, f"{cfg.task} {cfg.run_name}")
         while self.step < s.total_steps:
             values, times = self.train_step()
+            self.hooks.wait_for_upload(block=False)     # a failed background upload stops the run now
             bar.update(1)
             bar.set_postfix(loss=f"{values.get('loss', float('nan')):.3f}",
                             samples_s=f"{global_batch / max(times.step_time_s, 1e-9):.1f}", refresh=False)
             self._inject_fault()
             metrics = {f"loss/{k}" if k in ("loss", "itc", "itm", "mlm", "prefix_lm") else k: v
                        for k, v in values.items()}
-            metrics.update(step_time_s=times.step_time_s, data_wait_s=times.data_wait_s, ckpt_wait_s=ckpt_wait)
+            metrics.update(step_time_s=times.step_time_s, data_wait_s=times.data_wait_s, ckpt_wait_s=ckpt_wait,
+                           step_flops=times.flops)
             last = self.metrics.log_step(self.step, metrics, samples=global_batch) or metrics
             if self.rank == 0 and (self.step % s.log_every_steps == 0 or self.step == 1):
                 log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s data-wait %.0f%%", self.step,
@@ -282,6 +316,7 @@ class TrainLoop:
                 last.update(scores)
                 self.hooks.report({"step": self.step, **{k: float(v) for k, v in last.items()}}, None, self.step)
         bar.close()
+        self.hooks.wait_for_upload()            # success means every checkpoint is on storage
         self.finish()
         return last
 
@@ -349,6 +384,7 @@ class TrainLoop:
         self.loader.close()
         self.export("final")        # every rank: FSDP2 gathers the shards, rank 0 writes
         if self.rank == 0:
+            self._log_uploader.wait()          # the jsonl is rewritten below: no upload may be reading it
             self.metrics.flush()
             jsonl = os.path.join(self.log_dir, "metrics.jsonl")
             if os.path.exists(jsonl):
@@ -392,15 +428,43 @@ class RayHooks:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self._upload_done: threading.Event | None = None
+        self._upload_error: BaseException | None = None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None, step: int) -> None:
+        """A checkpoint goes up in Ray's ASYNC mode: Ray runs :meth:`_upload` in its upload thread, registers
+        the checkpoint after it (in report order), deletes the local folder, raises an upload error in this
+        worker, and waits for the last upload when the training function returns. The event below adds the
+        depth-1 queue (:meth:`wait_for_upload`)."""
         import ray.train
+        from ray.train import CheckpointUploadMode
 
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
+        done = self._upload_done = threading.Event()
+
+        def upload(checkpoint, dir_name: str):
+            try:
+                return self._upload(checkpoint, dir_name)
+            except BaseException as exc:
+                self._upload_error = exc
+                raise
+            finally:
+                done.set()
+
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
-                         checkpoint_dir_name=f"{STEP_PREFIX}{step:08d}", checkpoint_upload_fn=self._upload)
+                         checkpoint_dir_name=f"{STEP_PREFIX}{step:08d}", checkpoint_upload_fn=upload,
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                         delete_local_checkpoint_after_upload=True)
+
+    def wait_for_upload(self, block: bool = True) -> None:
+        if self._upload_done is not None and (block or self._upload_done.is_set()):
+            self._upload_done.wait()
+            self._upload_done = None
+        if self._upload_error is not None:
+            error, self._upload_error = self._upload_error, None
+            raise error
 
     def _upload(self, checkpoint, dir_name: str):
         """Ray's own upload (pyarrow ``copy_files``) has no retries (ray#55350) and no order; ours retries each
@@ -447,13 +511,32 @@ class LocalHooks:
     def __init__(self, cfg: TrainConfig, rank: int):
         self.cfg, self.rank = cfg, rank
         self.run_dir = storage.join(cfg.storage, cfg.run_name)
+        self.uploader = BackgroundUploader()
+        self._uploaded = False
 
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None, step: int) -> None:
-        if checkpoint_dir is not None:   # markers and manifest last; retried through an S3 restart
-            upload_checkpoint(checkpoint_dir, storage.join(self.run_dir, f"{STEP_PREFIX}{step:08d}"))
+        if checkpoint_dir is None:
+            return
+        dest = storage.join(self.run_dir, f"{STEP_PREFIX}{step:08d}")
+
+        def upload() -> None:             # markers and manifest last; retried through an S3 restart
+            try:
+                upload_checkpoint(checkpoint_dir, dest)
+            finally:
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+        self.uploader.submit(upload, f"{STEP_PREFIX}{step:08d}")
+        self._uploaded = True
+
+    def wait_for_upload(self, block: bool = True) -> None:
+        """This rank's upload ended; then every rank's (a barrier), so rank 0 may prune old checkpoints."""
+        self.uploader.wait(block)
+        if not block or not self._uploaded:
+            return
+        self._uploaded = False
         if dist.is_initialized():
             dist.barrier()
-        if self.rank == 0 and checkpoint_dir is not None:
+        if self.rank == 0:
             self._prune()
 
     def _prune(self) -> None:

@@ -3,7 +3,9 @@
 Ray Train V2 keeps only metrics attached to checkpoints, so per-step numbers go straight from rank 0 to
 TensorBoard (``training-and-ops.md`` §1.3); the jsonl copy makes runs diffable and plottable without TB.
 MFU = (FLOPs per sample x samples/s per device) / peak FLOP/s, with FLOPs per sample measured once
-(:func:`flops_per_sample`, ``torch.utils.flop_counter`` on a real forward + backward).
+(:func:`flops_per_sample`, ``torch.utils.flop_counter`` on a real forward + backward), or, from the training
+loop, achieved FLOP/s = ``step_flops`` (this device's FLOPs in the step, :class:`mplug2.train.flops.StepFlops`)
+/ step time; the peak comes from :func:`mplug2.train.flops.peak_tflops`.
 """
 
 from __future__ import annotations
@@ -19,10 +21,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MetricsLogger", "plot_curves", "flops_per_sample", "PEAK_FLOPS"]
-
-# Dense bf16 peaks (datasheets), for the MFU estimate.
-PEAK_FLOPS = {"A100": 312e12, "H100-SXM": 989e12, "H100-PCIe": 756e12, "H200": 989e12}
+__all__ = ["MetricsLogger", "plot_curves", "flops_per_sample"]
 
 
 def flops_per_sample(step_fn: Callable[[], Any], batch_size: int) -> float:
@@ -39,7 +38,9 @@ class MetricsLogger:
     """Log scalars per step on rank 0 (other ranks get a no-op logger, so the loop needs no rank checks).
 
     Derived values, when their inputs are given to :meth:`log_step`: ``samples_per_s`` (= samples / step_time),
-    ``samples_per_s_per_device``, ``data_wait_frac`` (= data_wait_s / step_time), ``mfu``.
+    ``samples_per_s_per_device``, ``data_wait_frac`` (= data_wait_s / step_time), ``tflops`` (achieved TFLOP/s
+    per device, from ``step_flops``), ``mfu`` (needs ``peak_flops``: without one, e.g. on a CPU with no
+    ``scale.peak_tflops``, MFU is not logged and a line says so once).
     """
 
     def __init__(self, log_dir: str, *, rank: int = 0, flops_per_sample: float | None = None,
@@ -51,6 +52,7 @@ class MetricsLogger:
         self._writer = None
         self._jsonl = None
         self._n = 0
+        self._warned_no_peak = False
         if self.enabled:
             os.makedirs(log_dir, exist_ok=True)
             from torch.utils.tensorboard import SummaryWriter
@@ -69,6 +71,14 @@ class MetricsLogger:
                     out["mfu"] = self.flops_per_sample * out["samples_per_s_per_device"] / self.peak_flops
             if "data_wait_s" in metrics:
                 out["data_wait_frac"] = metrics["data_wait_s"] / step_time
+            if metrics.get("step_flops"):
+                out["tflops"] = metrics["step_flops"] / step_time / 1e12
+                if self.peak_flops:
+                    out["mfu"] = out["tflops"] * 1e12 / self.peak_flops
+                elif not self._warned_no_peak:
+                    self._warned_no_peak = True
+                    log.info("MFU not logged: no peak FLOP/s known for this device (set scale.peak_tflops); "
+                             "achieved TFLOP/s is logged as `tflops`")
         return out
 
     def log_step(self, step: int, metrics: Mapping[str, float], *, samples: int | None = None) -> dict[str, float]:

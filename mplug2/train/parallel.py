@@ -31,12 +31,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mplug2.train.config import STRATEGIES
+from mplug2.train.config import BLOCK_TYPES, STRATEGIES
 
 log = logging.getLogger(__name__)
 
 __all__ = ["STRATEGIES", "wrap", "is_fsdp", "shard_units", "grad_sync", "clip_grad_norm_", "autocast",
-           "full_weights", "full_state_dict"]
+           "full_weights", "full_state_dict", "set_activation_checkpointing", "compile_blocks", "optimizer_impl"]
 
 
 def is_fsdp(module: nn.Module) -> bool:
@@ -81,6 +81,53 @@ def shard_units(task: nn.Module) -> list[nn.Module]:
                 else:
                     add(layer)
     return units
+
+
+def _encoder_types() -> dict[str, type]:
+    from mplug2.models.decoder import TextDecoder
+    from mplug2.models.fusion import FusionEncoder
+    from mplug2.models.text import TextEncoder
+    from mplug2.models.vision import VisionEncoder
+
+    return {"vision": VisionEncoder, "text": TextEncoder, "fusion": FusionEncoder, "decoder": TextDecoder}
+
+
+def set_activation_checkpointing(task: nn.Module, block_types: list[str] | None) -> dict[str, int]:
+    """Recompute the blocks of the listed types in backward, and only those (``scale.activation_checkpointing``;
+    None leaves the model config's all-or-nothing setting). Video frames make the vision blocks' activations
+    the largest by far, so ``[vision]`` saves most memory for the least recompute. Returns encoders per type
+    switched on."""
+    if block_types is None:
+        return {}
+    unknown = set(block_types) - set(BLOCK_TYPES)
+    if unknown:
+        raise ValueError(f"unknown block types {sorted(unknown)}; choose from {BLOCK_TYPES}")
+    counts = dict.fromkeys(BLOCK_TYPES, 0)
+    for kind, cls in _encoder_types().items():
+        for m in task.modules():
+            if isinstance(m, cls):
+                m.activation_checkpointing = kind in block_types
+                counts[kind] += kind in block_types
+    return counts
+
+
+def compile_blocks(task: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every transformer block in place (the FSDP2 units of :func:`shard_units`), as
+    torchtitan does: blocks take tensors only, so graphs stay stable whatever the batch dict holds, and
+    parameter names (checkpoints) do not change. Call before :func:`wrap`. Returns the number compiled.
+    ``backend``: torch.compile's (``aot_eager`` captures the same graphs without generating kernels)."""
+    units = shard_units(task)
+    for unit in units:
+        unit.compile(backend=backend)
+    log.info("torch.compile: %d blocks", len(units))
+    return len(units)
+
+
+def optimizer_impl(task: nn.Module) -> dict[str, bool]:
+    """AdamW implementation flags: the fused CUDA kernel when the parameters live on a GPU, the multi-tensor
+    (foreach) path otherwise."""
+    on_cuda = any(p.is_cuda for p in task.parameters())
+    return {"fused": True} if on_cuda else {"foreach": True}
 
 
 def wrap(task: nn.Module, *, strategy: str, device: torch.device, world_size: int, precision: str = "fp32",

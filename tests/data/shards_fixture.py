@@ -30,9 +30,18 @@ class ShardSet:
         return [k for shard in self.keys for k in shard]
 
 
-def _jpeg(rng: np.random.Generator, size: tuple[int, int], base: np.ndarray) -> bytes:
+def _jpeg(rng: np.random.Generator, size: tuple[int, int], base: np.ndarray, texture: str = "noise") -> bytes:
+    """``noise``: flat colour + uniform +-30 noise per pixel (worst-case JPEG entropy, tiny files for tests);
+    ``natural``: a smooth random colour field + mild noise, closer to a photo's JPEG size and decode cost."""
     w, h = size
-    arr = np.clip(base + rng.integers(-30, 30, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    if texture == "natural":
+        field = rng.integers(0, 256, size=(max(2, h // 32), max(2, w // 32), 3)).astype(np.uint8)
+        smooth = np.asarray(Image.fromarray(field).resize((w, h), Image.Resampling.BICUBIC), dtype=np.int64)
+        arr = np.clip((smooth + base) // 2 + rng.integers(-4, 5, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    elif texture == "noise":
+        arr = np.clip(base + rng.integers(-30, 30, size=(h, w, 3)), 0, 255).astype(np.uint8)
+    else:
+        raise ValueError(f"texture must be 'noise' or 'natural', got {texture!r}")
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -46,7 +55,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_shards(prefix: str, samples_per_shard: Sequence[int], *, frames: int = 0, size: tuple[int, int] = (40, 32),
                  split: str = "train", captions_per_sample: int = 1, write_dataset_json: bool = True,
-                 seed: int = 0) -> ShardSet:
+                 seed: int = 0, texture: str = "noise") -> ShardSet:
     """Write ``len(samples_per_shard)`` shards; ``frames=0`` makes image samples (``jpg``), else video
     samples with ``frames`` fields ``f000.jpg..``. Returns the keys per shard."""
     rng = np.random.default_rng(seed)
@@ -66,10 +75,10 @@ def write_shards(prefix: str, samples_per_shard: Sequence[int], *, frames: int =
                           "txt": caps[0].encode()}
                 if frames:
                     for f in range(frames):
-                        fields[f"f{f:03d}.jpg"] = _jpeg(rng, size, base + 8 * f)
+                        fields[f"f{f:03d}.jpg"] = _jpeg(rng, size, base + 8 * f, texture)
                     meta["num_frames"] = frames
                 else:
-                    fields["jpg"] = _jpeg(rng, size, base)
+                    fields["jpg"] = _jpeg(rng, size, base, texture)
                 for name in sorted(fields):
                     _add(tar, f"{key}.{name}", fields[name])
                 keys.append(key)

@@ -1,0 +1,68 @@
+"""Checkpoint uploads off the training thread, one at a time (a queue of depth 1).
+
+Training continues while a checkpoint goes up; the next save first waits for the previous upload to end, so
+at most one upload is in flight (never two of the same step, never a growing backlog of local folders when
+storage is slower than the checkpoint interval), uploads finish in step order, and an upload's error is
+raised in the training thread at the next save or at the end of the run (:meth:`wait`), never lost.
+The commit protocol is the upload function's business (:func:`mplug2.train.checkpoint.upload_checkpoint`:
+payload, markers, manifest last); this module only decides *when* it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BackgroundUploader"]
+
+
+class BackgroundUploader:
+    """Run one upload at a time in a daemon thread; :meth:`submit` and :meth:`wait` re-raise its error."""
+
+    def __init__(self, name: str = "mplug2-ckpt-upload") -> None:
+        self.name = name
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._label = ""
+
+    @property
+    def busy(self) -> bool:
+        """True while an upload runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, upload: Callable[[], object], label: str) -> float:
+        """Wait for the previous upload (raising its error), then start ``upload`` in the background.
+        Returns the seconds spent waiting for the previous one."""
+        waited = self.wait()
+        self._label = label
+
+        def run() -> None:
+            try:
+                upload()
+            except BaseException as exc:      # handed to the training thread by wait()
+                log.error("background upload of %s failed: %r", label, exc)
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name=f"{self.name}-{label}", daemon=True)
+        self._thread.start()
+        return waited
+
+    def wait(self, block: bool = True) -> float:
+        """Block until the running upload (if any) ended; raise its error. Returns the seconds waited.
+        ``block=False`` only raises the error of an upload that already failed (a check after every step,
+        so a dead storage stops the run within its retry deadline, not at the next checkpoint)."""
+        t0 = time.perf_counter()
+        if self._thread is not None and (block or not self._thread.is_alive()):
+            self._thread.join()
+            self._thread = None
+        waited = time.perf_counter() - t0
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        if waited > 0.05:
+            log.info("waited %.2fs for the upload of %s", waited, self._label)
+        return waited
