@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.cli import config_from_args
     from pipelines.errors import ConfigError
     from pipelines.run import preprocess
-    from pipelines.shards import LeaseError
+    from pipelines.lease import LeaseError
 
     from mplug2.storage import StorageCredentialsError
 

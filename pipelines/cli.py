@@ -20,7 +20,7 @@ from pipelines.config import EXECUTORS, FORMATS, MODALITIES, MODES, PRESETS, SAM
 from pipelines.errors import EXIT_BAD_INVOCATION, ConfigError
 from pipelines.preflight import credentials_error
 from pipelines.resize import RESIZE_MODES
-from pipelines.shards import LeaseError
+from pipelines.lease import LeaseError
 
 HELP: dict[str, str] = {
     "manifest": "manifest file(s), folder(s) or glob(s), local or s3:// (read in sorted order)",

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 from mplug2.runtime import setup_process_env
 from pipelines import shards
+from pipelines.lease import WriterLease
 from pipelines.config import PreprocessConfig
 from mplug2.storage import StorageUnavailableError
 from pipelines.errors import shard_error_is_retryable
@@ -138,12 +139,12 @@ def _preprocess(config: PreprocessConfig, out: shards.Output, fp: str, summary: 
 
 
 def _drive_pool(config: PreprocessConfig, config_dict: dict, executor, first: ShardTask, tasks: Iterator[ShardTask],
-           lease: shards.WriterLease, summary: RunSummary, t0: float, unconfirmed: bool = False) -> None:
+           lease: WriterLease, summary: RunSummary, t0: float, unconfirmed: bool = False) -> None:
     """Submit shard tasks with bounded concurrency; collect, retry, time out, report progress.
 
     ``unconfirmed``: the lease has not settled yet; tasks are submitted with ``commit_not_before`` (they
     wait out the settle delay before their commit-time lease check) and the lease is confirmed once the
-    first tasks run (a lost lease raises :class:`~pipelines.shards.LeaseError` here; no shard commits).
+    first tasks run (a lost lease raises :class:`~pipelines.lease.LeaseError` here; no shard commits).
     """
     from tqdm import tqdm
 
@@ -217,7 +218,7 @@ def _drive_pool(config: PreprocessConfig, config_dict: dict, executor, first: Sh
         bar.close()
 
 
-def _settle_held(config: PreprocessConfig, config_dict: dict, executor, lease: shards.WriterLease,
+def _settle_held(config: PreprocessConfig, config_dict: dict, executor, lease: WriterLease,
                  summary: RunSummary, t0: float) -> None:
     """Shards held back because every row failed: if some row of the run succeeded, they are real (dead
     links) and run again to commit; if none did, the set-up is wrong: count them, commit nothing."""
@@ -284,7 +285,7 @@ def _record(task: ShardTask, stats: dict, summary: RunSummary) -> None:
 
 
 def _drive_stream(config: PreprocessConfig, executor: RayDataExecutor, first: ShardTask,
-                  tasks: Iterator[ShardTask], lease: shards.WriterLease, summary: RunSummary, t0: float) -> None:
+                  tasks: Iterator[ShardTask], lease: WriterLease, summary: RunSummary, t0: float) -> None:
     """Feed the plan to the Ray Data pipeline in windows; retry failed shards in the next window.
 
     The lease is confirmed before the first shard (Ray's start-up covers its settle delay). Deadlines

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from pipelines import shards
+from pipelines.lease import WriterLease
 from pipelines.config import PreprocessConfig
 from pipelines.errors import ConfigError
 from pipelines.preflight import check_manifest_provenance, check_output
@@ -82,7 +83,7 @@ def check_fingerprints(existing: dict[int, dict], prev: dict | None, fp: str) ->
 class Prepared:
     """Everything start-up checks and planning produce before the first shard is submitted."""
 
-    lease: shards.WriterLease
+    lease: WriterLease
     prev: dict | None
     existing: dict[int, dict]
     pending: dict | None
@@ -103,7 +104,7 @@ def prepare(config: PreprocessConfig, out: shards.Output, fp: str, summary: RunS
     log.info("%d manifest file(s); columns %s", len(paths), {p: cm.url for p, cm in cmaps.items()})
 
     out.ensure()
-    lease = shards.WriterLease(out, ttl_s=config.lease_ttl_s)
+    lease = WriterLease(out, ttl_s=config.lease_ttl_s)
     lease.acquire(force=config.force_unlock, settle=False)
     try:
         if not out.remote:  # staging folders of killed runs (never contract objects)

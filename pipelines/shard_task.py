@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from pipelines import shards
+from pipelines.lease import LeaseError, lease_owner_ok
 from pipelines.config import PreprocessConfig
 from pipelines.errors import INTERNAL_ERROR, RETRYABLE, TIMEOUT, SampleError
 from pipelines.rows import RowOutcome, RowProcessor, fail_record, internal_outcome
@@ -268,8 +269,8 @@ def write_and_commit(config: PreprocessConfig, out: shards.Output, task: ShardTa
         wait = task.commit_not_before - time.time()
         if wait > 0:  # submitted before the driver confirmed the lease: check ownership after it settled
             time.sleep(wait)
-        if task.lease_owner and not shards.lease_owner_ok(config.output, task.lease_owner):
-            raise shards.LeaseError(f"shard {task.shard}: writer lease lost, not committing")
+        if task.lease_owner and not lease_owner_ok(config.output, task.lease_owner):
+            raise LeaseError(f"shard {task.shard}: writer lease lost, not committing")
         if task.retry_failed:  # uncommit first (marker, then tar): a crash mid-rewrite leaves it to be redone
             out.delete(shards.shard_name(config.split, task.shard, "_stats.json"))
             out.delete(shards.shard_name(config.split, task.shard, ".tar"))

@@ -11,6 +11,7 @@ import types
 import pytest
 
 from pipelines import shards
+from pipelines.lease import LeaseError, WriterLease
 from pipelines.config import PreprocessConfig
 from pipelines.run import choose_executor, ray_cluster_available
 from pipelines.shard_task import ShardTask, run_shard
@@ -74,7 +75,7 @@ def test_early_task_checks_the_lease_only_after_it_settled(tmp_path):
     man.write_text(f'{{"url": "{img}", "caption": "one"}}\n')
     out = tmp_path / "out"
     cfg = PreprocessConfig(manifest=[str(man)], output=str(out), threads=2)
-    mine = shards.WriterLease(shards.Output(str(out)), settle_s=1.0)
+    mine = WriterLease(shards.Output(str(out)), settle_s=1.0)
     mine.out.ensure()
     mine.acquire(settle=False)
     assert mine.settles_at > time.time() + 0.5
@@ -84,12 +85,12 @@ def test_early_task_checks_the_lease_only_after_it_settled(tmp_path):
 
     def rival() -> None:  # another run writes the lease 0.3 s later, inside the settle window
         time.sleep(0.3)
-        shards.WriterLease(shards.Output(str(out))).acquire(force=True, settle=False)
+        WriterLease(shards.Output(str(out))).acquire(force=True, settle=False)
 
     t = threading.Thread(target=rival)
     t.start()
     t0 = time.time()
-    with pytest.raises(shards.LeaseError):
+    with pytest.raises(LeaseError):
         run_shard(cfg.to_dict(), task)
     t.join()
     assert time.time() - t0 >= 0.5  # it did wait for the settle time

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import shards
+from pipelines.lease import LeaseError, WriterLease, lease_owner_ok
 from pipelines.verify import verify_shard_bytes
 
 SAMPLES = {
@@ -84,21 +85,21 @@ def test_parquet_sidecar_schema_and_failures():
 
 def test_writer_lease(tmp_path):
     out = shards.Output(str(tmp_path))
-    a = shards.WriterLease(out, ttl_s=60, settle_s=0)
+    a = WriterLease(out, ttl_s=60, settle_s=0)
     a.acquire()
-    b = shards.WriterLease(out, ttl_s=60, settle_s=0)
-    with pytest.raises(shards.LeaseError, match="being written by"):
+    b = WriterLease(out, ttl_s=60, settle_s=0)
+    with pytest.raises(LeaseError, match="being written by"):
         b.acquire()
-    assert shards.lease_owner_ok(out.url, a.owner) and not shards.lease_owner_ok(out.url, b.owner)
+    assert lease_owner_ok(out.url, a.owner) and not lease_owner_ok(out.url, b.owner)
     b.acquire(force=True)  # takeover: a's tasks must now refuse to commit
-    assert not shards.lease_owner_ok(out.url, a.owner)
-    with pytest.raises(shards.LeaseError, match="lost"):
+    assert not lease_owner_ok(out.url, a.owner)
+    with pytest.raises(LeaseError, match="lost"):
         a.check()
     b.release()
     assert not out.exists(shards.LOCK_NAME)
     # a lease whose owner process on this host is dead is stale
     rec = {"owner": "x", "host": __import__("socket").gethostname(), "pid": 2 ** 22 + 12345, "heartbeat": 9e18}
-    assert shards.WriterLease.is_stale(rec, 60)
+    assert WriterLease.is_stale(rec, 60)
 
 
 def test_tar_bytes_equal_pythons_own_ustar_writer(tmp_path):
