@@ -1,6 +1,6 @@
 """The tensor training transform (mplug2.data.augment) against the PIL reference (mplug2.data.transforms):
 same draws, same pixels within a grey level or two, same output statistics; the flip reaches the caption on both
-``augment_on`` settings; DCT-scaled decoding of large JPEGs; damaged pixel data is a SampleError."""
+``augment_on`` settings; DCT-scaled decoding of large JPEGs; damaged pixel data is a skipped, counted sample."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from mplug2.data.augment import OP_IDS, TensorTransform, augment_batch, finish_batch
-from mplug2.data.collate import BatchBuilder, SampleError
+from mplug2.data.collate import BatchBuilder
 from mplug2.data.stream import RawBatch
 from mplug2.data.transforms import RANDAUG_OPS, AugParams, TransformConfig, VideoTransform
 
@@ -144,10 +144,19 @@ def test_large_jpeg_is_decoded_at_the_size_needed():
     assert np.median(diffs) < 3.0, diffs
 
 
-def test_damaged_pixel_data_is_a_sample_error():
+def test_damaged_pixel_data_is_a_skipped_sample_naming_its_shard_and_key():
+    # The lazy decode reads pixels only in the transform: a cut-short JPEG found there is skipped and counted
+    # like one found while reading the tar (mplug2.data.damage), with the shard and the sample key.
     good = _photo(6)
-    sample = {"__key__": "000000_000000", "jpg": good[: len(good) // 3], "txt": b"cut short"}
+    bad = {"__key__": "000000_000000", "jpg": good[: len(good) // 3], "txt": b"cut short"}
+    ok = {"__key__": "000000_000001", "jpg": good, "txt": b"a photo"}
     builder = BatchBuilder("c", TensorTransform(TransformConfig(res=16)), num_frames=1, seed=0,
-                           tokenize=lambda texts, n: {"input_ids": [[1]], "attention_mask": [[1]]})
-    with pytest.raises(SampleError, match="000000_000000"):
-        builder(RawBatch(0, 0, [sample]))
+                           tokenize=lambda texts, n: {"input_ids": [[1]] * len(texts),
+                                                      "attention_mask": [[1]] * len(texts)})
+    out = builder(RawBatch(0, 0, [bad], shards=["train-000000.tar"]))
+    assert out.get("empty") and len(out["skipped"]) == 1
+    shard, why = out["skipped"][0]
+    assert shard == "train-000000.tar" and "000000_000000" in why
+    out = builder(RawBatch(0, 1, [bad, ok], shards=["train-000000.tar"] * 2))
+    assert out["keys"] == ["000000_000001", "000000_000001"]        # the hole filled: the batch keeps its size
+    assert [s for s, _ in out["skipped"]] == ["train-000000.tar"]
