@@ -71,6 +71,11 @@ def sample_hard_negatives(local_i2t: Tensor, local_t2i: Tensor, ids: Tensor | No
         raise ValueError(
             f"ITM: rows {rows} have no valid negative in the local batch of {b} "
             "(every other item is the positive or shares its id or caption); use a larger or more diverse batch")
+    return _draw(local_i2t, local_t2i, valid, generator)
+
+
+def _draw(local_i2t: Tensor, local_t2i: Tensor, valid: Tensor,
+          generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     neg = float("-inf")
     w_i2t = F.softmax(local_i2t.float().masked_fill(~valid, neg), dim=1)
     w_t2i = F.softmax(local_t2i.float().masked_fill(~valid, neg), dim=1)
@@ -82,9 +87,21 @@ def sample_hard_negatives(local_i2t: Tensor, local_t2i: Tensor, ids: Tensor | No
 def itm_loss(fuse: FuseFn, head: ITMHead, vis: Tensor, vis_mask: Tensor, text: Tensor, text_mask: Tensor,
              local_i2t: Tensor, local_t2i: Tensor, ids: Tensor | None = None,
              generator: torch.Generator | None = None, text_ids: Tensor | None = None) -> ITMOutput:
-    """B positives plus 2B hard negatives through ``fuse`` in one call; CE on the ITM head."""
+    """B positives plus 2B hard negatives through ``fuse`` in one call; CE on the ITM head.
+
+    A row with no valid negative (every other item of the local batch is the same sample or has the same
+    caption: e.g. a batch whose damaged samples were filled with repeats of the one readable sample) pairs
+    with itself and its negatives weigh nothing, so one such batch never stops a run; its positive still counts.
+    """
     b = vis.shape[0]
-    neg_t, neg_v = sample_hard_negatives(local_i2t, local_t2i, ids, generator, text_ids)
+    if local_i2t.shape != (b, b) or local_t2i.shape != (b, b):
+        raise ValueError(f"ITM needs square local similarity blocks, got {tuple(local_i2t.shape)}")
+    valid = _valid_mask(b, ids, local_i2t.device, text_ids)
+    has_neg = valid.any(dim=1)
+    if bool(has_neg.all()):
+        neg_t, neg_v = _draw(local_i2t, local_t2i, valid, generator)
+    else:
+        neg_t, neg_v = _draw(local_i2t, local_t2i, valid | torch.diag_embed(~has_neg), generator)
     vis_all = torch.cat([vis, vis[neg_v], vis], 0)
     vmask_all = torch.cat([vis_mask, vis_mask[neg_v], vis_mask], 0)
     text_all = torch.cat([text, text, text[neg_t]], 0)
@@ -92,5 +109,9 @@ def itm_loss(fuse: FuseFn, head: ITMHead, vis: Tensor, vis_mask: Tensor, text: T
     _, fused_text = fuse(text_all, tmask_all, vis_all, vmask_all)
     logits = head(fused_text).float()
     labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(vis.device)
-    return ITMOutput(loss=F.cross_entropy(logits, labels), logits=logits, labels=labels,
-                     neg_text_for_image=neg_t, neg_image_for_text=neg_v)
+    if bool(has_neg.all()):
+        loss = F.cross_entropy(logits, labels)
+    else:
+        w = torch.cat([torch.ones(b, device=vis.device), has_neg.float(), has_neg.float()])
+        loss = (F.cross_entropy(logits, labels, reduction="none") * w).sum() / w.sum()
+    return ITMOutput(loss=loss, logits=logits, labels=labels, neg_text_for_image=neg_t, neg_image_for_text=neg_v)

@@ -166,3 +166,29 @@ def test_mlm_loss_distillation_and_empty_selection():
     p = logits[[0, 1], [1, 3]].softmax(-1)
     ent = -(p * p.log()).sum(-1).mean()
     assert mixed.item() == pytest.approx((0.6 * ref + 0.4 * ent).item(), rel=1e-5)
+
+
+def test_itm_loss_survives_rows_without_a_negative():
+    # Damaged samples filled with repeats of the one readable sample: no row has a valid negative. The loss is
+    # finite and reaches every ITM parameter (DDP needs them all), and only positives count; with one row
+    # sharing its caption with nobody else, that row's negatives count again.
+    torch.manual_seed(0)
+    d, b = 8, 4
+    head = ITMHead(d)
+
+    def fuse(text, tmask, vis, vmask):
+        return vis, text + vis.mean(dim=1, keepdim=True)
+
+    vis, text = torch.randn(b, 3, d, requires_grad=True), torch.randn(b, 5, d)
+    vm, tm = torch.ones(b, 3), torch.ones(b, 5)
+    sim = torch.randn(b, b)
+    same = torch.tensor([7, 7, 7, 7])
+    out = itm_loss(fuse, head, vis, vm, text, tm, sim, sim.t().contiguous(), ids=same, text_ids=same)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(p.grad is not None for p in head.parameters()) and vis.grad is not None
+    pos_only = torch.nn.functional.cross_entropy(out.logits[:b], out.labels[:b])
+    assert torch.allclose(out.loss, pos_only)
+    mixed = torch.tensor([7, 7, 7, 8])
+    out = itm_loss(fuse, head, vis, vm, text, tm, sim, sim.t().contiguous(), ids=mixed, text_ids=mixed)
+    assert (out.neg_text_for_image[:3] == 3).all() and (out.neg_text_for_image[3] != 3)

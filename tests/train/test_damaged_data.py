@@ -45,9 +45,12 @@ def damaged(tmp_path):
 def _cfg(shards: str, storage_dir: str, name: str, **data) -> TrainConfig:
     return TrainConfig.from_dict(dict(
         run_name=name, storage=storage_dir, task="pretrain", seed=5,
-        model={"preset": "tiny", "queue_size": 16},  # its own small vocabulary: a cheaper model
+        # the fixture's captions differ by their digits, which the tiny vocabulary maps to [UNK]: with every
+        # caption the same, ITM would have no negative (same-caption pairs are never negatives)
+        model={"preset": "tiny", "queue_size": 16, "tokenizer": "bert-base-uncased", "text": {"vocab_size": 30522}},
+        # two shards in flight: the 4 steps read both bad shards past the truncation point
         data=dict(train=[dict(name="images", path=shards, num_frames=1)], batch_size=4, shuffle_buffer=8,
-                  max_text_len=16, read_attempts=1, **data),
+                  shards_in_flight=2, max_text_len=16, read_attempts=1, **data),
         optim=dict(lr=5e-4, lr_vision=5e-4, warmup_steps=2),
         schedule=dict(total_steps=STEPS, ckpt_every_steps=EVERY, log_every_steps=1, keep_last=10),
         scale=dict(num_workers=1), debug=dict(deterministic=True),
