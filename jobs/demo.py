@@ -361,6 +361,17 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             print("[demo] embedded S3 stopped", flush=True)
 
 
+
+def quiet_ray_data_console() -> None:
+    """Ray Data logs every dataset's plan and finish at INFO to the console through its own handler (it does
+    not propagate to the root logger): on the demo's console that is noise around the one line per stage.
+    Its session file (``ray-data.log``, copied to ``<workdir>/ray-logs``) keeps everything."""
+    import ray.data  # noqa: F401  (configures the "ray.data" logger and its handlers)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if not hasattr(handler, "baseFilename") and type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(logging.ERROR)
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="mplug2-demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -389,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("mplug2", "pipelines", "jobs"):
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).addHandler(file_log)
+    quiet_ray_data_console()
     cfg = DemoConfig(workdir=args.workdir, storage=args.storage, address=args.address,
                      pretrain_steps=args.pretrain_steps, retrieval_steps=args.retrieval_steps,
                      caption_steps=args.caption_steps, qa_steps=args.qa_steps, workers=args.workers, fresh=args.fresh,
