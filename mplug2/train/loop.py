@@ -393,6 +393,8 @@ class TrainLoop:
                 plot_curves(jsonl, png)
             self._sync_logs()
         self.metrics.close()
+        if storage.is_remote(self.run_dir):     # the local copy of the logs (synced above) was a temp folder
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
 def progress_bar(rank: int, total: int, initial: int, desc: str):
