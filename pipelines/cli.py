@@ -37,6 +37,7 @@ HELP: dict[str, str] = {
     "start_col": "clip start column (seconds or HH:MM:SS.fff)",
     "end_col": "clip end column (seconds or HH:MM:SS.fff; empty = end of file)",
     "clips_col": "column holding a list of [start, end] pairs: one sample per clip",
+    "box_col": "region box column, COCO [x, y, w, h] in source pixels (grounding): json `box` in written pixels",
     "drop_cols": "manifest columns not to copy into json/parquet",
     "media_template": "turn the media column's ids into file names, e.g. 'video{}.mp4' (MSRVTT-QA's integer ids)",
     "clip_captions": "the caption list holds one caption per clip of --clips-col (ActivityNet, HowTo100M)",

@@ -51,6 +51,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "msvd-qa": {"url_col": "video_id", "media_template": "vid{}.avi", "caption_col": "question", "modality": "video"},
     # COCO / Flickr30k: Karpathy's dataset_coco.json (or ALBEF's per-caption lists): one sample per image.
     "coco": {"input_format": "karpathy", "url_col": "image", "caption_col": "caption", "modality": "image"},
+    # RefCOCO-style grounding (jsonl/csv/json): image, referring expression (`sentence` also accepted), COCO bbox.
+    "refcoco": {"url_col": "image", "caption_col": "expression", "box_col": "bbox", "modality": "image"},
     # ActivityNet Captions / HowTo100M caption.json: one sample per clip, each with its own sentence.
     "activitynet": {"input_format": "activitynet_captions", **_CLIP_LAYOUT},
     "howto100m": {"input_format": "howto100m_captions", **_CLIP_LAYOUT},
@@ -85,6 +87,7 @@ class PreprocessConfig:
     start_col: str | None = None
     end_col: str | None = None
     clips_col: str | None = None
+    box_col: str | None = None  # grounding: COCO [x, y, w, h] in source pixels -> json `box` in written pixels
     drop_cols: list[str] = field(default_factory=list)  # manifest columns not to keep as extras
     media_template: str | None = None  # media column value -> file name, e.g. "video{}.mp4" (integer ids)
     clip_captions: bool = False  # the caption list holds one caption per clip (ActivityNet, HowTo100M)
@@ -177,6 +180,7 @@ class PreprocessConfig:
             (self.samples_per_shard >= 1, "samples_per_shard must be >= 1"),
             (self.samples_per_shard < 1_000_000, "samples_per_shard must be < 1,000,000 (6-digit row keys)"),
             (self.resize_mode in RESIZE_MODES, f"resize_mode must be one of {RESIZE_MODES}"),
+            (self.box_col is None or self.modality == "image", "--box-col needs --modality image"),
             (self.resample in ("area", "bicubic"), "resample must be 'area' or 'bicubic'"),
             (self.frame_resize_mode in RESIZE_MODES, f"frame_resize_mode must be one of {RESIZE_MODES}"),
             (self.sampler in SAMPLERS, f"sampler must be one of {SAMPLERS}"),

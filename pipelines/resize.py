@@ -6,6 +6,8 @@ import io
 
 from PIL import Image
 
+from mplug2.data.boxes import Box, clip_box, scale_box
+
 RESIZE_MODES = ("no", "border", "keep_ratio", "center_crop")
 
 
@@ -18,6 +20,21 @@ def scaled_size(w: int, h: int, size: int, mode: str) -> tuple[int, int]:
         return max(1, round(w * scale)), max(1, round(h * scale))
     scale = size / min(w, h)
     return max(size, round(w * scale)), max(size, round(h * scale))
+
+
+def resize_box(box: Box, w: int, h: int, size: int, mode: str) -> Box | None:
+    """Where :func:`resize` puts the ``box`` (x, y, w, h in pixels of the ``w`` x ``h`` source): the same
+    scale and pad / centre crop, clipped to the written image; None when the crop cut all of it off."""
+    if mode == "no":
+        return clip_box(box, w, h)
+    nw, nh = scaled_size(w, h, size, mode)
+    if mode == "border":
+        dx, dy, out_w, out_h = (size - nw) // 2, (size - nh) // 2, size, size
+    elif mode == "keep_ratio":
+        dx, dy, out_w, out_h = 0, 0, nw, nh
+    else:
+        dx, dy, out_w, out_h = -((nw - size) // 2), -((nh - size) // 2), size, size
+    return clip_box(scale_box(box, nw / w, nh / h, dx, dy), out_w, out_h)
 
 
 def resize(img: Image.Image, size: int, mode: str = "center_crop",

@@ -19,10 +19,12 @@ from typing import Any
 
 from pipelines import shards
 from pipelines.config import PreprocessConfig
-from pipelines.errors import INTERNAL_ERROR, INVALID_INPUT, NOT_FOUND, TOO_LARGE, SampleError
+from mplug2.data.shard_contract import BOX_FIELD
+from pipelines.errors import FILTERED, INTERNAL_ERROR, INVALID_INPUT, NOT_FOUND, TOO_LARGE, SampleError
 from pipelines.fetch import Fetcher, FetchOptions, non_media_reason, resolve_source
 from pipelines.image import ImageOptions, process_image
-from pipelines.sources import RESERVED_FIELDS, ColumnMap, Item, RawRow, media_source, normalize_row, row_extras
+from pipelines.resize import resize_box
+from pipelines.sources import RESERVED_FIELDS, SOURCE_BOX, ColumnMap, Item, RawRow, media_source, normalize_row, row_extras
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +118,8 @@ class RowProcessor:
                                "status": "success", "error_reason": None, "error_message": None, "attempts": 0}
         if item is not None:
             rec.update(url=item.url, caption=item.caption, captions=item.captions, label=item.label, **item.extras)
+            if item.box is not None:   # kept on failures too, so --retry-failed knows the row's box
+                rec[SOURCE_BOX] = list(item.box)
         elif cmap is not None and "__invalid__" not in row.values:
             rec.update({k: v for k, v in row_extras(row.values, cmap).items()
                         if isinstance(k, str) and k not in RESERVED_FIELDS and not k.startswith("_")},
@@ -173,11 +177,27 @@ class RowProcessor:
         rec.update(sample.meta)
         meta = {"key": key, "url": item.url, "source": row.source, "source_index": row.source_index,
                 **sample.meta, **item.extras}
+        if item.box is not None:
+            try:
+                meta[BOX_FIELD] = rec[BOX_FIELD] = self._written_box(item.box, sample.meta)
+            except SampleError as exc:
+                return RowOutcome(f.key, fail_record(rec, exc, rec["attempts"] or 1))
         if len(item.captions) > 1:
             meta["captions"] = item.captions
         fields = _text_fields(item, meta, key)
         fields["jpg"] = sample.jpg
         return RowOutcome(key, rec, fields)
+
+    def _written_box(self, box: tuple, meta: dict) -> list[float]:
+        """The manifest's box (source pixels) in pixels of the written image; a box reaching past the source
+        image (beyond a pixel of rounding) is invalid_input, one the resize's crop cut off is filtered."""
+        w, h = meta["original_width"], meta["original_height"]
+        if box[0] + box[2] > w + 1 or box[1] + box[3] > h + 1:
+            raise SampleError(INVALID_INPUT, f"box {list(box)} reaches outside the {w}x{h} image")
+        out = resize_box(box, w, h, self.image_opts.size, self.image_opts.resize_mode)
+        if out is None:
+            raise SampleError(FILTERED, f"box {list(box)} is cut off by the {self.image_opts.resize_mode} resize")
+        return [round(v, 2) for v in out]
 
     def _video(self, key: str, row: RawRow, item: Item, fixed_key: str | None = None) -> list[RowOutcome]:
         return self.video_finish(self.video_fetch(key, row, item), fixed_key)

@@ -25,7 +25,7 @@ from pipelines.lease import LeaseError, lease_owner_ok
 from pipelines.config import PreprocessConfig
 from pipelines.errors import INTERNAL_ERROR, RETRYABLE, TIMEOUT, SampleError
 from pipelines.rows import RowOutcome, RowProcessor, fail_record, internal_outcome
-from pipelines.sources import ColumnMap, Item, RawRow, normalize_row
+from pipelines.sources import SOURCE_BOX, ColumnMap, Item, RawRow, normalize_row
 
 log = logging.getLogger(__name__)
 
@@ -210,8 +210,9 @@ def retry_outcomes(config: PreprocessConfig, out: shards.Output, task: ShardTask
     def again(rec: dict) -> RowOutcome:
         fixed = {n for n, _ in shards.PARQUET_COLUMNS} | {"captions"}
         extras = {k: v for k, v in rec.items() if k not in fixed}
+        extras.pop(SOURCE_BOX, None)
         item = Item(url=rec["url"], captions=list(rec.get("captions") or []), label=rec.get("label"),
-                    extras=extras)
+                    extras=extras, box=tuple(rec[SOURCE_BOX]) if rec.get(SOURCE_BOX) else None)
         clip = (rec["clip_start"], rec["clip_end"]) if rec.get("clip_start") is not None else None
         row = RawRow(source=rec["source"], source_index=rec["source_index"], values={})
         try:

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from mplug2 import storage
+from mplug2.data.boxes import BoxError, parse_box
+from mplug2.data.shard_contract import BOX_FIELD
 from pipelines.config import PreprocessConfig
 from pipelines.corpora import LAYOUTS
 from pipelines.shards import json_safe
@@ -37,8 +39,9 @@ RESERVED_FIELDS = frozenset({
     "key", "url", "source", "source_index", "caption", "captions", "cls", "label", "status", "error_reason",
     "error_message", "attempts", "width", "height", "original_width", "original_height", "bytes", "sha256",
     "duration", "fps", "num_frames", "frame_times", "sampler", "clip_start", "clip_end", "clip_end_clipped",
-    "clip_index", "rotation", "padded", "backend",
+    "clip_index", "rotation", "padded", "backend", BOX_FIELD, "source_box",
 })
+SOURCE_BOX = "source_box"   # the manifest's box as read (source pixels), in the parquet sidecar
 
 # Accepted stand-ins for a media column (WebVid ships `contentUrl` or a local `path`; MSR-VTT `video_id`).
 URL_ALIASES = {"url": ("path",), "path": ("url",), "contentUrl": ("path", "url"),
@@ -49,6 +52,9 @@ _TIME_RE = re.compile(r"^(?:(\d+):)?(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
 _ISO_RE = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
 # Index columns pandas / Hugging Face write into parquet exports: row numbers, not data.
 _INDEX_RE = re.compile(r"^__index_level_\d+__$|^__null_dask_index__$")
+
+
+_EXPRESSION_ALIASES = frozenset({"sentence", "sent", "ref", "refexp", "phrase"})
 
 
 def is_index_column(name: str) -> bool:
@@ -225,6 +231,7 @@ class ColumnMap:
     start: str | None = None
     end: str | None = None
     clips: str | None = None
+    box: str | None = None  # grounding: the region's COCO box
     drop: frozenset[str] = field(default_factory=frozenset)
     media_template: str | None = None  # "video{}.mp4": the media column holds ids, not paths
     clip_captions: bool = False  # captions[i] belongs to clips[i]
@@ -233,7 +240,7 @@ class ColumnMap:
 
     @property
     def used(self) -> set[str]:
-        return {c for c in (self.url, *self.captions, self.label, self.start, self.end, self.clips) if c}
+        return {c for c in (self.url, *self.captions, self.label, self.start, self.end, self.clips, self.box) if c}
 
 
 def resolve_columns(columns: list[str], config: PreprocessConfig, path: str = "manifest") -> ColumnMap:
@@ -260,15 +267,20 @@ def resolve_columns(columns: list[str], config: PreprocessConfig, path: str = "m
             captions.append(sorted({"captions", "sentences"} & cols)[0])
         elif c == "TEXT" and ({"text", "caption"} & cols):  # LAION re-exports with lower-case names
             captions.append(sorted({"text", "caption"} & cols)[-1])
+        elif c == "expression" and (_EXPRESSION_ALIASES & cols):  # RefCOCO exports name it several ways
+            captions.append(sorted(_EXPRESSION_ALIASES & cols)[0])
         else:
             raise ConfigError(f"{path}: caption column {c!r} not found (columns: {sorted(cols)}); "
                               "set --caption-col")
+    box = config.box_col
+    if box and box not in cols and box in ("bbox", "box") and ({"bbox", "box"} & cols):
+        box = sorted({"bbox", "box"} & cols)[0]
     for name, col in (("label", config.label_col), ("start", config.start_col), ("end", config.end_col),
-                      ("clips", config.clips_col)):
+                      ("clips", config.clips_col), ("box", box)):
         if col and col not in cols:
             raise ConfigError(f"{path}: {name} column {col!r} not found (columns: {sorted(cols)})")
     cmap = ColumnMap(url=url, captions=tuple(captions), label=config.label_col, start=config.start_col,
-                     end=config.end_col, clips=config.clips_col, drop=frozenset(config.drop_cols),
+                     end=config.end_col, clips=config.clips_col, box=box, drop=frozenset(config.drop_cols),
                      media_template=config.media_template, clip_captions=config.clip_captions,
                      extra_types=_parquet_types(path, config.input_format))
     extra = cols - cmap.used - cmap.drop
@@ -319,6 +331,7 @@ class Item:
     clips: list[tuple[float, float | None]] | None = None  # None: the whole file (images, plain videos)
     extras: dict[str, Any] = field(default_factory=dict)
     clip_captions: list[str] | None = None  # clip i's own caption (ActivityNet, HowTo100M)
+    box: tuple[float, float, float, float] | None = None  # grounding: COCO [x, y, w, h] in source pixels
 
     @property
     def caption(self) -> str:
@@ -419,12 +432,19 @@ def normalize_row(raw: dict[str, Any], cmap: ColumnMap, modality: str, allow_emp
             end = parse_time(raw.get(cmap.end)) if cmap.end else None
             clips = [_check_span(start, end)]
     clip_captions = captions if cmap.clip_captions and clips is not None else None
+    box = None
+    if cmap.box:
+        try:
+            box = parse_box(raw.get(cmap.box))
+        except BoxError as exc:
+            raise SampleError(INVALID_INPUT, str(exc)) from None
     extras = row_extras(raw, cmap)
     bad = sorted(k for k in extras if k in RESERVED_FIELDS or not isinstance(k, str) or k.startswith("_"))
     if bad:
         raise SampleError(INVALID_INPUT, f"fields {bad} collide with contract fields (drop them with "
                                          f"--drop-cols {' '.join(map(str, bad))})")
-    return Item(url=url, captions=captions, label=label, clips=clips, extras=extras, clip_captions=clip_captions)
+    return Item(url=url, captions=captions, label=label, clips=clips, extras=extras, clip_captions=clip_captions,
+                box=box)
 
 
 def _check_span(start: float | None, end: float | None) -> tuple[float, float | None]:

@@ -171,6 +171,61 @@ def make_image_corpus(out: Path, n: int, *, seed: int = 1, size: int = 64, split
     return manifest
 
 
+def _place_two(rng: np.random.Generator, size: int, r1: float, r2: float) -> tuple[tuple[float, float], ...]:
+    """Centres for two shapes of radii ``r1``, ``r2`` inside the frame, far enough apart not to touch."""
+    for _ in range(1000):
+        c1 = rng.uniform(r1 + 1, size - r1 - 1, 2)
+        c2 = rng.uniform(r2 + 1, size - r2 - 1, 2)
+        if np.hypot(*(c1 - c2)) > r1 + r2 + 2:
+            return tuple(c1), tuple(c2)
+    raise ValueError(f"cannot place two shapes of radius {r1:.1f} and {r2:.1f} in {size} px")
+
+
+def render_grounding(target: ClipSpec, distractor: ClipSpec, seed: int, size: int = 64
+                     ) -> tuple[np.ndarray, list[int]]:
+    """One image with two shapes and the target's tight box ``[x, y, w, h]`` in pixels (COCO convention)."""
+    rng = np.random.default_rng(seed)
+    frame = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    radii = [size * rng.uniform(*SIZES[s.size]) for s in (target, distractor)]
+    centres = _place_two(rng, size, *radii)
+    box: list[int] = []
+    for spec, r, (cx, cy) in zip((target, distractor), radii, centres):
+        mask = _shape_mask(spec.shape, size, cx, cy, r)
+        frame[mask] = np.array(COLOURS[spec.colour], dtype=np.uint8)
+        if not box:
+            ys, xs = np.nonzero(mask)
+            box = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+    return frame, box
+
+
+def make_grounding_corpus(out: Path, n: int, *, seed: int = 3, size: int = 64, split: str = "train") -> Path:
+    """Visual grounding: ``n`` images with two shapes of different colours (half of them also differ in shape
+    or size); the ``expression`` column names one ("the small red circle") and ``bbox`` holds its box (COCO
+    ``[x, y, w, h]`` in source pixels), so a model must read the expression to know which shape to box. The
+    manifest is RefCOCO-style (``--preset refcoco``)."""
+    media = out / "grounding"
+    media.mkdir(parents=True, exist_ok=True)
+    manifest = out / f"grounding_{split}.jsonl"
+    rng = random.Random(seed)
+    colours = list(COLOURS)
+    with open(manifest, "w") as f:
+        for i in range(n):
+            c1, c2 = rng.sample(colours, 2)
+            t = ClipSpec(c1, rng.choice(SHAPES), "up", 0, size=rng.choice(list(SIZES)))
+            d = ClipSpec(c2, t.shape, "up", 0, size=t.size)
+            if rng.random() < 0.5:
+                d = ClipSpec(c2, rng.choice([s for s in SHAPES if s != t.shape]), "up", 0,
+                             size=rng.choice(list(SIZES)))
+            sub = int.from_bytes(hashlib.sha256(f"ground:{seed}:{i}".encode()).digest()[:4], "little")
+            frame, box = render_grounding(t, d, sub, size)
+            path = media / f"{split}_{i:05d}.jpg"
+            write_jpeg(path, frame)
+            f.write(json.dumps({"image": str(path.resolve()), "expression": f"the {t.still_caption[2:]}",
+                                "bbox": box, "distractor": d.still_caption[2:]}) + "\n")
+    log.info("wrote %d synthetic grounding images and %s", n, manifest)
+    return manifest
+
+
 QUESTIONS = {
     "colour": "what colour is the shape",
     "shape": "what shape is it",
@@ -207,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--videos", type=int, default=200, help="number of video clips")
     p.add_argument("--images", type=int, default=0, help="number of images")
     p.add_argument("--qa", type=int, default=0, help="number of video QA clips (one question each)")
+    p.add_argument("--grounding", type=int, default=0, help="number of grounding images (two shapes, one named)")
     p.add_argument("--split", default="train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=16, help="frames per clip")
@@ -221,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.qa:
         make_qa_corpus(args.out, args.qa, seed=args.seed + 2, num_frames=args.frames, size=args.size,
                        split=args.split)
+    if args.grounding:
+        make_grounding_corpus(args.out, args.grounding, seed=args.seed + 3, size=args.size, split=args.split)
     return 0
 
 

@@ -11,6 +11,8 @@ Batch layout (what the training loop and objectives receive)::
     input_ids       (B, L) long
     attention_mask  (B, L) long
     ids             (B,) long, stable per image/video (from the key; clips of one video share it)
+    boxes           (B, 4) float32, grounding corpora only (every sample's json holds ``box``): the region as
+                    normalised (x1, y1, x2, y2) of the model input, after the crop and flip (mplug2.data.boxes)
     keys            list[str]
     captions        list[str] (cleaned)
     corpus          str
@@ -30,6 +32,8 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
+from mplug2.data.boxes import Box, BoxError, normalised_xyxy, parse_box, transform_with_box
+from mplug2.data.shard_contract import BOX_FIELD
 from mplug2.data.stream import RawBatch, RawSample, derive_seed
 from mplug2.data.text import pre_caption, swap_left_right
 from mplug2.data.transforms import VideoTransform, sample_frame_indices
@@ -65,6 +69,7 @@ class DecodedSample:
     answer: str | None = None      # QA corpora: the sample's json ``answer`` (the caption is the question)
     label: str | int | None = None  # classification corpora: the sample's json label (a name or an index)
     answer_list: list[str] | None = None   # VQA corpora: the json ``answers`` (10 human answers in VQA v2)
+    box: Box | None = None          # grounding corpora: the json ``box`` (x, y, w, h in the stored pixels)
 
 
 def _open_image(data: bytes, key: str, fld: str, lazy: bool = False) -> Image.Image:
@@ -101,6 +106,7 @@ def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.R
     answer: str | None = None
     label: str | int | None = None
     answer_list: list[str] | None = None
+    box: Box | None = None
     if "json" in raw:
         try:
             meta = json.loads(raw["json"])
@@ -114,6 +120,11 @@ def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.R
         if isinstance(meta, dict) and isinstance(meta.get(label_key), (str, int)) \
                 and not isinstance(meta.get(label_key), bool):
             label = meta[label_key]
+        if isinstance(meta, dict) and meta.get(BOX_FIELD) is not None:
+            try:
+                box = parse_box(meta[BOX_FIELD])
+            except BoxError as exc:
+                raise SampleError(f"sample {key}: {exc}") from None
         human = meta.get("answers") if isinstance(meta, dict) else None
         if isinstance(human, list) and human and all(isinstance(a, str) for a in human):
             answer_list = list(human)
@@ -122,7 +133,7 @@ def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.R
         captions = [raw["txt"].decode("utf-8")]
     if not captions:
         raise SampleError(f"sample {key}: no caption (txt or json.captions)")
-    return DecodedSample(key, frames, captions, answer, label, answer_list)
+    return DecodedSample(key, frames, captions, answer, label, answer_list, box)
 
 
 def default_tokenizer(path: str | None = None) -> Tokenize:
@@ -173,7 +184,7 @@ class BatchBuilder:
         return random.Random(derive_seed(self.seed, self.corpus, epoch, key, "sample"))
 
     def __call__(self, raw: RawBatch) -> dict[str, Any]:
-        pixels, params, captions, keys, answers, labels = [], [], [], [], [], []
+        pixels, params, captions, keys, answers, labels, boxes = [], [], [], [], [], [], []
         train, lazy = self.transform.cfg.train, self.transform.lazy_decode
         skipped = list(raw.skipped)
         for i, sample in enumerate(raw.samples):
@@ -184,7 +195,13 @@ class BatchBuilder:
                                     label_key=self.label_key, lazy=lazy)
                 caption = rng.choice(dec.captions) if train else dec.captions[0]
                 try:
-                    clip, aug = self.transform.with_params(dec.frames, rng)
+                    if dec.box is None:
+                        clip, aug = self.transform.with_params(dec.frames, rng)
+                    else:
+                        clip, aug, box = transform_with_box(self.transform, dec.frames, dec.box, rng)
+                        boxes.append(normalised_xyxy(box, self.transform.cfg.res, self.transform.cfg.res))
+                except BoxError as exc:          # no crop keeps the box (a degenerate box)
+                    raise SampleError(f"sample {key}: {exc}") from exc
                 except (OSError, SyntaxError, Image.DecompressionBombError) as exc:   # lazy decode: bad pixels
                     raise SampleError(f"sample {key}: frames are not decodable images ({exc})") from exc
             except SampleError as exc:  # an unreadable sample: skipped and counted (mplug2.data.damage)
@@ -207,7 +224,7 @@ class BatchBuilder:
         # Holes left by skipped samples are filled with repeats of the batch's readable ones (same keys, so
         # id-aware objectives treat them as the same sample): every batch keeps its size (ITC queues, DDP).
         for i in range(requested - len(pixels)):
-            for lst in (pixels, params, captions, keys, answers, labels):
+            for lst in (pixels, params, captions, keys, answers, labels, *([boxes] if boxes else [])):
                 lst.append(lst[i])
         shapes = {tuple(p.shape) for p in pixels}
         if len(shapes) != 1:
@@ -216,6 +233,10 @@ class BatchBuilder:
         extra: dict[str, Any] = {"answers": answers} if any(a is not None for a in answers) else {}
         if any(lb is not None for lb in labels):
             extra["class_labels"] = labels       # raw names / indices; the classify task maps them to ids
+        if boxes:
+            if len(boxes) != len(pixels):
+                raise SampleError(f"corpus {self.corpus}: some samples of a batch have a box, others none")
+            extra["boxes"] = torch.tensor(boxes, dtype=torch.float32)
         return {**extra, **self.transform.collate(pixels, params),
             "input_ids": torch.as_tensor(tok["input_ids"], dtype=torch.long),
             "attention_mask": torch.as_tensor(tok["attention_mask"], dtype=torch.long),

@@ -23,11 +23,15 @@ DATASET_FILES = (SIZES_JSON, WIDS_INDEX, DATASET_JSON)
 LOCK_NAME = "_writer.lock"
 PENDING_EXTEND = "_extend.pending.json"  # the plan of an unfinished extend run
 
+# A region box (visual grounding) in a sample's json: COCO ``[x, y, w, h]`` in pixels of the written image
+# (the pipeline maps the manifest's box through its resize; ``mplug2.data.boxes`` holds the geometry).
+BOX_FIELD = "box"
+
 SHARD_TAR_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-(?P<num>\d{6})\.tar$")
 
 __all__ = [
     "FORMAT_VERSION", "TAR", "PARQUET", "STATS", "PENDING_TAR", "DATASET_JSON", "SIZES_JSON", "WIDS_INDEX",
-    "DATASET_FILES", "LOCK_NAME", "PENDING_EXTEND", "SHARD_TAR_RE", "shard_name", "shard_re",
+    "DATASET_FILES", "LOCK_NAME", "PENDING_EXTEND", "BOX_FIELD", "SHARD_TAR_RE", "shard_name", "shard_re",
 ]
 
 

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.objectives.mlm import IGNORE_INDEX
 
-__all__ = ["GroundingConfig", "BoxCodec", "Grounder", "generalized_iou", "xywh_to_xyxy"]
+__all__ = ["GroundingConfig", "BoxCodec", "Grounder", "GroundingTask", "box_iou", "generalized_iou",
+           "xywh_to_xyxy", "best_constant_box_accuracy"]
 
 
 @dataclass
@@ -38,6 +39,23 @@ class GroundingConfig:
 def xywh_to_xyxy(b: Tensor) -> Tensor:
     x, y, w, h = b.unbind(-1)
     return torch.stack([x, y, x + w, y + h], -1)
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """Element-wise IoU of (N, 4) xyxy boxes."""
+    lt, rb = torch.max(a[..., :2], b[..., :2]), torch.min(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = lambda x: (x[..., 2:] - x[..., :2]).clamp(min=0).prod(-1)   # noqa: E731
+    return inter / (area(a) + area(b) - inter).clamp(min=1e-9)
+
+
+def best_constant_box_accuracy(gold: Tensor, threshold: float = 0.5, max_candidates: int = 1024) -> float:
+    """Chance for acc@IoU: the best share of ``gold`` (N, 4 xyxy) that one fixed box reaches IoU >= threshold
+    with, the box picked (knowing the answers) among the gold boxes themselves and their mean: a model that
+    ignores the image and the expression cannot do better than such a box by much."""
+    cands = torch.cat([gold[:max_candidates], gold.mean(0, keepdim=True)])
+    iou = box_iou(cands[:, None, :], gold[None, :, :])                 # (C, N)
+    return float((iou >= threshold).float().mean(1).max())
 
 
 def generalized_iou(a: Tensor, b: Tensor) -> Tensor:
@@ -131,3 +149,29 @@ class Grounder(nn.Module):
         if ids.shape != (pixels.shape[0], 4):
             raise RuntimeError(f"grounding decoder returned {tuple(ids.shape)} tokens, expected (B, 4)")
         return self.codec.decode(ids)
+
+
+class GroundingTask(nn.Module):
+    """:class:`Grounder` over loader batches, whose ``boxes`` are normalised (x1, y1, x2, y2) of the model
+    input (:mod:`mplug2.data.collate`); predictions come back in the same layout."""
+
+    def __init__(self, model: MPLUG2, tokenizer, cfg: GroundingConfig | None = None) -> None:
+        super().__init__()
+        self.grounder = Grounder(model, tokenizer, cfg)
+        self.res = float(model.config.vision.image_res)
+
+    @property
+    def model(self) -> MPLUG2:
+        return self.grounder.model
+
+    def forward(self, batch: dict) -> dict[str, Tensor]:
+        if "boxes" not in batch:
+            raise ValueError("grounding batches need a box in every sample's json (preprocess with --box-col, "
+                             "or --preset refcoco)")
+        x1, y1, x2, y2 = (batch["boxes"].float() * self.res).unbind(-1)
+        return self.grounder({**batch, "boxes": torch.stack([x1, y1, x2 - x1, y2 - y1], -1)})
+
+    @torch.no_grad()
+    def predict(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, 4) normalised (x1, y1, x2, y2) boxes."""
+        return xywh_to_xyxy(self.grounder.predict(pixels, input_ids, attention_mask)) / self.res

@@ -12,6 +12,7 @@ from typing import Any, Iterator
 
 import torch
 
+from mplug2.data.boxes import normalised_xyxy, transform_with_box
 from mplug2.data.collate import decode_sample
 from mplug2.data.dataset_index import load_index
 from mplug2.data.stream import iter_shard_samples
@@ -33,6 +34,7 @@ class EvalSet:
     answer_lists: list[list[str] | None] | None = None  # VQA: the human answers (10 in VQA v2) per question
     positions: list[int] | None = None                  # manifest positions of the items (a rank's slice)
     total: int | None = None                            # items in the whole corpus (all slices)
+    boxes: list[tuple[float, ...] | None] | None = None  # grounding: normalised (x1, y1, x2, y2), as in batches
 
     def __post_init__(self) -> None:
         if self.positions is None:
@@ -48,7 +50,7 @@ class EvalSet:
             return None if xs is None else [xs[i] for i in take]
         return EvalSet(pick(self.keys), self.pixels[take], pick(self.captions), pick(self.answers),
                        pick(self.labels), pick(self.answer_lists),
-                       [self.positions[i] for i in take], self.total)
+                       [self.positions[i] for i in take], self.total, pick(self.boxes))
 
 
 def _samples(index) -> Iterator[dict[str, Any]]:
@@ -61,7 +63,7 @@ def load_eval_set(path: str, split: str, num_frames: int, res: int, *, max_items
     """Decode items ``rank, rank + world_size, ...`` of the corpus at ``path`` (every item when world_size=1)."""
     index = load_index(path, split)
     transform = VideoTransform(TransformConfig(res=res, train=False))
-    keys, pixels, caps, answers, labels, answer_lists, positions = [], [], [], [], [], [], []
+    keys, pixels, caps, answers, labels, answer_lists, positions, boxes = [], [], [], [], [], [], [], []
     total = 0
     for pos, raw in enumerate(_samples(index)):
         if max_items and pos >= max_items:
@@ -71,7 +73,13 @@ def load_eval_set(path: str, split: str, num_frames: int, res: int, *, max_items
             continue
         dec = decode_sample(raw, num_frames=num_frames, train=False, rng=random.Random(0), label_key=label_key)
         keys.append(dec.key)
-        pixels.append(transform(dec.frames, random.Random(0)))
+        if dec.box is None:
+            pixels.append(transform(dec.frames, random.Random(0)))
+            boxes.append(None)
+        else:
+            clip, _, box = transform_with_box(transform, dec.frames, dec.box, random.Random(0))
+            pixels.append(clip)
+            boxes.append(normalised_xyxy(box, res, res))
         caps.append([pre_caption(c) for c in dec.captions])
         answers.append(dec.answer)
         labels.append(dec.label)
@@ -81,7 +89,7 @@ def load_eval_set(path: str, split: str, num_frames: int, res: int, *, max_items
         raise ValueError(f"eval corpus {path} has no samples")
     if not keys:
         raise ValueError(f"eval corpus {path} has {total} samples: fewer than the {world_size} ranks")
-    return EvalSet(keys, torch.stack(pixels), caps, answers, labels, answer_lists, positions, total)
+    return EvalSet(keys, torch.stack(pixels), caps, answers, labels, answer_lists, positions, total, boxes)
 
 
 _CACHE: dict[tuple, EvalSet] = {}
