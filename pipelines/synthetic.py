@@ -171,14 +171,12 @@ def make_image_corpus(out: Path, n: int, *, seed: int = 1, size: int = 64, split
     return manifest
 
 
-def _place_two(rng: np.random.Generator, size: int, r1: float, r2: float) -> tuple[tuple[float, float], ...]:
-    """Centres for two shapes of radii ``r1``, ``r2`` inside the frame, far enough apart not to touch."""
-    for _ in range(1000):
-        c1 = rng.uniform(r1 + 1, size - r1 - 1, 2)
-        c2 = rng.uniform(r2 + 1, size - r2 - 1, 2)
-        if np.hypot(*(c1 - c2)) > r1 + r2 + 2:
-            return tuple(c1), tuple(c2)
-    raise ValueError(f"cannot place two shapes of radius {r1:.1f} and {r2:.1f} in {size} px")
+def _place_two(rng: np.random.Generator, size: int) -> tuple[tuple[float, float], ...]:
+    """Centres for two shapes in two different quadrants of the frame (jittered by 1/32 of its side), so
+    they never touch and where each one lies is a coarse fact a small model can learn to read."""
+    q1, q2 = rng.choice(4, size=2, replace=False)
+    return tuple((size * (0.25 + 0.5 * (q % 2)) + rng.uniform(-1, 1) * size / 32,
+                  size * (0.25 + 0.5 * (q // 2)) + rng.uniform(-1, 1) * size / 32) for q in (q1, q2))
 
 
 def render_grounding(target: ClipSpec, distractor: ClipSpec, seed: int, size: int = 64
@@ -187,7 +185,7 @@ def render_grounding(target: ClipSpec, distractor: ClipSpec, seed: int, size: in
     rng = np.random.default_rng(seed)
     frame = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
     radii = [size * rng.uniform(*SIZES[s.size]) for s in (target, distractor)]
-    centres = _place_two(rng, size, *radii)
+    centres = _place_two(rng, size)
     box: list[int] = []
     for spec, r, (cx, cy) in zip((target, distractor), radii, centres):
         mask = _shape_mask(spec.shape, size, cx, cy, r)
@@ -200,7 +198,7 @@ def render_grounding(target: ClipSpec, distractor: ClipSpec, seed: int, size: in
 
 def make_grounding_corpus(out: Path, n: int, *, seed: int = 3, size: int = 64, split: str = "train") -> Path:
     """Visual grounding: ``n`` images with two shapes of different colours (half of them also differ in shape
-    or size); the ``expression`` column names one ("the small red circle") and ``bbox`` holds its box (COCO
+    or size), each in its own quadrant; the ``expression`` column names one ("the small red circle") and ``bbox`` holds its box (COCO
     ``[x, y, w, h]`` in source pixels), so a model must read the expression to know which shape to box. The
     manifest is RefCOCO-style (``--preset refcoco``)."""
     media = out / "grounding"

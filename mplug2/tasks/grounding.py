@@ -136,6 +136,7 @@ class Grounder(nn.Module):
             giou = generalized_iou(xywh_to_xyxy(pred), xywh_to_xyxy(boxes))
             weight = l1 * (1 - giou)
         loss = (ce * weight).mean()
+        self._last_ce = ce.mean()
         return {"loss": loss, "box_ce": ce.mean().detach(), "giou": giou.mean(), "l1_bins": l1.mean()}
 
     @torch.no_grad()
