@@ -142,6 +142,17 @@ def build_coco(d: Path, srv) -> None:
     (d / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
 
 
+def build_refcoco(d: Path, srv) -> None:
+    img = d / "images"
+    img.mkdir()
+    (img / "COCO_train2014_000000580957.jpg").write_bytes(make_jpeg(48, 40, seed=6))
+    refs = [{"image": "COCO_train2014_000000580957.jpg", "sentence": "left man", "bbox": [6, 4, 24, 12],
+             "ref_id": 0, "split": "val"},
+            {"image": "COCO_train2014_000000580957.jpg", "sentence": "the rest", "bbox": [40, 4, -3, 12],
+             "ref_id": 1, "split": "val"}]
+    (d / "refcoco_val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in refs))
+
+
 def build_activitynet(d: Path, srv) -> None:
     _videos(d / "videos", ["v_QOlSCBRmfWY.mp4"], seconds=3.0)
     (d / "train.json").write_text(json.dumps({"v_QOlSCBRmfWY": {
@@ -214,6 +225,15 @@ def check_coco(s, rows):
     assert meta["split"] == "test" and meta["url"] == "val2014/COCO_val2014_000000391895.jpg"
 
 
+def check_refcoco(s, rows):
+    (sample,) = s.values()
+    meta = strict_json(sample["json"])
+    # border resize 48x40 -> 32x27, padded 2 px above: the box is scaled by 2/3 (x) and 27/40 (y), shifted 2 px
+    assert sample["txt"] == b"left man" and meta["box"] == [4.0, 4.7, 16.0, 8.1] and meta["ref_id"] == 0
+    (bad,) = [r for r in rows if r["status"] == "failed"]
+    assert bad["error_reason"] == "invalid_input" and "non-positive width" in bad["error_message"]
+
+
 def _check_clips(s, texts):
     assert sorted(s) == ["000000_000000_000", "000000_000000_001"]
     assert [s[k]["txt"].decode() for k in sorted(s)] == texts  # each clip its own sentence
@@ -237,6 +257,7 @@ LAYOUTS = {
     "webvid": (build_webvid, check_webvid), "msrvtt": (build_msrvtt, check_msrvtt),
     "msrvtt-videodatainfo": (build_msrvtt_vdi, check_msrvtt_vdi), "msrvtt-qa": (build_msrvtt_qa, check_msrvtt_qa),
     "msvd-qa": (build_msvd_qa, check_msvd_qa), "coco": (build_coco, check_coco),
+    "refcoco": (build_refcoco, check_refcoco),
     "activitynet": (build_activitynet, check_activitynet), "howto100m": (build_howto100m, check_howto100m),
 }
 
