@@ -171,21 +171,32 @@ def make_image_corpus(out: Path, n: int, *, seed: int = 1, size: int = 64, split
     return manifest
 
 
-def _place_two(rng: np.random.Generator, size: int) -> tuple[tuple[float, float], ...]:
-    """Centres for two shapes in two different quadrants of the frame (jittered by 1/32 of its side), so
-    they never touch and where each one lies is a coarse fact a small model can learn to read."""
-    q1, q2 = rng.choice(4, size=2, replace=False)
-    return tuple((size * (0.25 + 0.5 * (q % 2)) + rng.uniform(-1, 1) * size / 32,
-                  size * (0.25 + 0.5 * (q // 2)) + rng.uniform(-1, 1) * size / 32) for q in (q1, q2))
+def _place_two(rng: np.random.Generator, size: int) -> tuple[list[tuple[float, float]], tuple[int, int]]:
+    """Centres for two shapes in two different quadrants (0 1 / 2 3) of the frame, jittered by 1/32 of its
+    side, so they never touch; and the two quadrants."""
+    q1, q2 = (int(q) for q in rng.choice(4, size=2, replace=False))
+    return [(size * (0.25 + 0.5 * (q % 2)) + rng.uniform(-1, 1) * size / 32,
+             size * (0.25 + 0.5 * (q // 2)) + rng.uniform(-1, 1) * size / 32) for q in (q1, q2)], (q1, q2)
+
+
+def _relation(target_q: int, other_q: int, rng: random.Random) -> str:
+    """Where the target is relative to the other shape, in words ("on the left", "at the top")."""
+    options = []
+    if target_q % 2 != other_q % 2:
+        options.append("on the left" if target_q % 2 == 0 else "on the right")
+    if target_q // 2 != other_q // 2:
+        options.append("at the top" if target_q // 2 == 0 else "at the bottom")
+    return rng.choice(options)
 
 
 def render_grounding(target: ClipSpec, distractor: ClipSpec, seed: int, size: int = 64
-                     ) -> tuple[np.ndarray, list[int]]:
-    """One image with two shapes and the target's tight box ``[x, y, w, h]`` in pixels (COCO convention)."""
+                     ) -> tuple[np.ndarray, list[int], tuple[int, int]]:
+    """One image with two shapes, the target's tight box ``[x, y, w, h]`` in pixels (COCO convention) and the
+    quadrants of the target and the distractor."""
     rng = np.random.default_rng(seed)
     frame = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
     radii = [size * rng.uniform(*SIZES[s.size]) for s in (target, distractor)]
-    centres = _place_two(rng, size)
+    centres, quadrants = _place_two(rng, size)
     box: list[int] = []
     for spec, r, (cx, cy) in zip((target, distractor), radii, centres):
         mask = _shape_mask(spec.shape, size, cx, cy, r)
@@ -193,12 +204,13 @@ def render_grounding(target: ClipSpec, distractor: ClipSpec, seed: int, size: in
         if not box:
             ys, xs = np.nonzero(mask)
             box = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
-    return frame, box
+    return frame, box, quadrants
 
 
 def make_grounding_corpus(out: Path, n: int, *, seed: int = 3, size: int = 64, split: str = "train") -> Path:
     """Visual grounding: ``n`` images with two shapes of different colours (half of them also differ in shape
-    or size), each in its own quadrant; the ``expression`` column names one ("the small red circle") and ``bbox`` holds its box (COCO
+    or size), each in its own quadrant; the ``expression`` column names one and says where it is next to the
+    other ("the small red circle on the left": a flip swaps the word and mirrors the box) and ``bbox`` holds its box (COCO
     ``[x, y, w, h]`` in source pixels), so a model must read the expression to know which shape to box. The
     manifest is RefCOCO-style (``--preset refcoco``)."""
     media = out / "grounding"
@@ -215,10 +227,11 @@ def make_grounding_corpus(out: Path, n: int, *, seed: int = 3, size: int = 64, s
                 d = ClipSpec(c2, rng.choice([s for s in SHAPES if s != t.shape]), "up", 0,
                              size=rng.choice(list(SIZES)))
             sub = int.from_bytes(hashlib.sha256(f"ground:{seed}:{i}".encode()).digest()[:4], "little")
-            frame, box = render_grounding(t, d, sub, size)
+            frame, box, (qt, qd) = render_grounding(t, d, sub, size)
             path = media / f"{split}_{i:05d}.jpg"
             write_jpeg(path, frame)
-            f.write(json.dumps({"image": str(path.resolve()), "expression": f"the {t.still_caption[2:]}",
+            expression = f"the {t.still_caption[2:]} {_relation(qt, qd, rng)}"
+            f.write(json.dumps({"image": str(path.resolve()), "expression": expression,
                                 "bbox": box, "distractor": d.still_caption[2:]}) + "\n")
     log.info("wrote %d synthetic grounding images and %s", n, manifest)
     return manifest

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.objectives.mlm import IGNORE_INDEX
 
-__all__ = ["GroundingConfig", "BoxCodec", "Grounder", "GroundingTask", "box_iou", "generalized_iou",
+__all__ = ["GroundingConfig", "BoxCodec", "Grounder", "BoxRegressor", "GroundingTask", "HEADS", "box_iou", "generalized_iou",
            "xywh_to_xyxy", "best_constant_box_accuracy"]
 
 
@@ -29,6 +29,7 @@ class GroundingConfig:
     first_bin_token: str = "[unused340]"
     num_bins: int | None = None      # None -> image_res + 1
     l1_clamp: float = 5.0
+    weighted: bool = True            # the release's CE x L1 x (1 - GIoU); False: plain CE over the box tokens
 
     @classmethod
     def tiny(cls) -> "GroundingConfig":
@@ -135,8 +136,7 @@ class Grounder(nn.Module):
             l1 = ((pred - self.codec.decode(box_ids)).abs() / self.codec.step).mean(-1).clamp(0, self.cfg.l1_clamp)
             giou = generalized_iou(xywh_to_xyxy(pred), xywh_to_xyxy(boxes))
             weight = l1 * (1 - giou)
-        loss = (ce * weight).mean()
-        self._last_ce = ce.mean()
+        loss = (ce * weight).mean() if self.cfg.weighted else ce.mean()
         return {"loss": loss, "box_ce": ce.mean().detach(), "giou": giou.mean(), "l1_bins": l1.mean()}
 
     @torch.no_grad()
@@ -152,27 +152,69 @@ class Grounder(nn.Module):
         return self.codec.decode(ids)
 
 
-class GroundingTask(nn.Module):
-    """:class:`Grounder` over loader batches, whose ``boxes`` are normalised (x1, y1, x2, y2) of the model
-    input (:mod:`mplug2.data.collate`); predictions come back in the same layout."""
+class BoxRegressor(nn.Module):
+    """TransVG / mPLUG v1 ``refcoco`` style box regression: an MLP on the fused [CLS] of the referring
+    expression -> sigmoid (cx, cy, w, h) of the image; loss = 5 · L1 + 2 · (1 − GIoU) (DETR's weights).
+    Smooth gradients in the box coordinates: on small models and budgets it learns far sooner than box-token
+    cross-entropy, where a bin one off costs as much as one across the image."""
 
-    def __init__(self, model: MPLUG2, tokenizer, cfg: GroundingConfig | None = None) -> None:
+    def __init__(self, model: MPLUG2, l1_weight: float = 5.0, giou_weight: float = 2.0) -> None:
         super().__init__()
-        self.grounder = Grounder(model, tokenizer, cfg)
+        self.model, self.l1_weight, self.giou_weight = model, l1_weight, giou_weight
+        d = model.config.text.hidden
+        self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 4))
+
+    def boxes(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """(B, 4) normalised (x1, y1, x2, y2)."""
+        mem, _ = self.model.fused_memory(pixels, input_ids, attention_mask)
+        cls = mem[:, mem.shape[1] - input_ids.shape[1]]                       # T_f[:, 0]
+        cx, cy, w, h = self.head(cls).float().sigmoid().unbind(-1)
+        return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        pred, gold = self.boxes(batch["pixels"], batch["input_ids"], batch["attention_mask"]), batch["boxes"].float()
+        l1 = (_cxcywh(pred) - _cxcywh(gold)).abs().sum(-1).mean()
+        giou = generalized_iou(pred, gold)
+        loss = self.l1_weight * l1 + self.giou_weight * (1 - giou).mean()
+        return {"loss": loss, "l1": l1.detach(), "giou": giou.mean().detach()}
+
+
+def _cxcywh(b: Tensor) -> Tensor:
+    return torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1)
+
+
+HEADS = ("tokens", "regression")
+
+
+class GroundingTask(nn.Module):
+    """Grounding over loader batches, whose ``boxes`` are normalised (x1, y1, x2, y2) of the model input
+    (:mod:`mplug2.data.collate`); predictions come back in the same layout. ``head``: ``tokens`` (the spec's
+    4 box tokens from the decoder, :class:`Grounder`) or ``regression`` (:class:`BoxRegressor`)."""
+
+    def __init__(self, model: MPLUG2, tokenizer, cfg: GroundingConfig | None = None, head: str = "tokens") -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"grounding head must be one of {HEADS}, got {head!r}")
+        self.head = head
+        self.impl = Grounder(model, tokenizer, cfg) if head == "tokens" else BoxRegressor(model)
         self.res = float(model.config.vision.image_res)
 
     @property
     def model(self) -> MPLUG2:
-        return self.grounder.model
+        return self.impl.model
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         if "boxes" not in batch:
             raise ValueError("grounding batches need a box in every sample's json (preprocess with --box-col, "
                              "or --preset refcoco)")
+        if self.head == "regression":
+            return self.impl(batch)
         x1, y1, x2, y2 = (batch["boxes"].float() * self.res).unbind(-1)
-        return self.grounder({**batch, "boxes": torch.stack([x1, y1, x2 - x1, y2 - y1], -1)})
+        return self.impl({**batch, "boxes": torch.stack([x1, y1, x2 - x1, y2 - y1], -1)})
 
     @torch.no_grad()
     def predict(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """(B, 4) normalised (x1, y1, x2, y2) boxes."""
-        return xywh_to_xyxy(self.grounder.predict(pixels, input_ids, attention_mask)) / self.res
+        if self.head == "regression":
+            return self.impl.boxes(pixels, input_ids, attention_mask)
+        return xywh_to_xyxy(self.impl.predict(pixels, input_ids, attention_mask)) / self.res

@@ -280,15 +280,22 @@ def _classes_from_export(read: Callable[[str], bytes | None]) -> dict[str, Any]:
 
 @dataclass
 class GroundingOptions:
-    """Box-token layout (model-spec §5): None picks the vocabulary's default ([unused339] / [unused340]...
-    for BERT, [unused8] / [unused9]... for the tiny vocab); ``num_bins`` None = image_res + 1."""
+    """``head``: ``tokens`` (model-spec §5: 4 box tokens from the decoder) or ``regression`` (an MLP on the
+    fused [CLS], L1 + GIoU; mplug2.tasks.grounding.BoxRegressor). Box-token layout: None picks the vocabulary's
+    default ([unused339] / [unused340]... for BERT, [unused8] / [unused9]... for the tiny vocab); ``num_bins``
+    None = image_res + 1."""
 
+    head: str = "tokens"
     prefix_token: str | None = None
     first_bin_token: str | None = None
     num_bins: int | None = None
     iou_threshold: float = 0.5
 
     def __post_init__(self) -> None:
+        from mplug2.tasks.grounding import HEADS
+
+        if self.head not in HEADS:
+            raise ValueError(f"task_options.head must be one of {HEADS}, got {self.head!r}")
         if self.num_bins is not None and self.num_bins < 2:
             raise ValueError(f"task_options.num_bins must be >= 2, got {self.num_bins}")
         if not 0 < self.iou_threshold <= 1:
@@ -308,7 +315,7 @@ def _build_grounding(cfg: RunConfig, model: MPLUG2, tokenizer, world_size: int) 
     base = GroundingConfig.tiny() if model.config.tokenizer == "tiny" else GroundingConfig()
     return GroundingTask(model, tokenizer, GroundingConfig(
         prefix_token=opts.prefix_token or base.prefix_token, first_bin_token=opts.first_bin_token
-        or base.first_bin_token, num_bins=opts.num_bins))
+        or base.first_bin_token, num_bins=opts.num_bins), head=opts.head)
 
 
 def _evaluate_grounding(task: nn.Module, data: EvalSet, ctx: EvalContext) -> dict[str, float]:

@@ -13,7 +13,7 @@ from mplug2.train.loop import run_local
 from tests.tiny import one_thread  # noqa: F401  (fixture)
 
 TRAIN_IMAGES, EVAL_IMAGES = 384, 96
-PRETRAIN_STEPS, GROUNDING_STEPS = 30, 200
+PRETRAIN_STEPS, GROUNDING_STEPS = 30, 300
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_grounding_finetune_beats_the_best_fixed_box(corpora, monkeypatch, capsy
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     run_local(_cfg(corpora, "pretrain", PRETRAIN_STEPS, loss_weights={"itc": 1.0, "itm": 1.0, "mlm": 1.0,
                                                                         "prefix_lm": 1.0}))
-    scores = run_local(_cfg(corpora, "grounding", GROUNDING_STEPS, loss_weights={},
+    scores = run_local(_cfg(corpora, "grounding", GROUNDING_STEPS, loss_weights={}, task_options={"head": "regression"},
                             init_from=f"{corpora['runs']}/ground-pretrain"))
     acc, chance, miou = scores["eval/acc_iou50"], scores["eval/chance_acc"], scores["eval/mean_iou"]
     with capsys.disabled():
@@ -59,3 +59,36 @@ def test_grounding_finetune_beats_the_best_fixed_box(corpora, monkeypatch, capsy
               f"mean IoU {miou:.1f} %; {PRETRAIN_STEPS} pretraining + {GROUNDING_STEPS} grounding steps of 32")
     assert 0 < chance < 50, scores          # two shapes anywhere in the image: no one box fits most of them
     assert acc >= 2 * chance and acc >= chance + 15, scores
+
+
+def test_evaluation_scores_the_predicted_boxes_and_names_chance(one_thread):
+    from mplug2.config import MPLUG2Config
+    from mplug2.models.mplug2 import MPLUG2
+    from mplug2.tasks.grounding import box_iou
+    from mplug2.tokenizer import load_tokenizer
+    from mplug2.train.evalset import EvalSet
+    from mplug2.train.tasks import EvalContext, get_task
+
+    torch.manual_seed(0)
+    tok = load_tokenizer("tiny")
+    spec = get_task("grounding")
+    for head in ("tokens", "regression"):
+        cfg = TrainConfig.from_dict({"run_name": "g", "task": "grounding", "model": "tiny",
+                                     "task_options": {"head": head}, "data": {"augment": False}})
+        task = spec.build(cfg, MPLUG2(MPLUG2Config.preset("tiny")), tok, 1).eval()
+        pixels = torch.randn(5, 3, 1, 32, 32)
+        enc = tok(["the red one"] * 5, max_length=8)
+        pred = task.predict(pixels, enc["input_ids"], enc["attention_mask"])
+        assert pred.shape == (5, 4) and (pred[:, 2:] >= pred[:, :2]).all() and (pred >= 0).all()
+        gold = [tuple(pred[0].tolist())] * 2 + [(0.0, 0.0, 0.1, 0.1), (0.9, 0.9, 1.0, 1.0), (0.0, 0.5, 0.5, 1.0)]
+        data = EvalSet([str(i) for i in range(5)], pixels, [["the red one"]] * 5, [None] * 5, boxes=gold)
+        scores = spec.evaluate(task, data, EvalContext(tok, max_text_len=8, batch_size=2, options=cfg.options))
+        iou = box_iou(pred, torch.tensor(gold))
+        assert scores["acc_iou50"] == pytest.approx(100 * float((iou >= 0.5).float().mean()))
+        assert scores["acc_iou50"] >= 40 and scores["mean_iou"] == pytest.approx(100 * float(iou.mean()), abs=1e-4)
+        assert scores["chance_acc"] == pytest.approx(40.0)     # the repeated box: 2 of 5 with one fixed box
+    with pytest.raises(ValueError, match="data.augment: false"):
+        TrainConfig(run_name="g", task="grounding")
+    with pytest.raises(ValueError, match="head must be one of"):
+        TrainConfig.from_dict({"run_name": "g", "task": "grounding", "task_options": {"head": "magic"},
+                               "data": {"augment": False}})
