@@ -101,9 +101,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         fields = spec.import_fields(read)
     except ValueError as e:
         raise SystemExit(f"{args.model}: {e}") from None
+    options = {**fields.pop("task_options", {}),          # what the export recorded, then --option
+               **{k: yaml.safe_load(v) for k, v in _parse_sets(args.option).items()}}
     cfg = TrainConfig(run_name="evaluate", task=args.task, model=mcfg.to_dict(), label_key=args.label_key,
-                      task_options={k: yaml.safe_load(v) for k, v in _parse_sets(args.option).items()},
-                      **fields)
+                      task_options=options, **fields)
     tok = load_tokenizer(mcfg.tokenizer)
     task = build_task(cfg, mcfg, tok, world_size=1)
     load_init(task, args.model)

@@ -303,7 +303,7 @@ class GroundingOptions:
 
 
 def _validate_grounding(cfg: RunConfig) -> None:
-    if cfg.data.augment:
+    if cfg.data.train and cfg.data.augment:
         raise ValueError("task 'grounding' needs `data.augment: false`: RandAugment's shear / translate / rotate "
                          "move the pixels under the box (the crop and flip still apply, and move the box)")
 
@@ -316,6 +316,17 @@ def _build_grounding(cfg: RunConfig, model: MPLUG2, tokenizer, world_size: int) 
     return GroundingTask(model, tokenizer, GroundingConfig(
         prefix_token=opts.prefix_token or base.prefix_token, first_bin_token=opts.first_bin_token
         or base.first_bin_token, num_bins=opts.num_bins), head=opts.head)
+
+
+def _grounding_file(task: nn.Module) -> dict[str, bytes]:
+    return {"grounding.json": json.dumps({"head": task.head}).encode()}
+
+
+def _grounding_from_export(read: Callable[[str], bytes | None]) -> dict[str, Any]:
+    raw = read("grounding.json")
+    if raw is None:
+        raise ValueError("the model folder has no grounding.json: export a `grounding` run's best/final model")
+    return {"task_options": {"head": json.loads(raw)["head"]}}
 
 
 def _evaluate_grounding(task: nn.Module, data: EvalSet, ctx: EvalContext) -> dict[str, float]:
@@ -367,7 +378,8 @@ REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in (
              _build_classify, _evaluate_classify, validate=_validate_classify, export_files=_classes_file,
              import_fields=_classes_from_export),
     TaskSpec("grounding", "visual grounding: expression -> box as 4 box tokens; acc@IoU>=0.5, mean IoU",
-             _build_grounding, _evaluate_grounding, options_type=GroundingOptions, validate=_validate_grounding),
+             _build_grounding, _evaluate_grounding, options_type=GroundingOptions, validate=_validate_grounding,
+             export_files=_grounding_file, import_fields=_grounding_from_export),
 )}
 
 

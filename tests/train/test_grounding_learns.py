@@ -14,6 +14,7 @@ from tests.tiny import one_thread  # noqa: F401  (fixture)
 
 TRAIN_IMAGES, EVAL_IMAGES = 384, 96
 PRETRAIN_STEPS, GROUNDING_STEPS = 30, 300
+SEED = 0
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def _cfg(corpora, task: str, steps: int, **extra) -> TrainConfig:
                   eval=dict(name="eval", path=corpora["eval"], split="eval", num_frames=1)),
         optim=dict(lr=2e-3, lr_vision=2e-3, warmup_steps=20),
         schedule=dict(total_steps=steps, ckpt_every_steps=steps, log_every_steps=100),
-        scale=dict(num_workers=1), debug=dict(deterministic=True)))
+        scale=dict(num_workers=1), debug=dict(deterministic=True), seed=SEED))
 
 
 def test_grounding_finetune_beats_the_best_fixed_box(corpora, monkeypatch, capsys):
@@ -59,6 +60,15 @@ def test_grounding_finetune_beats_the_best_fixed_box(corpora, monkeypatch, capsy
               f"mean IoU {miou:.1f} %; {PRETRAIN_STEPS} pretraining + {GROUNDING_STEPS} grounding steps of 32")
     assert 0 < chance < 50, scores          # two shapes anywhere in the image: no one box fits most of them
     assert acc >= 2 * chance and acc >= chance + 15, scores
+    # the best export records its head: `mplug2-train evaluate` rebuilds it and scores the same
+    import json
+
+    from mplug2.train.cli import main as train_cli
+
+    capsys.readouterr()
+    assert train_cli(["evaluate", "--task", "grounding", "--model", f"{corpora['runs']}/ground-grounding/best",
+                      "--eval", corpora["eval"], "--split", "eval", "--frames", "1", "--max-text-len", "12"]) == 0
+    assert json.loads(capsys.readouterr().out)["acc_iou50"] == pytest.approx(acc)
 
 
 def test_evaluation_scores_the_predicted_boxes_and_names_chance(one_thread):
@@ -87,8 +97,8 @@ def test_evaluation_scores_the_predicted_boxes_and_names_chance(one_thread):
         assert scores["acc_iou50"] == pytest.approx(100 * float((iou >= 0.5).float().mean()))
         assert scores["acc_iou50"] >= 40 and scores["mean_iou"] == pytest.approx(100 * float(iou.mean()), abs=1e-4)
         assert scores["chance_acc"] == pytest.approx(40.0)     # the repeated box: 2 of 5 with one fixed box
-    with pytest.raises(ValueError, match="data.augment: false"):
-        TrainConfig(run_name="g", task="grounding")
+    with pytest.raises(ValueError, match="data.augment: false"):   # a training run; evaluation has no train data
+        TrainConfig.from_dict({"run_name": "g", "task": "grounding", "data": {"train": [{"name": "g", "path": "x"}]}})
     with pytest.raises(ValueError, match="head must be one of"):
         TrainConfig.from_dict({"run_name": "g", "task": "grounding", "task_options": {"head": "magic"},
                                "data": {"augment": False}})
