@@ -221,6 +221,8 @@ class BatchBuilder:
         if not pixels:  # every sample of the batch was unreadable: the loader moves on to the next batch
             return {"corpus": self.corpus, "epoch": raw.epoch, "index": raw.index, "skipped": skipped,
                     "requested": requested, "empty": True}
+        if boxes and len(boxes) != len(pixels):
+            raise SampleError(f"corpus {self.corpus}: some samples of a batch have a box, others none")
         # Holes left by skipped samples are filled with repeats of the batch's readable ones (same keys, so
         # id-aware objectives treat them as the same sample): every batch keeps its size (ITC queues, DDP).
         for i in range(requested - len(pixels)):
@@ -234,8 +236,6 @@ class BatchBuilder:
         if any(lb is not None for lb in labels):
             extra["class_labels"] = labels       # raw names / indices; the classify task maps them to ids
         if boxes:
-            if len(boxes) != len(pixels):
-                raise SampleError(f"corpus {self.corpus}: some samples of a batch have a box, others none")
             extra["boxes"] = torch.tensor(boxes, dtype=torch.float32)
         return {**extra, **self.transform.collate(pixels, params),
             "input_ids": torch.as_tensor(tok["input_ids"], dtype=torch.long),
