@@ -377,7 +377,7 @@ REGISTRY: dict[str, TaskSpec] = {spec.name: spec for spec in (
     TaskSpec("classify", "video/image classification, labels from each sample's json; top-1 / top-5",
              _build_classify, _evaluate_classify, validate=_validate_classify, export_files=_classes_file,
              import_fields=_classes_from_export),
-    TaskSpec("grounding", "visual grounding: expression -> box as 4 box tokens; acc@IoU>=0.5, mean IoU",
+    TaskSpec("grounding", "visual grounding: expression -> box (box tokens or regression); acc@IoU>=0.5, mean IoU",
              _build_grounding, _evaluate_grounding, options_type=GroundingOptions, validate=_validate_grounding,
              export_files=_grounding_file, import_fields=_grounding_from_export),
 )}
