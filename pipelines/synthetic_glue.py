@@ -1,12 +1,13 @@
-"""A synthetic GLUE-style sentence-pair corpus (RTE's format: ``index``, ``sentence1``, ``sentence2``,
-``label``) for text classification, in the vocabulary of the synthetic video corpora.
+"""Synthetic GLUE-style text classification corpora in the vocabulary of the synthetic video corpora.
 
-``sentence1`` describes a scene ("a big red circle"); ``sentence2`` claims one attribute of it ("the shape is
-blue", "it is a circle", "it is small"); the label is ``entailment`` when the claim matches the description,
-``not_entailment`` otherwise (half each). Only the pair decides the label: each sentence alone carries no
-signal, so accuracy above 50 % means the model compared the two.
+* SST-2's format (``sentence``, ``label`` 0/1), in ``<out>/sst2/``: a caption ("a small red circle moving left
+  quickly"), label 1 when its colour is warm (red, yellow), else 0; half each. The tiny config trains on it.
+* RTE's format (``index``, ``sentence1``, ``sentence2``, ``label``), in ``<out>/rte/``: ``sentence1`` describes
+  a shape ("a big red circle"), ``sentence2`` claims one attribute ("the shape is blue", "it is a circle");
+  ``entailment`` when the claim holds, else ``not_entailment``, half each. Only the pair decides the label, so
+  accuracy above 50 % means the model compared the two (slower to learn: 71 % after 1,000 tiny steps).
 
-    python -m pipelines.synthetic_glue --out corpus/ --train 2000 --dev 200
+    python -m pipelines.synthetic_glue --out corpus/glue --train 2000 --dev 200
 """
 
 from __future__ import annotations
@@ -16,13 +17,37 @@ import logging
 import random
 from pathlib import Path
 
-from pipelines.synthetic import COLOURS, SHAPES, SIZES
+from pipelines.synthetic import COLOURS, DIRECTIONS, SHAPES, SIZES, SPEEDS
 
 log = logging.getLogger(__name__)
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"colour": tuple(COLOURS), "shape": SHAPES, "size": tuple(SIZES)}
 CLAIMS = {"colour": "the shape is {}", "shape": "it is a {}", "size": "it is {}"}
 LABELS = ("entailment", "not_entailment")
+WARM = ("red", "yellow")
+
+
+def sentence_examples(n: int, seed: int) -> list[tuple[str, int]]:
+    """``n`` (caption, 1 if its colour is warm else 0), labels balanced, deterministic in ``seed``."""
+    rng = random.Random(seed)
+    cool = [c for c in COLOURS if c not in WARM]
+    out = []
+    for i in range(n):
+        colour = rng.choice(WARM if i % 2 == 0 else cool)
+        out.append((f"a {rng.choice(list(SIZES))} {colour} {rng.choice(SHAPES)} moving {rng.choice(list(DIRECTIONS))} "
+                    f"{rng.choice(list(SPEEDS))}", int(colour in WARM)))
+    rng.shuffle(out)
+    return out
+
+
+def write_sentence_tsv(path: Path, n: int, seed: int) -> Path:
+    """Write ``n`` examples as an SST-2-style tsv (header ``sentence label``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("sentence\tlabel\n")
+        f.writelines(f"{text}\t{label}\n" for text, label in sentence_examples(n, seed))
+    log.info("wrote %d synthetic sentences to %s", n, path)
+    return path
 
 
 def pair_examples(n: int, seed: int) -> list[tuple[str, str, str]]:
@@ -53,14 +78,15 @@ def write_pair_tsv(path: Path, n: int, seed: int) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipelines.synthetic_glue", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="output folder (writes train.tsv and dev.tsv)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (writes {sst2,rte}/{train,dev}.tsv)")
     p.add_argument("--train", type=int, default=2000, help="train examples")
     p.add_argument("--dev", type=int, default=200, help="dev examples")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    write_pair_tsv(args.out / "train.tsv", args.train, args.seed)
-    write_pair_tsv(args.out / "dev.tsv", args.dev, args.seed + 1)
+    for split, n, seed in (("train", args.train, args.seed), ("dev", args.dev, args.seed + 1)):
+        write_sentence_tsv(args.out / "sst2" / f"{split}.tsv", n, seed)
+        write_pair_tsv(args.out / "rte" / f"{split}.tsv", n, seed)
     return 0
 
 

@@ -39,3 +39,11 @@ def test_sentence_pairs_are_balanced_and_decided_only_by_the_pair():
     # neither sentence alone predicts the label: every first sentence and claim comes with both labels
     by_claim = Counter((b, label) for _, b, label in pairs)
     assert all(by_claim[(b, LABELS[0])] and by_claim[(b, LABELS[1])] for b, _ in by_claim)
+
+
+def test_sentences_are_labelled_by_their_colour_and_balanced():
+    from pipelines.synthetic_glue import WARM, sentence_examples
+
+    rows = sentence_examples(400, seed=1)
+    assert Counter(label for _, label in rows) == {0: 200, 1: 200}
+    assert all(label == int(text.split()[2] in WARM) for text, label in rows)
