@@ -40,14 +40,17 @@ def sentence_examples(n: int, seed: int) -> list[tuple[str, int]]:
     return out
 
 
-def write_sentence_tsv(path: Path, n: int, seed: int) -> Path:
-    """Write ``n`` examples as an SST-2-style tsv (header ``sentence label``)."""
+def _write_tsv(path: Path, header: tuple[str, ...], rows: list[tuple]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        f.write("sentence\tlabel\n")
-        f.writelines(f"{text}\t{label}\n" for text, label in sentence_examples(n, seed))
-    log.info("wrote %d synthetic sentences to %s", n, path)
+        f.writelines("\t".join(map(str, row)) + "\n" for row in [header, *rows])
+    log.info("wrote %d synthetic examples to %s", len(rows), path)
     return path
+
+
+def write_sentence_tsv(path: Path, n: int, seed: int) -> Path:
+    """Write ``n`` examples as an SST-2-style tsv (header ``sentence label``)."""
+    return _write_tsv(path, ("sentence", "label"), sentence_examples(n, seed))
 
 
 def pair_examples(n: int, seed: int) -> list[tuple[str, str, str]]:
@@ -67,13 +70,8 @@ def pair_examples(n: int, seed: int) -> list[tuple[str, str, str]]:
 
 def write_pair_tsv(path: Path, n: int, seed: int) -> Path:
     """Write ``n`` examples as an RTE-style tsv (header ``index sentence1 sentence2 label``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("index\tsentence1\tsentence2\tlabel\n")
-        for i, (a, b, label) in enumerate(pair_examples(n, seed)):
-            f.write(f"{i}\t{a}\t{b}\t{label}\n")
-    log.info("wrote %d synthetic sentence pairs to %s", n, path)
-    return path
+    return _write_tsv(path, ("index", "sentence1", "sentence2", "label"),
+                      [(i, *row) for i, row in enumerate(pair_examples(n, seed))])
 
 
 def main(argv: list[str] | None = None) -> int:
