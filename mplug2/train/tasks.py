@@ -277,7 +277,8 @@ def _classes_file(task: nn.Module) -> dict[str, bytes]:
 def _classes_from_export(read: Callable[[str], bytes | None]) -> dict[str, Any]:
     raw = read("classes.json")
     if raw is None:
-        raise ValueError("the model folder has no classes.json: export a `classify` run's best/final model")
+        raise ValueError("the model folder has no classes.json: export a `classify` or `text_classify` run's "
+                         "best/final model")
     return {"classes": json.loads(raw)}
 
 
