@@ -145,27 +145,46 @@ def make_video_corpus(out: Path, n: int, *, seed: int = 0, num_frames: int = 16,
     return manifest
 
 
+# Where a still's shape sits (centre as a fraction of the side). A still has no direction or speed, so its caption
+# names its corner: without it 36 captions (size, colour, shape) would repeat every few images, and a batch's
+# repeats are false negatives for contrastive learning. "left"/"right" follow a flip (text.swap_left_right).
+CORNERS: dict[str, tuple[float, float]] = {"top left": (0.3, 0.3), "top right": (0.7, 0.3),
+                                           "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7)}
+
+
+def render_still(spec: ClipSpec, corner: str, *, size: int = 64) -> np.ndarray:
+    """(H, W, 3) uint8: the clip's shape, still, centred in ``corner`` (jittered by 1/32 of the side)."""
+    rng = np.random.default_rng(spec.seed)
+    frame = rng.integers(0, 60, size=(size, size, 3), dtype=np.uint8)
+    r = size * rng.uniform(*SIZES[spec.size])
+    fx, fy = CORNERS[corner]
+    cx, cy = (size * (f + rng.uniform(-1, 1) / 32) for f in (fx, fy))
+    frame[_shape_mask(spec.shape, size, cx, cy, r)] = np.array(COLOURS[spec.colour], dtype=np.uint8)
+    return frame
+
+
 def make_image_corpus(out: Path, n: int, *, seed: int = 1, size: int = 64, split: str = "train",
                       distinct: bool = False) -> Path:
-    """Write ``n`` JPEG images (the middle frame of a clip) and a jsonl manifest; captions omit motion.
-    ``distinct``: every (size, colour, shape) once in a seeded order: up to 36 images, each with its own caption
-    (a held-out set)."""
+    """Write ``n`` JPEG images of one still shape and a jsonl manifest; the caption names what is visible: size,
+    colour, shape and corner ("a small red circle in the top left", 144 combinations, cycled in a seeded order,
+    so captions rarely repeat). ``distinct``: at most 144 images, each with its own caption (a held-out set)."""
+    if distinct and n > 144:
+        raise ValueError(f"a distinct image set has at most 144 images (one per caption), asked for {n}")
     media = out / "images"
     media.mkdir(parents=True, exist_ok=True)
     manifest = out / f"images_{split}.jsonl"
+    rng = random.Random(seed)
+    combos = [(z, c, sh, k) for z in SIZES for c in COLOURS for sh in SHAPES for k in CORNERS]
+    rng.shuffle(combos)
     with open(manifest, "w") as f:
-        specs = clip_specs(n, seed)
-        if distinct:
-            rng = random.Random(seed)
-            combos = [(z, c, sh) for z in SIZES for c in COLOURS for sh in SHAPES]
-            rng.shuffle(combos)
-            specs = [ClipSpec(c, sh, "up", sp.seed, size=z) for sp, (z, c, sh) in zip(specs, combos * (n // 36 + 1))]
-        for i, spec in enumerate(specs):
+        for i, spec in enumerate(clip_specs(n, seed)):
+            z, c, sh, corner = combos[i % len(combos)]
+            spec = ClipSpec(c, sh, "up", spec.seed, size=z)
             path = media / f"{split}_{i:05d}.jpg"
             if not path.exists():
-                write_jpeg(path, render_frames(spec, num_frames=3, size=size)[1])
-            row = {"url": str(path.resolve()), "caption": spec.still_caption,
-                   "colour": spec.colour, "shape": spec.shape, "size": spec.size}
+                write_jpeg(path, render_still(spec, corner, size=size))
+            row = {"url": str(path.resolve()), "caption": f"{spec.still_caption} in the {corner}",
+                   "colour": spec.colour, "shape": spec.shape, "size": spec.size, "corner": corner}
             f.write(json.dumps(row) + "\n")
     log.info("wrote %d synthetic images and %s", n, manifest)
     return manifest

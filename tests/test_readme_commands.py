@@ -31,6 +31,8 @@ SKIPPED = {
     "mplug2-train finetune --config configs/classify_tiny.yaml": "same launcher path as the retrieval fine-tune",
     "mplug2-train finetune --config configs/qa_rank_tiny.yaml": "same launcher path as the retrieval fine-tune; "
                                                                 "the QA task: tests/train (task learning tests)",
+    "mplug2-train finetune --config configs/text_classify_tiny.yaml": "same launcher path as the retrieval "
+                                                                      "fine-tune; the task: tests/train/test_text_classify.py",
 }
 
 

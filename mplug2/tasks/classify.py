@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from mplug2.models.mplug2 import MPLUG2
 
-__all__ = ["VisualClassifier", "TextClassifier", "ClassifyTask"]
+__all__ = ["VisualClassifier", "TextClassifier", "ClassifyTask", "TextClassifyTask"]
 
 
 def _outputs(logits: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
@@ -111,3 +111,25 @@ class ClassifyTask(nn.Module):
     @torch.no_grad()
     def logits(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.clf({"pixels": pixels})["logits"]
+
+
+class TextClassifyTask(nn.Module):
+    """:class:`~mplug2.tasks.classify.TextClassifier` over :class:`~mplug2.data.glue.TextPairLoader` batches
+    (``input_ids``, ``attention_mask``, ``labels`` as class ids in the order of ``classes``)."""
+
+    def __init__(self, model: MPLUG2, classes: list[str]) -> None:
+        super().__init__()
+        self.classes = list(classes)
+        self.clf = TextClassifier(model, len(self.classes))
+
+    @property
+    def model(self) -> MPLUG2:
+        return self.clf.model
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        out = self.clf({k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
+        return {"loss": out["loss"], "acc": out["acc"]}
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.clf({"input_ids": input_ids, "attention_mask": attention_mask})["logits"]

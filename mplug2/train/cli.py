@@ -65,6 +65,10 @@ def _train(args: argparse.Namespace, task: str | None) -> int:
         raise SystemExit(f"config task is {cfg.task!r}; use `mplug2-train finetune`")
     if task is None and cfg.task == "pretrain":
         raise SystemExit("config task is 'pretrain'; use `mplug2-train pretrain`")
+    try:
+        get_task(cfg.task).preflight(cfg)
+    except (OSError, ValueError) as e:
+        raise ConfigFileError(str(e)) from e
     init_ray(args.address, num_cpus=args.num_cpus)
     t0 = time.time()
     result = fit(cfg)
@@ -109,8 +113,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     task = build_task(cfg, mcfg, tok, world_size=1)
     load_init(task, args.model)
     task.eval()
-    data = load_eval_set(args.eval, args.split, args.frames, mcfg.vision.image_res, max_items=args.max_items,
-                         label_key=args.label_key)
+    try:
+        data = spec.load_eval(cfg, args.eval, 0, 1) if spec.load_eval else load_eval_set(
+            args.eval, args.split, args.frames, mcfg.vision.image_res, max_items=args.max_items,
+            label_key=args.label_key)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"mplug2-train: error: {e}") from None
     with torch.no_grad():
         scores = spec.evaluate(task, data, EvalContext(tok, max_text_len=args.max_text_len, options=cfg.options))
     print(json.dumps(scores, indent=1, sort_keys=True))
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                         epilog="tasks:\n" + describe_tasks(), formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--task", choices=[s.name for s in REGISTRY.values() if s.evaluate is not None], required=True)
     ev.add_argument("--model", required=True, help="folder with config.yaml + model.safetensors (local or s3://)")
-    ev.add_argument("--eval", required=True, help="shard dataset prefix (local or s3://)")
+    ev.add_argument("--eval", required=True, help="shard dataset prefix (local or s3://); text_classify: a tsv")
     ev.add_argument("--split", default="train", help="shard name prefix of the eval set")
     ev.add_argument("--frames", type=int, default=4)
     ev.add_argument("--max-items", type=int)

@@ -103,7 +103,8 @@ class TrainLoop:
         # after wrapping: FSDP2 replaces the parameters with sharded ones, the optimizer must hold those
         self.optimizer = build.build_optimizer(cfg, self.task)
         self.scheduler = build.build_scheduler(cfg, self.optimizer)
-        self.loader = build.build_train_loader(cfg, self.mcfg, rank, world_size)
+        self.loader = (self.spec.train_loader(cfg, self.tokenizer, rank, world_size) if self.spec.train_loader
+                       else build.build_train_loader(cfg, self.mcfg, rank, world_size))
         self.step = 0
         _seed_all(cfg.seed * 1000 + rank + 1)                  # per-rank masking / negatives / dropout
         self.log_dir = self._log_dir()
@@ -273,8 +274,11 @@ class TrainLoop:
         """The task's evaluation on the configured eval corpus: this rank scores its slice (decoded once per
         process), the task gathers the pieces; every rank returns the same numbers."""
         c = self.cfg.data.eval
-        data = cached_eval_set(c.path, c.split, c.num_frames, self.mcfg.vision.image_res,
-                               label_key=self.cfg.label_key, rank=self.rank, world_size=self.world_size)
+        if self.spec.load_eval is not None:      # text-only tasks read their own eval files
+            data = self.spec.load_eval(self.cfg, c.path, self.rank, self.world_size)
+        else:
+            data = cached_eval_set(c.path, c.split, c.num_frames, self.mcfg.vision.image_res,
+                                   label_key=self.cfg.label_key, rank=self.rank, world_size=self.world_size)
         ctx = EvalContext(self.tokenizer, max_text_len=self.cfg.data.max_text_len, device=self.device,
                           options=self.cfg.options)
         return self.spec.evaluate(self.task, data, ctx)
