@@ -14,6 +14,7 @@ from PIL import Image
 
 from mplug2.data.augment import OP_IDS, TensorTransform, augment_batch, finish_batch
 from mplug2.data.collate import BatchBuilder
+from mplug2.data import decode
 from mplug2.data.decode import ClipDecoder, EncodedFrame, open_frame
 from mplug2.data.stream import RawBatch
 from mplug2.data.transforms import RANDAUG_OPS, AugParams, TransformConfig, VideoTransform
@@ -160,3 +161,35 @@ def test_damaged_pixel_data_is_a_skipped_sample_naming_its_shard_and_key():
     out = builder(RawBatch(0, 1, [bad, ok], shards=["train-000000.tar"] * 2))
     assert out["keys"] == ["000000_000001", "000000_000001"]        # the hole filled: the batch keeps its size
     assert [s for s, _ in out["skipped"]] == ["train-000000.tar"]
+
+
+@pytest.mark.parametrize("size, res", [((96, 80), 48), ((320, 256), 32)])   # full size; a DCT scale of 1/4
+def test_simplejpeg_and_the_pillow_fallback_decode_the_same_pixels(monkeypatch, size, res):
+    data = _photo(7, size=size)
+    box = (3, 5, size[0] - 9, size[1] - 7)
+    fast = ClipDecoder().decode([_new(data)], box, res).clone()
+    monkeypatch.setattr(decode, "simplejpeg", None)
+    slow = ClipDecoder().decode([_new(data)], box, res)
+    assert fast.shape == slow.shape and torch.equal(fast, slow)
+
+
+def test_cmyk_jpeg_and_png_frames_decode_through_pillow():
+    arr = np.asarray(_pil(_photo(8)))
+    for mode, fmt in (("CMYK", "JPEG"), ("RGB", "PNG")):
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert(mode).save(buf, format=fmt)
+        frame = _new(buf.getvalue())
+        assert not frame.turbo and frame.size == (96, 80)
+        crop = ClipDecoder().decode([frame], (0, 0, 96, 80), 48)
+        ref = np.asarray(_pil(buf.getvalue()))
+        assert crop.shape == (1, 3, 80, 96) and torch.equal(crop[0].permute(1, 2, 0), torch.from_numpy(ref.copy()))
+
+
+def test_clip_with_frames_of_two_sizes_is_a_skipped_sample():
+    sample = {"__key__": "000000_000000", "f000.jpg": _photo(9), "f001.jpg": _photo(9, size=(64, 48)),
+              "txt": b"a clip"}
+    builder = BatchBuilder("c", TensorTransform(TransformConfig(res=16)), num_frames=2, seed=0,
+                           tokenize=lambda texts, n: {"input_ids": [[1]] * len(texts),
+                                                      "attention_mask": [[1]] * len(texts)})
+    out = builder(RawBatch(0, 0, [sample], shards=["train-000000.tar"]))
+    assert out.get("empty") and "differ in size" in out["skipped"][0][1]
