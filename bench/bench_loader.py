@@ -149,19 +149,19 @@ def main(argv: list[str] | None = None) -> int:
                                "write_s": round(write_s, 1)}
                         rows.append(row)
                         print(f"{modality:5s} T={row['T']} res={res:3d} stored={stored} {loc:5s} {path:6s} "
-                              f"{row['samples_per_s']:8.1f} samples/s  {row['cpu_ms_per_sample']:6.2f} CPU ms/sample (main "
-                              f"{row['main_ms_per_sample']}), load {row['load_1min']}, start-up {row['startup_s']}s",
+                              f"{row['samples_per_s']:8.1f} samples/s  {row['cpu_ms_per_sample']:6.2f} CPU ms/sample "
+                              f"(main {row['main_ms_per_sample']}), load {row['load_1min']}, start-up {row['startup_s']}s",
                               flush=True)
     finally:
         if server is not None:
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
     print("\n| modality | T | res | stored | storage | path | CPU ms/sample (all processes) | of which main "
-          "| samples/s | frames/s | load (1 min) | first batch (s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| samples/s | frames/s | load (1 min) | first batch (s) |\n" + "|---" * 12 + "|")
     for r in rows:
         print(f"| {r['modality']} | {r['T']} | {r['res']} | {r['stored']} | {r['where']} | {r['path']} "
-              f"| {r['cpu_ms_per_sample']} | {r['main_ms_per_sample']} | {r['samples_per_s']} | {r['frames_per_s']} | {r['load_1min']} "
-              f"| {r['startup_s']} |")
+              f"| {r['cpu_ms_per_sample']} | {r['main_ms_per_sample']} | {r['samples_per_s']} | {r['frames_per_s']} "
+              f"| {r['load_1min']} | {r['startup_s']} |")
     print(f"\nbatch {args.batch_size}, {args.num_workers} workers, {args.batches} timed batches, train transforms, "
           f"{args.texture} frames stored {args.stored}, {os.cpu_count()} CPUs")
     if args.out:
