@@ -27,7 +27,7 @@ _WARP_OPS = frozenset(OP_IDS[n] for n in ("ShearX", "ShearY", "Rotate"))
 _SHIFT_OPS = frozenset(OP_IDS[n] for n in ("TranslateX", "TranslateY"))
 _FILL = 128.0                                     # PIL fillcolor of the reference ops
 _LUMA = (0.299, 0.587, 0.114)                     # PIL's "L" conversion
-_SCRATCH_MAX_BYTES = 256 << 20                    # larger work buffers are allocated per call
+_SCRATCH_MAX_BYTES = 32 << 20                     # larger (batch-sized) buffers: allocated per call
 _scratch_cache: dict[str, torch.Tensor] = {}
 
 
