@@ -4,7 +4,7 @@ RandAugment on whole batches (in the loader worker, or on the training device wi
 Same augmentation as :class:`~mplug2.data.transforms.VideoTransform` (the PIL reference, ``model-spec.md``
 §6): the clip's parameters come from the very same ``draw`` on the same seeded RNG, so crop boxes, flips and
 op choices are identical draw for draw; only the pixel arithmetic differs (torch's antialiased bicubic, which
-follows PIL's, and bilinear ``grid_sample`` for the affine ops). What makes it cheaper:
+follows PIL's, and bilinear sampling for the affine ops, :mod:`mplug2.data.pixel_ops`). What makes it cheaper:
 
 - frames decoded by :class:`mplug2.data.decode.ClipDecoder`: libjpeg-turbo straight into one reused buffer,
   at a DCT scale of 1/2, 1/4 or 1/8 when the crop still has ``res`` pixels per side after it;
