@@ -33,6 +33,7 @@ import torch
 from PIL import Image
 
 from mplug2.data.boxes import Box, BoxError, normalised_xyxy, parse_box, transform_with_box
+from mplug2.data.decode import EncodedFrame, open_frame
 from mplug2.data.shard_contract import BOX_FIELD
 from mplug2.data.stream import RawBatch, RawSample, derive_seed
 from mplug2.data.text import pre_caption, swap_left_right
@@ -64,7 +65,7 @@ def key_to_id(key: str) -> int:
 @dataclass
 class DecodedSample:
     key: str
-    frames: list[Image.Image]
+    frames: list[Image.Image] | list[EncodedFrame]     # EncodedFrame: header only (``lazy``)
     captions: list[str]
     answer: str | None = None      # QA corpora: the sample's json ``answer`` (the caption is the question)
     label: str | int | None = None  # classification corpora: the sample's json label (a name or an index)
@@ -72,11 +73,11 @@ class DecodedSample:
     box: Box | None = None          # grounding corpora: the json ``box`` (x, y, w, h in the stored pixels)
 
 
-def _open_image(data: bytes, key: str, fld: str, lazy: bool = False) -> Image.Image:
+def _open_image(data: bytes, key: str, fld: str, lazy: bool = False) -> Image.Image | EncodedFrame:
     try:
-        img = Image.open(io.BytesIO(data))
         if lazy:                 # header only: the transform decodes, at the size it needs
-            return img
+            return open_frame(data)
+        img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as exc:  # PIL raises several types for bad bytes
         raise SampleError(f"sample {key}: field {fld} is not a decodable image ({exc})") from exc
@@ -102,6 +103,8 @@ def decode_sample(raw: RawSample, *, num_frames: int, train: bool, rng: random.R
         if fld is None:
             raise SampleError(f"sample {key}: no image field (jpg/png/webp) and no fNNN.jpg frames")
         frames = [_open_image(raw[fld], key, fld, lazy)]
+    if len({f.size for f in frames}) > 1:
+        raise SampleError(f"sample {key}: frames differ in size ({sorted({f.size for f in frames})})")
     captions: list[str] = []
     answer: str | None = None
     label: str | int | None = None

@@ -30,7 +30,8 @@ class ShardSet:
         return [k for shard in self.keys for k in shard]
 
 
-def _jpeg(rng: np.random.Generator, size: tuple[int, int], base: np.ndarray, texture: str = "noise") -> bytes:
+def _jpeg(rng: np.random.Generator, size: tuple[int, int], base: np.ndarray, texture: str = "noise",
+          quality: int = 90) -> bytes:
     """``noise``: flat colour + uniform +-30 noise per pixel (worst-case JPEG entropy, tiny files for tests);
     ``natural``: a smooth random colour field + mild noise, closer to a photo's JPEG size and decode cost."""
     w, h = size
@@ -43,7 +44,7 @@ def _jpeg(rng: np.random.Generator, size: tuple[int, int], base: np.ndarray, tex
     else:
         raise ValueError(f"texture must be 'noise' or 'natural', got {texture!r}")
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=90)
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
@@ -55,7 +56,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_shards(prefix: str, samples_per_shard: Sequence[int], *, frames: int = 0, size: tuple[int, int] = (40, 32),
                  split: str = "train", captions_per_sample: int = 1, write_dataset_json: bool = True,
-                 seed: int = 0, texture: str = "noise") -> ShardSet:
+                 seed: int = 0, texture: str = "noise", quality: int = 90) -> ShardSet:
     """Write ``len(samples_per_shard)`` shards; ``frames=0`` makes image samples (``jpg``), else video
     samples with ``frames`` fields ``f000.jpg..``. Returns the keys per shard."""
     rng = np.random.default_rng(seed)
@@ -75,10 +76,10 @@ def write_shards(prefix: str, samples_per_shard: Sequence[int], *, frames: int =
                           "txt": caps[0].encode()}
                 if frames:
                     for f in range(frames):
-                        fields[f"f{f:03d}.jpg"] = _jpeg(rng, size, base + 8 * f, texture)
+                        fields[f"f{f:03d}.jpg"] = _jpeg(rng, size, base + 8 * f, texture, quality)
                     meta["num_frames"] = frames
                 else:
-                    fields["jpg"] = _jpeg(rng, size, base, texture)
+                    fields["jpg"] = _jpeg(rng, size, base, texture, quality)
                 for name in sorted(fields):
                     _add(tar, f"{key}.{name}", fields[name])
                 keys.append(key)

@@ -14,6 +14,8 @@ from PIL import Image
 
 from mplug2.data.augment import OP_IDS, TensorTransform, augment_batch, finish_batch
 from mplug2.data.collate import BatchBuilder
+from mplug2.data import decode
+from mplug2.data.decode import ClipDecoder, EncodedFrame, open_frame
 from mplug2.data.stream import RawBatch
 from mplug2.data.transforms import RANDAUG_OPS, AugParams, TransformConfig, VideoTransform
 
@@ -38,8 +40,8 @@ def _pil(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
-def _new(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data))          # lazy, as the loader hands it over
+def _new(data: bytes) -> EncodedFrame:
+    return open_frame(data)                      # header only, as the loader hands it over
 
 
 def _both(cfg: TransformConfig, data: list[bytes], seed: int):
@@ -132,14 +134,13 @@ def test_device_path_equals_the_cpu_path():
 
 
 def test_large_jpeg_is_decoded_at_the_size_needed():
-    """A 4x larger source decodes through libjpeg's DCT scaling (draft) and still matches the reference."""
+    """A 4x larger source decodes through libjpeg's DCT scaling and still matches the reference."""
     cfg = TransformConfig(res=32, crop_scale=(0.9, 1.0))
     data = _photo(5, size=(320, 256))
-    img = _new(data)
-    fast = TensorTransform(cfg)
-    crop = fast._decode(img, (0, 0, 320, 256), flip=False)
-    assert img.size[0] < 320 and crop.shape[1:] == img.size[::-1]     # decoded at a DCT scale of 1/2 .. 1/8
-    assert min(crop.shape[1:]) >= 32
+    crop = ClipDecoder().decode([_new(data)], (0, 0, 320, 256), 32)
+    assert crop.shape[0] == 1 and crop.shape[1] == 3
+    assert crop.shape[-1] < 320 and 320 % crop.shape[-1] == 0          # decoded at a DCT scale of 1/2 .. 1/8
+    assert min(crop.shape[-2:]) >= 32
     diffs = [float((new - ref).abs().mean()) * STD_GREY for ref, new, *_ in (_both(cfg, [data], s) for s in range(8))]
     assert np.median(diffs) < 3.0, diffs
 
@@ -160,3 +161,35 @@ def test_damaged_pixel_data_is_a_skipped_sample_naming_its_shard_and_key():
     out = builder(RawBatch(0, 1, [bad, ok], shards=["train-000000.tar"] * 2))
     assert out["keys"] == ["000000_000001", "000000_000001"]        # the hole filled: the batch keeps its size
     assert [s for s, _ in out["skipped"]] == ["train-000000.tar"]
+
+
+@pytest.mark.parametrize("size, res", [((96, 80), 48), ((320, 256), 32)])   # full size; a DCT scale of 1/4
+def test_simplejpeg_and_the_pillow_fallback_decode_the_same_pixels(monkeypatch, size, res):
+    data = _photo(7, size=size)
+    box = (3, 5, size[0] - 9, size[1] - 7)
+    fast = ClipDecoder().decode([_new(data)], box, res).clone()
+    monkeypatch.setattr(decode, "simplejpeg", None)
+    slow = ClipDecoder().decode([_new(data)], box, res)
+    assert fast.shape == slow.shape and torch.equal(fast, slow)
+
+
+def test_cmyk_jpeg_and_png_frames_decode_through_pillow():
+    arr = np.asarray(_pil(_photo(8)))
+    for mode, fmt in (("CMYK", "JPEG"), ("RGB", "PNG")):
+        buf = io.BytesIO()
+        Image.fromarray(arr).convert(mode).save(buf, format=fmt)
+        frame = _new(buf.getvalue())
+        assert not frame.turbo and frame.size == (96, 80)
+        crop = ClipDecoder().decode([frame], (0, 0, 96, 80), 48)
+        ref = np.asarray(_pil(buf.getvalue()))
+        assert crop.shape == (1, 3, 80, 96) and torch.equal(crop[0].permute(1, 2, 0), torch.from_numpy(ref.copy()))
+
+
+def test_clip_with_frames_of_two_sizes_is_a_skipped_sample():
+    sample = {"__key__": "000000_000000", "f000.jpg": _photo(9), "f001.jpg": _photo(9, size=(64, 48)),
+              "txt": b"a clip"}
+    builder = BatchBuilder("c", TensorTransform(TransformConfig(res=16)), num_frames=2, seed=0,
+                           tokenize=lambda texts, n: {"input_ids": [[1]] * len(texts),
+                                                      "attention_mask": [[1]] * len(texts)})
+    out = builder(RawBatch(0, 0, [sample], shards=["train-000000.tar"]))
+    assert out.get("empty") and "differ in size" in out["skipped"][0][1]
