@@ -14,6 +14,7 @@ from PIL import Image
 from mplug2.data.augment import TensorTransform
 from mplug2.data.boxes import BoxError, box_through_view, parse_box, transform_with_box
 from mplug2.data.collate import BatchBuilder
+from mplug2.data.decode import open_frame
 from mplug2.data.stream import RawBatch
 from mplug2.data.transforms import TransformConfig, VideoTransform
 from pipelines.resize import resize, resize_box
@@ -77,7 +78,7 @@ def test_training_crop_and_flip_move_the_box_with_the_pixels(transform_type):
         if transform_type is TensorTransform:     # the tensor path opens lazily from encoded bytes
             buf = io.BytesIO()
             img.save(buf, format="PNG")
-            img = Image.open(io.BytesIO(buf.getvalue()))
+            img = open_frame(buf.getvalue())
         clip, params, (x, y, w, h) = transform_with_box(tr, [img], box, random.Random(seed))
         flips += params.flip
         px = clip[:, 0].float()
