@@ -6,6 +6,7 @@ One place for these facts; the commit protocol (:mod:`.commit`), the state files
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -50,8 +51,18 @@ def config_hash(config: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=1)
+def _code_version() -> tuple[tuple[str, Any], ...]:
+    return tuple(_read_code_version().items())
+
+
 def code_version() -> dict[str, Any]:
-    """git sha and dirty flag of the source tree, torch and ray versions (ray read from metadata, not imported)."""
+    """git sha and dirty flag of the source tree, torch and ray versions (ray read from metadata, not imported).
+    Read once per process (two ``git`` calls): the code this process runs does not change under it."""
+    return dict(_code_version())
+
+
+def _read_code_version() -> dict[str, Any]:
     here = os.path.dirname(os.path.abspath(__file__))
 
     def git(*args: str) -> str | None:
