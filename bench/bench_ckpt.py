@@ -72,20 +72,23 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
     rows = sorted((json.loads(line) for line in raw.splitlines() if line.strip()), key=lambda r: r["step"])
     rows = [r for r in rows if "step_time_s" in r]
-    after_ckpt, other = [], []
+    after_ckpt, other, step_after_ckpt, step_other = [], [], [], []
     for prev, cur in zip(rows[1:], rows[2:]):         # skip the first interval (start-up, FLOP counting)
-        (after_ckpt if prev["step"] % args.every == 0 else other).append(cur["time"] - prev["time"])
+        ckpt = prev["step"] % args.every == 0
+        (after_ckpt if ckpt else other).append(cur["time"] - prev["time"])
+        (step_after_ckpt if ckpt else step_other).append(cur["step_time_s"])   # the training step alone
     def median_ms(key: str) -> float:       # over the records that follow a checkpoint (the key is 0 elsewhere)
         values = [r.get(key, 0.0) for r in rows if r["step"] > 1 and (r["step"] - 1) % args.every == 0]
         return 1000 * statistics.median(values) if values else 0.0
 
     med_c, med_o = statistics.median(after_ckpt), statistics.median(other)
     print("| storage | steps | every | median step, other (ms) | median step, checkpoint (ms) | ratio | snapshot (ms) | "
-          "write + upload in the background (ms) | wait for the previous (ms) | run wall (s) | load (1 min) |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+          "write + upload in the background (ms) | wait for the previous (ms) | train_step alone, other / after a "
+          "checkpoint (ms) | run wall (s) | load (1 min) |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.storage} | {args.steps} | {args.every} | {1000 * med_o:.0f} | {1000 * med_c:.0f} | {med_c / med_o:.2f} | "
           f"{median_ms('ckpt_snapshot_s'):.1f} | {median_ms('ckpt_background_s'):.0f} | "
-          f"{median_ms('ckpt_wait_s'):.1f} | {wall:.1f} | {os.getloadavg()[0]:.1f} |")
+          f"{median_ms('ckpt_wait_s'):.1f} | {1000 * statistics.median(step_other):.0f} / "
+          f"{1000 * statistics.median(step_after_ckpt):.0f} | {wall:.1f} | {os.getloadavg()[0]:.1f} |")
     return 0
 
 

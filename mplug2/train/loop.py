@@ -158,7 +158,7 @@ class TrainLoop:
 
     def _sync_logs(self, background: bool = False) -> None:
         """Copy the local logs to the run's storage; ``background``: in a thread, off the training's critical
-        path (one sync at a time; a failure surfaces at the next sync)."""
+        path (one sync at a time, skipped while the previous one runs; a failure surfaces at the next sync)."""
         if self.rank != 0 or not storage.is_remote(self.run_dir):
             return
         self.metrics.flush()
@@ -169,6 +169,8 @@ class TrainLoop:
                 if os.path.isfile(local):
                     storage.upload_file(local, storage.join(self.run_dir, "logs", name))
 
+        if background and self._log_uploader.busy:
+            return            # the previous sync is still going: the next checkpoint (or the end) syncs again
         if background:
             self._log_uploader.submit(upload, "logs")
         else:
