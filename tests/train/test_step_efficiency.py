@@ -154,8 +154,8 @@ def test_background_upload_error_surfaces_in_the_training_thread():
 
 
 def test_snapshot_holds_its_step_one_in_flight_and_the_run_waits_for_the_last(shards, tmp_path, monkeypatch):
-    """Checkpoints at steps 2, 4, 5. The step-2 write waits until step 3 has trained (so the live weights
-    moved on before it serialised); the step-5 one waits until the run's closing wait has begun."""
+    """Checkpoints at steps 2 and 4. The step-2 write waits until step 3 has trained (so the live weights
+    moved on before it serialised); the step-4 one waits until the run's closing wait has begun."""
     after_step: dict[int, dict[str, torch.Tensor]] = {}
     trained3, closing = threading.Event(), threading.Event()
     lock, active, max_active, events = threading.Lock(), [0], [0], []
@@ -169,7 +169,7 @@ def test_snapshot_holds_its_step_one_in_flight_and_the_run_waits_for_the_last(sh
         try:
             if checkpoint.step == 2:
                 assert trained3.wait(WAIT_S), "training never reached step 3 while step 2 was being checkpointed"
-            if checkpoint.step == 5:
+            if checkpoint.step == 4:
                 assert closing.wait(WAIT_S), "the run never began its closing wait"
             out = real_job(checkpoint, upload)
             events.append(f"written {checkpoint.step}")
@@ -191,7 +191,7 @@ def test_snapshot_holds_its_step_one_in_flight_and_the_run_waits_for_the_last(sh
             events.append(f"reported {step}")
 
     def wait_for_upload(self, block=True):
-        if block and events and events[-1] == "reported 5":      # the wait after the last step
+        if block and events and events[-1] == "reported 4":      # the wait after the last step
             events.append("closing wait")
             closing.set()
         return real_wait(self, block)
@@ -201,16 +201,16 @@ def test_snapshot_holds_its_step_one_in_flight_and_the_run_waits_for_the_last(sh
     monkeypatch.setattr(loop_mod.LocalHooks, "report", report)
     monkeypatch.setattr(loop_mod.LocalHooks, "wait_for_upload", wait_for_upload)
     cfg = _cfg(shards, str(tmp_path), "async")
-    cfg.schedule.total_steps, cfg.schedule.ckpt_every_steps, cfg.schedule.keep_last = 5, 2, 10
+    cfg.schedule.total_steps, cfg.schedule.ckpt_every_steps, cfg.schedule.keep_last = 4, 2, 10
     run_local(cfg)
     events.append("returned")
 
     assert max_active[0] == 1, "two checkpoints were in flight at once"
     assert events.index("reported 4") > events.index("written 2"), events   # step 4 waited for step 2
-    assert events[-3:] == ["closing wait", "written 5", "returned"], events
+    assert events[-3:] == ["closing wait", "written 4", "returned"], events
     run_dir = storage.join(cfg.storage, cfg.run_name)
     found = list_step_checkpoints(run_dir)
-    assert [int(c.rsplit("_", 1)[1]) for c in found] == [2, 4, 5] and all(validate_checkpoint(c) for c in found)
+    assert [int(c.rsplit("_", 1)[1]) for c in found] == [2, 4] and all(validate_checkpoint(c) for c in found)
     saved = read_model_tensors(storage.join(run_dir, f"{STEP_PREFIX}{2:08d}"))
     moved = [k for k in after_step[2] if not torch.equal(after_step[2][k], after_step[3][k])]
     assert moved, "step 3 changed no weight: the test would not see a late copy"
