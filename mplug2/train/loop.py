@@ -5,9 +5,11 @@ an optional checkpoint folder; say where to resume from). :func:`train_loop_per_
 to Ray Train; ``bench/bench_train.py`` binds them to plain ``torch.distributed`` for overhead numbers.
 
 Each optimizer step: k micro-batches (gradient sync only on the last), clip, AdamW, LR schedule, EMA of
-the momentum twins. Every ``ckpt_every_steps`` (and at the end) every rank saves its part of the
-checkpoint (model and optimizer on rank 0; RNG and data cursor on every rank; markers; manifest last) and
-reports it. A restarted worker restores all of it, so the next step is exactly the one it would have run.
+the momentum twins. Every ``ckpt_every_steps`` (and at the end) every rank snapshots its part of the
+checkpoint into CPU memory (model and optimizer on rank 0; RNG and data cursor on every rank) and reports
+it; the files (markers, manifest last) are written and uploaded in the background while training goes on,
+one checkpoint in flight at most. A restarted worker restores all of it, so the next step is exactly the one
+it would have run.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from mplug2.runtime import setup_process_env
 from mplug2.train import build, parallel
 from mplug2.train.flops import StepFlops, peak_tflops
 from mplug2.train.checkpoint import (
-    STEP_PREFIX, commit_checkpoint, find_latest_valid, list_step_checkpoints, load_checkpoint, save_checkpoint,
-    upload_checkpoint,
+    STEP_PREFIX, Snapshot, StagingBuffers, find_latest_valid, list_step_checkpoints, load_checkpoint,
+    prune_checkpoints, take_snapshot, upload_checkpoint,
 )
 from mplug2.train.config import TrainConfig
 from mplug2.train.evalset import cached_eval_set
@@ -49,11 +51,12 @@ log = logging.getLogger("mplug2.train")
 
 
 class Hooks(Protocol):
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, step: int) -> None:
-        """Report a step; a ``checkpoint_dir`` is uploaded in the background and then deleted by the hooks."""
+    def report(self, metrics: dict[str, float], checkpoint: Snapshot | None, step: int) -> None:
+        """Report a step; a ``checkpoint`` is written into its local folder (:func:`write_and_upload`),
+        uploaded and then deleted in the background."""
     def wait_for_upload(self, block: bool = True) -> None:
-        """Block until the checkpoint upload in flight (if any) ended; raise its error (``block=False``: raise
-        the error of an upload that already failed, do not wait)."""
+        """Block until the checkpoint in flight (if any) is written and uploaded; raise its error
+        (``block=False``: raise the error of one that already failed, do not wait)."""
     def resume_from(self) -> str | None: ...
 
 
@@ -68,6 +71,18 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def write_and_upload(checkpoint: Snapshot, upload: Callable[[str], object]) -> object:
+    """The background half of a checkpoint: write the snapshot's files into its local folder, then
+    ``upload(local_folder)``; the seconds both took land in ``checkpoint.background_s``."""
+    t0 = time.perf_counter()
+    checkpoint.write()
+    out = upload(checkpoint.directory)
+    checkpoint.background_s = time.perf_counter() - t0
+    log.info("checkpoint step %d (rank %d) off the critical path: snapshot %.3fs on the step, write + upload "
+             "%.2fs in the background", checkpoint.step, checkpoint.rank, checkpoint.taken_s, checkpoint.background_s)
+    return out
 
 
 @dataclass
@@ -113,6 +128,8 @@ class TrainLoop:
                                      peak_flops=peak * 1e12 if peak else None)
         self.flops = StepFlops()                               # FLOPs per batch shape, measured once each
         self._log_uploader = BackgroundUploader("mplug2-log-upload")
+        self._staging = StagingBuffers()                       # CPU copies of the state, reused per checkpoint
+        self._last_ckpt: Snapshot | None = None
         self.best: float | None = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -142,7 +159,7 @@ class TrainLoop:
 
     def _sync_logs(self, background: bool = False) -> None:
         """Copy the local logs to the run's storage; ``background``: in a thread, off the training's critical
-        path (one sync at a time; a failure surfaces at the next sync)."""
+        path (one sync at a time, skipped while the previous one runs; a failure surfaces at the next sync)."""
         if self.rank != 0 or not storage.is_remote(self.run_dir):
             return
         self.metrics.flush()
@@ -153,6 +170,8 @@ class TrainLoop:
                 if os.path.isfile(local):
                     storage.upload_file(local, storage.join(self.run_dir, "logs", name))
 
+        if background and self._log_uploader.busy:
+            return            # the previous sync is still going: the next checkpoint (or the end) syncs again
         if background:
             self._log_uploader.submit(upload, "logs")
         else:
@@ -186,24 +205,27 @@ class TrainLoop:
         log.info("rank %d: resumed from %s at step %d (orchestrator offered %s)", self.rank, where, self.step,
                  orchestrator)
 
-    def save(self, metrics: dict[str, float]) -> float:
-        """Write this rank's checkpoint part into a fresh local folder and report it; returns seconds spent.
-
-        The upload runs in the background while training goes on; the previous one must have ended first
-        (one upload in flight, in step order; its error surfaces here)."""
+    def save(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Snapshot this rank's checkpoint part into CPU memory and report it; the hooks write and upload it
+        in the background. Returns the seconds this step spent: ``ckpt_wait_s`` (waiting for the previous
+        checkpoint: one in flight at most, in step order; its error surfaces here), ``ckpt_snapshot_s``; and
+        ``ckpt_background_s``, what the previous checkpoint took off the critical path."""
         t0 = time.perf_counter()
         self.hooks.wait_for_upload()
+        waited = time.perf_counter() - t0
+        background = (self._last_ckpt.background_s or 0.0) if self._last_ckpt is not None else 0.0
         local = tempfile.mkdtemp(prefix="mplug2-ckpt-")    # the hooks delete it once uploaded
-        save_checkpoint(local, model=self.task, optimizer=self.optimizer, scheduler=self.scheduler,
-                        step=self.step, extra={"best": self.best}, rank=self.rank, world_size=self.world_size,
-                        data_state=self.loader.state_dict(), config_fingerprint=self.cfg.fingerprint(),
-                        write_manifest=False)
-        if self.rank == 0:   # each rank reports its own folder; Ray merges them; markers checked on load
-            commit_checkpoint(local, step=self.step, world_size=self.world_size,
-                              config_fingerprint=self.cfg.fingerprint(), wait_for_ranks_s=0)
+        # Rank 0 commits its own folder; Ray merges the ranks' folders; markers are checked on load.
+        snap = take_snapshot(local, model=self.task, optimizer=self.optimizer, scheduler=self.scheduler,
+                             step=self.step, extra={"best": self.best}, rank=self.rank, world_size=self.world_size,
+                             data_state=self.loader.state_dict(), config_fingerprint=self.cfg.fingerprint(),
+                             buffers=self._staging, write_manifest=True, wait_for_ranks_s=0)
+        self._last_ckpt = snap
         self._sync_logs(background=True)
-        self.hooks.report(metrics, local, self.step)
-        return time.perf_counter() - t0
+        self.hooks.report(metrics, snap, self.step)
+        if waited > 0.05 and self.rank == 0:
+            log.info("step %d: waited %.2fs for the previous checkpoint", self.step, waited)
+        return {"ckpt_wait_s": waited, "ckpt_snapshot_s": snap.taken_s, "ckpt_background_s": background}
 
     # ------------------------------------------------------------------------------------------- steps
     def _inject_fault(self) -> None:
@@ -290,7 +312,8 @@ class TrainLoop:
         evaluate = self.evaluate if self.spec.evaluate is not None and cfg.data.eval is not None else None
         global_batch = cfg.data.batch_size * cfg.optim.grad_accum * self.world_size
         last: dict[str, float] = {}
-        ckpt_wait = 0.0
+        no_ckpt = {"ckpt_wait_s": 0.0, "ckpt_snapshot_s": 0.0, "ckpt_background_s": 0.0}
+        ckpt_times = no_ckpt                  # of the last checkpoint, logged with the step after it
         if self.step >= s.total_steps:
             log.info("rank %d: run already complete at step %d", self.rank, self.step)
         bar = progress_bar(self.rank, s.total_steps, self.step, f"{cfg.task} {cfg.run_name}")
@@ -303,8 +326,9 @@ class TrainLoop:
             self._inject_fault()
             metrics = {f"loss/{k}" if k in ("loss", "itc", "itm", "mlm", "prefix_lm") else k: v
                        for k, v in values.items()}
-            metrics.update(step_time_s=times.step_time_s, data_wait_s=times.data_wait_s, ckpt_wait_s=ckpt_wait,
-                           step_flops=times.flops)
+            metrics.update(step_time_s=times.step_time_s, data_wait_s=times.data_wait_s, step_flops=times.flops,
+                           **ckpt_times)
+            ckpt_times = no_ckpt
             last = self.metrics.log_step(self.step, metrics, samples=global_batch) or metrics
             if self.rank == 0 and (self.step % s.log_every_steps == 0 or self.step == 1):
                 log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s data-wait %.0f%%", self.step,
@@ -314,7 +338,7 @@ class TrainLoop:
             final = self.step == s.total_steps
             # Checkpoint first: a failing evaluation must never cost the training state.
             if final or self.step % s.ckpt_every_steps == 0:
-                ckpt_wait = self.save({"step": self.step, **{k: float(v) for k, v in last.items()}})
+                ckpt_times = self.save({"step": self.step, **{k: float(v) for k, v in last.items()}})
             if evaluate is not None and (final or (s.eval_every_steps and self.step % s.eval_every_steps == 0)):
                 scores = self._evaluate(evaluate)
                 last.update(scores)
@@ -397,7 +421,19 @@ class TrainLoop:
                 plot_curves(jsonl, png)
             self._sync_logs()
         self.metrics.close()
-        if storage.is_remote(self.run_dir):     # the local copy of the logs (synced above) was a temp folder
+        self._remove_local_logs()
+
+    def abort(self) -> None:
+        """A failed run: close the metric writers and remove the local temp copy of a remote run's logs (the
+        curves went up with each checkpoint; the resumed run redoes the steps after the last one)."""
+        try:
+            self.metrics.close()
+        except Exception as exc:                # the run's own error is the one to raise
+            log.warning("rank %d: closing the metric writers of a failed run: %r", self.rank, exc)
+        self._remove_local_logs()
+
+    def _remove_local_logs(self) -> None:
+        if storage.is_remote(self.run_dir):     # the local copy of the logs (synced to storage) is a temp folder
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
 
@@ -437,29 +473,29 @@ class RayHooks:
         self._upload_done: threading.Event | None = None
         self._upload_error: BaseException | None = None
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, step: int) -> None:
-        """A checkpoint goes up in Ray's ASYNC mode: Ray runs :meth:`_upload` in its upload thread, registers
-        the checkpoint after it (in report order), deletes the local folder, raises an upload error in this
-        worker, and waits for the last upload when the training function returns. The event below adds the
-        depth-1 queue (:meth:`wait_for_upload`)."""
+    def report(self, metrics: dict[str, float], checkpoint: Snapshot | None, step: int) -> None:
+        """A checkpoint goes up in Ray's ASYNC mode: Ray runs :meth:`_upload` in its upload thread (which first
+        writes the snapshot into its folder), registers the checkpoint after it (in report order), deletes
+        the local folder, raises an upload error in this worker, and waits for the last upload when the
+        training function returns. The event below adds the depth-1 queue (:meth:`wait_for_upload`)."""
         import ray.train
         from ray.train import CheckpointUploadMode
 
-        if checkpoint_dir is None:
+        if checkpoint is None:
             ray.train.report(metrics)
             return
         done = self._upload_done = threading.Event()
 
-        def upload(checkpoint, dir_name: str):
+        def upload(ray_checkpoint, dir_name: str):
             try:
-                return self._upload(checkpoint, dir_name)
+                return write_and_upload(checkpoint, lambda local: self._upload(local, dir_name))
             except BaseException as exc:
                 self._upload_error = exc
                 raise
             finally:
                 done.set()
 
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir),
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint.directory),
                          checkpoint_dir_name=f"{STEP_PREFIX}{step:08d}", checkpoint_upload_fn=upload,
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
                          delete_local_checkpoint_after_upload=True)
@@ -472,13 +508,13 @@ class RayHooks:
             error, self._upload_error = self._upload_error, None
             raise error
 
-    def _upload(self, checkpoint, dir_name: str):
+    def _upload(self, local: str, dir_name: str):
         """Ray's own upload (pyarrow ``copy_files``) has no retries (ray#55350) and no order; ours retries each
         file until the storage deadline (an S3 restart) and puts markers and the manifest last."""
         import ray.train
 
         dest = storage.join(self.cfg.storage, self.cfg.run_name, dir_name)
-        upload_checkpoint(checkpoint.path, dest)
+        upload_checkpoint(local, dest)
         fs, path = storage.pyarrow_fs(dest)     # the same place Ray's own upload would have used
         return ray.train.Checkpoint(path=path, filesystem=fs)
 
@@ -501,8 +537,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     loop = TrainLoop(cfg, rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                      device=ray.train.torch.get_device(), hooks=RayHooks(cfg))
-    loop.restore()
-    loop.run()
+    _run_or_abort(loop)
+
+
+def _run_or_abort(loop: TrainLoop) -> dict[str, float]:
+    """Restore and run; on failure release what the loop holds locally before the error propagates."""
+    try:
+        loop.restore()
+        return loop.run()
+    except BaseException:
+        loop.abort()
+        raise
 
 
 # ------------------------------------------------------------------------- plain torch.distributed binding
@@ -520,16 +565,16 @@ class LocalHooks:
         self.uploader = BackgroundUploader()
         self._uploaded = False
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: str | None, step: int) -> None:
-        if checkpoint_dir is None:
+    def report(self, metrics: dict[str, float], checkpoint: Snapshot | None, step: int) -> None:
+        if checkpoint is None:
             return
         dest = storage.join(self.run_dir, f"{STEP_PREFIX}{step:08d}")
 
         def upload() -> None:             # markers and manifest last; retried through an S3 restart
             try:
-                upload_checkpoint(checkpoint_dir, dest)
+                write_and_upload(checkpoint, lambda local: upload_checkpoint(local, dest))
             finally:
-                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+                shutil.rmtree(checkpoint.directory, ignore_errors=True)
 
         self.uploader.submit(upload, f"{STEP_PREFIX}{step:08d}")
         self._uploaded = True
@@ -546,8 +591,7 @@ class LocalHooks:
             self._prune()
 
     def _prune(self) -> None:
-        for old in list_step_checkpoints(self.run_dir)[: -self.cfg.schedule.keep_last]:
-            storage.remove_tree(old)
+        prune_checkpoints(self.run_dir, self.cfg.schedule.keep_last)
 
     def resume_from(self) -> str | None:
         return None
@@ -558,5 +602,4 @@ def run_local(cfg: TrainConfig, device: str = "cpu") -> dict[str, float]:
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     loop = TrainLoop(cfg, rank=rank, world_size=world, device=torch.device(device), hooks=LocalHooks(cfg, rank))
-    loop.restore()
-    return loop.run()
+    return _run_or_abort(loop)

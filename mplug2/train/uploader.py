@@ -4,7 +4,7 @@ Training continues while a checkpoint goes up; the next save first waits for the
 at most one upload is in flight (never two of the same step, never a growing backlog of local folders when
 storage is slower than the checkpoint interval), uploads finish in step order, and an upload's error is
 raised in the training thread at the next save or at the end of the run (:meth:`wait`), never lost.
-The commit protocol is the upload function's business (:func:`mplug2.train.checkpoint.upload_checkpoint`:
+The commit protocol is the upload function's business (:func:`mplug2.train.checkpoint.commit.upload_checkpoint`:
 payload, markers, manifest last); this module only decides *when* it runs.
 """
 

@@ -1,0 +1,223 @@
+"""A checkpoint in two halves: a consistent in-memory snapshot on the training thread, the files later.
+
+:func:`take_snapshot` copies everything a resume needs at this optimizer step into CPU memory (model and
+optimizer tensors into reusable staging buffers, pinned when the source is on CUDA; scheduler, ``extra``,
+RNG and data cursor as plain Python), then training may change its tensors at once. :meth:`Snapshot.write`
+serialises that copy into the folder (``model.safetensors``, ``trainer_state.pt``, ``rng_rank{r}.pt``,
+``data_rank{r}.json``, the ``done`` marker, on rank 0 the manifest), in a background thread or inline
+(:func:`save_checkpoint`). This is the split torch DCP's ``async_save`` and torchtitan make: the step pays
+for a memory copy, not for serialisation, disk and network.
+
+Under FSDP2 the model and optimizer go through DCP (:mod:`.dcp`, a collective) while the snapshot is taken;
+only the small per-rank files are left to :meth:`Snapshot.write`.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save as st_save
+
+from mplug2 import storage
+from mplug2.train.checkpoint.commit import commit_checkpoint
+from mplug2.train.checkpoint.dcp import save_dcp
+from mplug2.train.checkpoint.layout import MANIFEST_FILE, MODEL_FILE, TRAINER_FILE, config_hash, data_file, \
+    done_file, rng_file
+from mplug2.train.parallel import is_fsdp
+
+log = logging.getLogger("mplug2.train.checkpoint")
+
+
+# --------------------------------------------------------------------------------------------- RNG state
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG this process draws from, in a form ``torch.load(weights_only=True)`` accepts (copies)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        if torch.cuda.is_available() and torch.cuda.device_count() == len(state["cuda"]):
+            torch.cuda.set_rng_state_all(state["cuda"])
+        else:
+            log.warning("checkpoint has CUDA RNG states for %d devices, this process sees %d; not restored",
+                        len(state["cuda"]), torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+# ----------------------------------------------------------------------------------------------- staging
+
+class StagingBuffers:
+    """CPU tensors a snapshot copies into, kept from one checkpoint to the next (no allocation, no page
+    faults on the step; pinned memory for asynchronous device-to-host copies when the source is on CUDA).
+
+    Reuse is safe only once the previous snapshot's files are written: the training loop takes the next
+    snapshot after waiting for the previous checkpoint (one in flight at most)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+            self._buffers[key] = buf
+        buf.copy_(t, non_blocking=t.is_cuda)
+        return buf
+
+    def stage(self, key: str, obj: Any) -> Any:
+        """A copy of ``obj`` (nested dicts / lists / tuples) whose tensors live in the buffers, the rest deep-copied."""
+        if isinstance(obj, torch.Tensor):
+            return self.copy(key, obj)
+        if isinstance(obj, dict):
+            return {k: self.stage(f"{key}/{k}", v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+            return type(obj)(self.stage(f"{key}/{i}", v) for i, v in enumerate(obj))
+        return copy.deepcopy(obj)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)   # DDP / prepare_model wrappers
+
+
+def _stage_model(model: torch.nn.Module, buffers: StagingBuffers) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's tensors by name, each storage copied once; tied names recorded as aliases of the first."""
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+    for name, t in unwrap_model(model).state_dict().items():
+        ident = (t.untyped_storage().data_ptr() if t.numel() else id(t), t.storage_offset(), tuple(t.shape), t.dtype)
+        if ident in seen:
+            aliases[name] = seen[ident]
+            continue
+        seen[ident] = name
+        tensors[name] = buffers.copy(f"model/{name}", t)    # own, contiguous storage: safetensors accepts it
+    return tensors, aliases
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------- snapshot
+
+@dataclass
+class Snapshot:
+    """One rank's checkpoint state at one step, in CPU memory, and where and how to write it."""
+
+    directory: str
+    step: int
+    rank: int
+    world_size: int
+    config_hash: str
+    data_json: bytes                                   # the data cursor, serialised when taken
+    rng: dict[str, Any]
+    trainer: dict[str, Any] | None = None              # rank 0: optimizer (unless DCP), scheduler, extra
+    model: dict[str, torch.Tensor] | None = None       # rank 0 without FSDP2
+    aliases: dict[str, str] = field(default_factory=dict)
+    dcp_sizes: dict[str, int] = field(default_factory=dict)   # FSDP2: files DCP already wrote into directory
+    write_manifest: bool = False                       # rank 0: commit after the marker
+    wait_for_ranks_s: float = 0.0                      # ... once every rank's marker is there (0: do not wait)
+    taken_s: float = 0.0                               # seconds the snapshot held the training thread
+    written_s: float | None = None                     # seconds :meth:`write` took, once done
+    background_s: float | None = None                  # seconds write + upload took off the critical path
+
+    def write(self) -> list[str]:
+        """Serialise into :attr:`directory`: payload, this rank's ``done`` marker, then (rank 0, when asked)
+        ``manifest.json`` once all markers are there. Returns the file names this rank wrote."""
+        t0 = time.perf_counter()
+        files: dict[str, bytes] = {}
+        if self.model is not None:
+            files[MODEL_FILE] = st_save(self.model, metadata={"format": "pt", "aliases": json.dumps(self.aliases)})
+        if self.trainer is not None:
+            files[TRAINER_FILE] = _torch_bytes(self.trainer)
+        files[rng_file(self.rank)] = _torch_bytes(self.rng)
+        files[data_file(self.rank)] = self.data_json
+        for name, data in files.items():
+            storage.atomic_write(storage.join(self.directory, name), data)
+        sizes = {**self.dcp_sizes, **{n: len(d) for n, d in files.items()}}
+        marker = {"rank": self.rank, "world_size": self.world_size, "step": self.step, "files": sizes}
+        storage.atomic_write(storage.join(self.directory, done_file(self.rank)),
+                             json.dumps(marker, sort_keys=True).encode())
+        written = [*self.dcp_sizes, *files, done_file(self.rank)]
+        if self.write_manifest:
+            commit_checkpoint(self.directory, step=self.step, world_size=self.world_size,
+                              config_fingerprint=self.config_hash, wait_for_ranks_s=self.wait_for_ranks_s)
+            written.append(MANIFEST_FILE)
+        self.written_s = time.perf_counter() - t0
+        log.info("checkpoint %s step %d: rank %d wrote %d files, %.1f MiB in %.2fs (snapshot %.3fs)",
+                 self.directory, self.step, self.rank, len(written), sum(sizes.values()) / 2**20, self.written_s,
+                 self.taken_s)
+        return written
+
+
+def take_snapshot(directory: str, *, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
+                  scheduler: Any | None, step: int, extra: dict[str, Any] | None, rank: int, world_size: int,
+                  data_state: dict[str, Any] | None, config_fingerprint: Any, buffers: StagingBuffers | None = None,
+                  write_manifest: bool = False, wait_for_ranks_s: float = 0.0) -> Snapshot:
+    """Copy this rank's part of the checkpoint at this step (every rank calls it at the same optimizer step).
+
+    Rank 0 stages model and trainer state; every rank its RNG and data cursor. Under FSDP2 every rank also
+    writes its DCP files into ``directory`` now (a collective). Tensors land in ``buffers`` (fresh ones when
+    None); on CUDA the copies are complete when this returns, so training may go on changing the originals."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world size {world_size}")
+    t0 = time.perf_counter()
+    buffers = buffers if buffers is not None else StagingBuffers()
+    sharded = model is not None and is_fsdp(model)
+    # FSDP2: model + optimizer as DCP, every rank (a collective); files land first, the marker lists them.
+    snap = Snapshot(directory=directory, step=step, rank=rank, world_size=world_size,
+                    config_hash=config_hash(config_fingerprint), rng=rng_state(),
+                    data_json=json.dumps(data_state, sort_keys=True, indent=1).encode(),
+                    dcp_sizes=save_dcp(directory, model, optimizer) if sharded else {},
+                    write_manifest=write_manifest and rank == 0, wait_for_ranks_s=wait_for_ranks_s)
+    if rank == 0:
+        if model is not None and not sharded:
+            snap.model, snap.aliases = _stage_model(model, buffers)
+        snap.trainer = buffers.stage("trainer", {
+            "step": step,
+            "optimizer": optimizer.state_dict() if optimizer is not None and not sharded else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "extra": extra or {},
+        })
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()              # the non-blocking device-to-host copies have landed
+    snap.taken_s = time.perf_counter() - t0
+    return snap
+
+
+def save_checkpoint(directory: str, *, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
+                    scheduler: Any | None, step: int, extra: dict[str, Any] | None, rank: int, world_size: int,
+                    data_state: dict[str, Any] | None, config_fingerprint: Any, write_manifest: bool = True,
+                    wait_for_ranks_s: float = 600.0) -> list[str]:
+    """Write this rank's part of a checkpoint now: :func:`take_snapshot`, then :meth:`Snapshot.write`.
+
+    Rank 0 waits (up to ``wait_for_ranks_s``; 0 = do not wait, e.g. when each rank writes to its own folder
+    that Ray merges) for all markers and writes ``manifest.json`` last. Returns the file names this rank
+    wrote, marker included."""
+    return take_snapshot(directory, model=model, optimizer=optimizer, scheduler=scheduler, step=step, extra=extra,
+                         rank=rank, world_size=world_size, data_state=data_state,
+                         config_fingerprint=config_fingerprint, write_manifest=write_manifest,
+                         wait_for_ranks_s=wait_for_ranks_s).write()
