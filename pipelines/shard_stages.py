@@ -24,7 +24,8 @@ from pipelines import shards
 from pipelines.config import PreprocessConfig
 from pipelines.errors import PermanentShardError, SampleError, shard_error_is_retryable
 from pipelines.rows import RowOutcome, RowProcessor, fail_record, internal_outcome
-from pipelines.shard_task import ShardTask, cpu_threads, retry_outcomes, worker_threads, write_and_commit
+from pipelines.shard_task import (ShardTask, cpu_threads, image_outcomes, retry_outcomes, worker_threads,
+                                  write_and_commit)
 from pipelines.sources import normalize_row
 
 log = logging.getLogger(__name__)
@@ -154,6 +155,20 @@ def decode(config: PreprocessConfig, work: ShardWork) -> None:
         threads = cpu_threads(config) if config.modality == "image" else worker_threads(config)
         work.outcomes = [o for outs in _map_until(work, one, work.fetched, threads) for o in outs]
         work.fetched = []
+    finally:
+        proc.fetcher.close()
+
+
+def fetch_decode(config: PreprocessConfig, work: ShardWork) -> None:
+    """I/O and CPU in one stage, for image corpora without model stages: download threads feed the CPU
+    threads inside the task (the local pool's :func:`~pipelines.shard_task.image_outcomes`), so a shard
+    crosses the object store once, as encoded samples, instead of also as fetched bytes."""
+    proc = RowProcessor(config, media_root=config.media_root)
+    try:
+        if work.task.retry_failed:
+            work.outcomes, work.quarantine = retry_outcomes(config, shards.Output(config.output), work.task, proc)
+        else:
+            work.outcomes = image_outcomes(config, work.task, proc, check_time=work.check_time)
     finally:
         proc.fetcher.close()
 
