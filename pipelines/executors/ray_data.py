@@ -37,7 +37,7 @@ IO_SHARE = 0.25  # fetch (mostly waiting on the network) and commit (tar, upload
 # Images fetch and decode in one stage. Ray Data's resource allocator reserves half of the cluster's CPUs
 # split evenly between the operators and shares the rest, so beside commit this stage's budget is about
 # half the CPUs: at 0.75 CPU a task it ran one shard at a time on 2 CPUs (stage summary: task s = wall s),
-# at 0.5 one shard per CPU, as the local pool does (task s = 1.7-1.8 x wall s on 2 busy cores).
+# at 0.5 one shard per CPU, as the local pool does (task s = 1.7 x wall s on 2 busy cores).
 FETCH_DECODE_SHARE = 0.5
 
 
