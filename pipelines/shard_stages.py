@@ -1,4 +1,5 @@
-"""One shard's work cut into stages (fetch → decode → commit) for the Ray Data path.
+"""One shard's work cut into stages for the Ray Data path: fetch → decode → commit for videos,
+fetch_decode → commit for images (downloads feed the CPU threads inside one task, as in the local pool).
 
 The unit that flows between stages is a whole shard (:class:`ShardWork`, its rows inside): the commit
 stage then sees every row of its shard, so a shard is still written and committed as one unit (tar,
@@ -24,7 +25,7 @@ from pipelines import shards
 from pipelines.config import PreprocessConfig
 from pipelines.errors import PermanentShardError, SampleError, shard_error_is_retryable
 from pipelines.rows import RowOutcome, RowProcessor, fail_record, internal_outcome
-from pipelines.shard_task import ShardTask, cpu_threads, retry_outcomes, worker_threads, write_and_commit
+from pipelines.shard_task import ShardTask, image_outcomes, retry_outcomes, worker_threads, write_and_commit
 from pipelines.sources import normalize_row
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def _map_until(work: ShardWork, fn: Callable, items: list, threads: int) -> list
 
 # ---------------------------------------------------------------------------------------------- stages
 def fetch(config: PreprocessConfig, work: ShardWork) -> None:
-    """I/O: download (or check) every row's media on ``config.threads`` threads."""
+    """I/O: download (or check) every video row's media on :func:`worker_threads` threads."""
     task = work.task
     if task.retry_failed:  # a committed shard's retryable rows are fetched and decoded in `decode`
         return
@@ -121,22 +122,19 @@ def fetch(config: PreprocessConfig, work: ShardWork) -> None:
         except SampleError as exc:
             return RowOutcome(key, fail_record(proc.base_record(key, row, None, task.column_maps[row.source]), exc, 0))
         try:
-            if config.modality == "image":
-                return proc.image_fetch(key, row, item)
             return proc.video_fetch(key, row, item)
         except Exception as exc:  # a bug, not a bad sample
             return internal_outcome(proc, key, row, item, exc)
 
-    threads = config.threads if config.modality == "image" else worker_threads(config)
     try:
-        work.fetched = _map_until(work, one, list(enumerate(task.rows)), threads)
+        work.fetched = _map_until(work, one, list(enumerate(task.rows)), worker_threads(config))
     finally:
         proc.fetcher.close()
 
 
 def decode(config: PreprocessConfig, work: ShardWork) -> None:
-    """CPU: decode, sample frames, resize and encode every fetched row (or rebuild a committed shard
-    under ``--retry-failed``)."""
+    """CPU: decode, sample frames, resize and encode every fetched video row (or rebuild a committed
+    shard under ``--retry-failed``)."""
     proc = RowProcessor(config, media_root=config.media_root)
     try:
         if work.task.retry_failed:
@@ -147,13 +145,26 @@ def decode(config: PreprocessConfig, work: ShardWork) -> None:
             if isinstance(f, RowOutcome):
                 return [f]
             try:
-                return [proc.image_finish(f)] if config.modality == "image" else proc.video_finish(f)
+                return proc.video_finish(f)
             except Exception as exc:  # a bug, not a bad sample
                 return [internal_outcome(proc, f.key, f.row, f.item, exc)]
 
-        threads = cpu_threads(config) if config.modality == "image" else worker_threads(config)
-        work.outcomes = [o for outs in _map_until(work, one, work.fetched, threads) for o in outs]
+        work.outcomes = [o for outs in _map_until(work, one, work.fetched, worker_threads(config)) for o in outs]
         work.fetched = []
+    finally:
+        proc.fetcher.close()
+
+
+def fetch_decode(config: PreprocessConfig, work: ShardWork) -> None:
+    """I/O and CPU in one stage, for image corpora: download threads feed the CPU
+    threads inside the task (the local pool's :func:`~pipelines.shard_task.image_outcomes`), so a shard
+    crosses the object store once, as encoded samples, instead of also as fetched bytes."""
+    proc = RowProcessor(config, media_root=config.media_root)
+    try:
+        if work.task.retry_failed:
+            work.outcomes, work.quarantine = retry_outcomes(config, shards.Output(config.output), work.task, proc)
+        else:
+            work.outcomes = image_outcomes(config, work.task, proc, check_time=work.check_time)
     finally:
         proc.fetcher.close()
 

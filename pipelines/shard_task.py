@@ -19,6 +19,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from pipelines import shards
 from pipelines.lease import LeaseError, lease_owner_ok
@@ -88,7 +89,7 @@ def run_shard(config_dict: dict, task: ShardTask) -> dict:
         if task.retry_failed:
             outcomes, quarantine = retry_outcomes(config, out, task, proc)
         elif config.modality == "image":
-            outcomes = _image_outcomes(config, task, proc)
+            outcomes = image_outcomes(config, task, proc)
         else:
             with ThreadPoolExecutor(worker_threads(config)) as pool:
                 futures = [pool.submit(proc.process, task.shard, r, row, task.column_maps[row.source])
@@ -107,12 +108,15 @@ def cpu_threads(config: PreprocessConfig) -> int:
     return max(1, math.ceil(config.task_cpus)) + 1
 
 
-def _image_outcomes(config: PreprocessConfig, task: ShardTask, proc: RowProcessor) -> list[RowOutcome]:
+def image_outcomes(config: PreprocessConfig, task: ShardTask, proc: RowProcessor,
+                   check_time: Callable[[], float] | None = None) -> list[RowOutcome]:
     """Fetch on ``config.threads`` I/O threads, decode/resize/encode on :func:`cpu_threads` threads.
 
     Downloads run ahead of the CPU stage by at most ``2 x threads`` rows (bounded memory: a fetched row
     waits in a queue until a CPU thread takes it). Outcomes are sorted by key before writing, so the
-    order in which rows finish never shows in the shard.
+    order in which rows finish never shows in the shard. ``check_time`` (the Ray Data path's shard
+    deadline, :meth:`pipelines.shard_stages.ShardWork.check_time`) is called while a CPU thread waits
+    for a row: it returns the seconds left or raises, which abandons the shard's queued downloads.
     """
     n = len(task.rows)
     if n == 0:
@@ -143,10 +147,19 @@ def _image_outcomes(config: PreprocessConfig, task: ShardTask, proc: RowProcesso
         except Exception as exc:
             ready.put(internal_outcome(proc, key, row, item, exc))
 
+    def take() -> object:
+        if check_time is None:
+            return ready.get()
+        while True:
+            try:
+                return ready.get(timeout=min(check_time(), 1.0))
+            except queue.Empty:
+                continue
+
     def consume(count: int) -> list[RowOutcome]:
         mine = []
         for _ in range(count):
-            got = ready.get()
+            got = take()
             window.release()
             if isinstance(got, RowOutcome):
                 mine.append(got)
