@@ -63,6 +63,7 @@ class TextConfig:
     # std of the normal init of text / fusion / decoder weights created from scratch. BERT's 0.02 suits width
     # 768; a residual branch's output scales with std·√width, so at width 32 it leaves every layer an identity:
     # the [CLS] state hardly depends on the caption or, after fusion, on the video, and ITM cannot learn.
+    # Tiny runs trained from scratch (configs/pretrain_tiny.yaml, the demo) set 1/sqrt(32) = 0.18.
     init_std: float = 0.02
 
 
@@ -235,7 +236,7 @@ _PRESETS: dict[str, MPLUG2Config] = {
     "tiny": MPLUG2Config(
         vision=VisionConfig(width=32, layers=2, heads=2, patch_size=8, image_res=32),
         text=TextConfig(vocab_size=128, hidden=32, layers=3, heads=2, intermediate=64, max_positions=64,
-                        hidden_dropout=0.0, attn_dropout=0.0, num_latents=4, init_std=0.18),   # 1/sqrt(32)
+                        hidden_dropout=0.0, attn_dropout=0.0, num_latents=4),
         fusion=FusionConfig(layers=2, stride_layer=1),
         decoder=DecoderConfig(layers=2, bos_token_id=2, eos_token_id=3),
         embed_dim=16, queue_size=32, num_frames=4, max_text_len=12, max_answer_len=6,

@@ -47,7 +47,7 @@ def corpora(tmp_path_factory):
 def _cfg(corpora, task, steps, init_from=None, seed=0, **extra) -> TrainConfig:
     return TrainConfig.from_dict(dict(extra,
         run_name=f"learn-{task}-s{seed}", storage=corpora["runs"], task=task, init_from=init_from, seed=seed,
-        model={"preset": "tiny", "tokenizer": "bert-base-uncased", "text": {"vocab_size": 30522},
+        model={"preset": "tiny", "tokenizer": "bert-base-uncased", "text": {"vocab_size": 30522, "init_std": 0.18},
                "queue_size": 64, "momentum": 0.99, "alpha": 0.2},
         loss_weights={"itc": 1.0, "itm": 1.0, "mlm": 1.0, "prefix_lm": 1.0},
         data=dict(train=[dict(name="videos", path=corpora["train"], num_frames=4)], batch_size=32,
