@@ -177,7 +177,8 @@ def _model() -> dict[str, Any]:
     # The tiny preset with the real bert-base-uncased WordPiece vocabulary (captions are English words),
     # a faster EMA and a shorter queue for runs of a few hundred steps.
     # Captions are 7 words ("a small red circle moving left slowly"): generation may run to 10 tokens.
-    return {"preset": "tiny", "tokenizer": "bert-base-uncased", "text": {"vocab_size": 30522},
+    # init_std 1/sqrt(32): at BERT's 0.02 a width-32 model starts with identity layers and ITM never learns.
+    return {"preset": "tiny", "tokenizer": "bert-base-uncased", "text": {"vocab_size": 30522, "init_std": 0.18},
             "queue_size": 64, "momentum": 0.99, "alpha": 0.2, "gen_max_len": 10}
 
 

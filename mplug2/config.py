@@ -60,6 +60,11 @@ class TextConfig:
     num_uni_layer: int = 2
     num_latents: int = 50
     pad_token_id: int = 0
+    # std of the normal init of text / fusion / decoder weights created from scratch. BERT's 0.02 suits width
+    # 768; a residual branch's output scales with std·√width, so at width 32 it leaves every layer an identity:
+    # the [CLS] state hardly depends on the caption or, after fusion, on the video, and ITM cannot learn.
+    # Tiny runs trained from scratch (configs/pretrain_tiny.yaml, the demo) set 1/sqrt(32) = 0.18.
+    init_std: float = 0.02
 
 
 @dataclass

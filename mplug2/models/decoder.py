@@ -38,7 +38,7 @@ class TextDecoder(nn.Module):
                       cross_attention=True)
             for _ in range(cfg.layers))
         self.lm_head = BertLMHead(d, text.vocab_size, text.ln_eps, self.embeddings.word_embeddings)
-        init_bert_weights(self)
+        init_bert_weights(self, text.init_std)
 
     # ------------------------------------------------------------------ full (training) pass
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:

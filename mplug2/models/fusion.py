@@ -25,7 +25,7 @@ class FusionEncoder(nn.Module):
             BertLayer(text.hidden, text.heads, text.intermediate, text.ln_eps, text.hidden_dropout,
                       text.attn_dropout, cross_attention=not self.is_connected(j))
             for j in range(cfg.layers))
-        init_bert_weights(self)
+        init_bert_weights(self, text.init_std)
 
     def is_connected(self, j: int) -> bool:
         return self.cfg.is_connected(j)

@@ -40,12 +40,12 @@ class MPLUG2(nn.Module):
         if v.width != t.hidden:
             self.visn_fc = nn.Sequential(nn.Linear(v.width, t.hidden), nn.LayerNorm(t.hidden, eps=t.ln_eps),
                                          nn.Dropout(t.hidden_dropout))
-            init_bert_weights(self.visn_fc)
+            init_bert_weights(self.visn_fc, t.init_std)
         self.text = TextEncoder(t, activation_checkpointing=ck)
         self.fusion = FusionEncoder(config.fusion, t, activation_checkpointing=ck)
         self.decoder = TextDecoder(config.decoder, t, activation_checkpointing=ck)
         self.mlm_head = BertLMHead(t.hidden, t.vocab_size, t.ln_eps, self.text.embeddings.word_embeddings)
-        init_bert_weights(self.mlm_head.transform)
+        init_bert_weights(self.mlm_head.transform, t.init_std)
 
     # ------------------------------------------------------------------ stages
     def encode_vision(self, pixels: Tensor) -> tuple[Tensor, Tensor]:

@@ -31,7 +31,7 @@ class TextEncoder(nn.Module):
         self.latents = nn.Parameter(torch.empty(cfg.num_latents, d))
         self.visn_norm = nn.LayerNorm(d, eps=cfg.ln_eps)  # release `visn_emb_norm`
         self.visn_dropout = nn.Dropout(cfg.hidden_dropout)
-        init_bert_weights(self)
+        init_bert_weights(self, cfg.init_std)
         nn.init.normal_(self.latents, std=1.0)  # release: randn, kept for parity
 
     @property

@@ -64,6 +64,7 @@ class PretrainConfig:
             raise ValueError("alpha_ramp_steps must be >= 0")
 
 
+_TEMP_NAME = re.compile(r"(^|\.)temp$")
 _NO_DECAY_NAMES = re.compile(r"(^|\.)(positional_embedding|position_embeddings|latents|temp)(\.|$)")
 
 
@@ -73,17 +74,22 @@ def is_no_decay(name: str, p: Tensor) -> bool:
 
 
 def param_groups(module: nn.Module, lr: float, lr_vision: float, weight_decay: float,
-                 vision_prefixes: tuple[str, ...] = ("model.vision.",)) -> list[dict]:
-    """AdamW groups: (vision | rest) x (decay | no decay); frozen tensors are left out.
+                 vision_prefixes: tuple[str, ...] = ("model.vision.",), lr_temp: float | None = None) -> list[dict]:
+    """AdamW groups: (vision | rest) x (decay | no decay); frozen tensors are left out. ``lr_temp`` (when
+    given) puts the ITC temperatures in a group of their own at that learning rate, without decay.
 
     Each group carries a ``name`` for logging. Tied parameters appear once.
     """
     groups: dict[tuple[bool, bool], list] = {(v, d): [] for v in (True, False) for d in (True, False)}
+    temps: list[Tensor] = []
     seen: set[int] = set()
     for name, p in module.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
+        if lr_temp is not None and _TEMP_NAME.search(name):
+            temps.append(p)
+            continue
         vision = name.startswith(vision_prefixes)
         groups[(vision, not is_no_decay(name, p))].append(p)
     out = []
@@ -92,6 +98,8 @@ def param_groups(module: nn.Module, lr: float, lr_vision: float, weight_decay: f
             out.append({"name": f"{'vision' if vision else 'rest'}_{'decay' if decay else 'no_decay'}",
                         "params": params, "lr": lr_vision if vision else lr,
                         "weight_decay": weight_decay if decay else 0.0})
+    if temps:
+        out.append({"name": "temp", "params": temps, "lr": lr_temp, "weight_decay": 0.0})
     return out
 
 
@@ -144,8 +152,9 @@ class MPLUG2Pretrainer(nn.Module):
             self.momentum.update()
         self.num_updates += 1
 
-    def param_groups(self, lr: float, lr_vision: float, weight_decay: float) -> list[dict]:
-        return param_groups(self, lr, lr_vision, weight_decay)
+    def param_groups(self, lr: float, lr_vision: float, weight_decay: float, lr_temp: float | None = None
+                     ) -> list[dict]:
+        return param_groups(self, lr, lr_vision, weight_decay, lr_temp=lr_temp)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -61,8 +61,9 @@ class Retriever(nn.Module):
     def momentum_update(self) -> None:
         self.core.momentum_update()
 
-    def param_groups(self, lr: float, lr_vision: float, weight_decay: float) -> list[dict]:
-        return self.core.param_groups(lr, lr_vision, weight_decay)
+    def param_groups(self, lr: float, lr_vision: float, weight_decay: float, lr_temp: float | None = None
+                     ) -> list[dict]:
+        return self.core.param_groups(lr, lr_vision, weight_decay, lr_temp=lr_temp)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -52,7 +52,8 @@ def build_optimizer(cfg: TrainConfig, task: nn.Module) -> torch.optim.Optimizer:
     from mplug2.objectives.pretrain import param_groups
 
     o = cfg.optim
-    groups = param_groups(task, o.lr, o.lr_vision, o.weight_decay, vision_prefixes=vision_prefixes(task))
+    groups = param_groups(task, o.lr, o.lr_vision, o.weight_decay, vision_prefixes=vision_prefixes(task),
+                          lr_temp=o.lr_temp)
     for g in groups:
         g["initial_lr"] = g["lr"]
     from mplug2.train.parallel import optimizer_impl

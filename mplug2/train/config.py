@@ -57,6 +57,11 @@ class DataConfig:
 class OptimConfig:
     lr: float = 1e-4
     lr_vision: float = 1e-5      # the spec's lower visual learning rate
+    # The ITC temperature's own learning rate (None: lr). Adam moves a scalar by about lr per step whatever its
+    # gradient, so a small model's high lr (2e-3) drives the temperature from 0.07 to 0.01 within ~50 steps: ITC
+    # logits scale by ~1/temp, their gradient spikes past the clip, and ITM negatives drawn from softmax(sim/temp)
+    # become the one nearest caption. ALBEF / mPLUG train it at their base lr, 1e-4: the default.
+    lr_temp: float | None = 1e-4
     weight_decay: float = 0.02
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 10

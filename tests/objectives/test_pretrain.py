@@ -81,3 +81,14 @@ def test_param_groups_follow_the_decay_and_lr_rules(tok):
     total = sum(len(g["params"]) for g in groups.values())
     assert total == len({id(p) for p in pt.parameters() if p.requires_grad})  # each trainable tensor once
     assert is_no_decay("x.bias", torch.zeros(3)) and not is_no_decay("x.weight", torch.zeros(3, 3))
+
+
+def test_temperature_gets_its_own_learning_rate(tok):
+    """``lr_temp`` puts the ITC temperature in a group of its own (no decay): at a small model's lr (2e-3) Adam
+    would move the scalar by ~2e-3 a step and run it from 0.07 to its floor within a few dozen steps."""
+    pt = MPLUG2Pretrainer(MPLUG2(MPLUG2Config.preset("tiny")), tok, PretrainConfig(queue_size=0, distill=False))
+    groups = {g["name"]: g for g in pt.param_groups(lr=2e-3, lr_vision=2e-3, weight_decay=0.02, lr_temp=1e-4)}
+    assert [id(p) for p in groups["temp"]["params"]] == [id(pt.itc.temp)]
+    assert groups["temp"]["lr"] == 1e-4 and groups["temp"]["weight_decay"] == 0.0
+    assert all(id(pt.itc.temp) not in {id(p) for p in g["params"]} for n, g in groups.items() if n != "temp")
+    assert "temp" not in {g["name"] for g in pt.param_groups(lr=2e-3, lr_vision=2e-3, weight_decay=0.02)}
