@@ -110,6 +110,7 @@ class SnapshotWriter:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
         self._closed = False
+        self._warned = False
 
     @property
     def pid(self) -> int | None:
@@ -131,6 +132,12 @@ class SnapshotWriter:
         with self._lock:
             if self._closed:
                 raise CheckpointError(f"checkpoint writer is closed; step {snap.step} not written")
+            if multiprocessing.current_process().daemon:      # may not have children: write here instead
+                if not self._warned:
+                    log.warning("a daemonic process cannot start the checkpoint writer process; checkpoints "
+                                "are serialised in this process (slower steps after each checkpoint)")
+                    self._warned = True
+                return snap.write_here()
             conn = self._start()
             wire = dataclasses.replace(snap, writer=None, model=_to_refs(snap.model, self.buffers),
                                        trainer=_to_refs(snap.trainer, self.buffers))
