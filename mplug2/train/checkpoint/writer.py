@@ -1,17 +1,20 @@
 """A long-lived writer process that serialises snapshots, so that the training thread never waits for the GIL.
 
 safetensors and ``torch.save`` hold the GIL through long native calls; run in a thread of the training
-process they slowed the step after every checkpoint by 40 % (``docs/benchmarks.md``, issue 13), though the
-step's own CPU time was unchanged. As torch DCP's ``AsyncCheckpointerType.PROCESS`` and torchtitan's
+process they slowed the step after every checkpoint by 40-80 % (``docs/benchmarks.md``, issue 13), though
+the step's own CPU time was unchanged. As torch DCP's ``AsyncCheckpointerType.PROCESS`` and torchtitan's
 ``async_with_pinned_mem`` do, the snapshot's tensors live in shared-memory staging buffers
 (:class:`~.snapshot.StagingBuffers` with ``shared=True``) and one process per run, spawned at the first
 checkpoint and running at a lower CPU priority, turns them into files. A message carries the snapshot
 with references in place of its staged tensors, and the handles of buffers allocated since the previous
-message (once per run unless a shape changes; the few small tensors left, RNG states, go as handles too); the reply is the list of files written,
-or the writer's exception, raised again in the caller.
+message (once per run unless a shape changes; the few small tensors left, RNG states, go as handles too);
+the reply is the list of files written, or the writer's exception, raised again in the caller.
 
 Only the local write happens there: the upload stays in the training process's background thread (network
-waits release the GIL, and storage retries, logs and test hooks stay where the run is).
+waits release the GIL; storage credentials, retries and their logs stay where the run is), so the writer
+needs no storage options at all. The process is spawned (no fork of a process with threads and CUDA
+state): like a spawn-context DataLoader, a script that trains at module level needs the
+``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ log = logging.getLogger("mplug2.train.checkpoint")
 
 __all__ = ["SnapshotWriter"]
 
-WRITER_NICENESS = 10          # below the training threads: the write may take longer, the step must not
+# Below the training process: on a loaded host the write takes longer (and the next checkpoint may wait for
+# it: ``ckpt_wait_s``), but it does not take the training threads' cores (docs/benchmarks.md, issue 13).
+WRITER_NICENESS = 10
 
 
 class _Ref(NamedTuple):
