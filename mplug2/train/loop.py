@@ -1,15 +1,15 @@
 """The training loop: one readable function per concern, run by every data-parallel worker.
 
-The loop knows nothing about Ray. It talks to its orchestrator through :class:`Hooks` (report a step with
-an optional checkpoint folder; say where to resume from). :func:`train_loop_per_worker` binds those hooks
-to Ray Train; ``bench/bench_train.py`` binds them to plain ``torch.distributed`` for overhead numbers.
+The loop knows nothing about Ray. It talks to its orchestrator through :class:`~mplug2.train.hooks.Hooks`
+(report a step with an optional checkpoint snapshot; say where to resume from). :func:`train_loop_per_worker`
+binds them to Ray Train; :func:`run_local` (``bench/bench_train.py``) to plain ``torch.distributed``.
 
 Each optimizer step: k micro-batches (gradient sync only on the last), clip, AdamW, LR schedule, EMA of
 the momentum twins. Every ``ckpt_every_steps`` (and at the end) every rank snapshots its part of the
 checkpoint into CPU memory (model and optimizer on rank 0; RNG and data cursor on every rank) and reports
-it; the files (markers, manifest last) are written and uploaded in the background while training goes on,
-one checkpoint in flight at most. A restarted worker restores all of it, so the next step is exactly the one
-it would have run.
+it; a writer process writes the files (markers, manifest last) and a background thread uploads them while
+training goes on, one checkpoint in flight at most. A restarted worker restores all of it, so the next step
+is exactly the one it would have run.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -37,27 +36,17 @@ from mplug2.runtime import setup_process_env
 from mplug2.train import build, parallel
 from mplug2.train.flops import StepFlops, peak_tflops
 from mplug2.train.checkpoint import (
-    STEP_PREFIX, Snapshot, StagingBuffers, find_latest_valid, list_step_checkpoints, load_checkpoint,
-    prune_checkpoints, take_snapshot, upload_checkpoint,
+    Snapshot, StagingBuffers, find_latest_valid, list_step_checkpoints, load_checkpoint, take_snapshot,
 )
+from mplug2.train.checkpoint.writer import SnapshotWriter
 from mplug2.train.config import TrainConfig
 from mplug2.train.evalset import cached_eval_set
+from mplug2.train.hooks import Hooks, LocalHooks, RayHooks
 from mplug2.train.metrics import MetricsLogger, plot_curves
 from mplug2.train.tasks import EvalContext, get_task
 from mplug2.train.uploader import BackgroundUploader
 
 log = logging.getLogger("mplug2.train")
-
-
-
-class Hooks(Protocol):
-    def report(self, metrics: dict[str, float], checkpoint: Snapshot | None, step: int) -> None:
-        """Report a step; a ``checkpoint`` is written into its local folder (:func:`write_and_upload`),
-        uploaded and then deleted in the background."""
-    def wait_for_upload(self, block: bool = True) -> None:
-        """Block until the checkpoint in flight (if any) is written and uploaded; raise its error
-        (``block=False``: raise the error of one that already failed, do not wait)."""
-    def resume_from(self) -> str | None: ...
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -71,18 +60,6 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def write_and_upload(checkpoint: Snapshot, upload: Callable[[str], object]) -> object:
-    """The background half of a checkpoint: write the snapshot's files into its local folder, then
-    ``upload(local_folder)``; the seconds both took land in ``checkpoint.background_s``."""
-    t0 = time.perf_counter()
-    checkpoint.write()
-    out = upload(checkpoint.directory)
-    checkpoint.background_s = time.perf_counter() - t0
-    log.info("checkpoint step %d (rank %d) off the critical path: snapshot %.3fs on the step, write + upload "
-             "%.2fs in the background", checkpoint.step, checkpoint.rank, checkpoint.taken_s, checkpoint.background_s)
-    return out
 
 
 @dataclass
@@ -128,7 +105,8 @@ class TrainLoop:
                                      peak_flops=peak * 1e12 if peak else None)
         self.flops = StepFlops()                               # FLOPs per batch shape, measured once each
         self._log_uploader = BackgroundUploader("mplug2-log-upload")
-        self._staging = StagingBuffers()                       # CPU copies of the state, reused per checkpoint
+        self._staging = StagingBuffers(shared=True)            # CPU copies of the state, reused per checkpoint,
+        self._writer = SnapshotWriter(self._staging)           # serialised by a process of their own
         self._last_ckpt: Snapshot | None = None
         self.best: float | None = None
 
@@ -220,6 +198,7 @@ class TrainLoop:
                              step=self.step, extra={"best": self.best}, rank=self.rank, world_size=self.world_size,
                              data_state=self.loader.state_dict(), config_fingerprint=self.cfg.fingerprint(),
                              buffers=self._staging, write_manifest=True, wait_for_ranks_s=0)
+        snap.writer = self._writer.write
         self._last_ckpt = snap
         self._sync_logs(background=True)
         self.hooks.report(metrics, snap, self.step)
@@ -345,6 +324,7 @@ class TrainLoop:
                 self.hooks.report({"step": self.step, **{k: float(v) for k, v in last.items()}}, None, self.step)
         bar.close()
         self.hooks.wait_for_upload()            # success means every checkpoint is on storage
+        self.hooks.close()
         self.finish()
         return last
 
@@ -405,7 +385,9 @@ class TrainLoop:
         return storage.join(self.run_dir, name)
 
     def finish(self) -> None:
-        """Rank 0: export the final model and the curves PNG; close loaders and writers."""
+        """Rank 0: export the final model and the curves PNG; close loaders and writers (the checkpoint writer
+        process too: the last checkpoint was waited for)."""
+        self._writer.close()
         report = self.loader.damage_report() if hasattr(self.loader, "damage_report") else ""
         if report:   # the run summary: what was skipped, where
             log.warning("rank %d: damaged training data skipped:\n%s", self.rank, report)
@@ -425,11 +407,13 @@ class TrainLoop:
 
     def abort(self) -> None:
         """A failed run: close the metric writers and remove the local temp copy of a remote run's logs (the
-        curves went up with each checkpoint; the resumed run redoes the steps after the last one)."""
+        curves went up with each checkpoint; the resumed run redoes the steps after the last one); stop the
+        checkpoint writer process (after the write in progress, if any)."""
         try:
+            self._writer.close()
             self.metrics.close()
         except Exception as exc:                # the run's own error is the one to raise
-            log.warning("rank %d: closing the metric writers of a failed run: %r", self.rank, exc)
+            log.warning("rank %d: closing the writers of a failed run: %r", self.rank, exc)
         self._remove_local_logs()
 
     def _remove_local_logs(self) -> None:
@@ -465,68 +449,6 @@ def dedupe_by_step(jsonl: str) -> None:
 
 # ------------------------------------------------------------------------------------ Ray Train binding
 
-class RayHooks:
-    """Report to Ray Train (every rank, same steps: ``report`` is a barrier) and resume from its checkpoint."""
-
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
-        self._upload_done: threading.Event | None = None
-        self._upload_error: BaseException | None = None
-
-    def report(self, metrics: dict[str, float], checkpoint: Snapshot | None, step: int) -> None:
-        """A checkpoint goes up in Ray's ASYNC mode: Ray runs :meth:`_upload` in its upload thread (which first
-        writes the snapshot into its folder), registers the checkpoint after it (in report order), deletes
-        the local folder, raises an upload error in this worker, and waits for the last upload when the
-        training function returns. The event below adds the depth-1 queue (:meth:`wait_for_upload`)."""
-        import ray.train
-        from ray.train import CheckpointUploadMode
-
-        if checkpoint is None:
-            ray.train.report(metrics)
-            return
-        done = self._upload_done = threading.Event()
-
-        def upload(ray_checkpoint, dir_name: str):
-            try:
-                return write_and_upload(checkpoint, lambda local: self._upload(local, dir_name))
-            except BaseException as exc:
-                self._upload_error = exc
-                raise
-            finally:
-                done.set()
-
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(checkpoint.directory),
-                         checkpoint_dir_name=f"{STEP_PREFIX}{step:08d}", checkpoint_upload_fn=upload,
-                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-                         delete_local_checkpoint_after_upload=True)
-
-    def wait_for_upload(self, block: bool = True) -> None:
-        if self._upload_done is not None and (block or self._upload_done.is_set()):
-            self._upload_done.wait()
-            self._upload_done = None
-        if self._upload_error is not None:
-            error, self._upload_error = self._upload_error, None
-            raise error
-
-    def _upload(self, local: str, dir_name: str):
-        """Ray's own upload (pyarrow ``copy_files``) has no retries (ray#55350) and no order; ours retries each
-        file until the storage deadline (an S3 restart) and puts markers and the manifest last."""
-        import ray.train
-
-        dest = storage.join(self.cfg.storage, self.cfg.run_name, dir_name)
-        upload_checkpoint(local, dest)
-        fs, path = storage.pyarrow_fs(dest)     # the same place Ray's own upload would have used
-        return ray.train.Checkpoint(path=path, filesystem=fs)
-
-    def resume_from(self) -> str | None:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        return f"s3://{ckpt.path}" if storage.is_remote(self.cfg.storage) else ckpt.path
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point Ray Train runs on every worker."""
     import ray.train
@@ -551,51 +473,6 @@ def _run_or_abort(loop: TrainLoop) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------- plain torch.distributed binding
-
-class LocalHooks:
-    """No orchestrator: copy each rank's checkpoint part to ``<run>/step_N/`` and keep the newest ``keep_last``.
-
-    Used by single-process runs and ``torchrun`` (``bench/bench_train.py``) to measure Ray's overhead;
-    resume comes from the storage scan in :meth:`TrainLoop.restore`.
-    """
-
-    def __init__(self, cfg: TrainConfig, rank: int):
-        self.cfg, self.rank = cfg, rank
-        self.run_dir = storage.join(cfg.storage, cfg.run_name)
-        self.uploader = BackgroundUploader()
-        self._uploaded = False
-
-    def report(self, metrics: dict[str, float], checkpoint: Snapshot | None, step: int) -> None:
-        if checkpoint is None:
-            return
-        dest = storage.join(self.run_dir, f"{STEP_PREFIX}{step:08d}")
-
-        def upload() -> None:             # markers and manifest last; retried through an S3 restart
-            try:
-                write_and_upload(checkpoint, lambda local: upload_checkpoint(local, dest))
-            finally:
-                shutil.rmtree(checkpoint.directory, ignore_errors=True)
-
-        self.uploader.submit(upload, f"{STEP_PREFIX}{step:08d}")
-        self._uploaded = True
-
-    def wait_for_upload(self, block: bool = True) -> None:
-        """This rank's upload ended; then every rank's (a barrier), so rank 0 may prune old checkpoints."""
-        self.uploader.wait(block)
-        if not block or not self._uploaded:
-            return
-        self._uploaded = False
-        if dist.is_initialized():
-            dist.barrier()
-        if self.rank == 0:
-            self._prune()
-
-    def _prune(self) -> None:
-        prune_checkpoints(self.run_dir, self.cfg.schedule.keep_last)
-
-    def resume_from(self) -> str | None:
-        return None
-
 
 def run_local(cfg: TrainConfig, device: str = "cpu") -> dict[str, float]:
     """Train in this process (world size from torch.distributed if initialised, else 1)."""

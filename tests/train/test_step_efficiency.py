@@ -1,12 +1,14 @@
 """GPU-scale training features, exercised on CPU: a bf16-autocast run logs achieved TFLOP/s and MFU to
 TensorBoard, uploads checkpoints in the background and keeps exactly ``keep_last`` valid ones on S3; compiled
 blocks train to the same losses as eager ones; upload errors surface in the training process. Checkpoints off
-the critical path: the step copies the state into memory, a background thread writes and uploads it; the copy
-is the state of its step even when written after training moved on, one checkpoint is in flight at most, the
-run returns only once the last one is on storage, and a failed run on S3 leaves no temp folders behind."""
+the critical path: the step copies the state into shared memory, a writer process writes it and a background
+thread uploads it; the copy is the state of its step even when written after training moved on, one
+checkpoint is in flight at most, the run returns only once the last one is on storage, and a run (failed or
+not) leaves no temp folders and no writer process behind."""
 
 from __future__ import annotations
 
+import multiprocessing
 import tempfile
 import threading
 
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 from mplug2 import storage
+from mplug2.train import hooks as hooks_mod
 from mplug2.train import loop as loop_mod
 from mplug2.train.checkpoint import STEP_PREFIX, list_step_checkpoints, read_model_tensors, validate_checkpoint
 from mplug2.train.config import TrainConfig
@@ -36,6 +39,10 @@ def _cfg(shards: str, storage_url: str, name: str, **scale) -> TrainConfig:
         schedule=dict(total_steps=STEPS, ckpt_every_steps=1, log_every_steps=1, keep_last=KEEP),
         scale=dict(num_workers=1, **scale),
     ))
+
+
+def _writer_processes() -> list:
+    return [p for p in multiprocessing.active_children() if p.name == "mplug2-ckpt-writer"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -98,7 +105,7 @@ def test_training_continues_while_a_checkpoint_upload_is_blocked(shards, tmp_pat
     """The step-2 upload waits on an event that only step 3 sets: the run can finish only if training went on
     while the upload was in flight; the next save then waits for it (one upload at a time, in order)."""
     gate, order = threading.Event(), []
-    real_upload = loop_mod.upload_checkpoint
+    real_upload = hooks_mod.upload_checkpoint
 
     def gated_upload(local: str, dest: str):
         step = int(dest.rsplit("_", 1)[1])
@@ -116,12 +123,13 @@ def test_training_continues_while_a_checkpoint_upload_is_blocked(shards, tmp_pat
             gate.set()
         return out
 
-    monkeypatch.setattr(loop_mod, "upload_checkpoint", gated_upload)
+    monkeypatch.setattr(hooks_mod, "upload_checkpoint", gated_upload)
     monkeypatch.setattr(loop_mod.TrainLoop, "train_step", train_step)
     cfg = _cfg(shards, str(tmp_path), "gated")
     cfg.schedule.total_steps, cfg.schedule.ckpt_every_steps, cfg.schedule.keep_last = 4, 2, 5
     run_local(cfg)
     assert order == ["step3", 2, 4], order
+    assert not _writer_processes(), "the run left its checkpoint writer process running"
     assert [validate_checkpoint(c) for c in list_step_checkpoints(str(tmp_path / "gated"))] == [True, True]
 
 
@@ -159,7 +167,7 @@ def test_snapshot_holds_its_step_one_in_flight_and_the_run_waits_for_the_last(sh
     after_step: dict[int, dict[str, torch.Tensor]] = {}
     trained3, closing = threading.Event(), threading.Event()
     lock, active, max_active, events = threading.Lock(), [0], [0], []
-    real_job, real_step = loop_mod.write_and_upload, loop_mod.TrainLoop.train_step
+    real_job, real_step = hooks_mod.write_and_upload, loop_mod.TrainLoop.train_step
     real_wait, real_report = loop_mod.LocalHooks.wait_for_upload, loop_mod.LocalHooks.report
 
     def job(checkpoint, upload):
@@ -196,7 +204,7 @@ def test_snapshot_holds_its_step_one_in_flight_and_the_run_waits_for_the_last(sh
             closing.set()
         return real_wait(self, block)
 
-    monkeypatch.setattr(loop_mod, "write_and_upload", job)
+    monkeypatch.setattr(hooks_mod, "write_and_upload", job)
     monkeypatch.setattr(loop_mod.TrainLoop, "train_step", train_step)
     monkeypatch.setattr(loop_mod.LocalHooks, "report", report)
     monkeypatch.setattr(loop_mod.LocalHooks, "wait_for_upload", wait_for_upload)
@@ -225,14 +233,14 @@ def test_background_failure_stops_the_run_and_a_failed_s3_run_leaves_no_temp_fol
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))     # where the run's temp folders go
-    real_upload = loop_mod.upload_checkpoint
+    real_upload = hooks_mod.upload_checkpoint
 
     def upload(local: str, dest: str):
         if dest.endswith(f"{STEP_PREFIX}{2:08d}"):
             raise OSError("disk quota exceeded while uploading step 2")
         return real_upload(local, dest)
 
-    monkeypatch.setattr(loop_mod, "upload_checkpoint", upload)
+    monkeypatch.setattr(hooks_mod, "upload_checkpoint", upload)
     cfg = _cfg(shards, s3_bucket, "fails")
     cfg.schedule.total_steps, cfg.schedule.ckpt_every_steps = 4, 2
     with pytest.raises(OSError, match="disk quota exceeded while uploading step 2"):
@@ -242,3 +250,4 @@ def test_background_failure_stops_the_run_and_a_failed_s3_run_leaves_no_temp_fol
     assert not any(validate_checkpoint(c) for c in list_step_checkpoints(run_dir) if c.endswith("00000002"))
     left = sorted(p.name for p in scratch.iterdir() if p.name.startswith(("mplug2-logs-", "mplug2-ckpt-")))
     assert not left, f"a failed run left temp folders behind: {left}"
+    assert not _writer_processes(), "a failed run left its checkpoint writer process running"

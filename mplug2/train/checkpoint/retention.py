@@ -40,10 +40,15 @@ def find_latest_valid(checkpoints: Iterable[str]) -> str | None:
     return best[2]
 
 
-def prune_checkpoints(run_dir: str, keep_last: int) -> list[str]:
-    """Delete all but the newest ``keep_last`` step folders of a run (call once every upload ended);
-    returns the folders removed."""
-    old = list_step_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []
+def prune_checkpoints(run_dir: str, keep_last: int, below_step: int | None = None) -> list[str]:
+    """Delete all but the newest ``keep_last`` step folders of a run (call once every upload ended), looking
+    only at steps below ``below_step`` when given (a newer one is still being written); returns the folders
+    removed."""
+    found = list_step_checkpoints(run_dir)
+    if below_step is not None:
+        steps = {d: d.rstrip("/").rsplit("/", 1)[-1][len(STEP_PREFIX):] for d in found}
+        found = [d for d in found if steps[d].isdigit() and int(steps[d]) < below_step]
+    old = found[:-keep_last] if keep_last > 0 else []
     for directory in old:
         storage.remove_tree(directory)
     return old

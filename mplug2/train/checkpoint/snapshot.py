@@ -4,8 +4,8 @@
 optimizer tensors into reusable staging buffers, pinned when the source is on CUDA; scheduler, ``extra``,
 RNG and data cursor as plain Python), then training may change its tensors at once. :meth:`Snapshot.write`
 serialises that copy into the folder (``model.safetensors``, ``trainer_state.pt``, ``rng_rank{r}.pt``,
-``data_rank{r}.json``, the ``done`` marker, on rank 0 the manifest), in a background thread or inline
-(:func:`save_checkpoint`). This is the split torch DCP's ``async_save`` and torchtitan make: the step pays
+``data_rank{r}.json``, the ``done`` marker, on rank 0 the manifest), in a writer process (:mod:`.writer`,
+the training loop's way) or inline (:func:`save_checkpoint`). This is the split torch DCP's ``async_save`` and torchtitan make: the step pays
 for a memory copy, not for serialisation, disk and network.
 
 Under FSDP2 the model and optimizer go through DCP (:mod:`.dcp`, a collective) while the snapshot is taken;
@@ -20,8 +20,9 @@ import json
 import logging
 import random
 import time
+import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -70,20 +71,57 @@ class StagingBuffers:
     """CPU tensors a snapshot copies into, kept from one checkpoint to the next (no allocation, no page
     faults on the step; pinned memory for asynchronous device-to-host copies when the source is on CUDA).
 
+    ``shared=True`` allocates them in shared memory (``share_memory_()``, once; pinned in place on CUDA, as
+    torch DCP's process-based async save does) so a writer process (:mod:`.writer`) reads them without a copy
+    or a pickle: :meth:`take_new` hands it the buffers allocated since the last hand-off, :meth:`key_of` names
+    the rest.
+
     Reuse is safe only once the previous snapshot's files are written: the training loop takes the next
     snapshot after waiting for the previous checkpoint (one in flight at most)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared: bool = False) -> None:
+        self.shared = shared
         self._buffers: dict[str, torch.Tensor] = {}
+        self._keys: dict[int, str] = {}               # id(buffer) -> key, for the writer's references
+        self._new: dict[str, torch.Tensor] = {}       # allocated since the last take_new()
 
     def copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
         buf = self._buffers.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+            buf = self._allocate(t)
+            if key in self._buffers:
+                self._keys.pop(id(self._buffers[key]), None)
             self._buffers[key] = buf
+            if self.shared and buf.is_shared():
+                self._keys[id(buf)] = key
+                self._new[key] = buf
         buf.copy_(t, non_blocking=t.is_cuda)
         return buf
+
+    def _allocate(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.shared or t.numel() == 0:         # an empty tensor has no memory to share: sent by value
+            return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+        buf = torch.empty(t.shape, dtype=t.dtype, device="cpu").share_memory_()
+        if t.is_cuda:                                 # pin the shared pages in place (pin_memory() would copy)
+            import torch.cuda._pin_memory_utils as pin
+
+            pin.pin_memory(buf.data_ptr(), buf.numel() * buf.element_size())
+            weakref.finalize(buf, pin.unpin_memory, buf.data_ptr())
+        return buf
+
+    def key_of(self, t: torch.Tensor) -> str | None:
+        """The key of a shared buffer (None for any other tensor)."""
+        return self._keys.get(id(t))
+
+    def take_new(self) -> dict[str, torch.Tensor]:
+        """The shared buffers allocated (or re-allocated for a new shape) since the last call."""
+        new, self._new = self._new, {}
+        return new
+
+    def resend_all(self) -> None:
+        """Hand every shared buffer over again at the next :meth:`take_new` (to a new writer process)."""
+        self._new = {key: buf for key, buf in self._buffers.items() if id(buf) in self._keys}
 
     def stage(self, key: str, obj: Any) -> Any:
         """A copy of ``obj`` (nested dicts / lists / tuples) whose tensors live in the buffers, the rest deep-copied."""
@@ -143,10 +181,17 @@ class Snapshot:
     taken_s: float = 0.0                               # seconds the snapshot held the training thread
     written_s: float | None = None                     # seconds :meth:`write` took, once done
     background_s: float | None = None                  # seconds write + upload took off the critical path
+    # who serialises it: a writer process (:class:`.writer.SnapshotWriter`), or None for this thread
+    writer: Callable[[Snapshot], list[str]] | None = field(default=None, repr=False, compare=False)
 
     def write(self) -> list[str]:
-        """Serialise into :attr:`directory`: payload, this rank's ``done`` marker, then (rank 0, when asked)
-        ``manifest.json`` once all markers are there. Returns the file names this rank wrote."""
+        """Serialise into :attr:`directory` through :attr:`writer` (another process: the serialisers hold the
+        GIL for long stretches, which would stall the training thread), or here when there is none."""
+        return self.writer(self) if self.writer is not None else self.write_here()
+
+    def write_here(self) -> list[str]:
+        """Serialise into :attr:`directory` in this thread: payload, this rank's ``done`` marker, then (rank 0,
+        when asked) ``manifest.json`` once all markers are there. Returns the file names this rank wrote."""
         t0 = time.perf_counter()
         files: dict[str, bytes] = {}
         if self.model is not None:

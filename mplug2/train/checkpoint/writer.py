@@ -1,0 +1,188 @@
+"""A long-lived writer process that serialises snapshots, so that the training thread never waits for the GIL.
+
+safetensors and ``torch.save`` hold the GIL through long native calls; run in a thread of the training
+process they slowed the step after every checkpoint by 40-80 % (``docs/benchmarks.md``, issue 13), though
+the step's own CPU time was unchanged. As torch DCP's ``AsyncCheckpointerType.PROCESS`` and torchtitan's
+``async_with_pinned_mem`` do, the snapshot's tensors live in shared-memory staging buffers
+(:class:`~.snapshot.StagingBuffers` with ``shared=True``) and one process per run, spawned at the first
+checkpoint and running at a lower CPU priority, turns them into files. A message carries the snapshot
+with references in place of its staged tensors, and the handles of buffers allocated since the previous
+message (once per run unless a shape changes; the few small tensors left, RNG states, go as handles too);
+the reply is the list of files written, or the writer's exception, raised again in the caller.
+
+Only the local write happens there: the upload stays in the training process's background thread (network
+waits release the GIL; storage credentials, retries and their logs stay where the run is), so the writer
+needs no storage options at all. The process is spawned (no fork of a process with threads and CUDA
+state): like a spawn-context DataLoader, a script that trains at module level needs the
+``if __name__ == "__main__":`` guard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing
+import os
+import pickle
+import threading
+from multiprocessing.connection import Connection
+from typing import Any, NamedTuple
+
+import torch
+import torch.multiprocessing  # noqa: F401  (registers the reductions that send shared tensors as handles)
+
+from mplug2.train.checkpoint.layout import CheckpointError
+from mplug2.train.checkpoint.snapshot import Snapshot, StagingBuffers
+
+log = logging.getLogger("mplug2.train.checkpoint")
+
+__all__ = ["SnapshotWriter"]
+
+# Below the training process: on a loaded host the write takes longer (and the next checkpoint may wait for
+# it: ``ckpt_wait_s``), but it does not take the training threads' cores (docs/benchmarks.md, issue 13).
+WRITER_NICENESS = 10
+
+
+class _Ref(NamedTuple):
+    """A staging buffer's place in a snapshot sent to the writer."""
+    key: str
+
+
+def _to_refs(obj: Any, buffers: StagingBuffers) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = buffers.key_of(obj)
+        return obj if key is None else _Ref(key)
+    if isinstance(obj, dict):
+        return {k: _to_refs(v, buffers) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_to_refs(v, buffers) for v in obj)
+    return obj
+
+
+def _from_refs(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, _Ref):
+        return tensors[obj.key]
+    if isinstance(obj, dict):
+        return {k: _from_refs(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_from_refs(v, tensors) for v in obj)
+    return obj
+
+
+def _serve(conn: Connection) -> None:
+    """The writer process: write each snapshot it is sent, reply with its files or its error; stop on
+    ``None`` or when the training process is gone (end of file on the pipe)."""
+    try:
+        os.nice(WRITER_NICENESS)
+    except OSError:
+        pass
+    torch.set_num_threads(1)
+    tensors: dict[str, torch.Tensor] = {}            # the shared staging buffers, mapped once each
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if message is None:
+            return
+        snap, new_buffers = message
+        tensors.update(new_buffers)
+        try:
+            snap.model = _from_refs(snap.model, tensors)
+            snap.trainer = _from_refs(snap.trainer, tensors)
+            reply: tuple = ("done", snap.write_here(), snap.written_s)
+        except Exception as exc:       # the caller raises it; one that cannot be pickled goes as its repr
+            try:
+                pickle.dumps(exc)
+                reply = ("error", exc, None)
+            except Exception:
+                reply = ("error", CheckpointError(f"checkpoint writer: {exc!r}"), None)
+        conn.send(reply)
+
+
+class SnapshotWriter:
+    """Write snapshots whose tensors are in ``buffers`` (``shared=True``) in a process of their own.
+
+    :meth:`write` blocks its caller (a background thread) until the files are written and raises the
+    writer's error; calls are serialised. :meth:`close` waits for a write in progress, stops the process and
+    joins it; a writer that died is reported as a :class:`CheckpointError` at the next write."""
+
+    def __init__(self, buffers: StagingBuffers, name: str = "mplug2-ckpt-writer", close_timeout_s: float = 120.0):
+        if not buffers.shared:
+            raise ValueError("SnapshotWriter needs StagingBuffers(shared=True)")
+        self.buffers, self.name, self.close_timeout_s = buffers, name, close_timeout_s
+        self._lock = threading.Lock()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self._closed = False
+        self._warned = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def _start(self) -> Connection:
+        if self._conn is None:
+            ctx = multiprocessing.get_context("spawn")     # no fork of a process with threads and CUDA state
+            ours, theirs = ctx.Pipe(duplex=True)
+            self._process = ctx.Process(target=_serve, args=(theirs,), name=self.name, daemon=True)
+            self._process.start()
+            theirs.close()                                  # so a dead writer reads as end of file here
+            self._conn = ours
+            log.info("checkpoint writer process %d started", self._process.pid)
+        return self._conn
+
+    def write(self, snap: Snapshot) -> list[str]:
+        """Write ``snap`` into its folder in the writer process; returns the file names written."""
+        with self._lock:
+            if self._closed:
+                raise CheckpointError(f"checkpoint writer is closed; step {snap.step} not written")
+            if multiprocessing.current_process().daemon:      # may not have children: write here instead
+                if not self._warned:
+                    log.warning("a daemonic process cannot start the checkpoint writer process; checkpoints "
+                                "are serialised in this process (slower steps after each checkpoint)")
+                    self._warned = True
+                return snap.write_here()
+            conn = self._start()
+            wire = dataclasses.replace(snap, writer=None, model=_to_refs(snap.model, self.buffers),
+                                       trainer=_to_refs(snap.trainer, self.buffers))
+            try:
+                conn.send((wire, self.buffers.take_new()))
+                status, result, written_s = conn.recv()
+            except (EOFError, OSError, BrokenPipeError) as exc:
+                code = self._process.exitcode if self._process is not None else None
+                self._stop(kill=True)
+                raise CheckpointError(f"checkpoint writer process died (exit code {code}) while writing step "
+                                      f"{snap.step} into {snap.directory}") from exc
+        if status == "error":
+            raise result
+        snap.written_s = written_s
+        return result
+
+    def close(self) -> None:
+        """Wait for a write in progress, then stop and join the process (idempotent)."""
+        got = self._lock.acquire(timeout=self.close_timeout_s)
+        try:
+            self._closed = True
+            self._stop(kill=not got)
+        finally:
+            if got:
+                self._lock.release()
+
+    def _stop(self, kill: bool) -> None:
+        process, conn, self._process, self._conn = self._process, self._conn, None, None
+        if process is None:
+            return
+        if not kill and conn is not None:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            process.join(self.close_timeout_s)
+        if process.is_alive():
+            log.warning("checkpoint writer process %d did not stop; killing it", process.pid)
+            process.kill()
+            process.join()
+        if conn is not None:
+            conn.close()
+        self.buffers.resend_all()     # a new process (after a crash) needs every buffer's handle again

@@ -1,0 +1,83 @@
+"""The checkpoint writer process: snapshots whose tensors sit in shared staging buffers are written by another
+process (the serialisers hold the GIL, which would stall the training thread); each file holds the state of
+its own step though the buffers are reused; the writer's error is raised in the caller with its own type; a
+writer that died is a clear error and the next checkpoint gets a fresh one; close leaves no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from mplug2.train.checkpoint import CheckpointError, StagingBuffers, read_model_tensors, take_snapshot, \
+    validate_checkpoint
+from mplug2.train.checkpoint.writer import SnapshotWriter
+
+
+@pytest.fixture()
+def trained():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 3))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 16)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _snapshot(directory, model, optimizer, step: int, buffers: StagingBuffers, writer: SnapshotWriter):
+    snap = take_snapshot(str(directory), model=model, optimizer=optimizer, scheduler=None, step=step,
+                         extra={"best": 0.5}, rank=0, world_size=1, data_state={"cursor": step},
+                         config_fingerprint={"run": "w"}, buffers=buffers, write_manifest=True)
+    snap.writer = writer.write
+    return snap
+
+
+def test_writer_process_writes_each_step_and_raises_its_errors(trained, tmp_path):
+    model, optimizer = trained
+    buffers = StagingBuffers(shared=True)
+    writer = SnapshotWriter(buffers)
+    try:
+        expected = {}
+        for step in (1, 2):
+            snap = _snapshot(tmp_path / f"s{step}", model, optimizer, step, buffers, writer)
+            expected[step] = {k: v.clone() for k, v in model.state_dict().items()}
+            with torch.no_grad():
+                model[0].weight.add_(1.0)          # training moves on before the files are written
+            assert "manifest.json" in snap.write() and snap.written_s is not None
+            assert validate_checkpoint(str(tmp_path / f"s{step}"))
+            saved = read_model_tensors(str(tmp_path / f"s{step}"))
+            assert all(torch.equal(saved[k], v) for k, v in expected[step].items()), step
+        pid = writer.pid
+        assert pid is not None and pid != os.getpid()
+        (tmp_path / "a-file").write_text("not a folder")
+        bad = _snapshot(tmp_path / "a-file", model, optimizer, 3, buffers, writer)
+        with pytest.raises(OSError):               # the writer's own exception type, raised here
+            bad.write()
+        _snapshot(tmp_path / "s4", model, optimizer, 4, buffers, writer).write()
+        assert writer.pid == pid and validate_checkpoint(str(tmp_path / "s4"))   # one process per run
+    finally:
+        writer.close()
+    with pytest.raises(OSError):
+        os.kill(pid, 0)                            # stopped and reaped: no process left behind
+    with pytest.raises(CheckpointError, match="closed"):
+        _snapshot(tmp_path / "s5", model, optimizer, 5, buffers, writer).write()
+
+
+def test_a_dead_writer_is_a_clear_error_and_the_next_checkpoint_gets_a_new_one(trained, tmp_path):
+    model, optimizer = trained
+    buffers = StagingBuffers(shared=True)
+    writer = SnapshotWriter(buffers)
+    try:
+        _snapshot(tmp_path / "s1", model, optimizer, 1, buffers, writer).write()
+        first = writer.pid
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(CheckpointError, match="writer process died"):
+            _snapshot(tmp_path / "s2", model, optimizer, 2, buffers, writer).write()
+        _snapshot(tmp_path / "s3", model, optimizer, 3, buffers, writer).write()   # every buffer sent again
+        assert writer.pid != first and validate_checkpoint(str(tmp_path / "s3"))
+        saved = read_model_tensors(str(tmp_path / "s3"))
+        assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
+    finally:
+        writer.close()
