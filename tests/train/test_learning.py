@@ -2,10 +2,10 @@
 budget (200 + 500 steps of 32 clips) on synthetic clips whose captions say what is visible (size, colour, shape,
 direction, speed), evaluated on 72 held-out clips that each have their own caption (chance R@1 = 1/72 = 1.4 %),
 for three seeds (seed changes the initial weights, the data order, the masks and the negatives). The per-seed
-table is printed: ITC alone and after ITM re-ranking, R@1 / R@5 both ways, ITM accuracy after each stage.
+table is printed: ITC alone and after ITM re-ranking, R@1 / R@5 both ways, ITM accuracy and loss after each stage.
 
-Runs in one process through the same loop Ray Train workers run (``run_local``), on shards written by the
-real pipeline once for all seeds.
+Each seed runs in a single-threaded process of its own (two at a time) through the same loop Ray Train workers run
+(``run_local``), on shards written by the real pipeline once for all seeds.
 """
 from __future__ import annotations
 
