@@ -100,6 +100,7 @@ class MPLUG2Config:
     momentum: float = 0.995
     alpha: float = 0.4
     mlm_probability: float = 0.15
+    itm_random_negatives: float = 0.0   # share of ITM negatives drawn uniformly, not by ITC similarity (itm.py)
     num_frames: int = 16
     max_text_len: int = 30
     max_answer_len: int = 10
@@ -225,6 +226,8 @@ class MPLUG2Config:
             errs.append("embed_dim must be > 0 and queue_size >= 0")
         if not 0.0 <= self.momentum <= 1.0 or not 0.0 <= self.alpha <= 1.0:
             errs.append("momentum and alpha must be in [0, 1]")
+        if not 0.0 <= self.itm_random_negatives <= 1.0:
+            errs.append(f"itm_random_negatives={self.itm_random_negatives} must be in [0, 1]")
         if errs:
             raise ValueError("invalid MPLUG2Config: " + "; ".join(errs))
         return self

@@ -5,6 +5,11 @@ valid candidates (not the positive, not a same-id item, not a clip whose caption
 the sampling distribution, so harder negatives
 (more similar) are drawn more often. Masking with −inf before the softmax is the same distribution as
 "softmax, zero the positives, renormalise", but never underflows to an all-zero row.
+
+``random_mix`` (model config ``itm_random_negatives``) blends that distribution with the uniform one over the same
+valid candidates: ``(1 - u) · softmax + u · uniform``. Pure hard negatives can be too hard to learn from at the
+start: when captions differ by one attribute the hardest negative is a near-identical clip, and a head that cannot
+yet tell them apart sits at the "no match" prior; uniform draws give it easy, informative contrasts as well.
 """
 
 from __future__ import annotations
@@ -53,12 +58,13 @@ def _valid_mask(b: int, ids: Tensor | None, device: torch.device, text_ids: Tens
 @torch.no_grad()
 def sample_hard_negatives(local_i2t: Tensor, local_t2i: Tensor, ids: Tensor | None = None,
                           generator: torch.Generator | None = None,
-                          text_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                          text_ids: Tensor | None = None, random_mix: float = 0.0) -> tuple[Tensor, Tensor]:
     """Draw one negative text per image and one negative image per text.
 
     ``local_i2t[i, j]`` is the similarity of image i with text j on this rank. Returns
     ``(neg_text_for_image, neg_image_for_text)``, each (B,) long. ``ids`` / ``text_ids`` (B,) exclude items
-    with the same id or the same caption (:func:`~mplug2.objectives.itc.caption_ids`). Raises ``ValueError``
+    with the same id or the same caption (:func:`~mplug2.objectives.itc.caption_ids`). ``random_mix`` in [0, 1] is
+    the share of uniformly drawn (instead of similarity-weighted) negatives. Raises ``ValueError``
     when a row has no valid negative (batch of one, or every item sharing the row's id or caption).
     """
     b = local_i2t.shape[0]
@@ -71,14 +77,17 @@ def sample_hard_negatives(local_i2t: Tensor, local_t2i: Tensor, ids: Tensor | No
         raise ValueError(
             f"ITM: rows {rows} have no valid negative in the local batch of {b} "
             "(every other item is the positive or shares its id or caption); use a larger or more diverse batch")
-    return _draw(local_i2t, local_t2i, valid, generator)
+    return _draw(local_i2t, local_t2i, valid, generator, random_mix)
 
 
 def _draw(local_i2t: Tensor, local_t2i: Tensor, valid: Tensor,
-          generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+          generator: torch.Generator | None, random_mix: float = 0.0) -> tuple[Tensor, Tensor]:
+    if not 0.0 <= random_mix <= 1.0:
+        raise ValueError(f"ITM random_mix must be in [0, 1], got {random_mix}")
     neg = float("-inf")
-    w_i2t = F.softmax(local_i2t.float().masked_fill(~valid, neg), dim=1)
-    w_t2i = F.softmax(local_t2i.float().masked_fill(~valid, neg), dim=1)
+    uniform = valid.float() / valid.sum(dim=1, keepdim=True).clamp(min=1)
+    w_i2t = F.softmax(local_i2t.float().masked_fill(~valid, neg), dim=1).lerp(uniform, random_mix)
+    w_t2i = F.softmax(local_t2i.float().masked_fill(~valid, neg), dim=1).lerp(uniform, random_mix)
     neg_text_for_image = torch.multinomial(w_i2t, 1, generator=generator).squeeze(1)
     neg_image_for_text = torch.multinomial(w_t2i, 1, generator=generator).squeeze(1)
     return neg_text_for_image, neg_image_for_text
@@ -86,7 +95,8 @@ def _draw(local_i2t: Tensor, local_t2i: Tensor, valid: Tensor,
 
 def itm_loss(fuse: FuseFn, head: ITMHead, vis: Tensor, vis_mask: Tensor, text: Tensor, text_mask: Tensor,
              local_i2t: Tensor, local_t2i: Tensor, ids: Tensor | None = None,
-             generator: torch.Generator | None = None, text_ids: Tensor | None = None) -> ITMOutput:
+             generator: torch.Generator | None = None, text_ids: Tensor | None = None,
+             random_mix: float = 0.0) -> ITMOutput:
     """B positives plus 2B hard negatives through ``fuse`` in one call; CE on the ITM head.
 
     A row with no valid negative (every other item of the local batch is the same sample or has the same
@@ -99,9 +109,9 @@ def itm_loss(fuse: FuseFn, head: ITMHead, vis: Tensor, vis_mask: Tensor, text: T
     valid = _valid_mask(b, ids, local_i2t.device, text_ids)
     has_neg = valid.any(dim=1)
     if bool(has_neg.all()):
-        neg_t, neg_v = _draw(local_i2t, local_t2i, valid, generator)
+        neg_t, neg_v = _draw(local_i2t, local_t2i, valid, generator, random_mix)
     else:
-        neg_t, neg_v = _draw(local_i2t, local_t2i, valid | torch.diag_embed(~has_neg), generator)
+        neg_t, neg_v = _draw(local_i2t, local_t2i, valid | torch.diag_embed(~has_neg), generator, random_mix)
     vis_all = torch.cat([vis, vis[neg_v], vis], 0)
     vmask_all = torch.cat([vis_mask, vis_mask[neg_v], vis_mask], 0)
     text_all = torch.cat([text, text, text[neg_t]], 0)

@@ -184,7 +184,7 @@ class MPLUG2Pretrainer(nn.Module):
 
         if cfg.itm_weight > 0:
             itm = itm_loss(model.fuse, self.itm_head, vis, vis_mask, text, mask, itc.local_i2t, itc.local_t2i,
-                           ids=sample_ids, text_ids=text_ids)
+                           ids=sample_ids, text_ids=text_ids, random_mix=model.config.itm_random_negatives)
             out["itm"] = itm.loss
             out["itm_acc"] = (itm.logits.argmax(1) == itm.labels).float().mean().detach()
         else:

@@ -3,7 +3,7 @@
 Fine-tuning = ITC (id-aware positives, queue, momentum distillation) + ITM with hard negatives: the
 pretraining wrapper with MLM and prefix LM switched off. Evaluation computes every feature once, runs ITC over
 the full similarity matrix, then ITM only on each query's top-k (k_test 128/256 at scale) and scores those
-pairs with ``ITM logit + ITC similarity``; everything outside the top-k keeps −100.
+pairs with :func:`rerank_score`; everything outside the top-k scores −inf.
 """
 
 from __future__ import annotations
@@ -18,9 +18,22 @@ from mplug2.eval.retrieval_metrics import retrieval_recall
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.objectives.pretrain import MPLUG2Pretrainer, PretrainConfig
 
-__all__ = ["RetrievalConfig", "RetrievalScores", "Retriever", "evaluate_retrieval"]
+__all__ = ["RetrievalConfig", "RetrievalScores", "Retriever", "evaluate_retrieval", "rerank_score"]
 
-_OUTSIDE = -100.0
+_OUTSIDE = float("-inf")   # below every re-ranked score, whatever the temperature
+
+
+def rerank_score(itm_logits: Tensor, sim: Tensor, temp: float | Tensor) -> Tensor:
+    """Score of re-ranked pairs: ITC logit ``sim / temp`` + ITM ``log p(match)``.
+
+    Both terms are log-likelihoods on the scale each head was trained on (ITC's softmax over candidates takes
+    ``sim / temp``; the ITM head's softmax gives ``log p(match)``), so the sum ranks by the product of the two
+    heads' probabilities. The raw ``ITM logit + cosine`` of mPLUG / BLIP mixes an unbounded logit with a cosine
+    whose spread over a query's top-k is a few hundredths: any noise in a weak ITM head overrides the ITC order
+    (issue 14: re-ranking *below* ITC alone); here an uninformative ITM head (same logits for every candidate)
+    leaves the ITC order as it is.
+    """
+    return sim / temp + torch.log_softmax(itm_logits.float(), dim=-1)[:, 1]
 
 
 @dataclass
@@ -36,8 +49,8 @@ class RetrievalConfig:
 @dataclass
 class RetrievalScores:
     itc_i2t: Tensor    # (N_items, N_texts) ITC cosine similarities
-    i2t: Tensor        # (N_items, N_texts) re-ranked scores (−100 outside each row's top-k)
-    t2i: Tensor        # (N_texts, N_items) re-ranked scores (−100 outside each row's top-k)
+    i2t: Tensor        # (N_items, N_texts) re-ranked scores (−inf outside each row's top-k)
+    t2i: Tensor        # (N_texts, N_items) re-ranked scores (−inf outside each row's top-k)
 
 
 class Retriever(nn.Module):
@@ -118,27 +131,28 @@ class Retriever(nn.Module):
     def rerank(self, sim: Tensor, vis: Tensor, vmask: Tensor, text: Tensor, tmask: Tensor,
                item_rows: Sequence[int], text_rows: Sequence[int], k: int | None = None) -> tuple[Tensor, Tensor]:
         """ITM re-rank of the top-k ITC candidates for the given query rows only (a rank's share of the
-        queries): ``(i2t (len(item_rows), N_texts), t2i (len(text_rows), N_items))``, −100 outside the top-k."""
+        queries): ``(i2t (len(item_rows), N_texts), t2i (len(text_rows), N_items))``, −inf outside the top-k."""
         n_items, n_texts = sim.shape
         k = min(k or self.cfg.k_test, n_texts)
+        temp = float(self.core.itc.temp)
         i2t = torch.full((len(item_rows), n_texts), _OUTSIDE, dtype=sim.dtype, device=sim.device)
         for r, i in enumerate(item_rows):
             top_sim, top = sim[i].topk(k)
-            score = self._chunked_itm(vis[i:i + 1].expand(k, -1, -1), vmask[i:i + 1].expand(k, -1),
-                                      text[top], tmask[top])
-            i2t[r, top] = score + top_sim
+            logits = self._chunked_itm(vis[i:i + 1].expand(k, -1, -1), vmask[i:i + 1].expand(k, -1),
+                                       text[top], tmask[top])
+            i2t[r, top] = rerank_score(logits, top_sim, temp).to(sim.dtype)
         k2 = min(k, n_items)
         t2i = torch.full((len(text_rows), n_items), _OUTSIDE, dtype=sim.dtype, device=sim.device)
         for r, j in enumerate(text_rows):
             top_sim, top = sim[:, j].topk(k2)
-            score = self._chunked_itm(vis[top], vmask[top], text[j:j + 1].expand(k2, -1, -1),
-                                      tmask[j:j + 1].expand(k2, -1))
-            t2i[r, top] = score + top_sim
+            logits = self._chunked_itm(vis[top], vmask[top], text[j:j + 1].expand(k2, -1, -1),
+                                       tmask[j:j + 1].expand(k2, -1))
+            t2i[r, top] = rerank_score(logits, top_sim, temp).to(sim.dtype)
         return i2t, t2i
 
     def _chunked_itm(self, vis, vmask, text, tmask) -> Tensor:
         bs = self.cfg.batch_size
-        return torch.cat([self.itm_scores(vis[i:i + bs], vmask[i:i + bs], text[i:i + bs], tmask[i:i + bs])
+        return torch.cat([self.itm_logits(vis[i:i + bs], vmask[i:i + bs], text[i:i + bs], tmask[i:i + bs])
                           for i in range(0, len(vis), bs)])
 
 

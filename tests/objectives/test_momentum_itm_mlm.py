@@ -90,6 +90,26 @@ def test_itm_prefers_hard_negatives():
     assert counts[2] > 190 and counts[0] == 0
 
 
+def test_itm_random_mix_blends_hard_and_uniform_negatives():
+    # Image 0 has one overwhelmingly hard text (2) among valid candidates 2, 3, 4 (1 shares its id).
+    # mix 0: always the hard one; mix 1: uniform over the valid ones; 0.5: half hard + half uniform = 2/3, 1/6, 1/6.
+    b, n = 5, 400
+    ids = torch.tensor([0, 0, 1, 2, 3])
+    sim = torch.full((b, b), -5.0)
+    sim[0, 2] = 30.0
+    g = torch.Generator().manual_seed(0)
+    for mix, expect in ((0.0, (1.0, 0.0, 0.0)), (0.5, (2 / 3, 1 / 6, 1 / 6)), (1.0, (1 / 3, 1 / 3, 1 / 3))):
+        counts = torch.zeros(b)
+        for _ in range(n):
+            neg_t, neg_v = sample_hard_negatives(sim, sim, ids, generator=g, random_mix=mix)
+            counts[neg_t[0]] += 1
+            assert (ids[neg_t] != ids).all() and (ids[neg_v] != ids).all()
+        assert counts[:2].sum() == 0, (mix, counts)                  # never the positive nor a same-id item
+        torch.testing.assert_close(counts[2:] / n, torch.tensor(expect), atol=0.07, rtol=0)  # 3.5 sd
+    with pytest.raises(ValueError, match="random_mix"):
+        sample_hard_negatives(sim, sim, random_mix=1.5)
+
+
 def test_itm_no_valid_negative_raises():
     with pytest.raises(ValueError, match="no valid negative"):
         sample_hard_negatives(torch.randn(3, 3), torch.randn(3, 3), ids=torch.tensor([4, 4, 4]))

@@ -12,7 +12,7 @@ from mplug2.tasks.caption import CaptionConfig, Captioner
 from mplug2.tasks.classify import TextClassifier, VisualClassifier
 from mplug2.tasks.grounding import BoxCodec, Grounder, GroundingConfig, generalized_iou, xywh_to_xyxy
 from mplug2.tasks.qa import QAConfig, VideoQA
-from mplug2.tasks.retrieval import RetrievalConfig, Retriever, evaluate_retrieval
+from mplug2.tasks.retrieval import RetrievalConfig, Retriever, evaluate_retrieval, rerank_score
 from mplug2.tokenizer import load_tokenizer
 from tests.tiny import distinct_pixels, one_thread, tok  # noqa: F401  (fixtures)
 
@@ -140,6 +140,22 @@ def test_retrieval_finetune_then_rerank_recovers_pairs(tok):
     assert losses[-1] < 0.1 * losses[0]
     scores = ret.predict(batch["pixels"], enc["input_ids"], enc["attention_mask"], k=3)
     assert scores.itc_i2t.shape == scores.i2t.shape == (4, 4) and scores.t2i.shape == (4, 4)
-    assert ((scores.i2t == -100).sum(1) == 1).all()  # k=3 of 4 re-ranked per row
+    assert (torch.isneginf(scores.i2t).sum(1) == 1).all()  # k=3 of 4 re-ranked per row
     metrics = evaluate_retrieval(ret, batch["pixels"], enc["input_ids"], enc["attention_mask"], [0, 1, 2, 3], k=3)
     assert metrics["txt_r1"] == metrics["img_r1"] == 100.0 and metrics["itc_txt_r1"] == 100.0
+
+
+def test_rerank_score_keeps_itc_order_under_a_flat_itm_head_and_combines_both_heads_on_one_scale():
+    sim, temp = torch.tensor([0.62, 0.60, 0.55]), 0.05
+    flat = torch.tensor([[0.3, -1.0]] * 3)                      # an ITM head that says the same for every pair
+    assert rerank_score(flat, sim, temp).argsort(descending=True).tolist() == [0, 1, 2]
+    # the raw "ITM logit + cosine" lets a small ITM wobble (0.1) override the ITC order; on the log scale the
+    # ITC logit gap (0.4) needs a real ITM preference to be overturned
+    wobble = torch.tensor([[0.0, 0.0], [0.0, 0.1], [0.0, 0.0]])
+    assert (wobble[:, 1] + sim).argmax() == 1 and rerank_score(wobble, sim, temp).argmax() == 0
+    sure = torch.tensor([[3.0, -3.0], [-3.0, 3.0], [0.0, 0.0]])
+    assert rerank_score(sure, sim, temp).argmax() == 1
+    # = log of the product of the ITC softmax and the ITM match probability, up to one constant per query
+    p = torch.softmax(sim / temp, 0) * torch.softmax(sure, -1)[:, 1]
+    torch.testing.assert_close(rerank_score(sure, sim, temp) - p.log(), torch.full((3,), float(
+        (rerank_score(sure, sim, temp) - p.log())[0])))

@@ -2,10 +2,10 @@
 budget (200 + 500 steps of 32 clips) on synthetic clips whose captions say what is visible (size, colour, shape,
 direction, speed), evaluated on 72 held-out clips that each have their own caption (chance R@1 = 1/72 = 1.4 %),
 for three seeds (seed changes the initial weights, the data order, the masks and the negatives). The per-seed
-table is printed: ITC alone and after ITM re-ranking, R@1 / R@5 both ways, ITM accuracy after each stage.
+table is printed: ITC alone and after ITM re-ranking, R@1 / R@5 both ways, ITM accuracy and loss after each stage.
 
-Runs in one process through the same loop Ray Train workers run (``run_local``), on shards written by the
-real pipeline once for all seeds.
+Each seed runs in a single-threaded process of its own (two at a time) through the same loop Ray Train workers run
+(``run_local``), on shards written by the real pipeline once for all seeds.
 """
 from __future__ import annotations
 
@@ -44,12 +44,18 @@ def corpora(tmp_path_factory):
     return out
 
 
+# ITM's gradient is ~1/25 of MLM's at pretraining step 50 (docs/benchmarks.md, issue 14): weighted 4 against 0.5
+# for each LM loss, and with half its negatives drawn uniformly instead of by ITC similarity (captions differing by
+# a single word are too hard to start from), ITM leaves its 1:2 prior within 100 pretraining steps.
+LOSS_WEIGHTS = {"itc": 1.0, "itm": 4.0, "mlm": 0.5, "prefix_lm": 0.5}
+
+
 def _cfg(corpora, task, steps, init_from=None, seed=0, **extra) -> TrainConfig:
     return TrainConfig.from_dict(dict(extra,
         run_name=f"learn-{task}-s{seed}", storage=corpora["runs"], task=task, init_from=init_from, seed=seed,
         model={"preset": "tiny", "tokenizer": "bert-base-uncased", "text": {"vocab_size": 30522, "init_std": 0.18},
-               "queue_size": 64, "momentum": 0.99, "alpha": 0.2},
-        loss_weights={"itc": 1.0, "itm": 1.0, "mlm": 1.0, "prefix_lm": 1.0},
+               "queue_size": 64, "momentum": 0.99, "alpha": 0.2, "itm_random_negatives": 0.5},
+        loss_weights=LOSS_WEIGHTS,
         data=dict(train=[dict(name="videos", path=corpora["train"], num_frames=4)], batch_size=32,
                   shuffle_buffer=64, max_text_len=16,
                   eval=dict(name="eval", path=corpora["eval"], split="eval", num_frames=4)),
@@ -60,34 +66,55 @@ def _cfg(corpora, task, steps, init_from=None, seed=0, **extra) -> TrainConfig:
     ))
 
 
-def test_pretrain_then_retrieval_learns_far_above_chance(corpora, monkeypatch, capsys):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+def _seed_run(corpora: dict, seed: int) -> dict:
+    """Pretraining then retrieval fine-tuning for one seed (a process of its own: seeds run two at a time)."""
     torch.set_num_threads(1)
+    pre = run_local(_cfg(corpora, "pretrain", PRETRAIN_STEPS, seed=seed))
+    s = run_local(_cfg(corpora, "retrieval", RETRIEVAL_STEPS, seed=seed,
+                       init_from=f"{corpora['runs']}/learn-pretrain-s{seed}"))
+    return {"seed": seed, "loss_pretrain": pre["loss/loss"],
+            "t2v_r1": s["eval/img_r1"], "t2v_r1_itc": s["eval/itc_img_r1"],
+            "t2v_r5": s["eval/img_r5"], "t2v_r5_itc": s["eval/itc_img_r5"],
+            "v2t_r1": s["eval/txt_r1"], "v2t_r1_itc": s["eval/itc_txt_r1"],
+            "v2t_r5": s["eval/txt_r5"], "v2t_r5_itc": s["eval/itc_txt_r5"],
+            "itm_acc_pretrain": pre.get("itm_acc", float("nan")), "itm_acc": s.get("itm_acc", float("nan")),
+            "itm_loss_pretrain": pre.get("loss/itm", float("nan")), "itm_loss": s.get("loss/itm", float("nan"))}
+
+
+def test_pretrain_then_retrieval_learns_far_above_chance(corpora, monkeypatch, capsys):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     chance = 100.0 / EVAL_CLIPS
-    rows = []
-    for seed in SEEDS:
-        pre = run_local(_cfg(corpora, "pretrain", PRETRAIN_STEPS, seed=seed))
-        assert pre["loss/loss"] < 16.0, pre        # from ~26 at step 1: all four objectives fall
-        s = run_local(_cfg(corpora, "retrieval", RETRIEVAL_STEPS, seed=seed,
-                           init_from=f"{corpora['runs']}/learn-pretrain-s{seed}"))
-        rows.append({"seed": seed, "t2v_r1": s["eval/img_r1"], "t2v_r1_itc": s["eval/itc_img_r1"],
-                     "t2v_r5": s["eval/img_r5"], "t2v_r5_itc": s["eval/itc_img_r5"],
-                     "v2t_r1": s["eval/txt_r1"], "v2t_r1_itc": s["eval/itc_txt_r1"],
-                     "v2t_r5": s["eval/txt_r5"], "v2t_r5_itc": s["eval/itc_txt_r5"],
-                     "itm_acc_pretrain": pre.get("itm_acc", float("nan")), "itm_acc": s.get("itm_acc", float("nan"))})
+    # one single-threaded process per seed, two at a time: the three seeds fit in ~10 min on two cores
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        rows = sorted(pool.map(_seed_run, [corpora] * len(SEEDS), SEEDS), key=lambda r: r["seed"])
+    for r in rows:
+        assert r["loss_pretrain"] < 16.0, r        # from ~26 at step 1: all four objectives fall
     with capsys.disabled():
         print(f"\ntext<->video retrieval on {EVAL_CLIPS} held-out clips (chance R@1 {chance:.1f} %, R@5 "
               f"{5 * chance:.1f} %), {PRETRAIN_STEPS} pretraining + {RETRIEVAL_STEPS} retrieval steps of 32 clips; "
               "re-ranked (ITC alone)")
         print(f"{'seed':>4s} {'t2v R@1':>13s} {'t2v R@5':>13s} {'v2t R@1':>13s} {'v2t R@5':>13s} "
-              f"{'ITM acc pre/ret':>16s}")
+              f"{'ITM acc pre/ret':>16s} {'ITM loss pre/ret':>17s}")
         for r in rows:
             cells = " ".join(f"{r[k]:5.1f} ({r[k + '_itc']:5.1f})" for k in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5"))
-            print(f"{r['seed']:4d} {cells} {r['itm_acc_pretrain']:8.3f}/{r['itm_acc']:.3f}")
+            print(f"{r['seed']:4d} {cells} {r['itm_acc_pretrain']:8.3f}/{r['itm_acc']:.3f} "
+                  f"{r['itm_loss_pretrain']:11.3f}/{r['itm_loss']:.3f}")
     t2v = [r["t2v_r1"] for r in rows]
-    assert statistics.median(t2v) >= 25.0, rows                  # issue 14: >= 18x chance on 72 clips
+    # issue 14's bars, all met (2026-12-02, docs/benchmarks.md): t2v R@1 41.7 / 22.2 / 41.7 %
+    assert statistics.median(t2v) >= 25.0, rows                  # >= 18x chance on 72 clips
     assert min(t2v) >= 12.0, rows
-    assert statistics.median(t2v) >= statistics.median(r["t2v_r1_itc"] for r in rows), rows   # re-ranking helps
+    assert min(r["t2v_r5"] for r in rows) >= 15 * chance, rows    # the bar this test held before issue 14
+    # re-ranking text->video is not worse than ITC alone (measured 41.7 = 41.7, 22.2 > 19.4, 41.7 = 41.7);
+    # video->text it is not yet better (33.3 / 15.3 / 31.9 against ITC's 31.9 / 18.1 / 33.3): not asserted
+    assert statistics.median(t2v) >= statistics.median(r["t2v_r1_itc"] for r in rows), rows
+    # ITM leaves its 1:2 prior (loss 0.636, argmax accuracy 0.667) in pretraining and in retrieval; measured
+    # pretraining ITM loss 0.478 / 0.468 / 0.450, retrieval 0.413 / 0.440 / 0.406 and accuracy on the last
+    # batch 0.740 / 0.667 / 0.771
+    assert statistics.median(r["itm_loss_pretrain"] for r in rows) < 0.55, rows
+    assert statistics.median(r["itm_loss"] for r in rows) < 0.50, rows
     assert statistics.median(r["itm_acc"] for r in rows) > ITM_PRIOR + 0.05, rows
     # the export carries the trained ITC/ITM heads, so inference embeddings are the ones evaluation ranked with
     from mplug2.inference import Predictor
