@@ -69,7 +69,13 @@ def setup(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:     # tiny models: one thread each (the loop reads the variable)
         mp.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
-        run_local(_from_config("pretrain_tiny", out, PRETRAIN_STEPS))
+        pretrain = _from_config("pretrain_tiny", out, PRETRAIN_STEPS)
+        # Equal loss weights here, not the config's ITM x4 / LM x0.5 (tuned for the retrieval demo, issue 14):
+        # at this 150-step budget the halved prefix-LM leaves the decoder too weak for QA by generation
+        # (measured 16.7 % / ranking 35.4 % against 33.3 % for the question alone; 60.4 / 54.2 % with equal
+        # weights; retrieval, captioning and classification clear their bars either way; docs/benchmarks.md).
+        pretrain.loss_weights = dict.fromkeys(pretrain.loss_weights, 1.0)
+        run_local(pretrain)
         out["init"] = f"{out['runs']}/pretrain_tiny"
         yield out
     torch.set_num_threads(threads)
