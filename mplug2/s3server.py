@@ -166,7 +166,35 @@ class S3Server:
             f"-s3.port={self.port}", f"-master.port={master}", f"-volume.port={volume}",
             f"-filer.port={filer}", f"-admin.port={admin}",
             f"-bucket={self.buckets[0]}",
+            *self._local_socket_flags(filer),
         ]
+
+    def _local_socket_flags(self, filer_port: int) -> list[str]:
+        """Put the S3 and filer unix sockets in the data folder: weed's default is ``/tmp/seaweedfs-*-<port>.sock``,
+        which it never removes. A unix socket path must fit in ~107 bytes; past that the default stays and
+        :meth:`_remove_tmp_sockets` cleans it up on stop."""
+        sock_dir = Path(self.root) / "sock"
+        if len(str(sock_dir / "seaweedfs-filer-65535.sock")) > 100:
+            return []
+        sock_dir.mkdir(parents=True, exist_ok=True)
+        return [f"-s3.localSocket={sock_dir / f'seaweedfs-s3-{self.port}.sock'}",
+                f"-filer.localSocket={sock_dir / f'seaweedfs-filer-{filer_port}.sock'}"]
+
+    def _remove_tmp_sockets(self) -> None:
+        """Remove the sockets weed leaves in /tmp for this server's ports (the default locations, and the gRPC
+        sockets a SIGKILLed weed cannot remove). Only sockets, only our ports, only once the process is gone."""
+        ports = {self.port}
+        for arg in self._cmd or []:
+            if arg.startswith(("-master.port=", "-volume.port=", "-filer.port=", "-admin.port=")):
+                ports.add(int(arg.split("=", 1)[1]))
+        ports |= {p + 10000 for p in ports}
+        for port in ports:
+            for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+                try:
+                    if path.is_socket():
+                        path.unlink()
+                except OSError:
+                    pass
 
     def start(self) -> "S3Server":
         self.root = Path(self.root).absolute()
@@ -253,6 +281,7 @@ class S3Server:
         else:
             self._sigkill_group(pid, wait_s=5)
         self.pid = None
+        self._remove_tmp_sockets()
 
     def kill(self) -> None:
         """SIGKILL the process group at once (a crash: nothing flushed); ``start()`` restarts it in place."""

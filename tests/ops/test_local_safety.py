@@ -95,6 +95,25 @@ def test_embedded_s3_secret_is_random_per_folder_0600_and_env_names_the_file(tmp
     assert not any(a in v or "from-the-user" in v for v in env.values())
 
 
+def test_embedded_s3_leaves_no_socket_in_tmp_after_a_crash_restart_and_stop(tmp_path) -> None:
+    """weed's default unix sockets are ``/tmp/seaweedfs-*-<port>.sock``, never removed: one per run piled up."""
+    from mplug2.s3server import S3Server
+
+    def ours(srv: S3Server) -> list[str]:
+        ports = {srv.port} | {int(a.split("=", 1)[1]) for a in srv._cmd if a.split("=", 1)[0].endswith(".port")}
+        ports |= {p + 10000 for p in ports}
+        return sorted(p.name for p in Path("/tmp").glob("seaweedfs-*.sock") if int(p.stem.rsplit("-", 1)[1]) in ports)
+
+    srv = S3Server(root=tmp_path / "s3").start()
+    try:
+        assert list((tmp_path / "s3" / "sock").glob("seaweedfs-s3-*.sock"))    # in the data folder, not /tmp
+        srv.kill()                                                            # a crash, then a restart in place
+        srv.start()
+    finally:
+        srv.stop()
+    assert ours(srv) == []
+
+
 def test_mplug2_s3_env_prints_the_file_not_the_secret(tmp_path) -> None:
     from mplug2.s3server import write_credentials
 
