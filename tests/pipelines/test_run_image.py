@@ -124,7 +124,7 @@ def test_image_corpus_reads_back_everywhere(corpus, s3_bucket, ray_local, tmp_pa
     # wids over our index
     import wids
 
-    wd = wids.ShardListDataset(str(local / "wids-index.json"))
+    wd = wids.ShardListDataset(str(local / "wids-index.json"), cache_dir=str(tmp_path / "wids-cache"))  # not /tmp
     assert len(wd) == n_good
     assert wd[0][".txt"] and wd[n_good - 1]["__key__"] == max(s["__key__"] for s in samples)
 

@@ -87,7 +87,7 @@ def test_video_corpus_frames_and_readers(video_corpus, s3_bucket, ray_local, tmp
 
     import wids
 
-    wd = wids.ShardListDataset(str(local / "wids-index.json"))
+    wd = wids.ShardListDataset(str(local / "wids-index.json"), cache_dir=str(tmp_path / "wids-cache"))  # not /tmp
     assert len(wd) == n_good
     assert wd[0][".f003.jpg"].size == (SIZE, SIZE)  # wids decodes images with PIL by default
 
