@@ -11,6 +11,7 @@ shard-granular (data-contract §8, §10).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any, Iterator
 
@@ -324,4 +325,9 @@ def _drive_stream(config: PreprocessConfig, executor: RayDataExecutor, first: Sh
             else:
                 _shard_failed(work.task, work.attempt, work.error or "unknown", work.retryable, config, retry,
                               summary)
-    summary.stages = executor.stages
+    summary.stages = dict(executor.stages)
+    for name, op in executor.stages.items():  # a fused operator: each of its stages on a line of its own
+        if "->" in name:
+            for stage in re.findall(r"Map\((\w+)\)", name):
+                if stage in executor.stage_task_s:
+                    summary.stages[f"  {stage}"] = {**executor.stage_task_s[stage], "wall_s": None}

@@ -71,6 +71,7 @@ class RayDataExecutor:
         self.gpus = float(resources.get("GPU", 0))
         self.config = config
         self.stages: dict[str, dict] = {}  # operator -> rows, task seconds, wall seconds (over all windows)
+        self.stage_task_s: dict[str, dict] = {}  # stage -> shards, seconds (measured in the stage itself)
 
     # ------------------------------------------------------------------ the pipeline
     def _dataset(self, works: list[ShardWork]):
@@ -156,6 +157,10 @@ class RayDataExecutor:
                         yield w
                 continue
             returned.add(got.task.shard)
+            for stage, secs in got.stage_s.items():  # each stage's own time, also inside a fused operator
+                st = self.stage_task_s.setdefault(stage, {"shards": 0, "task_s": 0.0})
+                st["shards"] += 1
+                st["task_s"] += secs
             yield got
             tick()
 
