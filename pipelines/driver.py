@@ -325,9 +325,8 @@ def _drive_stream(config: PreprocessConfig, executor: RayDataExecutor, first: Sh
             else:
                 _shard_failed(work.task, work.attempt, work.error or "unknown", work.retryable, config, retry,
                               summary)
-    summary.stages = dict(executor.stages)
-    for name, op in executor.stages.items():  # a fused operator: each of its stages on a line of its own
+    summary.stages = {name: dict(op) for name, op in executor.stages.items()}
+    for name, op in summary.stages.items():  # a fused operator, Map(a)->Map(b): the time of each of its stages
         if "->" in name:
-            for stage in re.findall(r"Map\((\w+)\)", name):
-                if stage in executor.stage_task_s:
-                    summary.stages[f"  {stage}"] = {**executor.stage_task_s[stage], "wall_s": None}
+            op["stages"] = {s: executor.stage_task_s[s] for s in re.findall(r"Map\((\w+)\)", name)
+                            if s in executor.stage_task_s}

@@ -32,9 +32,9 @@ from pipelines.shard_stages import ShardWork
 
 log = logging.getLogger(__name__)
 
-# With model stages, a shard's `task_cpus` are split between its stages: Ray reserves logical CPUs, so with 1 CPU per decode
-# task and 0.25 for each I/O task, two decode tasks could not run beside a fetch and a commit on 2 cores and
-# the CPU stage ran at half width (10k-image benchmark: 178 s vs 105 s with 0.75 for decode, same load).
+# With model stages, a shard's `task_cpus` are split between its stages: Ray reserves logical CPUs, so with
+# 1 CPU per decode task and 0.25 for each I/O task, two decode tasks could not run beside a fetch and a commit
+# on 2 cores and the CPU stage ran at half width (10k-image benchmark: 178 s vs 105 s with 0.75 for decode).
 DECODE_SHARE = 0.75  # decode, sample, resize, encode: the CPU stage
 IO_SHARE = 0.25  # fetch (mostly waiting on the network) and commit (tar, upload) each
 # Images fetch and decode in one stage. Ray Data's resource allocator reserves half of the cluster's CPUs

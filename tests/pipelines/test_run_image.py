@@ -182,8 +182,8 @@ def test_local_executor_writes_the_same_bytes_as_ray(corpus, s3_bucket, ray_loca
     assert ra.failures == rb.failures == _expected_failures(corpus["rows"])
     # without model stages Ray Data fuses the stages into one operator; the summary still shows each stage
     n = len(ra.shards_written)
-    assert ra.stages["Map(fetch_decode)->Map(commit)"]["shards"] == n
-    assert ra.stages["  fetch_decode"]["shards"] == ra.stages["  commit"]["shards"] == n
+    fused = ra.stages["Map(fetch_decode)->Map(commit)"]
+    assert fused["shards"] == fused["stages"]["fetch_decode"]["shards"] == fused["stages"]["commit"]["shards"] == n
     da = json.loads(storage.read_bytes(f"{a}/dataset.json"))
     db = json.loads(storage.read_bytes(f"{b}/dataset.json"))
     assert da["shards"] == db["shards"]
