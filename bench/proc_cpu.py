@@ -138,7 +138,8 @@ class CpuSampler:
     def _sample(self) -> None:
         for pid, (_, own, name, _) in _tree(os.getpid(), self.skip).items():
             label, prev = _label(pid, name), self.seen.get(pid)
-            if prev is not None and label == "ray::IDLE":  # idle again: keep what it ran
+            # idle again, or exiting (the kernel's 15-character name only): keep the label it had
+            if prev is not None and (label == "ray::IDLE" or prev[0].startswith(label)):
                 label = prev[0]
             self.seen[pid] = (label, own / _TICK)
 
