@@ -6,7 +6,8 @@
 
 Same setup as data-contract §16: synthetic JPEGs (320-800 x 240-600, ~61 KB) served by nginx on
 127.0.0.1 (1 worker, backlog 4096), 256 px ``border`` resize, JPEG q95, 2 processes x 32 threads,
-1,000 samples per shard. Wall time counts everything a user waits for (Ray start-up included).
+1,000 samples per shard. Wall time counts everything a user waits for (Ray start-up included); CPU
+seconds count every process of a run, Ray's included (:mod:`bench.proc_cpu`), and vary less with load.
 Everything large lives under ``bench/.cache/`` (git-ignored by a ``.gitignore`` written there):
 the corpus, img2dataset's own venv, nginx's config/logs and both outputs.
 """

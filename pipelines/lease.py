@@ -18,6 +18,9 @@ from pipelines.shards import LOCK_NAME, Output, canonical_json
 log = logging.getLogger(__name__)
 
 
+DEFAULT_TTL_S = 120.0  # a lease whose heartbeat is older is stale
+
+
 class LeaseError(PermanentShardError):
     """Another live run holds the writer lease on this dataset (retrying a shard cannot win it back)."""
 
@@ -34,7 +37,7 @@ class WriterLease:
     (a SIGKILLed local run), so a killed run never blocks the next one for long.
     """
 
-    def __init__(self, out: Output, ttl_s: float = 120.0, settle_s: float = 1.0):
+    def __init__(self, out: Output, ttl_s: float = DEFAULT_TTL_S, settle_s: float = 1.0):
         self.out, self.ttl_s, self.settle_s = out, ttl_s, settle_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._last_renew = 0.0
@@ -117,4 +120,4 @@ def lease_owner_ok(out_url: str, owner: str) -> bool:
     liveness check such a task committed a shard after the kill, behind the back of the run that resumes.
     """
     rec = Output(out_url).read_json(LOCK_NAME)
-    return bool(rec) and rec.get("owner") == owner and not WriterLease.is_stale(rec, float(rec.get("ttl_s", 0)))
+    return bool(rec) and rec.get("owner") == owner and not WriterLease.is_stale(rec, DEFAULT_TTL_S)
