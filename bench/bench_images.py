@@ -6,7 +6,8 @@
 
 Same setup as data-contract §16: synthetic JPEGs (320-800 x 240-600, ~61 KB) served by nginx on
 127.0.0.1 (1 worker, backlog 4096), 256 px ``border`` resize, JPEG q95, 2 processes x 32 threads,
-1,000 samples per shard. Wall time counts everything a user waits for (Ray start-up included).
+1,000 samples per shard. Wall time counts everything a user waits for (Ray start-up included); CPU
+seconds count every process of a run, Ray's included (:mod:`bench.proc_cpu`), and vary less with load.
 Everything large lives under ``bench/.cache/`` (git-ignored by a ``.gitignore`` written there):
 the corpus, img2dataset's own venv, nginx's config/logs and both outputs.
 """
@@ -21,9 +22,12 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from bench import proc_cpu
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / ".cache"
@@ -152,28 +156,56 @@ def ensure_img2dataset() -> Path:
     return exe
 
 
-def run_img2dataset(manifest: Path, out: Path, args) -> dict:
+def run_img2dataset(manifest: Path, out: Path, args, keep: set[int]) -> dict:
     exe = ensure_img2dataset()
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [str(exe), "--url_list", str(manifest), "--input_format", "parquet", "--url_col", "url",
+    # the venv's python runs the script: its shebang names the folder the venv was made in, which may be gone
+    cmd = [str(exe.parent / "python"), str(exe), "--url_list", str(manifest), "--input_format", "parquet", "--url_col", "url",
            "--caption_col", "caption", "--output_folder", str(out), "--output_format", "webdataset",
            "--image_size", str(args.size), "--resize_mode", "border", "--encode_quality", "95",
            "--processes_count", str(args.processes), "--thread_count", str(args.threads),
            "--number_sample_per_shard", str(args.shard_size), "--distributor", "multiprocessing",
            "--enable_wandb", "False", "--timeout", "10", "--retries", "0"]
-    t0 = time.monotonic()
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    cpu0, t0 = proc_cpu.children_cpu_s(), time.monotonic()
+    with proc_cpu.CpuSampler(skip=keep) as sampler:
+        res = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.monotonic() - t0
+    proc_cpu.reap_orphans(keep)
     if res.returncode != 0:
         sys.exit(f"img2dataset failed:\n{res.stderr[-3000:]}")
     ok = sum(json.loads(p.read_text())["successes"] for p in out.glob("*_stats.json"))
-    return {"tool": f"img2dataset {I2D_VERSION}", "wall_s": wall, "images": ok}
+    return {"tool": f"img2dataset {I2D_VERSION}", "wall_s": wall, "images": ok,
+            "cpu_s": proc_cpu.children_cpu_s() - cpu0, "cpu_by_process": sampler.by_label()}
 
 
-def run_ours(manifest: Path, out: Path, args, executor: str = "ray") -> dict:
+# The ray-cluster case: Ray up in the driver process before the clock, as in a notebook or a `ray job` on a
+# long-lived cluster. Such a cluster has run Ray Data before, so Ray Data's own actors (statistics,
+# autoscaling coordinator: each a worker process that imports Ray, ~1.5 CPU-s) already exist; a two-row
+# Ray Data job before the clock creates them. Our modules are not imported in the workers beforehand.
+# The benchmark says "go" on stdin and times `mplug2-data shard` alone; the driver then waits for a line
+# before it shuts Ray down, so the CPU of the run is read while every process of it is still there.
+_RAY_CLUSTER_DRIVER = """
+import json, sys, time
+from mplug2.runtime import init_ray
+init_ray(num_cpus={cpus}, include_dashboard=False)
+import ray, ray.data
+ray.get([ray.remote(lambda: 0).remote() for _ in range({cpus})])
+ray.data.range(2, override_num_blocks=2).map(lambda r: r).materialize()
+from pipelines.cli import main
+print("ready", flush=True)
+sys.stdin.readline()
+t0 = time.monotonic()
+rc = main(sys.argv[1:])
+print(json.dumps({{"wall_s": time.monotonic() - t0}}), flush=True)
+sys.stdin.readline()
+sys.exit(rc)
+"""
+
+
+def run_ours(manifest: Path, out: Path, args, executor: str, keep: set[int]) -> dict:
     """``executor``: ray / local / auto as `mplug2-data shard --executor`, or ray-cluster: the Ray Data path
-    on a running Ray (started in the driver process before the clock, as in a `ray job` or a notebook that
-    already has Ray up; its workers prestarted), timing only the run."""
+    on a running Ray (:data:`_RAY_CLUSTER_DRIVER`), timing only the run. ``keep``: our own children that
+    are not part of the run (nginx)."""
     shutil.rmtree(out, ignore_errors=True)
     venv_py = REPO / ".venv" / "bin" / "python"
     cmd = [str(venv_py if venv_py.exists() else sys.executable), "-m", "pipelines.cli", "shard", "--manifest", str(manifest),
@@ -181,29 +213,48 @@ def run_ours(manifest: Path, out: Path, args, executor: str = "ray") -> dict:
            "--image-size", str(args.size), "--resize-mode", "border", "--jpeg-quality", "95", "--mode", "overwrite",
            "--num-cpus", str(args.processes), "--retries", "0", "--no-progress", "--log-level", "WARNING"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    import tempfile
-
     env["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="raybench", dir="/tmp")  # never join another cluster
     if executor == "ray-cluster":
-        timed = (f"import json, sys, time; from mplug2.runtime import init_ray; init_ray(num_cpus={args.processes}, "
-                 "include_dashboard=False); import ray; ray.get([ray.remote(lambda: 0).remote() for _ in "
-                 f"range({args.processes})]); from pipelines.cli import main; t0 = time.monotonic(); "
-                 "rc = main(sys.argv[1:]); print(json.dumps({'wall_s': time.monotonic() - t0})); sys.exit(rc)")
-        cmd = [cmd[0], "-c", timed] + cmd[3:] + ["--executor", "ray"] + args.ours_args.split()
+        driver = _RAY_CLUSTER_DRIVER.format(cpus=args.processes)
+        cmd = [cmd[0], "-c", driver] + cmd[3:] + ["--executor", "ray"] + args.ours_args.split()
     else:
         cmd += ["--executor", executor] + args.ours_args.split()
-    try:
-        t0 = time.monotonic()
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
-        wall = time.monotonic() - t0
-    finally:
-        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
-    if executor == "ray-cluster" and res.returncode == 0:
-        wall = json.loads(res.stdout.strip().splitlines()[-1])["wall_s"]
-    if res.returncode != 0:
-        sys.exit(f"mplug2-data failed ({res.returncode}):\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
+    cpu0, timed = proc_cpu.children_cpu_s(), None
+    with tempfile.TemporaryFile("w+") as err:
+        try:
+            with proc_cpu.CpuSampler(skip=keep) as sampler:
+                t0 = time.monotonic()
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+                                        cwd=REPO, env=env)
+                if executor == "ray-cluster" and proc.stdout.readline().strip() == "ready":
+                    sampler.start_clock()  # Ray is up and warm: from here on the run counts
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+                    for line in proc.stdout:  # the run's summary table, then the driver's timing
+                        if line.startswith('{"wall_s"'):
+                            timed = line
+                            break
+                    sampler.stop()  # the run is over, its processes still there
+                    proc.stdin.write("exit\n")
+                    proc.stdin.flush()
+                stdout, _ = proc.communicate()
+                wall = time.monotonic() - t0
+            proc_cpu.reap_orphans(keep)
+        finally:
+            shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+        err.seek(0)
+        stderr = err.read()
+    if proc.returncode != 0:
+        sys.exit(f"mplug2-data failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    if executor == "ray-cluster":
+        if timed is None:
+            sys.exit(f"the ray-cluster driver printed no timing:\n{stdout[-2000:]}\n{stderr[-3000:]}")
+        wall = json.loads(timed)["wall_s"]
+    # Ray's processes escape RUSAGE_CHILDREN (see bench.proc_cpu): sample those runs, count the others exactly
+    cpu = sampler.total_s() if executor.startswith("ray") else proc_cpu.children_cpu_s() - cpu0
     ds = json.loads((out / "dataset.json").read_text())
-    return {"tool": f"mplug2-ray ({executor})", "wall_s": wall, "images": ds["num_samples"]}
+    return {"tool": f"mplug2-ray ({executor})", "wall_s": wall, "images": ds["num_samples"],
+            "cpu_s": cpu, "cpu_by_process": sampler.by_label()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,7 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-img2dataset", action="store_true")
     p.add_argument("--skip-ours", action="store_true")
     p.add_argument("--order", choices=("i2d-first", "ours-first"), default="i2d-first")
+    p.add_argument("--cpu-detail", action="store_true", help="also print each run's CPU seconds by process")
     args = p.parse_args(argv)
+    if not proc_cpu.become_subreaper():
+        print("note: not Linux, CPU-s per run not measured exactly", file=sys.stderr)
 
     cache = ensure_cache()
     corpus = cache / f"images-{args.n}"
@@ -242,21 +296,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.order == "ours-first":
             runners.reverse()
         for name, executor, out in runners:
-            r = run_img2dataset(manifest, out, args) if name == "i2d" else run_ours(manifest, out, args, executor)
+            keep = {server.proc.pid}
+            r = (run_img2dataset(manifest, out, args, keep) if name == "i2d"
+                 else run_ours(manifest, out, args, executor, keep))
             results.append(r)
-            print(f"{r['tool']}: {r['images']} images in {r['wall_s']:.1f}s", flush=True)
+            print(f"{r['tool']}: {r['images']} images in {r['wall_s']:.1f}s, {r['cpu_s']:.1f} CPU-s", flush=True)
+            if args.cpu_detail:
+                for label, (n, cpu) in r["cpu_by_process"].items():
+                    if cpu >= 0.05:
+                        print(f"    {label[:44]:<44}{n:>4} proc{cpu:>8.1f} CPU-s")
     finally:
         server.stop()
     base = next((r for r in results if r["tool"].startswith("img2dataset")), None)
     print(f"\n{args.n} images (mean {info['mean_bytes'] / 1024:.1f} KiB), {args.size}px border q95, "
           f"{args.processes} procs x {args.threads} threads, {args.shard_size}/shard; "
           f"load avg before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
-    print(f"{'tool':<24}{'wall s':>9}{'images':>9}{'images/s':>10}{'ratio':>8}")
+    local = next((r for r in results if r["tool"] in ("mplug2-ray (local)", "mplug2-ray (auto)")), None)
+    print(f"{'tool':<26}{'wall s':>8}{'images':>8}{'images/s':>10}{'vs i2d':>8}{'vs local':>9}{'CPU-s':>8}"
+          f"{'img/CPU-s':>10}")
     for r in results:
         ips = r["images"] / r["wall_s"]
         ratio = ips / (base["images"] / base["wall_s"]) if base else float("nan")
-        r.update(images_per_s=ips, ratio=ratio)
-        print(f"{r['tool']:<24}{r['wall_s']:>9.1f}{r['images']:>9}{ips:>10.0f}{ratio:>8.2f}")
+        vs_local = ips / (local["images"] / local["wall_s"]) if local else float("nan")
+        r.update(images_per_s=ips, ratio=ratio, ratio_vs_local=vs_local)
+        print(f"{r['tool']:<26}{r['wall_s']:>8.1f}{r['images']:>8}{ips:>10.0f}{ratio:>8.2f}{vs_local:>9.2f}"
+              f"{r['cpu_s']:>8.1f}{r['images'] / max(r['cpu_s'], 1e-9):>10.0f}")
+    print("wall: what a user waits for (ray-cluster: the run alone, Ray up and warm); CPU-s: every process of "
+          "the run, Ray's included (ray-cluster: from the clock's start)")
     results_dir = REPO / "bench" / "results"
     results_dir.mkdir(exist_ok=True)
     (results_dir / "bench_images.json").write_text(json.dumps({"args": vars(args), "load_before": load_before,

@@ -18,6 +18,9 @@ from pipelines.shards import LOCK_NAME, Output, canonical_json
 log = logging.getLogger(__name__)
 
 
+DEFAULT_TTL_S = 120.0  # a lease whose heartbeat is older is stale
+
+
 class LeaseError(PermanentShardError):
     """Another live run holds the writer lease on this dataset (retrying a shard cannot win it back)."""
 
@@ -34,21 +37,23 @@ class WriterLease:
     (a SIGKILLed local run), so a killed run never blocks the next one for long.
     """
 
-    def __init__(self, out: Output, ttl_s: float = 120.0, settle_s: float = 1.0):
+    def __init__(self, out: Output, ttl_s: float = DEFAULT_TTL_S, settle_s: float = 1.0):
         self.out, self.ttl_s, self.settle_s = out, ttl_s, settle_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._last_renew = 0.0
         self.settles_at = 0.0  # wall-clock time at which the lease written by acquire() has settled
 
     def _record(self) -> dict:
-        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "heartbeat": time.time(),
-                "ttl_s": self.ttl_s}
+        return {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "pidns": _pid_namespace(),
+                "heartbeat": time.time(), "ttl_s": self.ttl_s}
 
     @staticmethod
     def is_stale(rec: dict, ttl_s: float) -> bool:
         if time.time() - float(rec.get("heartbeat", 0)) > float(rec.get("ttl_s", ttl_s)):
             return True
-        if rec.get("host") == socket.gethostname():
+        # A pid means something only in its own pid namespace (containers sharing the host's network,
+        # and so its host name, have their own): elsewhere only the heartbeat tells.
+        if rec.get("host") == socket.gethostname() and rec.get("pidns", _pid_namespace()) == _pid_namespace():
             try:
                 os.kill(int(rec.get("pid", -1)), 0)
             except ProcessLookupError:
@@ -99,7 +104,20 @@ class WriterLease:
             log.warning("could not release lease: %s", exc)
 
 
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux: one namespace
+        return ""
+
+
 def lease_owner_ok(out_url: str, owner: str) -> bool:
-    """Shard-task side of the lease: is ``owner`` still the dataset's writer?"""
+    """Shard-task side of the lease: is ``owner`` still the dataset's writer, and alive?
+
+    Alive matters because a shard task can outlive its driver: Ray workers run in process groups of
+    their own, so a driver SIGKILLed with its group leaves its running tasks going until they notice
+    their raylet is gone (about a second). The lease then still names the dead driver; without the
+    liveness check such a task committed a shard after the kill, behind the back of the run that resumes.
+    """
     rec = Output(out_url).read_json(LOCK_NAME)
-    return bool(rec) and rec.get("owner") == owner
+    return bool(rec) and rec.get("owner") == owner and not WriterLease.is_stale(rec, DEFAULT_TTL_S)

@@ -55,6 +55,7 @@ class ShardWork:
     error: str | None = None
     retryable: bool = True
     watchdog: bool = False
+    stage_s: dict[str, float] = field(default_factory=dict)  # seconds in each stage (fused operators too)
 
     def fail(self, exc: BaseException) -> None:
         self.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
@@ -76,6 +77,7 @@ class ShardWork:
 def run_stage(stage: Callable[[PreprocessConfig, ShardWork], None], config_dict: dict, payload: bytes) -> bytes:
     """Apply one stage to a pickled :class:`ShardWork` (the form it travels in between stages)."""
     work: ShardWork = pickle.loads(payload)
+    t0 = time.monotonic()
     if work.error is None:
         try:
             if not work.started:
@@ -87,6 +89,7 @@ def run_stage(stage: Callable[[PreprocessConfig, ShardWork], None], config_dict:
             if not isinstance(exc, (ShardDeadline, WatchdogStop)):
                 log.error("shard %d: %s failed", work.task.shard, stage.__name__, exc_info=exc)
             work.fail(exc)
+    work.stage_s[stage.__name__] = work.stage_s.get(stage.__name__, 0.0) + time.monotonic() - t0
     return pickle.dumps(work, protocol=5)
 
 

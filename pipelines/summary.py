@@ -26,7 +26,8 @@ class RunSummary:
     watchdog_fired: bool = False
     max_failure_ratio: float = 1.0
     dataset: dict | None = None
-    stages: dict[str, dict] = field(default_factory=dict)  # Ray Data path: operator -> shards, task_s, wall_s
+    # Ray Data path: operator -> shards, task_s, wall_s (a fused operator also stages: stage -> shards, task_s)
+    stages: dict[str, dict] = field(default_factory=dict)
     allow_all_failed: bool = False
     held: list = field(default_factory=list)  # (task, result) of shards held back: no row succeeded (yet)
     failure_examples: dict[str, str] = field(default_factory=dict)  # reason -> one message
@@ -79,10 +80,13 @@ class RunSummary:
             lines.append(f"  {reason:<{width}}{n}")
         lines.append(f"wall time         {self.wall_s:.1f} s  ({self.samples_per_s:.1f} samples/s)")
         if self.stages:
-            lines.append(f"{'Ray Data stages':<18}{'shards':>7}{'task s':>9}{'wall s':>9}{'samples/s':>11}")
+            w = max(16, *(len(name) for name in self.stages))  # fused stages: Map(fetch)->Map(decode)->...
+            lines.append(f"{'Ray Data stages':<{w + 2}}{'shards':>7}{'task s':>9}{'wall s':>9}{'samples/s':>11}")
             for name, st in self.stages.items():
                 rate = self.rows / st["wall_s"] if st["wall_s"] > 0 else 0.0
-                lines.append(f"  {name:<16}{st['shards']:>7}{st['task_s']:>9.1f}{st['wall_s']:>9.1f}{rate:>11.1f}")
+                lines.append(f"  {name:<{w}}{st['shards']:>7}{st['task_s']:>9.1f}{st['wall_s']:>9.1f}{rate:>11.1f}")
+                for stage, sub in st.get("stages", {}).items():  # inside a fused operator: task seconds only
+                    lines.append(f"    {stage:<{w - 2}}{sub['shards']:>7}{sub['task_s']:>9.1f}")
         for sid, why in sorted(self.shards_failed.items()):
             lines.append(f"FAILED shard {sid}: {why}")
         if self.watchdog_fired:

@@ -61,7 +61,8 @@ def test_failure_ratio_sets_exit_code(tmp_path):
 def test_sigkill_mid_run_then_incremental_resume(tmp_path, http_server, executor):
     """Kill the CLI (and its workers) after a few shards commit; the re-run completes every row exactly once.
     ``ray``: the run starts its own Ray (in a fresh temp dir, so it joins no other cluster on this machine)
-    and streams shards through the Ray Data stages; the kill takes the driver, Ray and its workers."""
+    and streams shards through the Ray Data stages; the kill takes the driver and Ray's daemons, and Ray's
+    workers end on their own (a shard task that outlives its driver must not commit under the dead lease)."""
     import tempfile
 
     imgs = write_images(tmp_path / "img", 48)
@@ -89,6 +90,12 @@ def test_sigkill_mid_run_then_incremental_resume(tmp_path, http_server, executor
             os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its worker processes, mid-write
         finally:
             proc.wait(timeout=30)
+        # Ray workers run in process groups of their own: they outlive the kill until they see their raylet
+        # gone (~1 s; 10 s at load 36), and one may be mid-commit. Count commits once the whole run is gone.
+        deadline = time.monotonic() + 120
+        while _run_processes(ray_tmp) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _run_processes(ray_tmp), "processes of the killed run outlived it by 2 minutes"
         committed = {n for n in os.listdir(out) if n.endswith("_stats.json")}
         assert 3 <= len(committed) < 12, "the kill must land mid-run"
         assert not (out / "dataset.json").exists()  # loaders see no dataset yet, so no uncommitted shard either
@@ -111,15 +118,28 @@ def test_sigkill_mid_run_then_incremental_resume(tmp_path, http_server, executor
     assert not (out / shards.LOCK_NAME).exists()
 
 
-def _kill_leftovers(ray_tmp: str) -> None:
-    """SIGKILL what is left of the killed run's Ray (processes whose command line names its temp dir)."""
-    import shutil
-
+def _run_processes(ray_tmp: str) -> list[int]:
+    """Live processes of a run started with ``RAY_TMPDIR=ray_tmp``: the CLI, its pool workers, Ray's
+    daemons and Ray's workers (which rename their command line, ``ray::IDLE``, but keep the environment)."""
+    mark = f"RAY_TMPDIR={ray_tmp}".encode() + b"\0"
+    pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if ray_tmp.encode() in f.read():
-                    os.kill(int(pid), signal.SIGKILL)
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark in f.read() + b"\0":  # (a zombie, finished, shows an empty environment)
+                    pids.append(int(pid))
         except OSError:  # gone already, or not ours to read
+            pass
+    return pids
+
+
+def _kill_leftovers(ray_tmp: str) -> None:
+    """SIGKILL what is left of the runs that used ``ray_tmp``, then remove it."""
+    import shutil
+
+    for pid in _run_processes(ray_tmp):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
             pass
     shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -100,6 +100,9 @@ def test_writer_lease(tmp_path):
     # a lease whose owner process on this host is dead is stale
     rec = {"owner": "x", "host": __import__("socket").gethostname(), "pid": 2 ** 22 + 12345, "heartbeat": 9e18}
     assert WriterLease.is_stale(rec, 60)
+    # ...and a shard task that outlived its SIGKILLed driver must not commit under that driver's lease
+    out.write_bytes(shards.LOCK_NAME, shards.canonical_json(rec))
+    assert not lease_owner_ok(out.url, "x")
 
 
 def test_tar_bytes_equal_pythons_own_ustar_writer(tmp_path):
