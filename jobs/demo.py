@@ -288,28 +288,42 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         else:
             base = cfg.storage.rstrip("/")
         corpora, runs = f"{base}/corpora", f"{base}/runs"
-        import ray
 
-        if not ray.is_initialized():
+        def ensure_ray() -> None:
+            """Start (or connect to) Ray on the first stage that runs on it: a re-run whose stages are all
+            done only prints the results and never pays Ray's start-up."""
+            nonlocal started_ray, temp
+            import ray
+
+            if ray.is_initialized():
+                return
+            quiet_ray_data_console()
             temp = ray_temp_dir(cfg.workdir)
             # Workers' logs (the loop's step lines, Ray Train's reports) stay in Ray's log files, not here.
             started_ray = True
             init_ray(cfg.address, num_cpus=None if cfg.address else 2,
                      object_store_memory=None if cfg.address else 512 << 20, temp_dir=temp, log_to_driver=False,
                      logging_level=logging.WARNING)
-            print(f"[demo] local Ray; worker and Ray Train logs in {temp}/session_latest/logs "
-                  f"(copied to {cfg.workdir / 'ray-logs'} when the demo ends)", flush=True)
+            print(f"[demo] {'Ray at ' + cfg.address if cfg.address else 'local Ray'}; worker and Ray Train logs "
+                  f"in {temp}/session_latest/logs (copied to {cfg.workdir / 'ray-logs'} when the demo ends)",
+                  flush=True)
+
         manifests = stages.run("corpus", lambda: build_corpus(cfg),
                                lambda r: f"{cfg.train_videos} + {cfg.eval_videos} held-out clips, {cfg.images} images, "
                                          f"{cfg.qa_videos} QA clips")
         manifests = {k: v for k, v in manifests.items() if k not in ("seconds",)}
         report = cfg.workdir / "preprocess.txt"
-        stages.run("preprocess", lambda: preprocess_all(manifests, corpora, report, cfg.workers),
-                   lambda r: _preprocess_line(r, report))
+
+        def preprocess_on_ray() -> dict[str, Any]:
+            ensure_ray()
+            return preprocess_all(manifests, corpora, report, cfg.workers)
+
+        stages.run("preprocess", preprocess_on_ray, lambda r: _preprocess_line(r, report))
 
         from mplug2.train.trainer import fit, latest_eval
 
         def train(task: str, steps: int, init: str | None) -> dict[str, Any]:
+            ensure_ray()
             tcfg = train_config(cfg, corpora, runs, task, steps, init)
             result = fit(tcfg)
             metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
@@ -403,7 +417,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("mplug2", "pipelines", "jobs"):
         logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger(name).addHandler(file_log)
-    quiet_ray_data_console()
     cfg = DemoConfig(workdir=args.workdir, storage=args.storage, address=args.address,
                      pretrain_steps=args.pretrain_steps, retrieval_steps=args.retrieval_steps,
                      caption_steps=args.caption_steps, qa_steps=args.qa_steps, workers=args.workers, fresh=args.fresh,

@@ -18,7 +18,7 @@ from jobs.demo import ray_temp_dir
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--train-videos", "64", "--eval-videos", "12", "--images", "64", "--qa-videos", "64",
+SMALL = ["--train-videos", "64", "--eval-videos", "8", "--images", "32", "--qa-videos", "32",
          "--pretrain-steps", "6", "--retrieval-steps", "6", "--caption-steps", "4", "--qa-steps", "4"]
 
 
@@ -43,11 +43,23 @@ def _wait_gone(needles: tuple[str, ...], timeout: float = 30.0) -> list[str]:
     return left
 
 
+def _training_started(ray_temp: Path) -> bool:
+    """A pretraining worker has started its loop: its line "rank N: fresh start" is in Ray's worker logs."""
+    for log in ray_temp.glob("session_*/logs/worker-*.err"):
+        try:
+            if b": fresh start" in log.read_bytes():
+                return True
+        except OSError:   # rotated or removed meanwhile
+            continue
+    return False
+
+
 def test_ctrl_c_then_rerun_resumes_and_cleans_up(tmp_path):
     workdir = tmp_path / "demo"
     cmd = [sys.executable, "-m", "jobs.demo", "--workdir", str(workdir), *SMALL]
     tmp = Path(tempfile.mkdtemp(prefix="m2d-", dir="/tmp"))   # the demo's TMPDIR (short: Ray's socket paths)
-    needles = (str(workdir / "s3"), str(tmp / Path(ray_temp_dir(workdir)).name))
+    ray_temp = tmp / Path(ray_temp_dir(workdir)).name
+    needles = (str(workdir / "s3"), str(ray_temp))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
     env["TMPDIR"] = str(tmp)
     log1 = open(tmp_path / "run1.log", "w")
@@ -55,10 +67,10 @@ def test_ctrl_c_then_rerun_resumes_and_cleans_up(tmp_path):
     try:
         marker = workdir / "stages" / "preprocess.json"
         deadline = time.monotonic() + 300
-        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while not (marker.exists() and _training_started(ray_temp)) and proc.poll() is None \
+                and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert marker.exists(), (tmp_path / "run1.log").read_text()[-3000:]
-        time.sleep(3)                                           # inside the pretraining stage now
+        assert marker.exists() and _training_started(ray_temp), (tmp_path / "run1.log").read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGINT)                      # what Ctrl-C sends to the foreground group
         rc = proc.wait(timeout=120)
     finally:

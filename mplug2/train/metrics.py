@@ -144,7 +144,12 @@ def plot_curves(jsonl_path: str, out_png: str, *, keys: list[str] | None = None)
     n = len(panels) + (1 if once else 0)
     cols = min(3, n)
     nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3 * nrows), squeeze=False)
+    width, height = 4.5 * cols, 3 * nrows
+    # Panels of a fixed size with fixed margins (inches): tight_layout measured every label of every panel and
+    # took ~40 % of the plot's time, ~1 s at the end of every run.
+    fig, axes = plt.subplots(nrows, cols, figsize=(width, height), squeeze=False,
+                             gridspec_kw=dict(left=0.75 / width, right=1 - 0.2 / width, bottom=0.5 / height,
+                                              top=1 - 0.3 / height, wspace=0.3, hspace=0.45))
     flat = list(axes.flat)
     for ax, k in zip(flat, panels):
         pts = series[k]
@@ -167,7 +172,6 @@ def plot_curves(jsonl_path: str, out_png: str, *, keys: list[str] | None = None)
         table.set_fontsize(7)
     for ax in flat[n:]:
         ax.axis("off")
-    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

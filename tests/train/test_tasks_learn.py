@@ -29,8 +29,11 @@ pytestmark = pytest.mark.slow
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRETRAIN_STEPS = 150
-STEPS = {"retrieval": 120, "image_retrieval": 120, "caption": 250, "qa": 400, "qa_rank": 300, "classify": 300,
-         "text_classify": 60}
+# Each budget clears its bar with room (docs/benchmarks.md, issue 15s): retrieval at 60 steps R@1 27.8 / 22.2 %
+# against a bar of 8.3 %, captioning at 180 steps CIDEr 361 against 243, text classification at 30 steps 100 %
+# against 75 %. QA keeps its budgets: at 250 (generation) / 200 (ranking) steps it sits within 1-5 points of its bar.
+STEPS = {"retrieval": 60, "image_retrieval": 60, "caption": 180, "qa": 400, "qa_rank": 300, "classify": 300,
+         "text_classify": 30}
 EVAL_VIDEOS, EVAL_IMAGES = 36, 36
 
 
