@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -48,6 +49,21 @@ def _upload_rank(name: str) -> int:
     return 1 if name.startswith("done_rank") else 0
 
 
+def _copy_durably(src: str, dst: str) -> None:
+    """Copy a file so that readers see all of it or nothing, and it survives a crash: a kernel-side copy
+    (``shutil.copyfile``: ``sendfile``/``copy_file_range``, no bytes through Python), fsync, ``os.replace``."""
+    os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+    tmp = f"{dst}.partial.{os.getpid()}"
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def upload_checkpoint(local_dir: str, dest: str) -> list[str]:
     """Copy a finished local checkpoint folder (or one rank's part of it) to ``dest``, commit markers last.
 
@@ -71,8 +87,7 @@ def upload_checkpoint(local_dir: str, dest: str) -> list[str]:
         if storage.is_remote(dest):
             storage.upload_file(local, url)
         else:
-            with open(local, "rb") as f:
-                storage.atomic_write(url, f.read())
+            _copy_durably(local, storage.get_fs(url)[1])
     log.info("uploaded checkpoint %s: %d files, %.1f MiB in %.2fs", dest, len(names), total / 2**20,
              time.perf_counter() - t0)
     return names
