@@ -225,6 +225,7 @@ class Snapshot:
     # CUDA: an event after the device-to-host copies, which run on without blocking the step; write() waits
     copied: Any = field(default=None, repr=False, compare=False)
     written_s: float | None = None                     # seconds :meth:`write` took, once done
+    written_cpu_s: float | None = None                 # CPU seconds it took (writer process or this thread)
     background_s: float | None = None                  # seconds write + upload took off the critical path
     # who serialises it: a writer process (:class:`.writer.SnapshotWriter`), or None for this thread
     writer: Callable[[Snapshot], list[str]] | None = field(default=None, repr=False, compare=False)
@@ -251,7 +252,7 @@ class Snapshot:
         """Serialise into :attr:`directory` in this thread: payload, this rank's ``done`` marker, then (rank 0,
         when asked) ``manifest.json`` once all markers are there. Returns the file names this rank wrote."""
         self.wait_copied()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
         sizes = dict(self.dcp_sizes)
         if self.model is not None:
             metadata = {"format": "pt", "aliases": json.dumps(self.aliases)}
@@ -273,7 +274,7 @@ class Snapshot:
             commit_checkpoint(self.directory, step=self.step, world_size=self.world_size,
                               config_fingerprint=self.config_hash, wait_for_ranks_s=self.wait_for_ranks_s)
             written.append(MANIFEST_FILE)
-        self.written_s = time.perf_counter() - t0
+        self.written_s, self.written_cpu_s = time.perf_counter() - t0, time.thread_time() - cpu0
         log.info("checkpoint %s step %d: rank %d wrote %d files, %.1f MiB in %.2fs (snapshot %.3fs)",
                  self.directory, self.step, self.rank, len(written), sum(sizes.values()) / 2**20, self.written_s,
                  self.taken_s)
