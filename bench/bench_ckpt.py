@@ -133,14 +133,14 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
             optim=dict(warmup_steps=1),
             schedule=dict(total_steps=args.steps, ckpt_every_steps=args.every, log_every_steps=1000, keep_last=2),
             scale=dict(num_workers=1)))
-        loop = TrainLoop(cfg, rank=0, world_size=1, device=torch.device("cpu"), hooks=LocalHooks(cfg, 0))
+        loop = TrainLoop(cfg, rank=0, world_size=1, device=torch.device(args.device), hooks=LocalHooks(cfg, 0))
         ends: list[tuple[int, float, float, float]] = []   # (step, wall, thread CPU, runqueue wait) at step ends
         snapshots: list[tuple[float, float]] = []           # (wait, snapshot) seconds per checkpoint
         taken = []                                          # the checkpoints' snapshots (their write's CPU)
         train_step, save = loop.train_step, loop.save
 
         def timed_step():
-            out = train_step()
+            out = train_step()                # its loss values are read on the host: the step has ended
             ends.append((loop.step, time.perf_counter(), time.thread_time(), _runqueue_wait_s()))
             return out
 
@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--storage", choices=("s3", "local"), default="s3",
                     help="s3: SeaweedFS on 127.0.0.1 (its server shares this machine's CPUs); local: a folder")
     ap.add_argument("--s3-nice", type=int, default=0, help="niceness of the S3 server (19: below everything)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (staging buffers pinned, copies not waited for)")
     ap.add_argument("--repeat", type=int, default=1, help="runs, one row each, then the median ratio")
     ap.add_argument("--components", action="store_true",
                     help="instead: CPU per checkpoint part by part (snapshot, write, upload client / server, prune)")
@@ -289,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios.append(r["ratio"])
         cpu_ratios.append(r["cpu_ratio"])
         server = f"{r['bg_s3_server']:.0f}" if args.storage == "s3" else "—"
-        print(f"| {args.storage}{f' (nice {args.s3_nice})' if args.s3_nice else ''} | {args.steps} | {args.every} | "
+        print(f"| {args.storage}{f' (nice {args.s3_nice})' if args.s3_nice else ''}"
+              f"{f', {args.preset} on {args.device}' if args.device != 'cpu' or args.preset != 'tiny' else ''} | {args.steps} | {args.every} | "
               f"{r['wall_other']:.0f} | {r['wall_ckpt']:.0f} | {r['ratio']:.2f} | {r['cpu_other']:.0f} / "
               f"{r['cpu_ckpt']:.0f} | {r['cpu_ratio']:.2f} | {r['rq_other']:.0f} / {r['rq_ckpt']:.0f} | {r['snapshot']:.1f} | {r['wait']:.1f} | "
               f"{r['bg_trainer_threads']:.0f} / {r['bg_writer']:.0f} / {server} | {r['load']:.1f} |", flush=True)

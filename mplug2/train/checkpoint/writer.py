@@ -137,6 +137,7 @@ class SnapshotWriter:
 
     def write(self, snap: Snapshot) -> list[str]:
         """Write ``snap`` into its folder in the writer process; returns the file names written."""
+        snap.wait_copied()             # CUDA: the device-to-host copies have landed in the shared buffers
         with self._lock:
             if self._closed:
                 raise CheckpointError(f"checkpoint writer is closed; step {snap.step} not written")
