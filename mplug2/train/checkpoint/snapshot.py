@@ -31,7 +31,7 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
 from mplug2 import storage
-from mplug2.train.checkpoint.commit import commit_checkpoint
+from mplug2.train.checkpoint.commit import commit_checkpoint, write_local_atomically
 from mplug2.train.checkpoint.dcp import save_dcp
 from mplug2.train.checkpoint.layout import MANIFEST_FILE, MODEL_FILE, TRAINER_FILE, config_hash, data_file, \
     done_file, rng_file
@@ -179,25 +179,14 @@ def _write_file(directory: str, name: str, to_file: Callable[[str], None], to_by
                 durable: bool) -> int:
     """Write one payload file so that readers see all of it or nothing; returns its size. A local folder gets
     it straight from the serialiser (``to_file(path)``: safetensors writes from the tensors' memory, no bytes
-    object of the whole file), then ``os.replace``; fsync only when ``durable`` (a staging folder that is
-    uploaded and deleted needs none). Remote: ``to_bytes()`` in one PUT."""
+    object of the whole file; :func:`.commit.write_local_atomically`). Remote: ``to_bytes()`` in one PUT."""
     url = storage.join(directory, name)
     if storage.is_remote(directory):
         data = to_bytes()
         storage.atomic_write(url, data)
         return len(data)
     path = storage.get_fs(url)[1]
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.partial"
-    try:
-        to_file(tmp)
-        if durable:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_local_atomically(path, to_file, durable)
     return os.path.getsize(path)
 
 
