@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.components:
         components(args)
         return 0
+    if args.every < 1:
+        ap.error("--every must be at least 1")
     if args.steps < 2 * args.every + 2:
         ap.error(f"--steps {args.steps} leaves fewer than two checkpoint intervals at --every {args.every}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
