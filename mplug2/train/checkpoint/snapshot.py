@@ -69,6 +69,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------------------- staging
 
+_ATOMS = frozenset({int, float, bool, str, bytes, type(None)})    # immutable: a container of them copies shallowly
+
+
 class StagingBuffers:
     """CPU tensors a snapshot copies into, kept from one checkpoint to the next (no allocation, no page
     faults on the step; pinned memory for asynchronous device-to-host copies when the source is on CUDA).
@@ -146,6 +149,8 @@ class StagingBuffers:
         if isinstance(obj, dict):
             return {k: self.stage(f"{key}/{k}", v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+            if all(type(v) in _ATOMS for v in obj):       # e.g. a param group's 500 parameter ids: one copy
+                return type(obj)(obj)
             return type(obj)(self.stage(f"{key}/{i}", v) for i, v in enumerate(obj))
         return copy.deepcopy(obj)
 
