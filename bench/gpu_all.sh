@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of issue 13 in one go (about 6-9 minutes on one H100/H200): model MFU for Base 8 frames and
-# Large 16 frames, eager and compiled, bf16; the loader's CPU cost with augment_on=device on this node's CPUs.
+# Large 16 frames, eager and compiled, bf16; the loader's CPU cost with augment_on=device on this node's CPUs;
+# checkpoint steps vs other steps on CUDA (pinned shared staging, device-to-host copies not waited for on the step).
 # Results go to bench/results/gpu/*.json and the tables to stdout; paste them into docs/benchmarks.md.
 #
 #   bash bench/gpu_all.sh            # from the repository root, with the project's venv active
@@ -22,3 +23,10 @@ done
 $PY -m bench model --device cuda --dtype bf16 --presets large --frames 16 --batch 32 --steps 3 --warmup 3 \
     --checkpointing --compile --json "$OUT/model_large_f16_b32_ckpt_compiled.json"
 $PY -m bench loader --path cpu,device --batches 20 --num-workers 4 --out "$OUT/loader.json"
+# Checkpoint steps vs other steps with the model on the GPU (tiny: ~1 min each; base, local storage: ~2-4 min,
+# a few GB per checkpoint written while training goes on). Tables to stdout and bench/results/gpu/ckpt.md.
+{
+  $PY -m bench ckpt --device cuda --steps 24 --every 3 --repeat 2
+  $PY -m bench ckpt --device cuda --steps 24 --every 3 --storage local
+  $PY -m bench ckpt --device cuda --preset base --storage local --steps 44 --every 20
+} | tee "$OUT/ckpt.md"

@@ -198,7 +198,7 @@ class TrainLoop:
                              step=self.step, extra={"best": self.best}, rank=self.rank, world_size=self.world_size,
                              data_state=self.loader.state_dict(), config_fingerprint=self.cfg.fingerprint(),
                              buffers=self._staging, write_manifest=True, wait_for_ranks_s=0)
-        snap.writer = self._writer.write
+        snap.writer, snap.durable = self._writer.write, False     # a staging folder: uploaded, then deleted
         self._last_ckpt = snap
         self._sync_logs(background=True)
         self.hooks.report(metrics, snap, self.step)

@@ -45,7 +45,7 @@ def test_writer_process_writes_each_step_and_raises_its_errors(trained, tmp_path
             expected[step] = {k: v.clone() for k, v in model.state_dict().items()}
             with torch.no_grad():
                 model[0].weight.add_(1.0)          # training moves on before the files are written
-            assert "manifest.json" in snap.write() and snap.written_s is not None
+            assert "manifest.json" in snap.write() and snap.written_s is not None and snap.written_cpu_s > 0
             assert validate_checkpoint(str(tmp_path / f"s{step}"))
             saved = read_model_tensors(str(tmp_path / f"s{step}"))
             assert all(torch.equal(saved[k], v) for k, v in expected[step].items()), step
@@ -81,3 +81,23 @@ def test_a_dead_writer_is_a_clear_error_and_the_next_checkpoint_gets_a_new_one(t
         assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items())
     finally:
         writer.close()
+
+
+def test_payload_is_fsynced_unless_the_folder_is_a_staging_copy(trained, tmp_path, monkeypatch):
+    """A checkpoint written where it stays survives a crash (every file fsynced before it is renamed into
+    place); the training loop's staging folder, uploaded and deleted, costs no fsync of its payload."""
+    model, optimizer = trained
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    for durable in (True, False):
+        synced.clear()
+        snap = take_snapshot(str(tmp_path / str(durable)), model=model, optimizer=optimizer, scheduler=None, step=1,
+                             extra=None, rank=0, world_size=1, data_state={"cursor": 1}, config_fingerprint="d",
+                             write_manifest=True)
+        snap.durable = durable
+        written = snap.write()
+        assert validate_checkpoint(str(tmp_path / str(durable))) and snap.written_cpu_s is not None
+        payload = {n for n in written if n != "manifest.json"}
+        fsynced = {os.path.basename(p).split(".partial")[0] for p in synced}
+        assert fsynced >= payload if durable else not fsynced & payload, (durable, fsynced)

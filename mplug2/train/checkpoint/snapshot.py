@@ -18,6 +18,7 @@ import copy
 import io
 import json
 import logging
+import os
 import random
 import time
 import weakref
@@ -27,9 +28,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
 
 from mplug2 import storage
-from mplug2.train.checkpoint.commit import commit_checkpoint
+from mplug2.train.checkpoint.commit import commit_checkpoint, write_local_atomically
 from mplug2.train.checkpoint.dcp import save_dcp
 from mplug2.train.checkpoint.layout import MANIFEST_FILE, MODEL_FILE, TRAINER_FILE, config_hash, data_file, \
     done_file, rng_file
@@ -67,6 +69,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------------------------- staging
 
+_ATOMS = frozenset({int, float, bool, str, bytes, type(None)})    # immutable: a container of them copies shallowly
+
+
 class StagingBuffers:
     """CPU tensors a snapshot copies into, kept from one checkpoint to the next (no allocation, no page
     faults on the step; pinned memory for asynchronous device-to-host copies when the source is on CUDA).
@@ -84,9 +89,14 @@ class StagingBuffers:
         self._buffers: dict[str, torch.Tensor] = {}
         self._keys: dict[int, str] = {}               # id(buffer) -> key, for the writer's references
         self._new: dict[str, torch.Tensor] = {}       # allocated since the last take_new()
+        self._pending: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])   # (buffers, sources)
 
     def copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
-        t = t.detach()
+        """The buffer for ``key``, shaped like ``t``; ``t`` is copied into it at the next :meth:`flush` (one
+        ``torch._foreach_copy_`` for the whole snapshot instead of a Python call per tensor: ~1 500 tensors
+        in the tiny model and its AdamW state)."""
+        if t.requires_grad:
+            t = t.detach()
         buf = self._buffers.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
             buf = self._allocate(t)
@@ -96,8 +106,17 @@ class StagingBuffers:
             if self.shared and buf.is_shared():
                 self._keys[id(buf)] = key
                 self._new[key] = buf
-        buf.copy_(t, non_blocking=t.is_cuda)
+        self._pending[0].append(buf)
+        self._pending[1].append(t)
         return buf
+
+    def flush(self) -> None:
+        """Copy every source registered by :meth:`copy` since the last flush into its buffer (asynchronous
+        device-to-host copies into pinned buffers on CUDA: synchronise before reading them)."""
+        dsts, srcs = self._pending
+        self._pending = ([], [])
+        if dsts:
+            torch._foreach_copy_(dsts, srcs, non_blocking=any(t.is_cuda for t in srcs))
 
     def _allocate(self, t: torch.Tensor) -> torch.Tensor:
         if not self.shared or t.numel() == 0:         # an empty tensor has no memory to share: sent by value
@@ -130,6 +149,8 @@ class StagingBuffers:
         if isinstance(obj, dict):
             return {k: self.stage(f"{key}/{k}", v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+            if all(type(v) in _ATOMS for v in obj):       # e.g. a param group's 500 parameter ids: one copy
+                return type(obj)(obj)
             return type(obj)(self.stage(f"{key}/{i}", v) for i, v in enumerate(obj))
         return copy.deepcopy(obj)
 
@@ -159,6 +180,21 @@ def _torch_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+def _write_file(directory: str, name: str, to_file: Callable[[str], None], to_bytes: Callable[[], bytes],
+                durable: bool) -> int:
+    """Write one payload file so that readers see all of it or nothing; returns its size. A local folder gets
+    it straight from the serialiser (``to_file(path)``: safetensors writes from the tensors' memory, no bytes
+    object of the whole file; :func:`.commit.write_local_atomically`). Remote: ``to_bytes()`` in one PUT."""
+    url = storage.join(directory, name)
+    if storage.is_remote(directory):
+        data = to_bytes()
+        storage.atomic_write(url, data)
+        return len(data)
+    path = storage.get_fs(url)[1]
+    write_local_atomically(path, to_file, durable)
+    return os.path.getsize(path)
+
+
 # ---------------------------------------------------------------------------------------------- snapshot
 
 @dataclass
@@ -178,8 +214,12 @@ class Snapshot:
     dcp_sizes: dict[str, int] = field(default_factory=dict)   # FSDP2: files DCP already wrote into directory
     write_manifest: bool = False                       # rank 0: commit after the marker
     wait_for_ranks_s: float = 0.0                      # ... once every rank's marker is there (0: do not wait)
+    durable: bool = True                               # fsync the payload (False: a staging folder, uploaded)
     taken_s: float = 0.0                               # seconds the snapshot held the training thread
+    # CUDA: an event after the device-to-host copies, which run on without blocking the step; write() waits
+    copied: Any = field(default=None, repr=False, compare=False)
     written_s: float | None = None                     # seconds :meth:`write` took, once done
+    written_cpu_s: float | None = None                 # CPU seconds it took (writer process or this thread)
     background_s: float | None = None                  # seconds write + upload took off the critical path
     # who serialises it: a writer process (:class:`.writer.SnapshotWriter`), or None for this thread
     writer: Callable[[Snapshot], list[str]] | None = field(default=None, repr=False, compare=False)
@@ -187,31 +227,48 @@ class Snapshot:
     def write(self) -> list[str]:
         """Serialise into :attr:`directory` through :attr:`writer` (another process: the serialisers hold the
         GIL for long stretches, which would stall the training thread), or here when there is none."""
+        self.wait_copied()
         return self.writer(self) if self.writer is not None else self.write_here()
+
+    def wait_copied(self) -> None:
+        """Block until the staged tensors hold their values (CUDA: the asynchronous copies have landed)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
+
+    def _write_bytes(self, name: str, data: bytes) -> int:
+        def to_file(path: str) -> None:
+            with open(path, "wb") as f:
+                f.write(data)
+        return _write_file(self.directory, name, to_file, lambda: data, self.durable)
 
     def write_here(self) -> list[str]:
         """Serialise into :attr:`directory` in this thread: payload, this rank's ``done`` marker, then (rank 0,
         when asked) ``manifest.json`` once all markers are there. Returns the file names this rank wrote."""
-        t0 = time.perf_counter()
-        files: dict[str, bytes] = {}
+        self.wait_copied()
+        t0, cpu0 = time.perf_counter(), time.thread_time()
+        sizes = dict(self.dcp_sizes)
         if self.model is not None:
-            files[MODEL_FILE] = st_save(self.model, metadata={"format": "pt", "aliases": json.dumps(self.aliases)})
+            metadata = {"format": "pt", "aliases": json.dumps(self.aliases)}
+            model = self.model
+            sizes[MODEL_FILE] = _write_file(self.directory, MODEL_FILE,
+                                            lambda path: st_save_file(model, path, metadata=metadata),
+                                            lambda: st_save(model, metadata=metadata), self.durable)
         if self.trainer is not None:
-            files[TRAINER_FILE] = _torch_bytes(self.trainer)
-        files[rng_file(self.rank)] = _torch_bytes(self.rng)
-        files[data_file(self.rank)] = self.data_json
-        for name, data in files.items():
-            storage.atomic_write(storage.join(self.directory, name), data)
-        sizes = {**self.dcp_sizes, **{n: len(d) for n, d in files.items()}}
+            trainer = self.trainer
+            sizes[TRAINER_FILE] = _write_file(self.directory, TRAINER_FILE, lambda path: torch.save(trainer, path),
+                                              lambda: _torch_bytes(trainer), self.durable)
+        small = {rng_file(self.rank): _torch_bytes(self.rng), data_file(self.rank): self.data_json}
+        for name, data in small.items():
+            sizes[name] = self._write_bytes(name, data)
         marker = {"rank": self.rank, "world_size": self.world_size, "step": self.step, "files": sizes}
-        storage.atomic_write(storage.join(self.directory, done_file(self.rank)),
-                             json.dumps(marker, sort_keys=True).encode())
-        written = [*self.dcp_sizes, *files, done_file(self.rank)]
+        self._write_bytes(done_file(self.rank), json.dumps(marker, sort_keys=True).encode())
+        written = [*sizes, done_file(self.rank)]
         if self.write_manifest:
             commit_checkpoint(self.directory, step=self.step, world_size=self.world_size,
                               config_fingerprint=self.config_hash, wait_for_ranks_s=self.wait_for_ranks_s)
             written.append(MANIFEST_FILE)
-        self.written_s = time.perf_counter() - t0
+        self.written_s, self.written_cpu_s = time.perf_counter() - t0, time.thread_time() - cpu0
         log.info("checkpoint %s step %d: rank %d wrote %d files, %.1f MiB in %.2fs (snapshot %.3fs)",
                  self.directory, self.step, self.rank, len(written), sum(sizes.values()) / 2**20, self.written_s,
                  self.taken_s)
@@ -226,7 +283,8 @@ def take_snapshot(directory: str, *, model: torch.nn.Module | None, optimizer: t
 
     Rank 0 stages model and trainer state; every rank its RNG and data cursor. Under FSDP2 every rank also
     writes its DCP files into ``directory`` now (a collective). Tensors land in ``buffers`` (fresh ones when
-    None); on CUDA the copies are complete when this returns, so training may go on changing the originals."""
+    None) by one batched copy; on CUDA the device-to-host copies are queued on the current stream (ordered
+    before any later change to the originals, the host does not wait) and :meth:`Snapshot.write` waits for them."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     t0 = time.perf_counter()
@@ -247,8 +305,12 @@ def take_snapshot(directory: str, *, model: torch.nn.Module | None, optimizer: t
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
             "extra": extra or {},
         })
+    buffers.flush()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()              # the non-blocking device-to-host copies have landed
+        # The copies are queued on the current stream, so the next step's kernels (which change the
+        # originals) run after them; the host goes on at once and write() waits for this event.
+        snap.copied = torch.cuda.Event()
+        snap.copied.record()
     snap.taken_s = time.perf_counter() - t0
     return snap
 

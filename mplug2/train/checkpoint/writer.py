@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import pickle
 import threading
+import time
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
@@ -90,7 +91,9 @@ def _serve(conn: Connection) -> None:
         try:
             snap.model = _from_refs(snap.model, tensors)
             snap.trainer = _from_refs(snap.trainer, tensors)
-            reply: tuple = ("done", snap.write_here(), snap.written_s)
+            cpu0 = time.process_time()
+            written = snap.write_here()
+            reply: tuple = ("done", written, (snap.written_s, time.process_time() - cpu0))
         except Exception as exc:       # the caller raises it; one that cannot be pickled goes as its repr
             try:
                 pickle.dumps(exc)
@@ -134,6 +137,7 @@ class SnapshotWriter:
 
     def write(self, snap: Snapshot) -> list[str]:
         """Write ``snap`` into its folder in the writer process; returns the file names written."""
+        snap.wait_copied()             # CUDA: the device-to-host copies have landed in the shared buffers
         with self._lock:
             if self._closed:
                 raise CheckpointError(f"checkpoint writer is closed; step {snap.step} not written")
@@ -148,7 +152,7 @@ class SnapshotWriter:
                                        trainer=_to_refs(snap.trainer, self.buffers))
             try:
                 conn.send((wire, self.buffers.take_new()))
-                status, result, written_s = conn.recv()
+                status, result, times = conn.recv()
             except (EOFError, OSError, BrokenPipeError) as exc:
                 code = self._process.exitcode if self._process is not None else None
                 self._stop(kill=True)
@@ -156,7 +160,7 @@ class SnapshotWriter:
                                       f"{snap.step} into {snap.directory}") from exc
         if status == "error":
             raise result
-        snap.written_s = written_s
+        snap.written_s, snap.written_cpu_s = times
         return result
 
     def close(self) -> None:
