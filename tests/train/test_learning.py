@@ -46,15 +46,18 @@ def corpora(tmp_path_factory):
 
 # ITM's gradient is ~1/25 of MLM's at pretraining step 50 (docs/benchmarks.md, issue 14): weighted 4 against 0.5
 # for each LM loss, and with half its negatives drawn uniformly instead of by ITC similarity (captions differing by
-# a single word are too hard to start from), ITM leaves its 1:2 prior within 100 pretraining steps.
+# a single word are too hard to start from), ITM leaves its 1:2 prior within 100 pretraining steps. Retrieval
+# fine-tuning draws hard negatives only (ALBEF / BLIP): the ITM re-ranks ITC's top-k, near-identical candidates.
 LOSS_WEIGHTS = {"itc": 1.0, "itm": 4.0, "mlm": 0.5, "prefix_lm": 0.5}
+ITM_RANDOM_NEGATIVES = {"pretrain": 0.5, "retrieval": 0.0}
 
 
 def _cfg(corpora, task, steps, init_from=None, seed=0, **extra) -> TrainConfig:
     return TrainConfig.from_dict(dict(extra,
         run_name=f"learn-{task}-s{seed}", storage=corpora["runs"], task=task, init_from=init_from, seed=seed,
         model={"preset": "tiny", "tokenizer": "bert-base-uncased", "text": {"vocab_size": 30522, "init_std": 0.18},
-               "queue_size": 64, "momentum": 0.99, "alpha": 0.2, "itm_random_negatives": 0.5},
+               "queue_size": 64, "momentum": 0.99, "alpha": 0.2,
+               "itm_random_negatives": ITM_RANDOM_NEGATIVES.get(task, 0.5)},
         loss_weights=LOSS_WEIGHTS,
         data=dict(train=[dict(name="videos", path=corpora["train"], num_frames=4)], batch_size=32,
                   shuffle_buffer=64, max_text_len=16,
