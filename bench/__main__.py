@@ -11,6 +11,7 @@
 | caption | captions/s through the inference API, with and without the KV cache (tiny on CPU; base/large on GPU) |
 | official | peak RSS of `import-official` on a Large-shaped release checkpoint (bound: 1.3x its size) |
 | infer | batch inference over shards: one shard task in process vs `python -m jobs.infer` on a local Ray |
+| rerank | not a timing: what ITC and ITM each tell apart on held-out clips, R@1 under re-rank rules |
 
 GPU figures of issue 13 at once: ``bash bench/gpu_all.sh`` (model MFU eager / compiled, loader with augment_on).
 """
@@ -22,7 +23,8 @@ import sys
 
 BENCHES = {"images": "bench.bench_images", "frames": "bench.bench_frames", "model": "bench.bench_model",
            "loader": "bench.bench_loader", "train": "bench.bench_train", "ckpt": "bench.bench_ckpt",
-           "official": "bench.bench_official", "caption": "bench.bench_caption", "infer": "bench.bench_infer"}
+           "official": "bench.bench_official", "caption": "bench.bench_caption", "infer": "bench.bench_infer",
+           "rerank": "bench.bench_rerank"}
 
 
 def main(argv: list[str]) -> int:

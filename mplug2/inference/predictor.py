@@ -149,7 +149,8 @@ class Predictor:
     def rerank_scores(self, itm_logits: Tensor, cosine: Tensor) -> Tensor:
         """Evaluation's re-rank score (:func:`~mplug2.tasks.retrieval.rerank_score`) of pairs with these ITM
         logits ``(B, 2)`` and ITC cosines ``(B,)``, at the trained temperature."""
-        return rerank_score(itm_logits.float().cpu(), cosine.float().cpu(), float(self.retriever.core.itc.temp))
+        temp = self.retriever.core.itc.temp.detach().item()
+        return rerank_score(itm_logits.float().cpu(), cosine.float().cpu(), temp)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

@@ -126,7 +126,7 @@ def test_embed_then_retrieve_with_itm_rerank(served, tiny_model, tmp_path, capsy
     assert [h["rank"] for h in hits] == [1, 2]
     assert all(h["id"] in items[:3] and 0.0 <= h["itm"] <= 1.0 for h in hits)
     # ranked by evaluation's re-rank score: ITC logit (cosine / temperature) + ITM log p(match)
-    temp = float(Predictor.load(tiny_model).retriever.core.itc.temp)
+    temp = Predictor.load(tiny_model).retriever.core.itc.temp.detach().item()
     for h in hits:
         assert h["rerank"] == pytest.approx(h["score"] / temp + math.log(h["itm"]), rel=1e-4)
     assert hits[0]["rerank"] >= hits[1]["rerank"]
