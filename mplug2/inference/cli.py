@@ -278,10 +278,11 @@ def add_commands(sub) -> None:
 
     pr = sub.add_parser("retrieve", help="search an embedding index with text queries",
                         description="Top-k items of an embedding index (a file, a folder of per-shard files, or "
-                                    "s3://) by ITC similarity to each query; --rerank re-scores them with ITM.")
+                                    "s3://) by ITC similarity to each query; --rerank re-scores them with ITC + ITM.")
     common(pr, media=None)
     pr.add_argument("--index", required=True, help="embedding .parquet file or folder of them")
     pr.add_argument("--query", action="append", required=True, help="query text (repeatable)")
     pr.add_argument("-k", type=int, default=10, help="results per query")
-    pr.add_argument("--rerank", action="store_true", help="re-rank the ITC top 3k by ITM (re-reads the media)")
+    pr.add_argument("--rerank", action="store_true",
+                    help="re-rank the ITC top 3k by ITC + ITM, as evaluation does (re-reads the media)")
     pr.set_defaults(fn=cmd_retrieve)
