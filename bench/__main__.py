@@ -12,6 +12,7 @@
 | official | peak RSS of `import-official` on a Large-shaped release checkpoint (bound: 1.3x its size) |
 | infer | batch inference over shards: one shard task in process vs `python -m jobs.infer` on a local Ray |
 | tests | wall time and CPU seconds (Ray and SeaweedFS included) of the slowest tests, one pytest process each |
+| rerank | not a timing: what ITC and ITM each tell apart on held-out clips, R@1 under re-rank rules |
 
 GPU figures of issue 13 at once: ``bash bench/gpu_all.sh`` (model MFU eager / compiled, loader with augment_on).
 """
@@ -24,7 +25,7 @@ import sys
 BENCHES = {"images": "bench.bench_images", "frames": "bench.bench_frames", "model": "bench.bench_model",
            "loader": "bench.bench_loader", "train": "bench.bench_train", "ckpt": "bench.bench_ckpt",
            "official": "bench.bench_official", "caption": "bench.bench_caption", "infer": "bench.bench_infer",
-           "tests": "bench.bench_tests"}
+           "tests": "bench.bench_tests", "rerank": "bench.bench_rerank"}
 
 
 def main(argv: list[str]) -> int:

@@ -195,7 +195,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
         hits = index.search(queries, args.k * (3 if args.rerank else 1))
     except ValueError as exc:
         raise SystemExit(f"retrieve: {exc}")
-    out = Output(["query", "rank", "id", "modality", "score"] + (["itm"] if args.rerank else []), args.json)
+    columns = ["query", "rank", "id", "modality", "score"] + (["itm", "rerank"] if args.rerank else [])
+    out = Output(columns, args.json)
     for q, top in zip(args.query, hits):
         rows = [{"query": q, "id": index.ids[i], "modality": index.modalities[i], "score": s} for i, s in top]
         if args.rerank:
@@ -207,20 +208,27 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 
 def _rerank(predictor, index, query: str, top, rows: list[dict], args, out: Output) -> list[dict]:
-    """ITM probability on the ITC top candidates (re-read from their ``source``), sorted by ITM then ITC."""
+    """ITM on the ITC top candidates (re-read from their ``source``), ranked by evaluation's re-rank score
+    (ITC and ITM together: :meth:`Predictor.rerank_scores`); ``itm`` is the match probability."""
     from mplug2.inference.batches import pixel_batches
 
     sources = [index.sources[i] or index.ids[i] for i, _ in top]
     errors: list = []
-    itm: dict[int, float] = {}
+    logits: dict[int, torch.Tensor] = {}
     for batch in pixel_batches(predictor, sources, batch_size=args.batch_size, options=_options(args, predictor),
                                errors=errors):
-        for pos, p in zip(batch.positions, predictor.itm_scores(batch.pixels, [query] * len(batch.items))):
-            itm[pos] = float(p)
+        for pos, lg in zip(batch.positions, predictor.itm_logits(batch.pixels, [query] * len(batch.items))):
+            logits[pos] = lg
     for pos, err in errors:
         out.error(pos, err)
-    kept = [dict(r, itm=itm[pos]) for pos, r in enumerate(rows) if pos in itm]
-    return sorted(kept, key=lambda r: (-r["itm"], -r["score"]))
+    kept = [pos for pos in range(len(rows)) if pos in logits]
+    if not kept:
+        return []
+    lg = torch.stack([logits[pos] for pos in kept])
+    scores = predictor.rerank_scores(lg, torch.tensor([rows[pos]["score"] for pos in kept]))
+    match = torch.softmax(lg, dim=-1)[:, 1]
+    ranked = [dict(rows[pos], itm=float(p), rerank=float(s)) for pos, p, s in zip(kept, match, scores)]
+    return sorted(ranked, key=lambda r: -r["rerank"])
 
 
 # ---------------------------------------------------------------------------------------------------- parser
@@ -270,10 +278,11 @@ def add_commands(sub) -> None:
 
     pr = sub.add_parser("retrieve", help="search an embedding index with text queries",
                         description="Top-k items of an embedding index (a file, a folder of per-shard files, or "
-                                    "s3://) by ITC similarity to each query; --rerank re-scores them with ITM.")
+                                    "s3://) by ITC similarity to each query; --rerank re-scores them with ITC + ITM.")
     common(pr, media=None)
     pr.add_argument("--index", required=True, help="embedding .parquet file or folder of them")
     pr.add_argument("--query", action="append", required=True, help="query text (repeatable)")
     pr.add_argument("-k", type=int, default=10, help="results per query")
-    pr.add_argument("--rerank", action="store_true", help="re-rank the ITC top 3k by ITM (re-reads the media)")
+    pr.add_argument("--rerank", action="store_true",
+                    help="re-rank the ITC top 3k by ITC + ITM, as evaluation does (re-reads the media)")
     pr.set_defaults(fn=cmd_retrieve)

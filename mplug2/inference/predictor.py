@@ -28,7 +28,7 @@ from mplug2.data.transforms import TransformConfig, VideoTransform
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.tasks.caption import CaptionConfig, Captioner
 from mplug2.tasks.qa import QAConfig, VideoQA
-from mplug2.tasks.retrieval import RetrievalConfig, Retriever
+from mplug2.tasks.retrieval import RetrievalConfig, Retriever, rerank_score
 from mplug2.tokenizer import load_tokenizer
 
 __all__ = ["Predictor", "OFFICIAL_CAPTION", "OFFICIAL_QA"]
@@ -78,16 +78,18 @@ class Predictor:
         return cls(model, tok, heads=read_heads(model_dir), device=device, dtype=dtype, num_frames=num_frames)
 
     def _load_heads(self, heads: dict[str, Tensor]) -> bool:
-        """Copy ITC projections / ITM head from an exported ``head.safetensors`` (keys matched by suffix)."""
+        """Copy ITC projections / ITM head (and the trained ITC temperature, which :meth:`rerank_scores` needs;
+        the model config's when an older export lacks it) from an exported ``head.safetensors`` (keys matched by
+        suffix)."""
         core = self.retriever.core
-        wanted = {k: v for k, v in core.state_dict().items()
-                  if k.startswith(("itc.vision_proj.", "itc.text_proj.", "itm_head."))}
+        state = core.state_dict()
+        wanted = {k: v for k, v in state.items() if k.startswith(("itc.vision_proj.", "itc.text_proj.", "itm_head."))}
         found = {}
-        for k, v in wanted.items():
+        for k, v in {**wanted, "itc.temp": state["itc.temp"]}.items():
             match = next((h for h in heads if h == k or h.endswith("." + k)), None)
             if match is not None and heads[match].shape == v.shape:
                 found[k] = heads[match]
-        if len(found) == len(wanted):
+        if all(k in found for k in wanted):
             core.load_state_dict(found, strict=False)
             return True
         return False
@@ -129,15 +131,26 @@ class Predictor:
         return self.retriever.encode_texts(ids, mask)[1].float().cpu()
 
     @torch.inference_mode()
-    def itm_scores(self, pixels: Tensor, texts: Sequence[str]) -> Tensor:
-        """Probability that item i matches text i, ``(B,)`` float32 on CPU."""
+    def itm_logits(self, pixels: Tensor, texts: Sequence[str]) -> Tensor:
+        """ITM logits ("no match", "match") of item i with text i, ``(B, 2)`` float32 on CPU."""
         self._warn_untrained_heads()
         if len(texts) != pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} items but {len(texts)} texts")
         vis, vis_mask, _ = self.retriever.encode_items(self._pixels(pixels))
         ids, mask = self._texts(texts)
         text, _ = self.retriever.encode_texts(ids, mask)
-        return torch.softmax(self.retriever.itm_logits(vis, vis_mask, text, mask), dim=-1)[:, 1].cpu()
+        return self.retriever.itm_logits(vis, vis_mask, text, mask).float().cpu()
+
+    @torch.inference_mode()
+    def itm_scores(self, pixels: Tensor, texts: Sequence[str]) -> Tensor:
+        """Probability that item i matches text i, ``(B,)`` float32 on CPU."""
+        return torch.softmax(self.itm_logits(pixels, texts), dim=-1)[:, 1]
+
+    def rerank_scores(self, itm_logits: Tensor, cosine: Tensor) -> Tensor:
+        """Evaluation's re-rank score (:func:`~mplug2.tasks.retrieval.rerank_score`) of pairs with these ITM
+        logits ``(B, 2)`` and ITC cosines ``(B,)``, at the trained temperature."""
+        temp = self.retriever.core.itc.temp.detach().item()
+        return rerank_score(itm_logits.float().cpu(), cosine.float().cpu(), temp)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

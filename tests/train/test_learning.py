@@ -22,7 +22,6 @@ pytestmark = pytest.mark.slow
 EVAL_CLIPS = 72   # every (colour, shape, direction) once, size and speed drawn: captions are unique
 SEEDS = (0, 1, 2)
 PRETRAIN_STEPS, RETRIEVAL_STEPS = 200, 500   # the demo's budget (jobs/demo.py)
-ITM_PRIOR = 2 / 3                            # always answering "no match" to one positive and two negatives
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +45,18 @@ def corpora(tmp_path_factory):
 
 # ITM's gradient is ~1/25 of MLM's at pretraining step 50 (docs/benchmarks.md, issue 14): weighted 4 against 0.5
 # for each LM loss, and with half its negatives drawn uniformly instead of by ITC similarity (captions differing by
-# a single word are too hard to start from), ITM leaves its 1:2 prior within 100 pretraining steps.
+# a single word are too hard to start from), ITM leaves its 1:2 prior within 100 pretraining steps. Retrieval
+# fine-tuning draws hard negatives only (ALBEF / BLIP): the ITM re-ranks ITC's top-k, near-identical candidates.
 LOSS_WEIGHTS = {"itc": 1.0, "itm": 4.0, "mlm": 0.5, "prefix_lm": 0.5}
+ITM_RANDOM_NEGATIVES = {"pretrain": 0.5, "retrieval": 0.0}
 
 
 def _cfg(corpora, task, steps, init_from=None, seed=0, **extra) -> TrainConfig:
     return TrainConfig.from_dict(dict(extra,
         run_name=f"learn-{task}-s{seed}", storage=corpora["runs"], task=task, init_from=init_from, seed=seed,
         model={"preset": "tiny", "tokenizer": "bert-base-uncased", "text": {"vocab_size": 30522, "init_std": 0.18},
-               "queue_size": 64, "momentum": 0.99, "alpha": 0.2, "itm_random_negatives": 0.5},
+               "queue_size": 64, "momentum": 0.99, "alpha": 0.2,
+               "itm_random_negatives": ITM_RANDOM_NEGATIVES.get(task, 0.5)},
         loss_weights=LOSS_WEIGHTS,
         data=dict(train=[dict(name="videos", path=corpora["train"], num_frames=4)], batch_size=32,
                   shuffle_buffer=64, max_text_len=16,
@@ -103,19 +105,21 @@ def test_pretrain_then_retrieval_learns_far_above_chance(corpora, monkeypatch, c
             print(f"{r['seed']:4d} {cells} {r['itm_acc_pretrain']:8.3f}/{r['itm_acc']:.3f} "
                   f"{r['itm_loss_pretrain']:11.3f}/{r['itm_loss']:.3f}")
     t2v = [r["t2v_r1"] for r in rows]
-    # issue 14's bars, all met (2026-12-02, docs/benchmarks.md): t2v R@1 41.7 / 22.2 / 41.7 %
+    # issue 14's bars, all met (2026-12-02, docs/benchmarks.md): t2v R@1 43.1 / 19.4 / 41.7 %
     assert statistics.median(t2v) >= 25.0, rows                  # >= 18x chance on 72 clips
     assert min(t2v) >= 12.0, rows
     assert min(r["t2v_r5"] for r in rows) >= 15 * chance, rows    # the bar this test held before issue 14
-    # re-ranking text->video is not worse than ITC alone (measured 41.7 = 41.7, 22.2 > 19.4, 41.7 = 41.7);
-    # video->text it is not yet better (33.3 / 15.3 / 31.9 against ITC's 31.9 / 18.1 / 33.3): not asserted
-    assert statistics.median(t2v) >= statistics.median(r["t2v_r1_itc"] for r in rows), rows
-    # ITM leaves its 1:2 prior (loss 0.636, argmax accuracy 0.667) in pretraining and in retrieval; measured
-    # pretraining ITM loss 0.478 / 0.468 / 0.450, retrieval 0.413 / 0.440 / 0.406 and accuracy on the last
-    # batch 0.740 / 0.667 / 0.771
+    # ITM re-ranking beats ITC alone both ways (median of the seeds; one clip either way on a seed is noise):
+    # measured t2v 43.1 / 19.4 / 41.7 against ITC's 44.4 / 16.7 / 37.5, v2t 37.5 / 18.1 / 36.1 against 34.7 /
+    # 19.4 / 33.3. With half the retrieval ITM negatives uniform both medians tied ITC's (41.7, 31.9).
+    assert statistics.median(t2v) > statistics.median(r["t2v_r1_itc"] for r in rows), rows
+    assert statistics.median(r["v2t_r1"] for r in rows) > statistics.median(r["v2t_r1_itc"] for r in rows), rows
+    # ITM leaves its 1:2 prior (loss 0.636, argmax accuracy 0.667): pretraining ITM loss 0.478 / 0.468 / 0.450
+    # (half its negatives uniform); retrieval's negatives are all hard (captions a word or two apart), where the
+    # loss ends at 0.531 / 0.627 / 0.576 and the last batch's argmax accuracy near the prior (0.667 / 0.677 /
+    # 0.635): on such pairs a useful re-ranker is unsure, and R@1 above is the measure of it
     assert statistics.median(r["itm_loss_pretrain"] for r in rows) < 0.55, rows
-    assert statistics.median(r["itm_loss"] for r in rows) < 0.50, rows
-    assert statistics.median(r["itm_acc"] for r in rows) > ITM_PRIOR + 0.05, rows
+    assert statistics.median(r["itm_loss"] for r in rows) < 0.60, rows
     # the export carries the trained ITC/ITM heads, so inference embeddings are the ones evaluation ranked with
     from mplug2.inference import Predictor
 
