@@ -83,6 +83,7 @@ def _seed_run(corpora: dict, seed: int) -> dict:
             "itm_loss_pretrain": pre.get("loss/itm", float("nan")), "itm_loss": s.get("loss/itm", float("nan"))}
 
 
+@pytest.mark.timeout(2400)   # 3 seeds at the demo's budget: ~8-13 min on 2 quiet cores, past the default 900 s under load
 def test_pretrain_then_retrieval_learns_far_above_chance(corpora, monkeypatch, capsys):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
