@@ -117,6 +117,24 @@ class MetricsLogger:
         self.close()
 
 
+def recent_means(jsonl_text: str, keys: tuple[str, ...], last: int = 50) -> dict[str, float]:
+    """Mean of each metric over its last ``last`` logged steps (one record per step: the last wins).
+
+    A figure read off the final step alone is one batch's worth of noise (ITM accuracy on 96 pairs moves by
+    several points from step to step); a run's summary should say where the curve ended, not where it dipped."""
+    by_step: dict[int, dict] = {}
+    for line in jsonl_text.splitlines():
+        if line.strip():
+            rec = json.loads(line)
+            by_step[int(rec["step"])] = {**by_step.get(int(rec["step"]), {}), **rec}
+    out = {}
+    for k in keys:
+        vals = [by_step[s][k] for s in sorted(by_step) if isinstance(by_step[s].get(k), (int, float))][-last:]
+        if vals:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
 def plot_curves(jsonl_path: str, out_png: str, *, keys: list[str] | None = None) -> list[str]:
     """One panel per metric (default: every numeric key) against step; returns the keys plotted.
 

@@ -105,6 +105,14 @@ def latest_eval(cfg: TrainConfig) -> dict[str, float]:
     return json.loads(storage.read_bytes(url)) if storage.exists(url) else {}
 
 
+def recent_train_metrics(cfg: TrainConfig, keys: tuple[str, ...], last: int = 50) -> dict[str, float]:
+    """Mean of training metrics over a run's last ``last`` logged steps (``<run>/logs/metrics.jsonl``)."""
+    from mplug2.train.metrics import recent_means
+
+    url = storage.join(run_dir(cfg), "logs", "metrics.jsonl")
+    return recent_means(storage.read_bytes(url).decode(), keys, last) if storage.exists(url) else {}
+
+
 def fit(cfg: TrainConfig):
     """Run (or resume) training; returns Ray's ``Result``. ``resume: never`` refuses an existing run."""
     cfg = cfg.resolve_paths()                 # idempotent; workers must not see relative paths

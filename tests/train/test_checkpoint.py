@@ -14,7 +14,7 @@ from torch import nn
 from mplug2 import storage
 from mplug2.train.checkpoint import (CheckpointError, find_latest_valid, load_checkpoint, save_checkpoint,
                                      validate_checkpoint)
-from mplug2.train.metrics import MetricsLogger, flops_per_sample, plot_curves
+from mplug2.train.metrics import MetricsLogger, flops_per_sample, plot_curves, recent_means
 
 
 class TiedLM(nn.Module):
@@ -149,6 +149,17 @@ def test_world_size_change_restores_weights_but_not_cursor(tmp_path, caplog):
         got = load_checkpoint(str(tmp_path / "c"), model=fresh, optimizer=fopt, rank=0, world_size=4)
     assert got.data_state is None and "written by 2 ranks" in caplog.text
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in fresh.state_dict().items())
+
+
+def test_recent_means_average_the_last_steps_and_a_resumed_step_counts_once():
+    lines = [{"step": s, "itm_acc": 0.5 if s < 8 else 0.9, "loss/itm": 1.0 / s} for s in range(1, 11)]
+    lines.insert(9, {"step": 8, "itm_acc": 0.1})          # a resumed run logged step 8 again: the last wins
+    lines.append({"step": 10, "eval/img_r1": 30.0})       # an evaluation record of the same step
+    text = "\n".join(json.dumps(r) for r in lines) + "\n"
+    got = recent_means(text, ("itm_acc", "loss/itm", "missing"), last=3)
+    assert got["itm_acc"] == pytest.approx((0.1 + 0.9 + 0.9) / 3)
+    assert got["loss/itm"] == pytest.approx((1 / 8 + 1 / 9 + 1 / 10) / 3)
+    assert "missing" not in got
 
 
 def test_metrics_logger_writes_tensorboard_jsonl_and_plots(tmp_path):
