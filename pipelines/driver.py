@@ -11,7 +11,6 @@ shard-granular (data-contract §8, §10).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any, Iterator
 
@@ -325,8 +324,4 @@ def _drive_stream(config: PreprocessConfig, executor: RayDataExecutor, first: Sh
             else:
                 _shard_failed(work.task, work.attempt, work.error or "unknown", work.retryable, config, retry,
                               summary)
-    summary.stages = {name: dict(op) for name, op in executor.stages.items()}
-    for name, op in summary.stages.items():  # a fused operator, Map(a)->Map(b): the time of each of its stages
-        if "->" in name:
-            op["stages"] = {s: executor.stage_task_s[s] for s in re.findall(r"Map\((\w+)\)", name)
-                            if s in executor.stage_task_s}
+    summary.stages = executor.stage_summary()

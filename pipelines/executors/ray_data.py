@@ -22,6 +22,7 @@ import logging
 import os
 import pickle
 import queue
+import re
 import threading
 from typing import Callable, Iterator
 
@@ -102,6 +103,16 @@ class RayDataExecutor:
 
         ds = add_model_stages(ds, c, cpus_in_cluster=self.cpus, gpus_in_cluster=self.gpus)
         return ds.map(_stage_fn(shard_stages.commit, cd), num_cpus=IO_SHARE * c.task_cpus)
+
+    def stage_summary(self) -> dict[str, dict]:
+        """Per operator: shards, task and wall seconds; a fused operator (``Map(a)->Map(b)``, Ray Data's name)
+        also carries the task seconds each of its stages measured itself, under ``stages``."""
+        out = {name: dict(op) for name, op in self.stages.items()}
+        for name, op in out.items():
+            if "->" in name:
+                op["stages"] = {s: self.stage_task_s[s] for s in re.findall(r"Map\((\w+)\)", name)
+                                if s in self.stage_task_s}
+        return out
 
     def run(self, works: list[ShardWork], tick: Callable[[], None]) -> Iterator[ShardWork]:
         """Yield each shard of ``works`` as it leaves the pipeline (committed, or with its error).
