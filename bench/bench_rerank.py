@@ -50,8 +50,11 @@ def main() -> None:
     p.add_argument("--split", default="eval")
     p.add_argument("--k", type=int, default=16, help="re-rank depth (evaluation's k_test)")
     args = p.parse_args()
-    pred = Predictor.load(args.model)
-    data = load_eval_set(args.eval, args.split, pred.num_frames, pred.image_res)
+    try:
+        pred = Predictor.load(args.model)
+        data = load_eval_set(args.eval, args.split, pred.num_frames, pred.image_res)
+    except (OSError, ValueError) as exc:   # a missing / wrong folder: one line, not a traceback
+        raise SystemExit(f"bench rerank: {exc}")
     captions = [c[0] for c in data.captions]
     sim, itm = score_pairs(pred, data.pixels, captions)
     n, k, temp = len(captions), min(args.k, len(captions)), pred.retriever.core.itc.temp.detach().item()

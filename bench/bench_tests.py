@@ -62,10 +62,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("targets", nargs="*", default=DEFAULT, help="test files or node ids (default: the slowest)")
     args = p.parse_args(argv)
     print(f"{'test':60s} {'rc':>3s} {'wall s':>8s} {'CPU s':>8s}  load before / after")
+    failed = []
     for target in args.targets:
         rc, wall, cpu, load = run_one(target)
         print(f"{target:60s} {rc:3d} {wall:8.1f} {'n/a' if cpu is None else f'{cpu:.1f}':>8s}  {load}", flush=True)
-    return 0
+        if rc != 0:
+            failed.append(target)
+    if failed:   # a failing test's time is no measurement of it
+        print(f"bench tests: {len(failed)} of {len(args.targets)} did not pass (rc column): {' '.join(failed)}",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
