@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,11 +86,14 @@ class Stages:
 
 def ray_temp_dir(workdir: Path) -> str:
     """A short, per-workdir Ray temp dir (Unix socket paths must stay under 108 bytes, so not inside the
-    workdir); :func:`run_demo` removes it when the demo ends, success or failure."""
+    workdir, and under ``/tmp`` when ``TMPDIR`` is too long); :func:`run_demo` removes it when the demo ends,
+    success or failure."""
     import hashlib
 
+    from mplug2.runtime import local_ray_temp_dir
+
     tag = hashlib.sha256(str(workdir.resolve()).encode()).hexdigest()[:8]
-    return f"{tempfile.gettempdir()}/mplug2-demo-ray-{tag}"
+    return local_ray_temp_dir(f"mplug2-ray-{tag}")
 
 
 def build_corpus(cfg: DemoConfig) -> dict[str, str]:

@@ -41,6 +41,27 @@ FORWARDED_ENV = (
 )
 
 
+# Ray's longest Unix socket path below its temp dir: the session folder (date, time, microseconds, a pid of up to 7
+# digits), then the dashboard's longest per-module socket. Linux caps a socket path at 107 bytes; past that the
+# dashboard's modules die at start ("Module MetricsHead failed to start") and Ray prints a traceback.
+_RAY_SOCKET_TAIL = len("/session_2026-12-02_07-39-56_694432_4194304/sockets/dash_MetricsHead")
+UNIX_SOCKET_PATH_MAX = 107
+
+
+def ray_temp_dir_fits(path: str) -> bool:
+    """Whether a Ray temp dir at ``path`` keeps every socket Ray makes below it within the kernel's limit."""
+    return len(os.path.abspath(path).encode()) + _RAY_SOCKET_TAIL <= UNIX_SOCKET_PATH_MAX
+
+
+def local_ray_temp_dir(name: str) -> str:
+    """``<system temp folder>/<name>`` for a local Ray's temp dir, or ``/tmp/<name>`` when a long ``TMPDIR``
+    (a CI runner's, a test's) would push Ray's sockets past the kernel's limit."""
+    import tempfile
+
+    path = os.path.join(tempfile.gettempdir(), name)
+    return path if ray_temp_dir_fits(path) else os.path.join("/tmp", name)
+
+
 def free_loopback_port() -> int:
     """A TCP port free on 127.0.0.1 right now (``torch.distributed`` rendezvous for local process groups)."""
     with socket.socket() as s:
@@ -78,6 +99,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
 
     A no-op when Ray is already initialised (e.g. inside a ``ray job submit`` driver).
     """
+    if temp_dir is not None and not ray_temp_dir_fits(temp_dir):
+        raise ValueError(f"Ray temp dir {temp_dir!r} is too long: Ray's Unix sockets below it would pass the "
+                         f"{UNIX_SOCKET_PATH_MAX}-byte limit; choose a folder of at most "
+                         f"{UNIX_SOCKET_PATH_MAX - _RAY_SOCKET_TAIL} characters (e.g. under /tmp)")
     setup_process_env()
     import ray
 
@@ -104,7 +129,13 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None,
     kwargs.setdefault("dashboard_host", "127.0.0.1")
     from ray._common.utils import get_default_ray_temp_dir
 
-    temp_dir = temp_dir or get_default_ray_temp_dir()
+    if temp_dir is None:
+        temp_dir = get_default_ray_temp_dir()
+        if not ray_temp_dir_fits(temp_dir):
+            logging.getLogger(__name__).warning(
+                "Ray's default temp dir %s is too long for its Unix sockets (%d bytes max); using /tmp/ray",
+                temp_dir, UNIX_SOCKET_PATH_MAX)
+            temp_dir = "/tmp/ray"
     with _tmpdir_for_children(os.path.join(temp_dir, "tmp")):
         return ray.init(
             num_cpus=num_cpus, object_store_memory=object_store_memory, include_dashboard=include_dashboard,

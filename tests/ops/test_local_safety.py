@@ -114,6 +114,28 @@ def test_embedded_s3_leaves_no_socket_in_tmp_after_a_crash_restart_and_stop(tmp_
     assert ours(srv) == []
 
 
+def test_local_ray_temp_dir_keeps_rays_sockets_within_the_kernel_limit(monkeypatch) -> None:
+    """A long ``TMPDIR`` put Ray's dashboard sockets past 107 bytes: its modules died at start, Ray printed a
+    traceback and ``ray.init`` waited ~60 s for a dashboard that never came (every demo test run paid it twice)."""
+    import tempfile
+
+    from jobs.demo import ray_temp_dir
+    from mplug2.runtime import init_ray, local_ray_temp_dir, ray_temp_dir_fits
+
+    # the longest socket a Ray 2.60 session makes, with a 7-digit pid, must fit below the chosen folder
+    longest = "/session_2026-12-02_07-39-56_694432_4194304/sockets/dash_MetricsHead"
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp/" + "t" * 60)
+    chosen = local_ray_temp_dir("mplug2-ray-0123abcd")
+    assert chosen == "/tmp/mplug2-ray-0123abcd" and len(chosen + longest) <= 107
+    assert ray_temp_dir(Path("outputs/demo")).startswith("/tmp/mplug2-ray-")
+    monkeypatch.setattr(tempfile, "tempdir", "/tmp/m2d-abcdefgh")   # short enough: stays where the user said
+    assert local_ray_temp_dir("mplug2-ray-0123abcd") == "/tmp/m2d-abcdefgh/mplug2-ray-0123abcd"
+    assert not ray_temp_dir_fits("/tmp/m2d-abcdefgh/mplug2-demo-ray-0123abcd")   # the old demo folder: 108 bytes
+    # an explicit temp dir that cannot work is refused in one line before anything starts
+    with pytest.raises(ValueError, match="too long"):
+        init_ray(temp_dir="/tmp/" + "t" * 60)
+
+
 def test_mplug2_s3_env_prints_the_file_not_the_secret(tmp_path) -> None:
     from mplug2.s3server import write_credentials
 
