@@ -22,19 +22,34 @@ def scaled_size(w: int, h: int, size: int, mode: str) -> tuple[int, int]:
     return max(size, round(w * scale)), max(size, round(h * scale))
 
 
+def _placement(w: int, h: int, size: int, mode: str) -> tuple[int, int, int, int, int, int]:
+    """How :func:`resize` places a ``w`` x ``h`` source: scaled size, offset of the scaled image in the
+    written one (pad > 0, crop < 0), written size."""
+    nw, nh = scaled_size(w, h, size, mode)
+    if mode == "border":
+        return nw, nh, (size - nw) // 2, (size - nh) // 2, size, size
+    if mode == "keep_ratio":
+        return nw, nh, 0, 0, nw, nh
+    return nw, nh, -((nw - size) // 2), -((nh - size) // 2), size, size
+
+
 def resize_box(box: Box, w: int, h: int, size: int, mode: str) -> Box | None:
     """Where :func:`resize` puts the ``box`` (x, y, w, h in pixels of the ``w`` x ``h`` source): the same
     scale and pad / centre crop, clipped to the written image; None when the crop cut all of it off."""
     if mode == "no":
         return clip_box(box, w, h)
-    nw, nh = scaled_size(w, h, size, mode)
-    if mode == "border":
-        dx, dy, out_w, out_h = (size - nw) // 2, (size - nh) // 2, size, size
-    elif mode == "keep_ratio":
-        dx, dy, out_w, out_h = 0, 0, nw, nh
-    else:
-        dx, dy, out_w, out_h = -((nw - size) // 2), -((nh - size) // 2), size, size
+    nw, nh, dx, dy, out_w, out_h = _placement(w, h, size, mode)
     return clip_box(scale_box(box, nw / w, nh / h, dx, dy), out_w, out_h)
+
+
+def source_box(box: Box, w: int, h: int, size: int, mode: str) -> Box | None:
+    """The inverse of :func:`resize_box`: a ``box`` in the written image back in pixels of the ``w`` x ``h``
+    source (a prediction on the padded square, in the user's image), clipped to it; None when it lies wholly
+    in the padding."""
+    if mode == "no":
+        return clip_box(box, w, h)
+    nw, nh, dx, dy, _, _ = _placement(w, h, size, mode)
+    return clip_box(scale_box(box, w / nw, h / nh, -dx * w / nw, -dy * h / nh), w, h)
 
 
 def resize(img: Image.Image, size: int, mode: str = "center_crop",

@@ -1,9 +1,13 @@
-"""``mplug2-model caption | qa | embed | retrieve``: a model folder applied to one's own media.
+"""``mplug2-model caption | qa | embed | retrieve | classify | classify-text | ground``: a model folder applied
+to one's own media and texts.
 
     mplug2-model caption clip.mp4 photo.jpg https://host/v.mp4 --model m
     mplug2-model qa clip.mp4 --question "what is the man doing?" --model m
     mplug2-model embed clips/*.mp4 --texts queries.txt --out emb.parquet --model m
     mplug2-model retrieve --index emb.parquet --query "a dog on a beach" -k 10 --model m [--rerank]
+    mplug2-model classify clip.mp4 --model runs/classify/best            (a `classify` run's export)
+    mplug2-model classify-text "a fine film" --model runs/sst2/best      (a `text_classify` run's export)
+    mplug2-model ground photo.jpg --expression "the man on the left" --model runs/refcoco/best
 
 Output: a table (``--json``: one JSON object per line). An item that cannot be read gets its own error row with the
 reason (``not_found``, ``decode_error``, ``timeout``, ...); the others still run; the exit code is 1 when any item
@@ -74,14 +78,19 @@ def _fit(v: str, w: int, tail: bool) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- commands
-def _predictor(args: argparse.Namespace):
-    from mplug2.inference.predictor import Predictor
-
+def _device(args: argparse.Namespace) -> str:
     if not args.verbose:
         logging.getLogger().setLevel(logging.WARNING)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"{args.cmd}: --device {device} but no CUDA device is visible; use --device cpu")
+    return device
+
+
+def _predictor(args: argparse.Namespace):
+    from mplug2.inference.predictor import Predictor
+
+    device = _device(args)
     try:
         return Predictor.load(args.model, device=device, num_frames=args.frames)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
@@ -99,11 +108,29 @@ def _options(args: argparse.Namespace, predictor):
     return opts
 
 
-def _run_media(args: argparse.Namespace, columns: list[str], fn) -> int:
+def _task_predictor(args: argparse.Namespace, task: str):
+    """A fine-tuned task's export (classification, grounding); a folder that is not one is one line, exit 2."""
+    from mplug2.inference.task_predictor import TaskPredictor
+
+    device = _device(args)
+    try:
+        return TaskPredictor.load(args.model, task, device=device, num_frames=getattr(args, "frames", None))
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        raise SystemExit(f"{args.cmd}: cannot load the model folder {args.model}: {' '.join(str(exc).split())}")
+
+
+def _top(probs: torch.Tensor, classes: Sequence[str], k: int) -> dict:
+    """One item's best class (``output``, ``score``) and its top ``k`` (``top``: JSON only)."""
+    p, i = probs.topk(min(k, len(classes)))
+    top = [{"label": classes[j], "p": round(float(q), 4)} for q, j in zip(p.tolist(), i.tolist())]
+    return {"output": top[0]["label"], "score": f"{top[0]['p']:.3f}", "top": top}
+
+
+def _run_media(args: argparse.Namespace, columns: list[str], fn, predictor=None) -> int:
     """Load ``args.media`` in batches and write ``fn(batch) -> list[dict]`` rows; errors as rows."""
     from mplug2.inference.batches import pixel_batches
 
-    predictor = _predictor(args)
+    predictor = predictor or _predictor(args)
     out = Output(columns, args.json)
     errors: list = []
     for batch in pixel_batches(predictor, args.media, batch_size=args.batch_size, options=_options(args, predictor),
@@ -135,6 +162,61 @@ def cmd_qa(args: argparse.Namespace) -> int:
                            max_len=args.max_len, official_decoding=args.official_decoding)
         return [{"question": args.question, "output": a} for a in answers]
     return _run_media(args, ["input", "modality", "question", "output"], run)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    tp = _task_predictor(args, "classify")
+
+    def run(_, batch):
+        return [_top(p, tp.classes, args.top_k) for p in tp.classify(batch.pixels)]
+    return _run_media(args, ["input", "modality", "output", "score"], run, predictor=tp.media)
+
+
+def cmd_classify_text(args: argparse.Namespace) -> int:
+    if args.pair and len(args.pair) != len(args.texts):
+        raise SystemExit(f"classify-text: {len(args.texts)} texts but {len(args.pair)} --pair sentences; give one "
+                         "--pair per text (sentence-pair tasks) or none")
+    tp = _task_predictor(args, "text_classify")
+    out = Output(["input", "output", "score"], args.json)
+    for i in range(0, len(args.texts), args.batch_size):
+        a = args.texts[i:i + args.batch_size]
+        b = args.pair[i:i + args.batch_size] if args.pair else None
+        for j, probs in enumerate(tp.classify_texts(a, b, max_len=args.max_text_len)):
+            text = a[j] if b is None else f"{a[j]} | {b[j]}"
+            out.row(input=text, position=i + j, **_top(probs, tp.classes, args.top_k))
+    out.close()
+    return 0
+
+
+def cmd_ground(args: argparse.Namespace) -> int:
+    from pipelines.resize import source_box
+
+    exprs = args.expression
+    if len(exprs) not in (1, len(args.media)):
+        raise SystemExit(f"ground: {len(args.media)} inputs but {len(exprs)} --expression; give one for all of "
+                         "them or one per input, in order")
+    tp = _task_predictor(args, "grounding")
+    opts = _options(args, tp.media)
+    expression_of = (lambda pos: exprs[0]) if len(exprs) == 1 else exprs.__getitem__
+
+    def run(_, batch):
+        said = [expression_of(pos) for pos in batch.positions]
+        boxes = tp.ground(batch.pixels, said)
+        rows = []
+        for media, expression, (x1, y1, x2, y2) in zip(batch.items, said, boxes.tolist()):
+            if media.modality != "image":
+                rows.append({"error": {"reason": "invalid_input",
+                                       "message": "grounding takes still images; extract a frame of the video"}})
+                continue
+            m = media.meta        # the pipeline's resize: written size, and the user's image size
+            w, h = m["width"], m["height"]
+            box = source_box((x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h), m["original_width"],
+                             m["original_height"], opts.image.size, opts.image.resize_mode)
+            box = [round(v, 1) for v in box] if box else None
+            rows.append({"expression": expression, "box": box,
+                         "output": " ".join(f"{v:g}" for v in box) if box else "(in the padding)"})
+        return rows
+    return _run_media(args, ["input", "expression", "output"], run, predictor=tp.media)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -275,6 +357,31 @@ def add_commands(sub) -> None:
     pe.add_argument("--texts", help="a text file, one text per line, embedded as modality 'text'")
     pe.add_argument("--out", required=True, help="output .parquet (local or s3://)")
     pe.set_defaults(fn=cmd_embed)
+
+    pk = sub.add_parser("classify", help="classify videos / images with a `classify` run's export",
+                        description="Class of each video or image (the classes of the run's classes.json).")
+    common(pk)
+    pk.add_argument("--top-k", type=int, default=3, help="classes per item in --json output")
+    pk.set_defaults(fn=cmd_classify)
+
+    pt = sub.add_parser("classify-text", help="classify sentences (or pairs) with a `text_classify` run's export",
+                        description="Class of each sentence; with --pair, of each (sentence, pair) as GLUE's "
+                                    "pair tasks (RTE, MNLI, QNLI...).")
+    common(pt, media=None)
+    pt.add_argument("texts", nargs="+", help="sentences (the first of each pair)")
+    pt.add_argument("--pair", action="append", default=[], help="the second sentence of each pair, in order "
+                                                                "(repeatable: one per text)")
+    pt.add_argument("--max-text-len", type=int, default=128, help="tokens per example, truncated longest first")
+    pt.add_argument("--top-k", type=int, default=3, help="classes per item in --json output")
+    pt.set_defaults(fn=cmd_classify_text)
+
+    pg = sub.add_parser("ground", help="the box a referring expression names, with a `grounding` run's export",
+                        description="Box (x y w h, in pixels of each input image) of what --expression names.")
+    common(pg)
+    pg.add_argument("--expression", action="append", required=True,
+                    help='referring expression, e.g. "the red square on the left": one for every input, or '
+                         'repeated, one per input in order')
+    pg.set_defaults(fn=cmd_ground)
 
     pr = sub.add_parser("retrieve", help="search an embedding index with text queries",
                         description="Top-k items of an embedding index (a file, a folder of per-shard files, or "

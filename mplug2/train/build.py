@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -163,3 +165,46 @@ def load_init(task: nn.Module, url: str) -> dict[str, int]:
              len(new), ", ".join(sorted({".".join(k.split(".")[:2]) for k in new}))[:200],
              len(skipped), skipped[:3])
     return {"loaded": len(loaded), "new": len(new), "skipped": len(skipped)}
+
+
+
+@dataclass
+class ExportedTask:
+    """A fine-tuning run's export rebuilt as its task module (eval mode), with the config it was built from and
+    :func:`load_init`'s report (``new`` > 0: some task weights were not in the folder and are untrained)."""
+
+    module: nn.Module
+    tokenizer: Any
+    config: TrainConfig
+    report: dict[str, int]
+
+
+def load_exported_task(model_dir: str, task: str, options: dict[str, Any] | None = None,
+                       label_key: str | None = None) -> ExportedTask:
+    """A fine-tuning run's exported model folder (``<run>/best`` or ``final``) rebuilt as its task module, with
+    what the export recorded beside the weights (``classes.json``, ``grounding.json``) and ``options`` over it.
+    Shared by ``mplug2-train evaluate`` and inference. ``ValueError`` names what is missing (callers prefix the
+    folder)."""
+    import yaml
+
+    from mplug2.tokenizer import load_tokenizer
+
+    spec = get_task(task)
+
+    def read(name: str) -> bytes | None:          # a file exported beside the model, if there
+        url = storage.join(model_dir, name)
+        return storage.read_bytes(url) if storage.exists(url) else None
+
+    raw_cfg = read("config.yaml")
+    if raw_cfg is None:
+        raise ValueError("the model folder has no config.yaml: pass an exported model folder (<run>/best or final)")
+    mcfg = MPLUG2Config.from_dict(yaml.safe_load(raw_cfg))
+    fields = spec.import_fields(read)
+    opts = {**fields.pop("task_options", {}), **(options or {})}   # what the export recorded, then the caller's
+    extra = {"label_key": label_key} if label_key is not None else {}
+    cfg = TrainConfig(run_name="evaluate", task=task, model=mcfg.to_dict(), task_options=opts, **extra, **fields)
+    tok = load_tokenizer(mcfg.tokenizer)
+    module = build_task(cfg, mcfg, tok, world_size=1)
+    report = load_init(module, model_dir)
+    module.eval()
+    return ExportedTask(module, tok, cfg, report)

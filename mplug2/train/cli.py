@@ -83,36 +83,19 @@ def _train(args: argparse.Namespace, task: str | None) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from mplug2 import storage
-    from mplug2.config import MPLUG2Config
-    from mplug2.tokenizer import load_tokenizer
-    from mplug2.train.build import build_task, load_init
+    from mplug2.train.build import load_exported_task, model_config
     from mplug2.train.evalset import load_eval_set
     from mplug2.train.tasks import EvalContext, get_task
 
     setup_process_env()
     spec = get_task(args.task)
-
-    def read(name: str) -> bytes | None:          # a file exported beside the model, if there
-        url = storage.join(args.model, name)
-        return storage.read_bytes(url) if storage.exists(url) else None
-
-    raw_cfg = read("config.yaml")
-    if raw_cfg is None:
-        raise SystemExit(f"{args.model} has no config.yaml: pass an exported model folder (<run>/best or final)")
-    mcfg = MPLUG2Config.from_dict(yaml.safe_load(raw_cfg))
+    options = {k: yaml.safe_load(v) for k, v in _parse_sets(args.option).items()}
     try:
-        fields = spec.import_fields(read)
+        exported = load_exported_task(args.model, args.task, options, label_key=args.label_key)
     except ValueError as e:
         raise SystemExit(f"{args.model}: {e}") from None
-    options = {**fields.pop("task_options", {}),          # what the export recorded, then --option
-               **{k: yaml.safe_load(v) for k, v in _parse_sets(args.option).items()}}
-    cfg = TrainConfig(run_name="evaluate", task=args.task, model=mcfg.to_dict(), label_key=args.label_key,
-                      task_options=options, **fields)
-    tok = load_tokenizer(mcfg.tokenizer)
-    task = build_task(cfg, mcfg, tok, world_size=1)
-    load_init(task, args.model)
-    task.eval()
+    task, tok, cfg = exported.module, exported.tokenizer, exported.config
+    mcfg = model_config(cfg)
     try:
         data = spec.load_eval(cfg, args.eval, 0, 1) if spec.load_eval else load_eval_set(
             args.eval, args.split, args.frames, mcfg.vision.image_res, max_items=args.max_items,

@@ -17,7 +17,7 @@ from mplug2.data.collate import BatchBuilder
 from mplug2.data.decode import open_frame
 from mplug2.data.stream import RawBatch
 from mplug2.data.transforms import TransformConfig, VideoTransform
-from pipelines.resize import resize, resize_box
+from pipelines.resize import resize, resize_box, source_box
 
 
 @pytest.mark.parametrize("mode, size, expect", [
@@ -40,6 +40,25 @@ def test_pipeline_box_follows_the_resized_pixels():
         x, y, w, h = resize_box((70, 20, 40, 40), 120, 80, 60, mode)
         assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == pytest.approx((x, y, x + w, y + h), abs=1), mode
     assert resize_box((0, 0, 10, 10), 120, 80, 60, "center_crop") is None   # wholly in the cut-off margin
+
+
+def test_a_box_on_the_resized_image_maps_back_to_the_source():
+    """``mplug2-model ground`` predicts on the pipeline's resized image and reports boxes in the user's pixels."""
+    rng = random.Random(0)
+    for mode in ("border", "keep_ratio", "center_crop", "no"):
+        for _ in range(50):
+            w, h, size = rng.randint(20, 900), rng.randint(20, 900), rng.choice([32, 224, 256])
+            box = (rng.uniform(0, w / 2), rng.uniform(0, h / 2), rng.uniform(1, w / 2), rng.uniform(1, h / 2))
+            moved = resize_box(box, w, h, size, mode)
+            if moved is None:                                 # wholly cropped away: nothing to map back
+                continue
+            back = source_box(moved, w, h, size, mode)
+            kept = source_box(resize_box((0, 0, w, h), w, h, size, mode), w, h, size, mode)   # the visible part
+            x0, y0 = max(box[0], kept[0]), max(box[1], kept[1])
+            x1, y1 = min(box[0] + box[2], kept[0] + kept[2]), min(box[1] + box[3], kept[1] + kept[3])
+            assert back == pytest.approx((x0, y0, x1 - x0, y1 - y0), abs=1e-6), (mode, w, h, size, box)
+    # in the padding of a wide image's square: nothing of the image there
+    assert source_box((0, 0, 50, 10), 100, 50, 50, "border") is None
 
 
 def test_view_crop_resize_and_flip_exact():

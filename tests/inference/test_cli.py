@@ -158,3 +158,21 @@ def test_usage_errors_are_one_line(tmp_path, tiny_model, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["retrieve", "--index", str(tmp_path / "bad.parquet"), "--query", "q", "--model", tiny_model])
     assert str(exc.value).startswith("retrieve: cannot read --index")
+
+
+def test_task_commands_refuse_a_folder_without_that_tasks_head_in_one_line(tiny_model, served, capsys):
+    """classify / classify-text / ground read a fine-tuned run's export; a bare model (no classes.json, no
+    grounding.json) or mismatched inputs are one line each, before anything is predicted."""
+    root, _ = served
+    for argv, says in ([["classify", str(root / "photo.jpg")], "no classes.json"],
+                       [["classify-text", "a fine film"], "no classes.json"],
+                       [["ground", str(root / "photo.jpg"), "--expression", "the left one"], "no grounding.json"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--model", tiny_model, "--device", "cpu"])
+        msg = str(exc.value)
+        assert msg.startswith(f"{argv[0]}: cannot load the model folder") and says in msg and "\n" not in msg, msg
+    with pytest.raises(SystemExit, match=r"^ground: 2 inputs but 3 --expression"):
+        main(["ground", "a.jpg", "b.jpg", "--expression", "x", "--expression", "y", "--expression", "z",
+              "--model", tiny_model])
+    with pytest.raises(SystemExit, match=r"^classify-text: 2 texts but 1 --pair"):
+        main(["classify-text", "a", "b", "--pair", "c", "--model", tiny_model])

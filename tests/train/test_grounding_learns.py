@@ -27,7 +27,7 @@ def corpora(tmp_path_factory):
     out = {"runs": str(root / "runs")}
     for split, n, seed in (("train", TRAIN_IMAGES, 3), ("eval", EVAL_IMAGES, 99)):
         man = make_grounding_corpus(root / "media", n, seed=seed, size=64, split=split)
-        out[split] = str(root / split)
+        out[split], out[f"{split}_manifest"] = str(root / split), str(man)
         summary = preprocess(PreprocessConfig(manifest=[str(man)], output=out[split], preset="refcoco", split=split,
                                               image_size=32, samples_per_shard=128, executor="local",
                                               progress=False))
@@ -69,6 +69,25 @@ def test_grounding_finetune_beats_the_best_fixed_box(corpora, monkeypatch, capsy
     assert train_cli(["evaluate", "--task", "grounding", "--model", f"{corpora['runs']}/ground-grounding/best",
                       "--eval", corpora["eval"], "--split", "eval", "--frames", "1", "--max-text-len", "12"]) == 0
     assert json.loads(capsys.readouterr().out)["acc_iou50"] == pytest.approx(acc)
+
+    # `mplug2-model ground` on the held-out images themselves (the user's path: raw files, the inference
+    # loader's own resize, boxes mapped back to each image's pixels) finds the named shape as often
+    from mplug2.cli import main as model_cli
+    from mplug2.tasks.grounding import box_iou, xywh_to_xyxy
+
+    rows = [json.loads(line) for line in open(corpora["eval_manifest"])]
+    argv = ["ground", *[r["image"] for r in rows], "--model", f"{corpora['runs']}/ground-grounding/best", "--json"]
+    for r in rows:
+        argv += ["--expression", r["expression"]]
+    assert model_cli(argv) == 0
+    out = {o["input"]: o for o in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert [out[r["image"]]["expression"] for r in rows] == [r["expression"] for r in rows]
+    pred = xywh_to_xyxy(torch.tensor([out[r["image"]]["box"] for r in rows], dtype=torch.float32))
+    gold = xywh_to_xyxy(torch.tensor([r["bbox"] for r in rows], dtype=torch.float32))
+    cli_acc = 100.0 * float((box_iou(pred, gold) >= 0.5).float().mean())
+    with capsys.disabled():
+        print(f"mplug2-model ground on the same {EVAL_IMAGES} image files: acc@IoU>=0.5 {cli_acc:.1f} %")
+    assert cli_acc >= 2 * chance and cli_acc >= chance + 15, (cli_acc, scores)
 
 
 def test_evaluation_scores_the_predicted_boxes_and_names_chance(one_thread):

@@ -234,3 +234,14 @@ def test_text_classification_beats_the_majority_class(finetuned, capsys, config)
     assert train_cli(["evaluate", "--task", "text_classify", "--model", f"{setup['runs']}/text_classify_tiny/best",
                       "--eval", setup["glue_dev"], "--max-text-len", "24"]) == 0
     assert json.loads(capsys.readouterr().out) == pytest.approx(s)
+    # `mplug2-model classify-text` on the same sentences gives the same accuracy, with the run's class names
+    from mplug2.cli import main as model_cli
+
+    dev = read_glue_tsv(setup["glue_dev"])
+    assert model_cli(["classify-text", *dev.text_a, "--model", f"{setup['runs']}/text_classify_tiny/best",
+                      "--max-text-len", "24", "--batch-size", "64", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["input"] for r in rows] == list(dev.text_a)
+    assert {r["output"] for r in rows} <= set(gold) and all(0.5 <= float(r["score"]) <= 1 for r in rows)
+    cli_acc = 100.0 * sum(r["output"] == g for r, g in zip(rows, gold)) / len(gold)
+    assert cli_acc == pytest.approx(s["accuracy"], abs=0.5 + 1e-9), (cli_acc, s)
