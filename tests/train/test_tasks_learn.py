@@ -214,6 +214,19 @@ def test_video_classification_beats_the_majority_class(finetuned, capsys, config
     chance = 100.0 * Counter(gold).most_common(1)[0][1] / len(gold)
     _report(capsys, f"classify_tiny (direction): top-1 {s['top1']:.1f} % on {len(gold)} clips (majority {chance:.1f} %)")
     assert s["top1"] >= chance + 20, s
+    # `mplug2-model classify` on the held-out mp4 files themselves (the inference loader decodes and samples
+    # them) names the run's classes and clears the same bar
+    from mplug2.cli import main as model_cli
+
+    clips = _json_column(setup["manifests"]["videos_eval"], "path")
+    capsys.readouterr()
+    assert model_cli(["classify", *clips, "--model", f"{setup['runs']}/classify_tiny/best", "--frames", "4",
+                      "--json"]) == 0
+    out = {r["input"]: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert {out[c]["output"] for c in clips} <= {"left", "right", "up", "down"}
+    cli_top1 = 100.0 * sum(out[c]["output"] == g for c, g in zip(clips, gold)) / len(gold)
+    _report(capsys, f"mplug2-model classify on the same {len(clips)} mp4 files: top-1 {cli_top1:.1f} %")
+    assert cli_top1 >= chance + 20, (cli_top1, s)
 
 
 @pytest.mark.parametrize("config", ["text_classify_tiny"])
