@@ -8,7 +8,7 @@ Each optimizer step: k micro-batches (gradient sync only on the last), clip, Ada
 the momentum twins. Every ``ckpt_every_steps`` (and at the end) every rank snapshots its part of the
 checkpoint into CPU memory (model and optimizer on rank 0; RNG and data cursor on every rank) and reports
 it; a writer process writes the files (markers, manifest last) and a background thread uploads them while
-training goes on, one checkpoint in flight at most. A restarted worker restores all of it, so the next step
+training goes on, one checkpoint in flight at most; the logs that changed follow once that upload is done. A restarted worker restores all of it, so the next step
 is exactly the one it would have run.
 """
 
@@ -105,6 +105,8 @@ class TrainLoop:
                                      peak_flops=peak * 1e12 if peak else None)
         self.flops = StepFlops()                               # FLOPs per batch shape, measured once each
         self._log_uploader = BackgroundUploader("mplug2-log-upload")
+        self._synced_logs: dict[str, tuple[int, int]] = {}    # log file -> (size, mtime) last uploaded
+        self._logs_due = False                                 # a checkpoint was taken: sync once it is up
         self._staging = StagingBuffers(shared=True)            # CPU copies of the state, reused per checkpoint,
         self._writer = SnapshotWriter(self._staging)           # serialised by a process of their own
         self._last_ckpt: Snapshot | None = None
@@ -136,8 +138,9 @@ class TrainLoop:
         return local
 
     def _sync_logs(self, background: bool = False) -> None:
-        """Copy the local logs to the run's storage; ``background``: in a thread, off the training's critical
-        path (one sync at a time, skipped while the previous one runs; a failure surfaces at the next sync)."""
+        """Copy the local logs that changed since the last sync to the run's storage; ``background``: in a
+        thread, off the training's critical path (one sync at a time, skipped while the previous one runs; a
+        failure surfaces at the next sync)."""
         if self.rank != 0 or not storage.is_remote(self.run_dir):
             return
         self.metrics.flush()
@@ -145,8 +148,13 @@ class TrainLoop:
         def upload() -> None:
             for name in os.listdir(self.log_dir):
                 local = os.path.join(self.log_dir, name)
-                if os.path.isfile(local):
+                if not os.path.isfile(local):
+                    continue
+                st = os.stat(local)          # before the upload: a write during it makes the next sync send it
+                version = (st.st_size, st.st_mtime_ns)
+                if self._synced_logs.get(name) != version:
                     storage.upload_file(local, storage.join(self.run_dir, "logs", name))
+                    self._synced_logs[name] = version
 
         if background and self._log_uploader.busy:
             return            # the previous sync is still going: the next checkpoint (or the end) syncs again
@@ -200,7 +208,7 @@ class TrainLoop:
                              buffers=self._staging, write_manifest=True, wait_for_ranks_s=0)
         snap.writer, snap.durable = self._writer.write, False     # a staging folder: uploaded, then deleted
         self._last_ckpt = snap
-        self._sync_logs(background=True)
+        self._logs_due = True
         self.hooks.report(metrics, snap, self.step)
         if waited > 0.05 and self.rank == 0:
             log.info("step %d: waited %.2fs for the previous checkpoint", self.step, waited)
@@ -299,6 +307,10 @@ class TrainLoop:
         while self.step < s.total_steps:
             values, times = self.train_step()
             self.hooks.wait_for_upload(block=False)     # a failed background upload stops the run now
+            if self._logs_due and not self.hooks.upload_in_flight() and not self._log_uploader.busy:
+                # the curves follow each checkpoint once it is up: never beside its snapshot, write and upload
+                self._logs_due = False
+                self._sync_logs(background=True)
             bar.update(1)
             bar.set_postfix(loss=f"{values.get('loss', float('nan')):.3f}",
                             samples_s=f"{global_batch / max(times.step_time_s, 1e-9):.1f}", refresh=False)
@@ -407,7 +419,7 @@ class TrainLoop:
 
     def abort(self) -> None:
         """A failed run: close the metric writers and remove the local temp copy of a remote run's logs (the
-        curves went up with each checkpoint; the resumed run redoes the steps after the last one); stop the
+        curves went up after each checkpoint's upload; the resumed run redoes the steps after the last one); stop the
         checkpoint writer process (after the write in progress, if any)."""
         try:
             self._writer.close()
