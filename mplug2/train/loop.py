@@ -110,6 +110,7 @@ class TrainLoop:
         self._staging = StagingBuffers(shared=True)            # CPU copies of the state, reused per checkpoint,
         self._writer = SnapshotWriter(self._staging)           # serialised by a process of their own
         self._last_ckpt: Snapshot | None = None
+        self._fingerprint = cfg.fingerprint()                  # fixed for the run (hashed once, not per save)
         self.best: float | None = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -183,7 +184,7 @@ class TrainLoop:
             return
         ck = load_checkpoint(where, model=self.task, optimizer=self.optimizer, scheduler=self.scheduler,
                              rank=self.rank, world_size=self.world_size,
-                             config_fingerprint=self.cfg.fingerprint())
+                             config_fingerprint=self._fingerprint)
         self.step = ck.step
         if ck.data_state is not None:
             self.loader.load_state_dict(ck.data_state)
@@ -204,8 +205,8 @@ class TrainLoop:
         # Rank 0 commits its own folder; Ray merges the ranks' folders; markers are checked on load.
         snap = take_snapshot(local, model=self.task, optimizer=self.optimizer, scheduler=self.scheduler,
                              step=self.step, extra={"best": self.best}, rank=self.rank, world_size=self.world_size,
-                             data_state=self.loader.state_dict(), config_fingerprint=self.cfg.fingerprint(),
-                             buffers=self._staging, write_manifest=True, wait_for_ranks_s=0)
+                             data_state=self.loader.state_dict(), config_fingerprint=self._fingerprint,
+                             buffers=self._staging, write_manifest=True, wait_for_ranks_s=0, overlap=True)
         snap.writer, snap.durable = self._writer.write, False     # a staging folder: uploaded, then deleted
         self._last_ckpt = snap
         self._logs_due = True
@@ -261,6 +262,8 @@ class TrainLoop:
             for name, v in out.items():   # kept on the device: one host sync per step, not per value
                 if isinstance(v, torch.Tensor) and v.numel() == 1:
                     totals[name] = totals.get(name, 0.0) + v.detach().float() / k
+        if self._last_ckpt is not None:      # its copy of the weights and AdamW state ran beside this step
+            self._last_ckpt.wait_staged()
         if cfg.optim.grad_clip > 0:
             totals["grad_norm"] = parallel.clip_grad_norm_(self.task, cfg.optim.grad_clip)
         self.optimizer.step()
