@@ -12,7 +12,8 @@ machine), the time that thread was runnable but had no core, and its wait for da
 shares the cores); the snapshot's time on the step; the wait for the previous checkpoint; and the CPU each checkpoint
 costs off the critical path, by process: the trainer's other threads (upload, log sync, TensorBoard), the
 writer process, the S3 server (which shares this machine's cores here; on a cluster it is elsewhere). With
-``--repeat`` a last line gives the median ratio over the runs. The 1-minute load average is printed per run.
+``--repeat`` a last line gives the median ratio over the runs; a second table splits the trainer's other
+threads' CPU by kind (Python thread name, or a native thread's OS name). The 1-minute load average is printed per run.
 ``--s3-nice 19`` runs the S3 server below everything else, a stand-in for an S3 that is not on these cores.
 """
 
