@@ -190,7 +190,8 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
         if server is not None:
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    intervals: dict[str, list[float]] = {f"{m}_{k}": [] for m in ("wall", "cpu", "rq", "data") for k in ("ckpt", "other")}
+    intervals: dict[str, list[float]] = {f"{m}_{k}": [] for m in ("wall", "cpu", "rq", "data")
+                                         for k in ("ckpt", "other")}
     for (step, w0, c0, q0, d0), (_, w1, c1, q1, d1) in zip(ends[1:], ends[2:]):   # the first: start-up, FLOP count
         kind = "ckpt" if step % args.every == 0 else "other"
         intervals[f"wall_{kind}"].append(w1 - w0)

@@ -336,6 +336,7 @@ def upload_file(local: str, url: str) -> None:
     if not is_remote(url):
         _with_retries(url, "put", lambda fs, path: fs.put_file(local, path))
         return
+
     def attempt() -> None:
         try:
             # not pyarrow.fs.copy_files: with a delayed open it drops the error of the final PUT

@@ -8,8 +8,8 @@ Each optimizer step: k micro-batches (gradient sync only on the last), clip, Ada
 the momentum twins. Every ``ckpt_every_steps`` (and at the end) every rank snapshots its part of the
 checkpoint into CPU memory (model and optimizer on rank 0; RNG and data cursor on every rank) and reports
 it; a writer process writes the files (markers, manifest last) and a background thread uploads them while
-training goes on, one checkpoint in flight at most; the logs that changed follow once that upload is done. A restarted worker restores all of it, so the next step
-is exactly the one it would have run.
+training goes on, one checkpoint in flight at most; the logs that changed follow once that upload is done.
+A restarted worker restores all of it, so the next step is exactly the one it would have run.
 """
 
 from __future__ import annotations
@@ -422,8 +422,8 @@ class TrainLoop:
 
     def abort(self) -> None:
         """A failed run: close the metric writers and remove the local temp copy of a remote run's logs (the
-        curves went up after each checkpoint's upload; the resumed run redoes the steps after the last one); stop the
-        checkpoint writer process (after the write in progress, if any)."""
+        curves went up after each checkpoint's upload; the resumed run redoes the steps after the last one);
+        stop the checkpoint writer process (after the write in progress, if any)."""
         try:
             self._writer.close()
             self.metrics.close()
