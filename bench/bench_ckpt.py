@@ -8,10 +8,12 @@ Per step, the interval between the ends of consecutive training steps: after a c
 checkpoint's snapshot and hand-off, and the next step, which runs while the checkpoint is written and uploaded.
 Printed per run: the median interval after checkpoint steps and after the other steps and their ratio (issue
 13: within 10 %), in wall time and in CPU time of the training thread (CPU time survives the load of a shared
-machine); the snapshot's time on the step; the wait for the previous checkpoint; and the CPU each checkpoint
+machine), the time that thread was runnable but had no core, and its wait for data (the loader's worker
+shares the cores); the snapshot's time on the step; the wait for the previous checkpoint; and the CPU each checkpoint
 costs off the critical path, by process: the trainer's other threads (upload, log sync, TensorBoard), the
 writer process, the S3 server (which shares this machine's cores here; on a cluster it is elsewhere). With
-``--repeat`` a last line gives the median ratio over the runs. The 1-minute load average is printed per run.
+``--repeat`` a last line gives the median ratio over the runs; a second table splits the trainer's other
+threads' CPU by kind (Python thread name, or a native thread's OS name). The 1-minute load average is printed per run.
 ``--s3-nice 19`` runs the S3 server below everything else, a stand-in for an S3 that is not on these cores.
 """
 
@@ -54,22 +56,35 @@ def _cpu_s(stat_path: str) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _TICK
 
 
+def _thread_comm(pid: int, tid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            return f"native: {f.read().strip()}"
+    except OSError:
+        return "?"
+
+
 @dataclass
 class CpuSampler:
-    """Cumulative CPU seconds of the trainer's threads other than the training thread, the checkpoint writer
-    process (start-up included) and the S3 server, sampled every ``period_s`` (a process that ended keeps its last reading)."""
+    """CPU seconds since :meth:`start` of the trainer's threads other than the training thread, the checkpoint
+    writer process (start-up included) and the S3 server, sampled every ``period_s`` (a process that ended keeps
+    its last reading). What ran before :meth:`start` (the S3 clients' set-up, ~0.4 s once) is not counted."""
 
     writer_pid: Callable[[], int | None]
     server_pid: int | None
     period_s: float = 0.02
     seen: dict[tuple[str, int], float] = field(default_factory=dict)
+    names: dict[int, str] = field(default_factory=dict)       # trainer thread id -> what it is
 
     def __post_init__(self) -> None:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="bench-cpu-sampler", daemon=True)
         self._main, self._own = threading.get_native_id(), None
+        self._base: dict[tuple[str, int], float] = {}
 
     def start(self) -> None:
+        self._sample()
+        self._base = dict(self.seen)
         self._thread.start()
 
     def stop(self) -> dict[str, float]:
@@ -81,6 +96,16 @@ class CpuSampler:
             out[role] += cpu
         return out
 
+    def by_thread(self) -> dict[str, float]:
+        """The trainer's other threads' CPU seconds by thread kind (Python thread name without its step label,
+        or the OS name of a native thread: pyarrow's and the AWS SDK's)."""
+        out: dict[str, float] = {}
+        for (role, tid), cpu in self.seen.items():
+            if role == "trainer_threads":
+                name = self.names.get(tid, "?")
+                out[name] = out.get(name, 0.0) + cpu
+        return out
+
     def _run(self) -> None:
         self._own = threading.get_native_id()
         while not self._stop.wait(self.period_s):
@@ -88,9 +113,12 @@ class CpuSampler:
 
     def _sample(self) -> None:
         pid = os.getpid()
+        python_names = {t.native_id: t.name.split("-step_")[0] for t in threading.enumerate()}
         for tid in os.listdir(f"/proc/{pid}/task"):
             if int(tid) not in (self._main, self._own):
                 self._read("trainer_threads", int(tid), f"/proc/{pid}/task/{tid}/stat")
+                if int(tid) not in self.names:
+                    self.names[int(tid)] = python_names.get(int(tid)) or _thread_comm(pid, tid)
         writer = self.writer_pid()
         if writer is not None:
             self._read("writer", writer, f"/proc/{writer}/stat")
@@ -100,7 +128,7 @@ class CpuSampler:
     def _read(self, role: str, ident: int, path: str) -> None:
         cpu = _cpu_s(path)
         if cpu is not None:
-            self.seen[(role, ident)] = cpu
+            self.seen[(role, ident)] = cpu - self._base.get((role, ident), 0.0)
 
 
 def run_once(args: argparse.Namespace) -> dict[str, float]:
@@ -134,14 +162,16 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
             schedule=dict(total_steps=args.steps, ckpt_every_steps=args.every, log_every_steps=1000, keep_last=2),
             scale=dict(num_workers=1)))
         loop = TrainLoop(cfg, rank=0, world_size=1, device=torch.device(args.device), hooks=LocalHooks(cfg, 0))
-        ends: list[tuple[int, float, float, float]] = []   # (step, wall, thread CPU, runqueue wait) at step ends
+        ends: list[tuple[int, float, float, float, float]] = []   # (step, wall, thread CPU, runqueue wait,
+        data_wait = [0.0]                                           # data wait so far) at step ends
         snapshots: list[tuple[float, float]] = []           # (wait, snapshot) seconds per checkpoint
         taken = []                                          # the checkpoints' snapshots (their write's CPU)
         train_step, save = loop.train_step, loop.save
 
         def timed_step():
             out = train_step()                # its loss values are read on the host: the step has ended
-            ends.append((loop.step, time.perf_counter(), time.thread_time(), _runqueue_wait_s()))
+            data_wait[0] += out[1].data_wait_s
+            ends.append((loop.step, time.perf_counter(), time.thread_time(), _runqueue_wait_s(), data_wait[0]))
             return out
 
         def timed_save(metrics):
@@ -160,18 +190,21 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
         if server is not None:
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    intervals: dict[str, list[float]] = {f"{m}_{k}": [] for m in ("wall", "cpu", "rq") for k in ("ckpt", "other")}
-    for (step, w0, c0, q0), (_, w1, c1, q1) in zip(ends[1:], ends[2:]):   # the first: start-up, FLOP count
+    intervals: dict[str, list[float]] = {f"{m}_{k}": [] for m in ("wall", "cpu", "rq", "data")
+                                         for k in ("ckpt", "other")}
+    for (step, w0, c0, q0, d0), (_, w1, c1, q1, d1) in zip(ends[1:], ends[2:]):   # the first: start-up, FLOP count
         kind = "ckpt" if step % args.every == 0 else "other"
         intervals[f"wall_{kind}"].append(w1 - w0)
         intervals[f"cpu_{kind}"].append(c1 - c0)
         intervals[f"rq_{kind}"].append(q1 - q0)
+        intervals[f"data_{kind}"].append(d1 - d0)
     n_ckpt = len(snapshots)
     med = {k: 1000 * statistics.median(v) for k, v in intervals.items()}
     return {**med, "ratio": med["wall_ckpt"] / med["wall_other"], "cpu_ratio": med["cpu_ckpt"] / med["cpu_other"],
             "snapshot": 1000 * statistics.median(s for _, s in snapshots),
             "wait": 1000 * statistics.median(w for w, _ in snapshots),
             **{f"bg_{k}": 1000 * v / n_ckpt for k, v in cpu.items()}, "checkpoints": n_ckpt,
+            "threads": {k: 1000 * v / n_ckpt for k, v in sampler.by_thread().items()},
             # the writer's own CPU per write (its process's start-up, importing torch, is not a checkpoint's)
             "bg_writer": 1000 * statistics.median(s.written_cpu_s for s in taken if s.written_cpu_s is not None),
             "load": max(load0, os.getloadavg()[0])}
@@ -224,6 +257,12 @@ def components(args: argparse.Namespace, repeats: int = 6) -> None:
                                  step=i, extra={}, rank=0, world_size=1, data_state=loop.loader.state_dict(),
                                  config_fingerprint="bench", buffers=buffers, write_manifest=True)
             add("snapshot (training thread)", time.thread_time() - c0)
+            c0 = time.thread_time()                          # the training loop's way: the copy beside the step
+            take_snapshot(local, model=loop.task, optimizer=loop.optimizer, scheduler=loop.scheduler, step=i,
+                          extra={}, rank=0, world_size=1, data_state=loop.loader.state_dict(),
+                          config_fingerprint="bench", buffers=buffers, write_manifest=True,
+                          overlap=True).wait_staged()
+            add("  the same, weights' copy in a thread (`overlap`; training thread)", time.thread_time() - c0)
             snap.durable = False
             snap.write_here()
             add("write: serialise + write the files (writer)", snap.written_cpu_s)
@@ -283,20 +322,26 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--steps {args.steps} leaves fewer than two checkpoint intervals at --every {args.every}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     print("| storage | steps | every | median step, other (ms) | median step, checkpoint (ms) | ratio | training "
-          "thread CPU, other / checkpoint (ms) | CPU ratio | waiting for a core, other / checkpoint (ms) | snapshot (ms) | wait for the previous (ms) | CPU per "
+          "thread CPU, other / checkpoint (ms) | CPU ratio | waiting for a core, other / checkpoint (ms) | waiting for data, other / checkpoint (ms) | snapshot (ms) | wait for the previous (ms) | CPU per "
           "checkpoint off the step: trainer threads / writer / S3 server (ms) | load (1 min) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    ratios, cpu_ratios = [], []
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    ratios, cpu_ratios, threads = [], [], []
     for _ in range(args.repeat):
         r = run_once(args)
+        threads.append(r["threads"])
         ratios.append(r["ratio"])
         cpu_ratios.append(r["cpu_ratio"])
         server = f"{r['bg_s3_server']:.0f}" if args.storage == "s3" else "—"
         print(f"| {args.storage}{f' (nice {args.s3_nice})' if args.s3_nice else ''}"
               f"{f', {args.preset} on {args.device}' if args.device != 'cpu' or args.preset != 'tiny' else ''} | {args.steps} | {args.every} | "
               f"{r['wall_other']:.0f} | {r['wall_ckpt']:.0f} | {r['ratio']:.2f} | {r['cpu_other']:.0f} / "
-              f"{r['cpu_ckpt']:.0f} | {r['cpu_ratio']:.2f} | {r['rq_other']:.0f} / {r['rq_ckpt']:.0f} | {r['snapshot']:.1f} | {r['wait']:.1f} | "
+              f"{r['cpu_ckpt']:.0f} | {r['cpu_ratio']:.2f} | {r['rq_other']:.0f} / {r['rq_ckpt']:.0f} | {r['data_other']:.0f} / {r['data_ckpt']:.0f} | {r['snapshot']:.1f} | {r['wait']:.1f} | "
               f"{r['bg_trainer_threads']:.0f} / {r['bg_writer']:.0f} / {server} | {r['load']:.1f} |", flush=True)
+    kinds = sorted({k for t in threads for k in t}, key=lambda k: -statistics.median(t.get(k, 0.0) for t in threads))
+    print("\nThe trainer's other threads, CPU per checkpoint (ms; median over the runs; they run whether or not a "
+          "checkpoint is taken):\n\n| thread | CPU (ms) |\n|---|---|")
+    for k in kinds:
+        print(f"| {k} | {statistics.median(t.get(k, 0.0) for t in threads):.1f} |")
     if args.repeat > 1:
         print(f"\nmedian over {args.repeat} runs: ratio {statistics.median(ratios):.2f} (wall), "
               f"{statistics.median(cpu_ratios):.2f} (training-thread CPU)")

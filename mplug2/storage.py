@@ -138,8 +138,9 @@ def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.filesystem("file"), os.path.abspath(url)
 
 
-def pyarrow_fs(url: str):
-    """``(pyarrow.fs.FileSystem, path)`` for Ray Train's ``RunConfig(storage_filesystem=...)``.
+def pyarrow_fs(url: str, **s3_options: Any):
+    """``(pyarrow.fs.FileSystem, path)`` for Ray Train's ``RunConfig(storage_filesystem=...)`` (S3:
+    ``s3_options`` go to ``pyarrow.fs.S3FileSystem`` too).
 
     For S3 the path has no scheme (``bucket/prefix``), as pyarrow expects with an explicit filesystem.
     """
@@ -149,7 +150,7 @@ def pyarrow_fs(url: str):
     if not is_remote(url):
         return pafs.LocalFileSystem(), os.path.abspath(url)
     kwargs: dict[str, Any] = {
-        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        "region": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1", **s3_options
     }
     endpoint = s3_endpoint()
     if endpoint:
@@ -159,7 +160,24 @@ def pyarrow_fs(url: str):
     key, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
     if key and secret:
         kwargs["access_key"], kwargs["secret_key"] = key, secret
+        if os.environ.get("AWS_SESSION_TOKEN"):       # temporary credentials are unusable without it
+            kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
     return pafs.S3FileSystem(**kwargs), url[len("s3://"):]
+
+
+# pyarrow S3 filesystems for uploads, one per client environment; dropped by reset_fs_cache() after a failure
+_ARROW_S3: dict[tuple[str | None, ...], Any] = {}
+
+
+def _arrow_s3() -> Any:
+    env = tuple(os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
+                                            "AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE"))
+    fs = _ARROW_S3.get(env)
+    if fs is None:
+        # delayed open: a file smaller than one part goes up as one PutObject, not a 3-request multipart upload
+        fs = _ARROW_S3[env] = pyarrow_fs("s3://", allow_delayed_open=True)[0]
+    return fs
 
 
 def retry_deadline_s() -> float:
@@ -171,6 +189,7 @@ def retry_deadline_s() -> float:
 def reset_fs_cache() -> None:
     """Forget cached s3fs instances: the next :func:`get_fs` builds a new client (fresh connection pool,
     credentials re-read). Instances already handed out keep working."""
+    _ARROW_S3.clear()
     try:
         import s3fs
     except ImportError:
@@ -298,9 +317,39 @@ def list_names(url: str) -> list[str]:
     return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
 
 
+_UPLOAD_CHUNK = 16 << 20      # bytes per read of the local file: a few Python calls per checkpoint file
+
+# What pyarrow's S3 errors (OSError with the AWS error name in the text) mean when they are answers, not outages
+_ARROW_ANSWERS: tuple[tuple[str, type[OSError]], ...] = (
+    ("NO_SUCH_BUCKET", FileNotFoundError), ("ACCESS_DENIED", PermissionError),
+    ("INVALID_ACCESS_KEY_ID", PermissionError), ("SIGNATURE_DOES_NOT_MATCH", PermissionError))
+
+
 def upload_file(local: str, url: str) -> None:
-    """Copy a local file to ``url`` (one PUT on S3: visible only when complete); the local file is kept."""
-    _with_retries(url, "put", lambda fs, path: fs.put_file(local, path))
+    """Copy a local file to ``url`` (S3: one object, visible only when complete); the local file is kept.
+
+    To S3 the bytes go through pyarrow's C++ client (``pyarrow.fs.S3FileSystem``), which reads, signs and sends
+    without holding the GIL: s3fs runs that work as Python in the process's event-loop thread, and in a
+    training process every such stretch delays the training thread's next torch call (checkpoint and log
+    uploads run beside training; docs/benchmarks.md, issue 13). Retried like every call here
+    (:func:`retry_io`: a fresh client per attempt, until the storage deadline)."""
+    if not is_remote(url):
+        _with_retries(url, "put", lambda fs, path: fs.put_file(local, path))
+        return
+
+    def attempt() -> None:
+        try:
+            # not pyarrow.fs.copy_files: with a delayed open it drops the error of the final PUT
+            with open(local, "rb") as src, _arrow_s3().open_output_stream(url[len("s3://"):], metadata={}) as out:
+                while chunk := src.read(_UPLOAD_CHUNK):
+                    out.write(chunk)      # no GIL held while the client buffers, signs and sends
+        except OSError as exc:
+            answer = next((kind for name, kind in _ARROW_ANSWERS if name in str(exc)), None)
+            if answer is not None and type(exc) is not answer:
+                raise answer(f"{url}: {exc}") from exc
+            raise
+
+    retry_io(attempt, what=f"put {url}")
 
 
 def move(src: str, dst: str) -> None:

@@ -34,6 +34,8 @@ class Hooks(Protocol):
     def wait_for_upload(self, block: bool = True) -> None:
         """Block until the checkpoint in flight (if any) is written and uploaded; raise its error
         (``block=False``: raise the error of one that already failed, do not wait)."""
+    def upload_in_flight(self) -> bool:
+        """True while a checkpoint is being written or uploaded (never blocks)."""
     def close(self) -> None:
         """After the run's last wait: finish what the uploads left (retention)."""
     def resume_from(self) -> str | None: ...
@@ -88,6 +90,9 @@ class RayHooks:
 
     def close(self) -> None:
         """Nothing left: Ray registers the uploads and applies its own ``num_to_keep``."""
+
+    def upload_in_flight(self) -> bool:
+        return self._upload_done is not None and not self._upload_done.is_set()
 
     def wait_for_upload(self, block: bool = True) -> None:
         if self._upload_done is not None and (block or self._upload_done.is_set()):
@@ -157,6 +162,9 @@ class LocalHooks:
         if dist.is_initialized():
             dist.barrier()
         self._prune_due = self.rank == 0
+
+    def upload_in_flight(self) -> bool:
+        return self.uploader.busy
 
     def close(self) -> None:
         """Keep the newest ``keep_last`` checkpoints (rank 0, once every upload ended)."""

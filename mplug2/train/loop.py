@@ -8,8 +8,8 @@ Each optimizer step: k micro-batches (gradient sync only on the last), clip, Ada
 the momentum twins. Every ``ckpt_every_steps`` (and at the end) every rank snapshots its part of the
 checkpoint into CPU memory (model and optimizer on rank 0; RNG and data cursor on every rank) and reports
 it; a writer process writes the files (markers, manifest last) and a background thread uploads them while
-training goes on, one checkpoint in flight at most. A restarted worker restores all of it, so the next step
-is exactly the one it would have run.
+training goes on, one checkpoint in flight at most; the logs that changed follow once that upload is done.
+A restarted worker restores all of it, so the next step is exactly the one it would have run.
 """
 
 from __future__ import annotations
@@ -105,9 +105,12 @@ class TrainLoop:
                                      peak_flops=peak * 1e12 if peak else None)
         self.flops = StepFlops()                               # FLOPs per batch shape, measured once each
         self._log_uploader = BackgroundUploader("mplug2-log-upload")
+        self._synced_logs: dict[str, tuple[int, int]] = {}    # log file -> (size, mtime) last uploaded
+        self._logs_due = False                                 # a checkpoint was taken: sync once it is up
         self._staging = StagingBuffers(shared=True)            # CPU copies of the state, reused per checkpoint,
         self._writer = SnapshotWriter(self._staging)           # serialised by a process of their own
         self._last_ckpt: Snapshot | None = None
+        self._fingerprint = cfg.fingerprint()                  # fixed for the run (hashed once, not per save)
         self.best: float | None = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -136,8 +139,9 @@ class TrainLoop:
         return local
 
     def _sync_logs(self, background: bool = False) -> None:
-        """Copy the local logs to the run's storage; ``background``: in a thread, off the training's critical
-        path (one sync at a time, skipped while the previous one runs; a failure surfaces at the next sync)."""
+        """Copy the local logs that changed since the last sync to the run's storage; ``background``: in a
+        thread, off the training's critical path (one sync at a time, skipped while the previous one runs; a
+        failure surfaces at the next sync)."""
         if self.rank != 0 or not storage.is_remote(self.run_dir):
             return
         self.metrics.flush()
@@ -145,8 +149,13 @@ class TrainLoop:
         def upload() -> None:
             for name in os.listdir(self.log_dir):
                 local = os.path.join(self.log_dir, name)
-                if os.path.isfile(local):
+                if not os.path.isfile(local):
+                    continue
+                st = os.stat(local)          # before the upload: a write during it makes the next sync send it
+                version = (st.st_size, st.st_mtime_ns)
+                if self._synced_logs.get(name) != version:
                     storage.upload_file(local, storage.join(self.run_dir, "logs", name))
+                    self._synced_logs[name] = version
 
         if background and self._log_uploader.busy:
             return            # the previous sync is still going: the next checkpoint (or the end) syncs again
@@ -175,7 +184,7 @@ class TrainLoop:
             return
         ck = load_checkpoint(where, model=self.task, optimizer=self.optimizer, scheduler=self.scheduler,
                              rank=self.rank, world_size=self.world_size,
-                             config_fingerprint=self.cfg.fingerprint())
+                             config_fingerprint=self._fingerprint)
         self.step = ck.step
         if ck.data_state is not None:
             self.loader.load_state_dict(ck.data_state)
@@ -196,11 +205,11 @@ class TrainLoop:
         # Rank 0 commits its own folder; Ray merges the ranks' folders; markers are checked on load.
         snap = take_snapshot(local, model=self.task, optimizer=self.optimizer, scheduler=self.scheduler,
                              step=self.step, extra={"best": self.best}, rank=self.rank, world_size=self.world_size,
-                             data_state=self.loader.state_dict(), config_fingerprint=self.cfg.fingerprint(),
-                             buffers=self._staging, write_manifest=True, wait_for_ranks_s=0)
+                             data_state=self.loader.state_dict(), config_fingerprint=self._fingerprint,
+                             buffers=self._staging, write_manifest=True, wait_for_ranks_s=0, overlap=True)
         snap.writer, snap.durable = self._writer.write, False     # a staging folder: uploaded, then deleted
         self._last_ckpt = snap
-        self._sync_logs(background=True)
+        self._logs_due = True
         self.hooks.report(metrics, snap, self.step)
         if waited > 0.05 and self.rank == 0:
             log.info("step %d: waited %.2fs for the previous checkpoint", self.step, waited)
@@ -253,6 +262,8 @@ class TrainLoop:
             for name, v in out.items():   # kept on the device: one host sync per step, not per value
                 if isinstance(v, torch.Tensor) and v.numel() == 1:
                     totals[name] = totals.get(name, 0.0) + v.detach().float() / k
+        if self._last_ckpt is not None:      # its copy of the weights and AdamW state ran beside this step
+            self._last_ckpt.wait_staged()
         if cfg.optim.grad_clip > 0:
             totals["grad_norm"] = parallel.clip_grad_norm_(self.task, cfg.optim.grad_clip)
         self.optimizer.step()
@@ -299,6 +310,10 @@ class TrainLoop:
         while self.step < s.total_steps:
             values, times = self.train_step()
             self.hooks.wait_for_upload(block=False)     # a failed background upload stops the run now
+            if self._logs_due and not self.hooks.upload_in_flight() and not self._log_uploader.busy:
+                # the curves follow each checkpoint once it is up: never beside its snapshot, write and upload
+                self._logs_due = False
+                self._sync_logs(background=True)
             bar.update(1)
             bar.set_postfix(loss=f"{values.get('loss', float('nan')):.3f}",
                             samples_s=f"{global_batch / max(times.step_time_s, 1e-9):.1f}", refresh=False)
@@ -407,8 +422,8 @@ class TrainLoop:
 
     def abort(self) -> None:
         """A failed run: close the metric writers and remove the local temp copy of a remote run's logs (the
-        curves went up with each checkpoint; the resumed run redoes the steps after the last one); stop the
-        checkpoint writer process (after the write in progress, if any)."""
+        curves went up after each checkpoint's upload; the resumed run redoes the steps after the last one);
+        stop the checkpoint writer process (after the write in progress, if any)."""
         try:
             self._writer.close()
             self.metrics.close()

@@ -101,3 +101,41 @@ def test_payload_is_fsynced_unless_the_folder_is_a_staging_copy(trained, tmp_pat
         payload = {n for n in written if n != "manifest.json"}
         fsynced = {os.path.basename(p).split(".partial")[0] for p in synced}
         assert fsynced >= payload if durable else not fsynced & payload, (durable, fsynced)
+
+
+def test_overlapped_snapshot_copies_buffers_now_and_weights_beside_the_next_step(tmp_path, monkeypatch):
+    """``overlap``: a buffer (changed by the next forward pass) is copied before take_snapshot returns; weights
+    and AdamW state are copied in a thread while training goes on, and the files hold the snapshot's step."""
+    import threading
+
+    from mplug2.train.checkpoint import snapshot as snapshot_mod
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 3))
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(4, 16)).sum().backward()
+    optimizer.step()
+    release, real_run = threading.Event(), snapshot_mod.BackgroundCopy._run
+
+    def gated_run(self, dsts, srcs):
+        assert release.wait(60), "the test never released the background copy"
+        real_run(self, dsts, srcs)
+
+    monkeypatch.setattr(snapshot_mod.BackgroundCopy, "_run", gated_run)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    adam = {k: v.clone() for k, v in optimizer.state[model[0].weight].items()}
+    snap = take_snapshot(str(tmp_path / "s1"), model=model, optimizer=optimizer, scheduler=None, step=1, extra={},
+                         rank=0, world_size=1, data_state={"cursor": 1}, config_fingerprint={"run": "o"},
+                         buffers=StagingBuffers(), write_manifest=True, overlap=True)
+    assert snap.staged is not None                      # the weights' copy is still waiting
+    model(torch.randn(4, 16))                            # the next forward pass: BatchNorm's running stats move
+    release.set()
+    snap.wait_staged()                                   # what the loop does before its optimizer step
+    model(torch.randn(4, 16)).sum().backward()
+    optimizer.step()
+    snap.write()
+    saved = read_model_tensors(str(tmp_path / "s1"))
+    assert all(torch.equal(saved[k], v) for k, v in expected.items())
+    trainer = torch.load(tmp_path / "s1" / "trainer_state.pt", weights_only=True)
+    state = trainer["optimizer"]["state"][0]
+    assert all(torch.equal(state[k], v) for k, v in adam.items())

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import random
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -90,11 +91,15 @@ class StagingBuffers:
         self._keys: dict[int, str] = {}               # id(buffer) -> key, for the writer's references
         self._new: dict[str, torch.Tensor] = {}       # allocated since the last take_new()
         self._pending: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])   # (buffers, sources)
+        self._stable: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])    # ... unchanged until the
+        #                                                                          next optimizer step
 
-    def copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
+    def copy(self, key: str, t: torch.Tensor, stable: bool = False) -> torch.Tensor:
         """The buffer for ``key``, shaped like ``t``; ``t`` is copied into it at the next :meth:`flush` (one
         ``torch._foreach_copy_`` for the whole snapshot instead of a Python call per tensor: ~1 500 tensors
-        in the tiny model and its AdamW state)."""
+        in the tiny model and its AdamW state). ``stable``: ``t`` does not change before the next optimizer
+        step (parameters, optimizer state; not buffers such as ITC queues, which the forward pass updates),
+        so its copy may run beside the next forward and backward (:meth:`flush` with ``background``)."""
         if t.requires_grad:
             t = t.detach()
         buf = self._buffers.get(key)
@@ -106,17 +111,26 @@ class StagingBuffers:
             if self.shared and buf.is_shared():
                 self._keys[id(buf)] = key
                 self._new[key] = buf
-        self._pending[0].append(buf)
-        self._pending[1].append(t)
+        group = self._stable if stable else self._pending
+        group[0].append(buf)
+        group[1].append(t)
         return buf
 
-    def flush(self) -> None:
+    def flush(self, background: bool = False) -> BackgroundCopy | None:
         """Copy every source registered by :meth:`copy` since the last flush into its buffer (asynchronous
-        device-to-host copies into pinned buffers on CUDA: synchronise before reading them)."""
-        dsts, srcs = self._pending
-        self._pending = ([], [])
+        device-to-host copies into pinned buffers on CUDA: synchronise before reading them).
+
+        ``background`` (CPU sources only): the ``stable`` sources are copied in a thread, returned; wait for it
+        (:meth:`BackgroundCopy.synchronize`) before the next optimizer step and before reading the buffers."""
+        dsts, srcs = self._pending[0] + self._stable[0], self._pending[1] + self._stable[1]
+        later = background and self._stable[0] and not any(t.is_cuda for t in srcs)
+        if later:
+            dsts, srcs = self._pending
+            later_copy = BackgroundCopy(*self._stable)
+        self._pending, self._stable = ([], []), ([], [])
         if dsts:
             torch._foreach_copy_(dsts, srcs, non_blocking=any(t.is_cuda for t in srcs))
+        return later_copy if later else None
 
     def _allocate(self, t: torch.Tensor) -> torch.Tensor:
         if not self.shared or t.numel() == 0:         # an empty tensor has no memory to share: sent by value
@@ -142,17 +156,40 @@ class StagingBuffers:
         """Hand every shared buffer over again at the next :meth:`take_new` (to a new writer process)."""
         self._new = {key: buf for key, buf in self._buffers.items() if id(buf) in self._keys}
 
-    def stage(self, key: str, obj: Any) -> Any:
-        """A copy of ``obj`` (nested dicts / lists / tuples) whose tensors live in the buffers, the rest deep-copied."""
+    def stage(self, key: str, obj: Any, stable: bool = False) -> Any:
+        """A copy of ``obj`` (nested dicts / lists / tuples) whose tensors live in the buffers, the rest
+        deep-copied (``stable``: as in :meth:`copy`, for every tensor in it)."""
         if isinstance(obj, torch.Tensor):
-            return self.copy(key, obj)
+            return self.copy(key, obj, stable)
         if isinstance(obj, dict):
-            return {k: self.stage(f"{key}/{k}", v) for k, v in obj.items()}
+            return {k: self.stage(f"{key}/{k}", v, stable) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
             if all(type(v) in _ATOMS for v in obj):       # e.g. a param group's 500 parameter ids: one copy
                 return type(obj)(obj)
-            return type(obj)(self.stage(f"{key}/{i}", v) for i, v in enumerate(obj))
+            return type(obj)(self.stage(f"{key}/{i}", v, stable) for i, v in enumerate(obj))
         return copy.deepcopy(obj)
+
+
+class BackgroundCopy:
+    """One batched copy in a thread of its own: ``torch._foreach_copy_`` holds no GIL while it copies, so on a
+    free core the memcpy of a snapshot's weights and optimizer state (~6 ms for the tiny model) leaves the
+    training thread's step."""
+
+    def __init__(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(dsts, srcs), name="mplug2-ckpt-stage", daemon=True)
+        self._thread.start()
+
+    def _run(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+        try:
+            torch._foreach_copy_(dsts, srcs)
+        except BaseException as exc:           # raised where the copy is waited for
+            self._error = exc
+
+    def synchronize(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -160,17 +197,21 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _stage_model(model: torch.nn.Module, buffers: StagingBuffers) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's tensors by name, each storage copied once; tied names recorded as aliases of the first."""
+    """The model's tensors by name, each storage copied once; tied names recorded as aliases of the first.
+    Parameters are ``stable`` (only the optimizer step and the momentum update after it change them)."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
-    for name, t in unwrap_model(model).state_dict().items():
+    module = unwrap_model(model)
+    params = {p.data_ptr() for p in module.parameters()}
+    for name, t in module.state_dict().items():
         ident = (t.untyped_storage().data_ptr() if t.numel() else id(t), t.storage_offset(), tuple(t.shape), t.dtype)
         if ident in seen:
             aliases[name] = seen[ident]
             continue
         seen[ident] = name
-        tensors[name] = buffers.copy(f"model/{name}", t)    # own, contiguous storage: safetensors accepts it
+        # own, contiguous storage: safetensors accepts it
+        tensors[name] = buffers.copy(f"model/{name}", t, stable=t.numel() > 0 and t.data_ptr() in params)
     return tensors, aliases
 
 
@@ -218,6 +259,8 @@ class Snapshot:
     taken_s: float = 0.0                               # seconds the snapshot held the training thread
     # CUDA: an event after the device-to-host copies, which run on without blocking the step; write() waits
     copied: Any = field(default=None, repr=False, compare=False)
+    # CPU, ``overlap``: the copy of parameters and optimizer state, running beside the next forward/backward
+    staged: BackgroundCopy | None = field(default=None, repr=False, compare=False)
     written_s: float | None = None                     # seconds :meth:`write` took, once done
     written_cpu_s: float | None = None                 # CPU seconds it took (writer process or this thread)
     background_s: float | None = None                  # seconds write + upload took off the critical path
@@ -230,8 +273,17 @@ class Snapshot:
         self.wait_copied()
         return self.writer(self) if self.writer is not None else self.write_here()
 
+    def wait_staged(self) -> None:
+        """Block until the copy running beside the training (``overlap``) is done: before the next optimizer
+        step changes its sources."""
+        staged = self.staged          # the training thread and the writing thread may both wait for it
+        if staged is not None:
+            staged.synchronize()
+            self.staged = None
+
     def wait_copied(self) -> None:
         """Block until the staged tensors hold their values (CUDA: the asynchronous copies have landed)."""
+        self.wait_staged()
         if self.copied is not None:
             self.copied.synchronize()
             self.copied = None
@@ -278,13 +330,16 @@ class Snapshot:
 def take_snapshot(directory: str, *, model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
                   scheduler: Any | None, step: int, extra: dict[str, Any] | None, rank: int, world_size: int,
                   data_state: dict[str, Any] | None, config_fingerprint: Any, buffers: StagingBuffers | None = None,
-                  write_manifest: bool = False, wait_for_ranks_s: float = 0.0) -> Snapshot:
+                  write_manifest: bool = False, wait_for_ranks_s: float = 0.0, overlap: bool = False) -> Snapshot:
     """Copy this rank's part of the checkpoint at this step (every rank calls it at the same optimizer step).
 
     Rank 0 stages model and trainer state; every rank its RNG and data cursor. Under FSDP2 every rank also
     writes its DCP files into ``directory`` now (a collective). Tensors land in ``buffers`` (fresh ones when
     None) by one batched copy; on CUDA the device-to-host copies are queued on the current stream (ordered
-    before any later change to the originals, the host does not wait) and :meth:`Snapshot.write` waits for them."""
+    before any later change to the originals, the host does not wait) and :meth:`Snapshot.write` waits for them.
+    ``overlap`` (CPU): parameters and optimizer state are copied in a thread while the caller trains on; it
+    must call :meth:`Snapshot.wait_staged` before its next optimizer step (buffers, which a forward pass may
+    change, are copied before this returns)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
     t0 = time.perf_counter()
@@ -299,13 +354,14 @@ def take_snapshot(directory: str, *, model: torch.nn.Module | None, optimizer: t
     if rank == 0:
         if model is not None and not sharded:
             snap.model, snap.aliases = _stage_model(model, buffers)
-        snap.trainer = buffers.stage("trainer", {
+        snap.trainer = {    # the optimizer's state changes only in its step; extra may hold queues
             "step": step,
-            "optimizer": optimizer.state_dict() if optimizer is not None and not sharded else None,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "extra": extra or {},
-        })
-    buffers.flush()
+            "optimizer": buffers.stage("trainer/optimizer", optimizer.state_dict(), stable=True)
+            if optimizer is not None and not sharded else None,
+            "scheduler": buffers.stage("trainer/scheduler", scheduler.state_dict()) if scheduler is not None else None,
+            "extra": buffers.stage("trainer/extra", extra or {}),
+        }
+    snap.staged = buffers.flush(background=overlap)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         # The copies are queued on the current stream, so the next step's kernels (which change the
         # originals) run after them; the host goes on at once and write() waits for this event.
