@@ -79,12 +79,12 @@ class RayDataExecutor:
         import ray.data
 
         c, cd = self.config, self.config.to_dict()
-        ctx = ray.data.DataContext.get_current()
+        items = [{"work": pickle.dumps(w, protocol=5)} for w in works]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block (and task) per shard
+        ctx = ds.context  # this Dataset's own copy of the caller's DataContext: the caller's stays as it is
         ctx.enable_progress_bars = bool(c.progress)
         ctx.enable_operator_progress_bars = bool(c.progress)
         ctx.verbose_stats_logs = False
-        items = [{"work": pickle.dumps(w, protocol=5)} for w in works]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block (and task) per shard
         if c.modality == "image":  # the fetched bytes (~60 MB per 1,000-image shard) never cross the object store
             stages = [(shard_stages.fetch_decode, FETCH_DECODE_SHARE)]
         else:  # video rows fetch (or hash a local file) on a few threads, then decode clip by clip
@@ -94,6 +94,12 @@ class RayDataExecutor:
             # Map(fetch_decode)->Map(commit), one task per shard as in the local pool. The samples never cross
             # the object store, and no task waits on another operator's slot or budget (with split shares,
             # 10 video shards took 58.9 s in Ray Data against 21.1 s for the whole local-pool run, same load).
+            # One operator has nothing to share resources with, and Ray Data's per-operator budget cost
+            # CPUs here: it is zero until the autoscaling coordinator's first answer (refreshed once a
+            # second), so the second shard started 1-2 s after the first, and the executor's 0.1 s
+            # polling left a CPU idle 0.1-0.2 s between shards (`ray.timeline()`, 10k-image benchmark).
+            # Without it the window's shards queue in Ray itself, which starts each as a CPU frees up.
+            ctx.op_resource_reservation_enabled = False
             for stage, _ in stages + [(shard_stages.commit, 1.0)]:
                 ds = ds.map(_stage_fn(stage, cd), num_cpus=c.task_cpus)
             return ds
