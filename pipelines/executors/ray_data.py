@@ -6,8 +6,8 @@
 An image corpus fetches and decodes in one stage (``fetch_decode``: download threads
 feed CPU threads inside the task, as in the local pool), so its fetched bytes never enter the object store.
 Without model stages every stage runs at the shard's CPUs and Ray Data fuses them into one operator (one
-task per shard, nothing between stages in the object store, Ray itself queues the shards); model stages split the pipeline into
-operators with their own resources, and the stages around them take the shares below.
+task per shard, nothing between stages in the object store, Ray itself queues the shards); model stages
+split the pipeline into operators with their own resources, and the stages around them take the shares below.
 
 One Ray Data row is one whole shard (:class:`~pipelines.shard_stages.ShardWork`, pickled): the commit stage
 sees all rows of its shard, so shard membership, bytes and the commit order are those of the local pool.
