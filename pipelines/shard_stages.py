@@ -86,7 +86,7 @@ def run_stages(stages: list[Stage], config_dict: dict, payload: bytes) -> bytes:
     """Apply ``stages`` in turn to a pickled :class:`ShardWork`, unpickled and pickled once: stages that run
     in one task hand the shard (~25 MB of encoded samples for 1,000 images) over in memory."""
     work: ShardWork = pickle.loads(payload)
-    config = PreprocessConfig.from_dict(config_dict)
+    config: PreprocessConfig | None = None
     for stage in stages:
         t0 = time.monotonic()
         if work.error is None:
@@ -95,8 +95,9 @@ def run_stages(stages: list[Stage], config_dict: dict, payload: bytes) -> bytes:
                     work.started = time.time()
                     work.deadline = work.started + float(config_dict["shard_timeout_s"])
                 work.check_time()
+                config = config or PreprocessConfig.from_dict(config_dict)
                 stage(config, work)
-            except Exception as exc:  # a whole-shard failure: reported to the driver, never raised into Ray Data
+            except Exception as exc:  # a whole-shard failure: reported to the driver, not raised into Ray Data
                 if not isinstance(exc, (ShardDeadline, WatchdogStop)):
                     log.error("shard %d: %s failed", work.task.shard, stage.__name__, exc_info=exc)
                 work.fail(exc)

@@ -5,9 +5,9 @@
 
 An image corpus fetches and decodes in one stage (``fetch_decode``: download threads
 feed CPU threads inside the task, as in the local pool), so its fetched bytes never enter the object store.
-Without model stages every stage runs at the shard's CPUs and Ray Data fuses them into one operator (one
-task per shard, nothing between stages in the object store, Ray itself queues the shards); model stages
-split the pipeline into operators with their own resources, and the stages around them take the shares below.
+Without model stages all stages run in one map at the shard's CPUs (one task per shard, the shard handed
+from stage to stage in memory, Ray itself queues the shards); model stages split the pipeline into
+operators with their own resources, and the stages around them take the shares below.
 
 One Ray Data row is one whole shard (:class:`~pipelines.shard_stages.ShardWork`, pickled): the commit stage
 sees all rows of its shard, so shard membership, bytes and the commit order are those of the local pool.
@@ -97,11 +97,12 @@ class RayDataExecutor:
             # or budget (with split shares, 10 video shards took 58.9 s in Ray Data against 21.1 s for the
             # whole local-pool run, same load). One map for all stages rather than Ray Data's fusion of one
             # map per stage, which pickled the shard and copied it through an Arrow block between stages
-            # (~0.1 CPU-s per 1,000-image shard). One operator has nothing to share resources with, and Ray Data's per-operator budget cost
-            # CPUs here: it is zero until the autoscaling coordinator's first answer (refreshed once a
-            # second), so the second shard started 1-2 s after the first, and the executor's 0.1 s
-            # polling left a CPU idle 0.1-0.2 s between shards (`ray.timeline()`, 10k-image benchmark).
-            # Without it the window's shards queue in Ray itself, which starts each as a CPU frees up.
+            # (~0.1 CPU-s per 1,000-image shard). One operator has nothing to share resources with, and
+            # Ray Data's per-operator budget cost CPUs here: it is zero until the autoscaling coordinator's
+            # first answer (refreshed once a second), so the second shard started 1-2 s after the first, and
+            # the executor's 0.1 s polling left a CPU idle 0.1-0.2 s between shards (`ray.timeline()`,
+            # 10k-image benchmark). Without it the window's shards queue in Ray itself, which starts each as
+            # a CPU frees up.
             ctx.op_resource_reservation_enabled = False
             return ds.map(_stage_fn([stage for stage, _ in stages] + [shard_stages.commit], cd),
                           num_cpus=c.task_cpus)
