@@ -194,12 +194,35 @@ ray.data.range(2, override_num_blocks=2).map(lambda r: r).materialize()
 from pipelines.cli import main
 print("ready", flush=True)
 sys.stdin.readline()
-t0 = time.monotonic()
+t0, epoch0 = time.monotonic(), time.time()
 rc = main(sys.argv[1:])
 print(json.dumps({{"wall_s": time.monotonic() - t0}}), flush=True)
 sys.stdin.readline()
+# after the clock and the CPU count: where the run's shard tasks ran (Ray's task events), for idle_core_s
+tasks = [(e["tid"], e["ts"] / 1e6 - epoch0, e["dur"] / 1e6) for e in ray.timeline()
+         if e.get("ph") == "X" and e.get("name", "").endswith("map_operator._map_task") and e["ts"] / 1e6 >= epoch0]
+print(json.dumps({{"tasks": tasks}}), flush=True)
 sys.exit(rc)
 """
+
+
+def idle_core_s(tasks: list[tuple[str, float, float]], slots: int, wall_s: float) -> dict:
+    """Where the run's CPU slots stood idle, from its shard tasks as (worker, start, seconds) after the
+    clock's start: before a slot's first task, between its tasks, after its last. One worker process is
+    one slot here (one task per shard, 1 CPU each: Ray reuses the same workers); slots no task ran on
+    count as idle throughout (``start``)."""
+    by_worker: dict[str, list[tuple[float, float]]] = {}
+    for worker, start, dur in tasks:
+        by_worker.setdefault(worker, []).append((start, start + dur))
+    runs = sorted(by_worker.values(), key=lambda r: min(r))[:slots]
+    out = {"first_task_s": [round(min(r)[0], 2) for r in runs], "start": 0.0, "between": 0.0, "tail": 0.0}
+    for r in runs:
+        r.sort()
+        out["start"] += r[0][0]
+        out["between"] += sum(max(0.0, b[0] - a[1]) for a, b in zip(r, r[1:]))
+        out["tail"] += max(0.0, wall_s - r[-1][1])
+    out["start"] += wall_s * (slots - len(runs))
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in out.items()}
 
 
 def run_ours(manifest: Path, out: Path, args, executor: str, keep: set[int]) -> dict:
@@ -246,15 +269,18 @@ def run_ours(manifest: Path, out: Path, args, executor: str, keep: set[int]) -> 
         stderr = err.read()
     if proc.returncode != 0:
         sys.exit(f"mplug2-data failed ({proc.returncode}):\n{stdout[-2000:]}\n{stderr[-3000:]}")
+    idle = None
     if executor == "ray-cluster":
         if timed is None:
             sys.exit(f"the ray-cluster driver printed no timing:\n{stdout[-2000:]}\n{stderr[-3000:]}")
         wall = json.loads(timed)["wall_s"]
+        tasks = next((json.loads(ln)["tasks"] for ln in stdout.splitlines() if ln.startswith('{"tasks"')), None)
+        idle = idle_core_s(tasks, args.processes, wall) if tasks else None
     # Ray's processes escape RUSAGE_CHILDREN (see bench.proc_cpu): sample those runs, count the others exactly
     cpu = sampler.total_s() if executor.startswith("ray") else proc_cpu.children_cpu_s() - cpu0
     ds = json.loads((out / "dataset.json").read_text())
     return {"tool": f"mplug2-ray ({executor})", "wall_s": wall, "images": ds["num_samples"],
-            "cpu_s": cpu, "cpu_by_process": sampler.by_label()}
+            "cpu_s": cpu, "cpu_by_process": sampler.by_label(), "idle_core_s": idle}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -301,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
                  else run_ours(manifest, out, args, executor, keep))
             results.append(r)
             print(f"{r['tool']}: {r['images']} images in {r['wall_s']:.1f}s, {r['cpu_s']:.1f} CPU-s", flush=True)
+            if r.get("idle_core_s"):
+                i = r["idle_core_s"]
+                print(f"    first shard task at {', '.join(f'{t:.2f}' for t in i['first_task_s'])} s; idle core-s of "
+                      f"{args.processes} slots: {i['start']:.2f} before the first task, {i['between']:.2f} between "
+                      f"tasks, {i['tail']:.2f} after the last", flush=True)
             if args.cpu_detail:
                 for label, (n, cpu) in r["cpu_by_process"].items():
                     if cpu >= 0.05:

@@ -95,9 +95,10 @@ def _preprocess(config: PreprocessConfig, out: shards.Output, fp: str, summary: 
             writes_plan = config.mode == "extend" and not pending
             # The lease settles (WriterLease.confirm) while the first shards already run when that is
             # safe: each shard task waits out the settle delay itself before its commit-time lease check,
-            # so no shard commits earlier than before. Ray start-up already covers the delay; an extend
-            # must store its plan before any shard can commit.
-            early = isinstance(executor, LocalExecutor) and not writes_plan
+            # so no shard commits earlier than before (on a running Ray cluster the 1 s settle delay
+            # otherwise left every CPU idle at the start of the run). An extend must store its plan before
+            # any shard can commit.
+            early = not writes_plan
             if not early:
                 lease.confirm()
                 if writes_plan:
@@ -105,7 +106,7 @@ def _preprocess(config: PreprocessConfig, out: shards.Output, fp: str, summary: 
                         {"start_shard": prep.start_shard, "skip": prep.skip, "config_fingerprint": fp,
                          "owner": lease.owner}))
             if isinstance(executor, RayDataExecutor):
-                _drive_stream(config, executor, first, prep.tasks, lease, summary, t0)
+                _drive_stream(config, executor, first, prep.tasks, lease, summary, t0, unconfirmed=early)
             else:
                 _drive_pool(config, config_dict, executor, first, prep.tasks, lease, summary, t0, unconfirmed=early)
             _settle_held(config, config_dict, executor, lease, summary, t0)
@@ -285,12 +286,15 @@ def _record(task: ShardTask, stats: dict, summary: RunSummary) -> None:
 
 
 def _drive_stream(config: PreprocessConfig, executor: RayDataExecutor, first: ShardTask,
-                  tasks: Iterator[ShardTask], lease: WriterLease, summary: RunSummary, t0: float) -> None:
+                  tasks: Iterator[ShardTask], lease: WriterLease, summary: RunSummary, t0: float,
+                  unconfirmed: bool = False) -> None:
     """Feed the plan to the Ray Data pipeline in windows; retry failed shards in the next window.
 
-    The lease is confirmed before the first shard (Ray's start-up covers its settle delay). Deadlines
-    travel with each shard as wall-clock times, so the stages themselves stop late shards and, once the
-    watchdog fires, drain the pipeline: every shard of a window comes back, committed or not.
+    Deadlines travel with each shard as wall-clock times, so the stages themselves stop late shards and,
+    once the watchdog fires, drain the pipeline: every shard of a window comes back, committed or not.
+    ``unconfirmed``: as in :func:`_drive_pool`, the first window's shards carry ``commit_not_before`` and
+    the lease is confirmed on the first tick, once the pipeline runs (a lost lease raises
+    :class:`~pipelines.lease.LeaseError` here; no shard commits).
     """
     stop_at = time.time() + config.watchdog_s - (time.monotonic() - t0) if config.watchdog_s else None
     retry: list[tuple[ShardTask, int]] = []
@@ -298,6 +302,10 @@ def _drive_stream(config: PreprocessConfig, executor: RayDataExecutor, first: Sh
     size = window_size(executor, config)
 
     def tick() -> None:
+        nonlocal unconfirmed
+        if unconfirmed:
+            lease.confirm()
+            unconfirmed = False
         lease.renew()
         if stop_at is not None and time.time() >= stop_at and not summary.watchdog_fired:
             log.error("watchdog: %.0fs elapsed, the pipeline drains what is left", time.monotonic() - t0)
@@ -312,6 +320,8 @@ def _drive_stream(config: PreprocessConfig, executor: RayDataExecutor, first: Sh
             break
         for task, _ in window:
             _set_hold(config, task, summary)
+            if unconfirmed:
+                task.commit_not_before = lease.settles_at
         works = [ShardWork(task, attempt, stop_at=stop_at) for task, attempt in window]
         for work in executor.run(works, tick):
             if work.stats is not None and _held(work.task, work.stats, summary):

@@ -5,8 +5,8 @@
 
 An image corpus fetches and decodes in one stage (``fetch_decode``: download threads
 feed CPU threads inside the task, as in the local pool), so its fetched bytes never enter the object store.
-Without model stages every stage runs at the shard's CPUs and Ray Data fuses them into one operator (one
-task per shard, nothing between stages in the object store); model stages split the pipeline into
+Without model stages all stages run in one map at the shard's CPUs (one task per shard, the shard handed
+from stage to stage in memory, Ray itself queues the shards); model stages split the pipeline into
 operators with their own resources, and the stages around them take the shares below.
 
 One Ray Data row is one whole shard (:class:`~pipelines.shard_stages.ShardWork`, pickled): the commit stage
@@ -45,11 +45,13 @@ IO_SHARE = 0.25  # fetch (mostly waiting on the network) and commit (tar, upload
 FETCH_DECODE_SHARE = 0.5
 
 
-def _stage_fn(stage: Callable, config_dict: dict) -> Callable[[dict], dict]:
+def _stage_fn(stages: list[Callable], config_dict: dict) -> Callable[[dict], dict]:
+    """One Ray Data map over a row (a pickled shard) that applies ``stages`` in turn."""
     def apply(row: dict) -> dict:
-        return {"work": shard_stages.run_stage(stage, config_dict, row["work"])}
+        return {"work": shard_stages.run_stages(stages, config_dict, row["work"])}
 
-    apply.__name__ = stage.__name__  # Ray Data names the operator after it: Map(fetch), Map(decode)...
+    # Ray Data names the operator after it: Map(fetch), Map(decode)..., Map(fetch_decode->commit)
+    apply.__name__ = "->".join(s.__name__ for s in stages)
     return apply
 
 
@@ -79,39 +81,47 @@ class RayDataExecutor:
         import ray.data
 
         c, cd = self.config, self.config.to_dict()
-        ctx = ray.data.DataContext.get_current()
+        items = [{"work": pickle.dumps(w, protocol=5)} for w in works]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block (and task) per shard
+        ctx = ds.context  # this Dataset's own copy of the caller's DataContext: the caller's stays as it is
         ctx.enable_progress_bars = bool(c.progress)
         ctx.enable_operator_progress_bars = bool(c.progress)
         ctx.verbose_stats_logs = False
-        items = [{"work": pickle.dumps(w, protocol=5)} for w in works]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))  # one block (and task) per shard
         if c.modality == "image":  # the fetched bytes (~60 MB per 1,000-image shard) never cross the object store
             stages = [(shard_stages.fetch_decode, FETCH_DECODE_SHARE)]
         else:  # video rows fetch (or hash a local file) on a few threads, then decode clip by clip
             stages = [(shard_stages.fetch, IO_SHARE), (shard_stages.decode, DECODE_SHARE)]
         if not c.has_model_stages:
-            # Every stage at the shard's CPUs: Ray Data fuses maps of equal resources into one operator,
-            # Map(fetch_decode)->Map(commit), one task per shard as in the local pool. The samples never cross
-            # the object store, and no task waits on another operator's slot or budget (with split shares,
-            # 10 video shards took 58.9 s in Ray Data against 21.1 s for the whole local-pool run, same load).
-            for stage, _ in stages + [(shard_stages.commit, 1.0)]:
-                ds = ds.map(_stage_fn(stage, cd), num_cpus=c.task_cpus)
-            return ds
+            # Every stage in one task per shard at the shard's CPUs, as in the local pool: Map(fetch_decode->
+            # commit). The samples never cross the object store, and no task waits on another operator's slot
+            # or budget (with split shares, 10 video shards took 58.9 s in Ray Data against 21.1 s for the
+            # whole local-pool run, same load). One map for all stages rather than Ray Data's fusion of one
+            # map per stage, which pickled the shard and copied it through an Arrow block between stages
+            # (~0.1 CPU-s per 1,000-image shard). One operator has nothing to share resources with, and
+            # Ray Data's per-operator budget cost CPUs here: it is zero until the autoscaling coordinator's
+            # first answer (refreshed once a second), so the second shard started 1-2 s after the first, and
+            # the executor's 0.1 s polling left a CPU idle 0.1-0.2 s between shards (`ray.timeline()`,
+            # 10k-image benchmark). Without it the window's shards queue in Ray itself, which starts each as
+            # a CPU frees up.
+            ctx.op_resource_reservation_enabled = False
+            return ds.map(_stage_fn([stage for stage, _ in stages] + [shard_stages.commit], cd),
+                          num_cpus=c.task_cpus)
         for stage, share in stages:
-            ds = ds.map(_stage_fn(stage, cd), num_cpus=share * c.task_cpus)
+            ds = ds.map(_stage_fn([stage], cd), num_cpus=share * c.task_cpus)
         from pipelines.model_stages import add_model_stages
 
         ds = add_model_stages(ds, c, cpus_in_cluster=self.cpus, gpus_in_cluster=self.gpus)
-        return ds.map(_stage_fn(shard_stages.commit, cd), num_cpus=IO_SHARE * c.task_cpus)
+        return ds.map(_stage_fn([shard_stages.commit], cd), num_cpus=IO_SHARE * c.task_cpus)
 
     def stage_summary(self) -> dict[str, dict]:
-        """Per operator: shards, task and wall seconds; a fused operator (``Map(a)->Map(b)``, Ray Data's name)
-        also carries the task seconds each of its stages measured itself, under ``stages``."""
+        """Per operator: shards, task and wall seconds; an operator of several stages (``Map(a->b)``, one map,
+        or ``Map(a)->Map(b)``, fused by Ray Data) also carries the task seconds each stage measured itself,
+        under ``stages``."""
         out = {name: dict(op) for name, op in self.stages.items()}
         for name, op in out.items():
             if "->" in name:
-                op["stages"] = {s: self.stage_task_s[s] for s in re.findall(r"Map\((\w+)\)", name)
-                                if s in self.stage_task_s}
+                op["stages"] = {s: self.stage_task_s[s] for s in re.findall(r"\w+", name)
+                                if s != "Map" and s in self.stage_task_s}
         return out
 
     def run(self, works: list[ShardWork], tick: Callable[[], None]) -> Iterator[ShardWork]:

@@ -101,3 +101,44 @@ def test_early_task_checks_the_lease_only_after_it_settled(tmp_path):
     task.commit_not_before, task.lease_owner = 0.0, mine.owner
     stats = run_shard(cfg.to_dict(), task)
     assert stats["successes"] == 1 and (out / "train-000000_stats.json").exists()
+
+
+def test_ray_run_that_loses_the_lease_while_it_settles_commits_nothing(tmp_path, monkeypatch, ray_local):
+    """The Ray Data path also starts shards before the lease has settled (on a running cluster the settle
+    delay idled every CPU), so a shard task waits out the settle time before its commit-time lease check.
+    A rival that writes the lease inside the settle window, once a shard has its tar staged (ready to
+    commit), wins: the driver stops with LeaseError and no shard commits."""
+    from pipelines.run import preprocess
+
+    man = tmp_path / "m.jsonl"
+    with man.open("w") as f:
+        for i in range(2):
+            (tmp_path / f"{i}.jpg").write_bytes(make_jpeg(64, 48, seed=i))
+            f.write(f'{{"url": "{tmp_path / f"{i}.jpg"}", "caption": "c{i}"}}\n')
+    cfg = dict(manifest=[str(man)], samples_per_shard=1, threads=1, executor="ray", progress=False)
+    # Ray Data's first run in a process starts its actors and worker imports (seconds): not part of this test
+    assert preprocess(PreprocessConfig(output=str(tmp_path / "warm"), **cfg)).shards_written == [0, 1]
+    out = tmp_path / "out"
+    acquire, rivals = WriterLease.acquire, []
+
+    def acquire_then_rival(self, force=False, settle=True):
+        if rivals:  # the rival's own acquire
+            return acquire(self, force=force, settle=settle)
+        self.settle_s = 4.0
+        acquire(self, force=force, settle=settle)
+        ends = time.monotonic() + self.settle_s - 0.5
+
+        def rival() -> None:  # a shard staged its tar: write the lease while that shard waits to commit
+            while not list(out.glob(".staging-*/*.tar")) and not list(out.glob("*_stats.json")) \
+                    and time.monotonic() < ends:
+                time.sleep(0.005)
+            WriterLease(self.out).acquire(force=True, settle=False)
+
+        rivals.append(threading.Thread(target=rival))
+        rivals[0].start()
+
+    monkeypatch.setattr(WriterLease, "acquire", acquire_then_rival)
+    with pytest.raises(LeaseError, match="lost the writer lease"):
+        preprocess(PreprocessConfig(output=str(out), **cfg))
+    rivals[0].join()
+    assert not list(out.glob("*_stats.json")) and not list(out.glob("*.tar"))
