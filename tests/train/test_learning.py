@@ -80,7 +80,8 @@ def _seed_run(corpora: dict, seed: int) -> dict:
             "v2t_r1": s["eval/txt_r1"], "v2t_r1_itc": s["eval/itc_txt_r1"],
             "v2t_r5": s["eval/txt_r5"], "v2t_r5_itc": s["eval/itc_txt_r5"],
             "itm_acc_pretrain": pre.get("itm_acc", float("nan")), "itm_acc": s.get("itm_acc", float("nan")),
-            "itm_loss_pretrain": pre.get("loss/itm", float("nan")), "itm_loss": s.get("loss/itm", float("nan"))}
+            "itm_loss_pretrain": pre.get("loss/itm", float("nan")), "itm_loss": s.get("loss/itm", float("nan")),
+            "itm_hard_pair_acc": s["eval/itm_hard_pair_acc"], "itm_hard_acc": s["eval/itm_hard_acc"]}
 
 
 @pytest.mark.timeout(2400)   # 3 seeds at the demo's budget: ~8-13 min on 2 quiet cores, past the default 900 s under load
@@ -100,11 +101,14 @@ def test_pretrain_then_retrieval_learns_far_above_chance(corpora, monkeypatch, c
               f"{5 * chance:.1f} %), {PRETRAIN_STEPS} pretraining + {RETRIEVAL_STEPS} retrieval steps of 32 clips; "
               "re-ranked (ITC alone)")
         print(f"{'seed':>4s} {'t2v R@1':>13s} {'t2v R@5':>13s} {'v2t R@1':>13s} {'v2t R@5':>13s} "
-              f"{'ITM acc pre/ret':>16s} {'ITM loss pre/ret':>17s}")
+              f"{'ITM acc pre/ret':>16s} {'ITM loss pre/ret':>17s} {'held-out hard pairs: ITM ranks own / acc':>41s}")
         for r in rows:
             cells = " ".join(f"{r[k]:5.1f} ({r[k + '_itc']:5.1f})" for k in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5"))
             print(f"{r['seed']:4d} {cells} {r['itm_acc_pretrain']:8.3f}/{r['itm_acc']:.3f} "
-                  f"{r['itm_loss_pretrain']:11.3f}/{r['itm_loss']:.3f}")
+                  f"{r['itm_loss_pretrain']:11.3f}/{r['itm_loss']:.3f} "
+                  f"{r['itm_hard_pair_acc']:33.1f} / {r['itm_hard_acc']:.1f}")
+        print("held-out hard pairs: each caption with its own clip and ITC's 2 nearest wrong clips; chance: own "
+              "ranked first 50 %, argmax accuracy 66.7 % (always 'no match')")
     t2v = [r["t2v_r1"] for r in rows]
     # issue 14's bars, all met (2026-12-02, docs/benchmarks.md): t2v R@1 43.1 / 19.4 / 41.7 %
     assert statistics.median(t2v) >= 25.0, rows                  # >= 18x chance on 72 clips
