@@ -125,6 +125,13 @@ def test_pretrain_then_retrieval_learns_far_above_chance(corpora, monkeypatch, c
     # 0.635): on such pairs a useful re-ranker is unsure, and R@1 above is the measure of it
     assert statistics.median(r["itm_loss_pretrain"] for r in rows) < 0.55, rows
     assert statistics.median(r["itm_loss"] for r in rows) < 0.60, rows
+    # ITM as the re-ranker it is used as, on held-out clips (issue 14g): each caption's own clip against ITC's 2
+    # nearest wrong clips (differing in shape and / or direction), % of pairs ITM ranks right; chance 50 %, and
+    # 144 pairs give a binomial std of 4.2 points, so 60 is 2.4 std above chance. It replaces the training batch's
+    # itm_acc > 0.717 as the evidence that ITM learnt: that figure scores in-batch negatives of training clips,
+    # which ITM can memorise (in-memory runs: 67-88 % on training clips against 49-59 % held out,
+    # docs/benchmarks.md) and which are rarely a single attribute away. Measured 62.5 / 38.9 / 62.5.
+    assert statistics.median(r["itm_hard_pair_acc"] for r in rows) >= 60.0, rows
     # the export carries the trained ITC/ITM heads, so inference embeddings are the ones evaluation ranked with
     from mplug2.inference import Predictor
 
