@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mplug2.eval.retrieval_metrics import hard_pair_wrong_items, itm_hard_pair_metrics, retrieval_recall
+from mplug2.eval.retrieval_metrics import (hard_pair_itc, hard_pair_wrong_items, itm_hard_pair_metrics,
+                                          retrieval_recall)
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.objectives.pretrain import MPLUG2Pretrainer, PretrainConfig
 
@@ -192,5 +193,5 @@ def evaluate_retrieval(retriever: Retriever, pixels: Tensor, input_ids: Tensor, 
     out = retrieval_recall(s.i2t, text_to_item, sim_t2i=s.t2i)
     out.update({f"itc_{key}": v for key, v in retrieval_recall(s.itc_i2t, text_to_item).items()})
     if hard is not None:
-        out.update(itm_hard_pair_metrics(hard))
+        out.update(itm_hard_pair_metrics(hard, hard_pair_itc(s.itc_i2t, text_to_item)))
     return out
