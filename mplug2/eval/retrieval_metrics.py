@@ -76,10 +76,10 @@ def hard_pair_wrong_items(sim_i2t: torch.Tensor, text_to_item: Sequence[int], ha
     """(N_texts, hard): for each text, the ``hard`` items ITC finds most similar that are not its own item —
     the near-identical candidates an ITM re-ranker exists for."""
     sim = sim_i2t.float().t().clone()                     # (texts, items)
-    own = torch.as_tensor(list(text_to_item), dtype=torch.long)
+    own = torch.as_tensor(list(text_to_item), dtype=torch.long, device=sim.device)
     if hard >= sim.shape[1]:
         raise ValueError(f"hard pairs need more than {hard} items, got {sim.shape[1]}")
-    sim[torch.arange(sim.shape[0]), own] = float("-inf")
+    sim[torch.arange(sim.shape[0], device=sim.device), own] = float("-inf")
     return sim.topk(hard, dim=1).indices
 
 
@@ -87,7 +87,7 @@ def hard_pair_itc(sim_i2t: torch.Tensor, text_to_item: Sequence[int], hard: int 
     """(N_texts, 1 + hard) ITC similarity of each text with its own item and its ``hard`` nearest wrong items,
     laid out as :func:`itm_hard_pair_metrics` reads them."""
     sim = sim_i2t.float().t()                              # (texts, items)
-    own = torch.as_tensor(list(text_to_item), dtype=torch.long)[:, None]
+    own = torch.as_tensor(list(text_to_item), dtype=torch.long, device=sim.device)[:, None]
     return sim.gather(1, torch.cat([own, hard_pair_wrong_items(sim_i2t, text_to_item, hard)], 1))
 
 
@@ -96,7 +96,7 @@ def itm_hard_pair_metrics(logp_match, itc_sim=None) -> dict[str, float]:
     its own item (column 0) and with ITC's hardest wrong items (:func:`hard_pair_wrong_items`).
 
     ``itm_hard_pair_acc``: % of (own, wrong) pairs where ITM scores the own item higher — what re-ranking uses,
-    threshold-free; chance 50 %. ``itm_hard_acc``: argmax accuracy on all those pairs, as the training batch's
+    threshold-free; a random head scores 50 %. ``itm_hard_acc``: argmax accuracy on all those pairs, as the training batch's
     ``itm_acc`` on 1 positive : ``hard`` negatives; always answering "no match" scores hard / (1 + hard).
     Harder than the training figure: the negatives are ITC's nearest neighbours among held-out items, which
     mostly differ from the own item in one attribute, where training batches rarely hold such a neighbour.
