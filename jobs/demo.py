@@ -264,6 +264,10 @@ def results_table(results: dict[str, Any], eval_items: int, qa_chance_pct: float
         (f"ITM accuracy, pretraining (%) {ITM_NOTE}", pct(pre.get(ITM_ACC)), "66.7 (always 'no match')"),
         (f"ITM acc., retrieval, hard (%) {ITM_NOTE}", pct(ret_train.get(ITM_ACC)), "66.7 (always 'no match')"),
         (f"ITM loss ×100, retrieval {ITM_NOTE}", pct(ret_train.get(ITM_LOSS)), "63.6 (always 'no match')"),
+        # held out: each caption with its own clip and ITC's 2 nearest wrong clips (what re-ranking must tell apart)
+        ("ITM held-out hard pairs: own first (%)", ret.get("itm_hard_pair_acc"), "50.0 (a random head)"),
+        ("ITC on the same pairs: own first (%)", ret.get("itc_hard_pair_acc"), "50.0 (a random head)"),
+        ("ITM held-out hard pairs: accuracy (%)", ret.get("itm_hard_acc"), "66.7 (always 'no match')"),
         ("caption CIDEr (pycocoevalcap)", None if cap.get("CIDEr") is None else 100 * cap["CIDEr"], "—"),
         ("caption BLEU-4", None if cap.get("Bleu_4") is None else 100 * cap["Bleu_4"], "—"),
         ("QA accuracy (exact match, %)", qa.get("accuracy"),

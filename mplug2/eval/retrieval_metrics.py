@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["retrieval_ranks", "recall_at_k", "retrieval_recall"]
+__all__ = ["retrieval_ranks", "recall_at_k", "retrieval_recall", "hard_pair_wrong_items", "hard_pair_itc",
+           "itm_hard_pair_metrics"]
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -68,4 +69,50 @@ def retrieval_recall(sim_i2t, text_to_item: Sequence[int], ks: Sequence[int] = (
     out["txt_r_mean"] = float(np.mean([out[f"txt_r{k}"] for k in ks]))
     out["img_r_mean"] = float(np.mean([out[f"img_r{k}"] for k in ks]))
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def hard_pair_wrong_items(sim_i2t: torch.Tensor, text_to_item: Sequence[int], hard: int = 2) -> torch.Tensor:
+    """(N_texts, hard): for each text, the ``hard`` items ITC finds most similar that are not its own item —
+    the near-identical candidates an ITM re-ranker exists for."""
+    sim = sim_i2t.float().t().clone()                     # (texts, items)
+    own = torch.as_tensor(list(text_to_item), dtype=torch.long, device=sim.device)
+    if hard >= sim.shape[1]:
+        raise ValueError(f"hard pairs need more than {hard} items, got {sim.shape[1]}")
+    sim[torch.arange(sim.shape[0], device=sim.device), own] = float("-inf")
+    return sim.topk(hard, dim=1).indices
+
+
+def hard_pair_itc(sim_i2t: torch.Tensor, text_to_item: Sequence[int], hard: int = 2) -> torch.Tensor:
+    """(N_texts, 1 + hard) ITC similarity of each text with its own item and its ``hard`` nearest wrong items,
+    laid out as :func:`itm_hard_pair_metrics` reads them."""
+    sim = sim_i2t.float().t()                              # (texts, items)
+    own = torch.as_tensor(list(text_to_item), dtype=torch.long, device=sim.device)[:, None]
+    return sim.gather(1, torch.cat([own, hard_pair_wrong_items(sim_i2t, text_to_item, hard)], 1))
+
+
+def itm_hard_pair_metrics(logp_match, itc_sim=None) -> dict[str, float]:
+    """ITM on held-out hard pairs, from ``logp_match`` (N_texts, 1 + hard): ``log p(match)`` of each text with
+    its own item (column 0) and with ITC's hardest wrong items (:func:`hard_pair_wrong_items`).
+
+    ``itm_hard_pair_acc``: % of (own, wrong) pairs where ITM scores the own item higher — what re-ranking uses,
+    threshold-free; a random head scores 50 %. ``itm_hard_acc``: argmax accuracy on all those pairs, as the training batch's
+    ``itm_acc`` on 1 positive : ``hard`` negatives; always answering "no match" scores hard / (1 + hard).
+    Harder than the training figure: the negatives are ITC's nearest neighbours among held-out items, which
+    mostly differ from the own item in one attribute, where training batches rarely hold such a neighbour.
+    ``itc_sim`` (:func:`hard_pair_itc`) adds ``itc_hard_pair_acc``, ITC's own figure on the same pairs: the pairs
+    are ITC's confusions, so a head that copies ITC scores that, not 50 %; ITM above it is what re-ranking adds.
+    """
+    lp = torch.as_tensor(_as_numpy(logp_match))
+    if lp.dim() != 2 or lp.shape[1] < 2:
+        raise ValueError(f"logp_match must be (N_texts, 1 + hard), got {tuple(lp.shape)}")
+    half = float(np.log(0.5))
+    pair = (lp[:, :1] > lp[:, 1:]).float().mean().item()
+    argmax = torch.cat([(lp[:, 0] > half).float(), (lp[:, 1:] <= half).float().flatten()]).mean().item()
+    out = {"itm_hard_pair_acc": 100.0 * pair, "itm_hard_acc": 100.0 * argmax}
+    if itc_sim is not None:
+        sim = torch.as_tensor(_as_numpy(itc_sim))
+        if sim.shape != lp.shape:
+            raise ValueError(f"itc_sim must match logp_match's shape {tuple(lp.shape)}, got {tuple(sim.shape)}")
+        out["itc_hard_pair_acc"] = 100.0 * (sim[:, :1] > sim[:, 1:]).float().mean().item()
     return out

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mplug2.eval.retrieval_metrics import retrieval_recall
+from mplug2.eval.retrieval_metrics import (hard_pair_itc, hard_pair_wrong_items, itm_hard_pair_metrics,
+                                          retrieval_recall)
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.objectives.pretrain import MPLUG2Pretrainer, PretrainConfig
 
@@ -117,13 +118,21 @@ class Retriever(nn.Module):
     def predict(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor,
                 k: int | None = None) -> RetrievalScores:
         """Score every item against every text: ITC over all pairs, ITM re-rank of each query's top-k."""
+        return self._predict(pixels, input_ids, attention_mask, k)[0]
+
+    def _predict(self, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor, k: int | None = None,
+                 text_to_item: Sequence[int] | None = None) -> tuple[RetrievalScores, Tensor | None]:
+        """:meth:`predict`, plus :meth:`hard_pair_logp` of every text when ``text_to_item`` is given."""
         was_training = self.training
         self.eval()
         try:
             vis, vmask, f_v, text, f_t = self.encode(pixels, input_ids, attention_mask)
             sim = f_v.float() @ f_t.float().t()
             i2t, t2i = self.rerank(sim, vis, vmask, text, attention_mask, range(sim.shape[0]), range(sim.shape[1]), k)
-            return RetrievalScores(itc_i2t=sim, i2t=i2t, t2i=t2i)
+            hard = None
+            if text_to_item is not None:
+                hard = self.hard_pair_logp(sim, vis, vmask, text, attention_mask, range(sim.shape[1]), text_to_item)
+            return RetrievalScores(itc_i2t=sim, i2t=i2t, t2i=t2i), hard
         finally:
             self.train(was_training)
 
@@ -150,6 +159,22 @@ class Retriever(nn.Module):
             t2i[r, top] = rerank_score(logits, top_sim, temp).to(sim.dtype)
         return i2t, t2i
 
+    @torch.no_grad()
+    def hard_pair_logp(self, sim: Tensor, vis: Tensor, vmask: Tensor, text: Tensor, tmask: Tensor,
+                       text_rows: Sequence[int], text_to_item: Sequence[int], hard: int = 2) -> Tensor:
+        """ITM ``log p(match)`` of each given text with its own item (column 0) and with ITC's ``hard`` most
+        similar wrong items: ``(len(text_rows), 1 + hard)``, for
+        :func:`~mplug2.eval.retrieval_metrics.itm_hard_pair_metrics`."""
+        rows = list(text_rows)
+        if not rows:   # a rank without queries of its own
+            return torch.empty(0, 1 + hard, device=sim.device)
+        own = torch.as_tensor([text_to_item[j] for j in rows], dtype=torch.long, device=sim.device)
+        wrong = hard_pair_wrong_items(sim, text_to_item, hard).to(sim.device)[rows]
+        items = torch.cat([own[:, None], wrong], 1).flatten()
+        texts = torch.as_tensor(rows, dtype=torch.long, device=sim.device).repeat_interleave(1 + hard)
+        logits = self._chunked_itm(vis[items], vmask[items], text[texts], tmask[texts])
+        return torch.log_softmax(logits, dim=-1)[:, 1].view(len(rows), 1 + hard)
+
     def _chunked_itm(self, vis, vmask, text, tmask) -> Tensor:
         bs = self.cfg.batch_size
         return torch.cat([self.itm_logits(vis[i:i + bs], vmask[i:i + bs], text[i:i + bs], tmask[i:i + bs])
@@ -158,11 +183,15 @@ class Retriever(nn.Module):
 
 def evaluate_retrieval(retriever: Retriever, pixels: Tensor, input_ids: Tensor, attention_mask: Tensor,
                        text_to_item: Sequence[int], k: int | None = None) -> dict[str, float]:
-    """R@1/5/10 in both directions for the re-ranked scores, plus the ITC-only figures (``itc_`` prefix).
+    """R@1/5/10 in both directions for the re-ranked scores, plus the ITC-only figures (``itc_`` prefix) and
+    ITM on held-out hard pairs (:func:`~mplug2.eval.retrieval_metrics.itm_hard_pair_metrics`).
 
     ``text_to_item[j]`` is the item (row of ``pixels``) that text j describes; items may own several texts.
     """
-    s = retriever.predict(pixels, input_ids, attention_mask, k=k)
+    s, hard = retriever._predict(pixels, input_ids, attention_mask, k=k,
+                                 text_to_item=text_to_item if len(pixels) > 2 else None)
     out = retrieval_recall(s.i2t, text_to_item, sim_t2i=s.t2i)
     out.update({f"itc_{key}": v for key, v in retrieval_recall(s.itc_i2t, text_to_item).items()})
+    if hard is not None:
+        out.update(itm_hard_pair_metrics(hard, hard_pair_itc(s.itc_i2t, text_to_item)))
     return out

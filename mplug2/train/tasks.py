@@ -119,7 +119,7 @@ def _build_retrieval(cfg: RunConfig, model: MPLUG2, tokenizer, world_size: int) 
 def _evaluate_retrieval(task: nn.Module, data: EvalSet, ctx: EvalContext) -> dict[str, float]:
     """Each rank encodes its items and their texts; features are gathered; each rank re-ranks the queries
     of its own items; the re-ranked rows are gathered; every rank computes the same recalls."""
-    from mplug2.eval.retrieval_metrics import retrieval_recall
+    from mplug2.eval.retrieval_metrics import hard_pair_itc, itm_hard_pair_metrics, retrieval_recall
 
     dev = ctx.device or next(task.parameters()).device
     texts = [c for caps in data.captions for c in caps]
@@ -156,6 +156,11 @@ def _evaluate_retrieval(task: nn.Module, data: EvalSet, ctx: EvalContext) -> dic
     t2i = torch.stack(_by_position([(r[2], list(r[3])) for r in rows]))
     out = retrieval_recall(i2t, text_to_item, sim_t2i=t2i)
     out.update({f"itc_{key}": v for key, v in retrieval_recall(sim.cpu(), text_to_item).items()})
+    if len(items) > 2:   # ITM on held-out hard pairs: each rank its own texts, gathered
+        logp = task.hard_pair_logp(sim, g_vis, g_vmask, g_text, g_tmask, my_texts, text_to_item)
+        itc = hard_pair_itc(sim.cpu(), text_to_item)[my_texts]
+        parts = gather((logp.cpu(), itc))
+        out.update(itm_hard_pair_metrics(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
     return {key: float(v) for key, v in out.items()}
 
 

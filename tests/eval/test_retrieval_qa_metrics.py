@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mplug2.eval.qa_metrics import exact_match_accuracy, normalize_vqa_answer, vqa_accuracy, vqa_score
-from mplug2.eval.retrieval_metrics import retrieval_ranks, retrieval_recall
+from mplug2.eval.retrieval_metrics import (hard_pair_itc, hard_pair_wrong_items, itm_hard_pair_metrics,
+                                          retrieval_ranks, retrieval_recall)
 
 
 def test_identity_matrix_is_perfect():
@@ -76,3 +77,28 @@ def test_separate_text_to_item_matrix():
     assert r["txt_r1"] == 100.0 and r["img_r1"] == pytest.approx(200 / 3)
     with pytest.raises(ValueError, match="sim_t2i"):
         retrieval_recall(sim_i2t, [0, 1, 2], sim_t2i=np.eye(2))
+
+
+def test_hard_pairs_are_itcs_nearest_wrong_items_and_scored_by_rank_and_by_argmax():
+    # items x texts; items 0 and 1 both own text columns (1 owns two), item 2 owns the last
+    sim = torch.tensor([[0.9, 0.8, 0.1, 0.5],
+                        [0.7, 0.6, 0.7, 0.4],
+                        [0.2, 0.9, 0.3, 0.8]])
+    wrong = hard_pair_wrong_items(sim, [0, 1, 1, 2], hard=2)
+    assert wrong.tolist() == [[1, 2], [2, 0], [2, 0], [0, 1]]   # never the text's own item
+    with pytest.raises(ValueError):
+        hard_pair_wrong_items(sim, [0, 1, 1, 2], hard=3)
+    logp = torch.log(torch.tensor([[0.6, 0.2, 0.3],      # own first, all three on the right side of 0.5
+                                   [0.4, 0.45, 0.1]]))   # one of two pairs ranked right; "no match" to its own
+    m = itm_hard_pair_metrics(logp)
+    assert m["itm_hard_pair_acc"] == pytest.approx(75.0) and m["itm_hard_acc"] == pytest.approx(500 / 6)
+    # a head that always answers "no match" scores the 1:2 prior on argmax and cannot rank own above wrong
+    never = itm_hard_pair_metrics(torch.log(torch.full((4, 3), 0.1)))
+    assert never["itm_hard_acc"] == pytest.approx(200 / 3) and never["itm_hard_pair_acc"] == 0.0
+    # ITC's own figure on its own hardest pairs: texts 0, 2, 3 rank their item first, text 1 (0.6 < 0.9) does not
+    itc = hard_pair_itc(sim, [0, 1, 1, 2])
+    torch.testing.assert_close(itc, torch.tensor([[0.9, 0.7, 0.2], [0.6, 0.9, 0.8], [0.7, 0.3, 0.1], [0.8, 0.5, 0.4]]))
+    m = itm_hard_pair_metrics(torch.zeros(4, 3), itc)
+    assert m["itc_hard_pair_acc"] == pytest.approx(100 * 6 / 8)
+    with pytest.raises(ValueError):
+        itm_hard_pair_metrics(torch.zeros(4, 3), itc[:, :2])

@@ -143,6 +143,8 @@ def test_retrieval_finetune_then_rerank_recovers_pairs(tok):
     assert (torch.isneginf(scores.i2t).sum(1) == 1).all()  # k=3 of 4 re-ranked per row
     metrics = evaluate_retrieval(ret, batch["pixels"], enc["input_ids"], enc["attention_mask"], [0, 1, 2, 3], k=3)
     assert metrics["txt_r1"] == metrics["img_r1"] == 100.0 and metrics["itc_txt_r1"] == 100.0
+    # ITM on each caption's own clip against ITC's two nearest wrong clips: the trained head ranks its own first
+    assert metrics["itm_hard_pair_acc"] == 100.0 and 0.0 <= metrics["itm_hard_acc"] <= 100.0
 
 
 def test_rerank_score_keeps_itc_order_under_a_flat_itm_head_and_combines_both_heads_on_one_scale():

@@ -80,7 +80,9 @@ def _seed_run(corpora: dict, seed: int) -> dict:
             "v2t_r1": s["eval/txt_r1"], "v2t_r1_itc": s["eval/itc_txt_r1"],
             "v2t_r5": s["eval/txt_r5"], "v2t_r5_itc": s["eval/itc_txt_r5"],
             "itm_acc_pretrain": pre.get("itm_acc", float("nan")), "itm_acc": s.get("itm_acc", float("nan")),
-            "itm_loss_pretrain": pre.get("loss/itm", float("nan")), "itm_loss": s.get("loss/itm", float("nan"))}
+            "itm_loss_pretrain": pre.get("loss/itm", float("nan")), "itm_loss": s.get("loss/itm", float("nan")),
+            "itm_hard_pair_acc": s["eval/itm_hard_pair_acc"], "itm_hard_acc": s["eval/itm_hard_acc"],
+            "itc_hard_pair_acc": s["eval/itc_hard_pair_acc"]}
 
 
 @pytest.mark.timeout(2400)   # 3 seeds at the demo's budget: ~8-13 min on 2 quiet cores, past the default 900 s under load
@@ -101,11 +103,14 @@ def test_pretrain_then_retrieval_learns_far_above_chance(corpora, monkeypatch, c
               f"{5 * chance:.1f} %), {PRETRAIN_STEPS} pretraining + {RETRIEVAL_STEPS} retrieval steps of 32 clips; "
               "re-ranked (ITC alone)")
         print(f"{'seed':>4s} {'t2v R@1':>13s} {'t2v R@5':>13s} {'v2t R@1':>13s} {'v2t R@5':>13s} "
-              f"{'ITM acc pre/ret':>16s} {'ITM loss pre/ret':>17s}")
+              f"{'ITM acc pre/ret':>16s} {'ITM loss pre/ret':>17s} {'held-out hard pairs: own first ITM (ITC) / ITM acc':>51s}")
         for r in rows:
             cells = " ".join(f"{r[k]:5.1f} ({r[k + '_itc']:5.1f})" for k in ("t2v_r1", "t2v_r5", "v2t_r1", "v2t_r5"))
             print(f"{r['seed']:4d} {cells} {r['itm_acc_pretrain']:8.3f}/{r['itm_acc']:.3f} "
-                  f"{r['itm_loss_pretrain']:11.3f}/{r['itm_loss']:.3f}")
+                  f"{r['itm_loss_pretrain']:11.3f}/{r['itm_loss']:.3f} "
+                  f"{r['itm_hard_pair_acc']:34.1f} ({r['itc_hard_pair_acc']:4.1f}) / {r['itm_hard_acc']:.1f}")
+        print("held-out hard pairs: each caption with its own clip and ITC's 2 nearest wrong clips; own ranked first "
+              "by a random head 50 %; ITM argmax accuracy: 66.7 % always 'no match'")
     t2v = [r["t2v_r1"] for r in rows]
     # issue 14's bars, all met (2026-12-02, docs/benchmarks.md): t2v R@1 43.1 / 19.4 / 41.7 %
     assert statistics.median(t2v) >= 25.0, rows                  # >= 18x chance on 72 clips
@@ -122,6 +127,16 @@ def test_pretrain_then_retrieval_learns_far_above_chance(corpora, monkeypatch, c
     # 0.635): on such pairs a useful re-ranker is unsure, and R@1 above is the measure of it
     assert statistics.median(r["itm_loss_pretrain"] for r in rows) < 0.55, rows
     assert statistics.median(r["itm_loss"] for r in rows) < 0.60, rows
+    # ITM as the re-ranker it is used as, on held-out clips (issue 14g): each caption's own clip against ITC's 2
+    # nearest wrong clips (differing in shape and / or direction), % of pairs ITM ranks right; a random head scores
+    # 50 %, and 144 pairs give a binomial std of 4.2 points, so 60 is 2.4 std above it; on the same pairs (ITC's
+    # confusions) ITC itself scores less, and ITM above ITC there is what re-ranking adds. These replace the
+    # training batch's itm_acc > 0.717 as the evidence that ITM learnt: that figure scores in-batch negatives of
+    # training clips, which ITM can memorise (in-memory runs: 67-88 % on training clips against 49-59 % held out,
+    # docs/benchmarks.md) and which are rarely a single attribute away. Measured: ITM 62.5 / 38.9 / 62.5 %,
+    # ITC on the same pairs 58.3 / 27.1 / 50.7 % (bars set after seeds 0-1 had been measured).
+    assert statistics.median(r["itm_hard_pair_acc"] for r in rows) >= 60.0, rows
+    assert statistics.median(r["itm_hard_pair_acc"] - r["itc_hard_pair_acc"] for r in rows) > 0.0, rows
     # the export carries the trained ITC/ITM heads, so inference embeddings are the ones evaluation ranked with
     from mplug2.inference import Predictor
 
