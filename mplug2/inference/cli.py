@@ -87,14 +87,19 @@ def _device(args: argparse.Namespace) -> str:
     return device
 
 
+def _load(args: argparse.Namespace, load):
+    """``load(device)``; a model folder that cannot be loaded is one line (exit 1), never a traceback."""
+    device = _device(args)
+    try:
+        return load(device)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        raise SystemExit(f"{args.cmd}: cannot load the model folder {args.model}: {' '.join(str(exc).split())}")
+
+
 def _predictor(args: argparse.Namespace):
     from mplug2.inference.predictor import Predictor
 
-    device = _device(args)
-    try:
-        return Predictor.load(args.model, device=device, num_frames=args.frames)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        raise SystemExit(f"{args.cmd}: cannot load the model folder {args.model}: {' '.join(str(exc).split())}")
+    return _load(args, lambda device: Predictor.load(args.model, device=device, num_frames=args.frames))
 
 
 def _options(args: argparse.Namespace, predictor):
@@ -109,14 +114,10 @@ def _options(args: argparse.Namespace, predictor):
 
 
 def _task_predictor(args: argparse.Namespace, task: str):
-    """A fine-tuned task's export (classification, grounding); a folder that is not one is one line, exit 2."""
+    """A fine-tuned task's export (classification, grounding)."""
     from mplug2.inference.task_predictor import TaskPredictor
 
-    device = _device(args)
-    try:
-        return TaskPredictor.load(args.model, task, device=device, num_frames=getattr(args, "frames", None))
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
-        raise SystemExit(f"{args.cmd}: cannot load the model folder {args.model}: {' '.join(str(exc).split())}")
+    return _load(args, lambda device: TaskPredictor.load(args.model, task, device=device, num_frames=args.frames))
 
 
 def _top(probs: torch.Tensor, classes: Sequence[str], k: int) -> dict:
@@ -201,13 +202,15 @@ def cmd_ground(args: argparse.Namespace) -> int:
 
     def run(_, batch):
         said = [expression_of(pos) for pos in batch.positions]
-        boxes = tp.ground(batch.pixels, said)
+        still = [i for i, media in enumerate(batch.items) if media.modality == "image"]
+        boxes = dict(zip(still, tp.ground(batch.pixels[still], [said[i] for i in still]).tolist())) if still else {}
         rows = []
-        for media, expression, (x1, y1, x2, y2) in zip(batch.items, said, boxes.tolist()):
-            if media.modality != "image":
+        for i, (media, expression) in enumerate(zip(batch.items, said)):
+            if i not in boxes:
                 rows.append({"error": {"reason": "invalid_input",
                                        "message": "grounding takes still images; extract a frame of the video"}})
                 continue
+            x1, y1, x2, y2 = boxes[i]
             m = media.meta        # the pipeline's resize: written size, and the user's image size
             w, h = m["width"], m["height"]
             box = source_box((x1 * w, y1 * h, (x2 - x1) * w, (y2 - y1) * h), m["original_width"],

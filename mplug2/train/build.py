@@ -167,7 +167,6 @@ def load_init(task: nn.Module, url: str) -> dict[str, int]:
     return {"loaded": len(loaded), "new": len(new), "skipped": len(skipped)}
 
 
-
 @dataclass
 class ExportedTask:
     """A fine-tuning run's export rebuilt as its task module (eval mode), with the config it was built from and
