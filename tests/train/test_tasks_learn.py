@@ -56,9 +56,28 @@ def _shard(root: Path, corpora: dict[str, tuple[Path, str, str]]) -> dict[str, s
     return out
 
 
+def _selected_configs(request: pytest.FixtureRequest) -> list[str]:
+    """The configs of this module's selected tests, in order, each once."""
+    configs = [_config_of(item) for item in request.session.items if item.module is request.module]
+    return [c for c in dict.fromkeys(configs) if c]
+
+
+def _qa_corpora(root: Path) -> dict:
+    """The video QA corpora (one question per clip), made and sharded; ``setup`` runs this in a process of its
+    own beside the single-threaded shared pretraining, which leaves the second core idle."""
+    from pipelines.synthetic import make_qa_corpus
+
+    media = root / "media"
+    corpora = {"qa": (make_qa_corpus(media, 384, seed=2, num_frames=8, size=48), "video", "train"),
+               "qa_eval": (make_qa_corpus(media, 48, seed=9, num_frames=8, size=48, split="eval", distinct=True),
+                           "video", "eval")}
+    return {"manifests": {k: v[0] for k, v in corpora.items()}, **_shard(root, corpora)}
+
+
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """Shards of the video and image corpora (train and held-out) and one pretrained checkpoint on them."""
+def setup(request, tmp_path_factory):
+    """Shards of the video and image corpora (train and held-out) and one pretrained checkpoint on them; the QA
+    corpora too (``qa_corpora``: their paths, or None) when a QA test is selected."""
     from pipelines.synthetic import make_image_corpus, make_video_corpus
 
     root = tmp_path_factory.mktemp("tasks")
@@ -74,16 +93,20 @@ def setup(tmp_path_factory):
     out = {"root": root, "runs": str(root / "runs"), "manifests": {k: v[0] for k, v in corpora.items()},
            **_shard(root, corpora)}
     threads = torch.get_num_threads()
+    wants_qa = any(c.startswith("qa") for c in _selected_configs(request))
     with pytest.MonkeyPatch.context() as mp:     # tiny models: one thread each (the loop reads the variable)
         mp.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(1)
-        pretrain = _from_config("pretrain_tiny", out, PRETRAIN_STEPS)
-        # Equal loss weights here, not the config's ITM x4 / LM x0.5 (tuned for the retrieval demo, issue 14):
-        # at this 150-step budget the halved prefix-LM leaves the decoder too weak for QA by generation
-        # (measured 16.7 % / ranking 35.4 % against 33.3 % for the question alone; 60.4 / 54.2 % with equal
-        # weights; retrieval, captioning and classification clear their bars either way; docs/benchmarks.md).
-        pretrain.loss_weights = dict.fromkeys(pretrain.loss_weights, 1.0)
-        run_local(pretrain)
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as side:
+            qa = side.submit(_qa_corpora, root) if wants_qa else None
+            pretrain = _from_config("pretrain_tiny", out, PRETRAIN_STEPS)
+            # Equal loss weights here, not the config's ITM x4 / LM x0.5 (tuned for the retrieval demo, issue 14):
+            # at this 150-step budget the halved prefix-LM leaves the decoder too weak for QA by generation
+            # (measured 16.7 % / ranking 35.4 % against 33.3 % for the question alone; 60.4 / 54.2 % with equal
+            # weights; retrieval, captioning and classification clear their bars either way; docs/benchmarks.md).
+            pretrain.loss_weights = dict.fromkeys(pretrain.loss_weights, 1.0)
+            run_local(pretrain)
+            out["qa_corpora"] = qa.result() if qa else None
         out["init"] = f"{out['runs']}/pretrain_tiny"
         yield out
     torch.set_num_threads(threads)
@@ -92,14 +115,8 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def qa_setup(setup):
     """``setup`` plus the video QA corpora (one question per clip)."""
-    from pipelines.synthetic import make_qa_corpus
-
-    media = setup["root"] / "media"
-    corpora = {"qa": (make_qa_corpus(media, 384, seed=2, num_frames=8, size=48), "video", "train"),
-               "qa_eval": (make_qa_corpus(media, 48, seed=9, num_frames=8, size=48, split="eval", distinct=True),
-                           "video", "eval")}
-    manifests = {**setup["manifests"], **{k: v[0] for k, v in corpora.items()}}
-    return {**setup, **_shard(setup["root"], corpora), "manifests": manifests}
+    qa = setup["qa_corpora"] or _qa_corpora(setup["root"])
+    return {**setup, **qa, "manifests": {**setup["manifests"], **qa["manifests"]}}
 
 
 def _from_config(name: str, setup: dict, steps: int) -> TrainConfig:
@@ -139,8 +156,7 @@ def _config_of(item: pytest.Item) -> str | None:
 def finetuned(request, setup):
     """The fine-tune of every selected test of this module, started at once on a pool of two single-threaded
     processes (longest budget first); each test waits for its own result."""
-    configs = [_config_of(item) for item in request.session.items if item.module is request.module]
-    configs = [c for c in dict.fromkeys(configs) if c]
+    configs = _selected_configs(request)
     base = request.getfixturevalue("qa_setup") if any(c.startswith("qa") for c in configs) else setup
     data = {**base, **_glue_files(setup["root"])}
     with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
