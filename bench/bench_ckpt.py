@@ -14,7 +14,8 @@ costs off the critical path, by process: the trainer's other threads (upload, lo
 writer process, the S3 server (which shares this machine's cores here; on a cluster it is elsewhere). With
 ``--repeat`` a last line gives the median ratio over the runs; a second table splits the trainer's other
 threads' CPU by kind (Python thread name, or a native thread's OS name). The 1-minute load average is printed per run.
-``--s3-nice 19`` runs the S3 server below everything else, a stand-in for an S3 that is not on these cores.
+``--s3-nice 19`` runs the S3 server below everything else, ``--s3-cores 1`` on one core at a time: stand-ins
+for an S3 that is not on these cores.
 """
 
 from __future__ import annotations
@@ -141,7 +142,8 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
     from tests.data.shards_fixture import write_shards
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
-    server = S3Server(root=scratch / "s3", buckets=("bench",)) if args.storage == "s3" else None
+    server = S3Server(root=scratch / "s3", buckets=("bench",), max_cores=args.s3_cores or None) \
+        if args.storage == "s3" else None
     if server is not None:
         server.start()
         if args.s3_nice:
@@ -307,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--storage", choices=("s3", "local"), default="s3",
                     help="s3: SeaweedFS on 127.0.0.1 (its server shares this machine's CPUs); local: a folder")
     ap.add_argument("--s3-nice", type=int, default=0, help="niceness of the S3 server (19: below everything)")
+    ap.add_argument("--s3-cores", type=int, default=0,
+                    help="cores the S3 server's Go code may run on at once (GOMAXPROCS; 0: all)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (staging buffers pinned, copies not waited for)")
     ap.add_argument("--repeat", type=int, default=1, help="runs, one row each, then the median ratio")
     ap.add_argument("--components", action="store_true",
@@ -333,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu_ratios.append(r["cpu_ratio"])
         server = f"{r['bg_s3_server']:.0f}" if args.storage == "s3" else "—"
         print(f"| {args.storage}{f' (nice {args.s3_nice})' if args.s3_nice else ''}"
+              f"{f' ({args.s3_cores} core)' if args.s3_cores and args.storage == 's3' else ''}"
               f"{f', {args.preset} on {args.device}' if args.device != 'cpu' or args.preset != 'tiny' else ''} | {args.steps} | {args.every} | "
               f"{r['wall_other']:.0f} | {r['wall_ckpt']:.0f} | {r['ratio']:.2f} | {r['cpu_other']:.0f} / "
               f"{r['cpu_ckpt']:.0f} | {r['cpu_ratio']:.2f} | {r['rq_other']:.0f} / {r['rq_ckpt']:.0f} | {r['data_other']:.0f} / {r['data_ckpt']:.0f} | {r['snapshot']:.1f} | {r['wait']:.1f} | "

@@ -126,6 +126,9 @@ class S3Server:
     access_key: str = DEFAULT_ACCESS_KEY
     secret_key: str | None = None    # None: folder_secret(root)
     startup_timeout_s: float = 60.0
+    # at most this many cores running the server's Go code at once (GOMAXPROCS; None: all): on a machine it
+    # shares with a training process, one core leaves the other to training (bench/bench_ckpt.py)
+    max_cores: int | None = None
     proc: subprocess.Popen | None = field(default=None, init=False, repr=False)
     pid: int | None = field(default=None, init=False)
     _cmd: list[str] | None = field(default=None, init=False, repr=False)   # kept for a restart on the same ports
@@ -205,6 +208,8 @@ class S3Server:
         (self.root / "logs").mkdir(exist_ok=True)
         cmd = self._cmd = self._cmd or self._command()
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        if self.max_cores is not None:
+            env["GOMAXPROCS"] = str(self.max_cores)
         logf = open(self.root / "weed.log", "ab")
         log.info("starting SeaweedFS S3 on %s (dir %s)", self.endpoint_url, self.root)
         self.proc = subprocess.Popen(

@@ -65,6 +65,15 @@ def write_local_atomically(path: str, to_file: Callable[[str], object], durable:
             os.remove(tmp)
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    """``dst`` holds ``src``'s bytes: a hard link on the same file system (nothing copied: the staged checkpoint
+    files are written once, then only deleted), else a kernel-side copy (sendfile / copy_file_range)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def upload_checkpoint(local_dir: str, dest: str) -> list[str]:
     """Copy a finished local checkpoint folder (or one rank's part of it) to ``dest``, commit markers last.
 
@@ -73,7 +82,9 @@ def upload_checkpoint(local_dir: str, dest: str) -> list[str]:
     files that are still changing. Each file is one PUT (visible only when complete) retried through
     :func:`mplug2.storage.retry_io` until ``$MPLUG2_S3_RETRY_DEADLINE_S``, so an S3 restart mid-upload costs
     time, not the checkpoint; past the deadline :class:`mplug2.storage.StorageUnavailableError` is raised and
-    the folder stays invalid (no manifest) until a later attempt completes it. Returns the names uploaded.
+    the folder stays invalid (no manifest) until a later attempt completes it. A local ``dest`` gets each file
+    fsynced, then renamed into place; on the same file system as ``local_dir`` it is a hard link, so the local
+    files must not be written again (they are deleted after the upload). Returns the names uploaded.
     """
     t0 = time.perf_counter()
     names = sorted((n for n in os.listdir(local_dir) if os.path.isfile(os.path.join(local_dir, n))),
@@ -88,8 +99,7 @@ def upload_checkpoint(local_dir: str, dest: str) -> list[str]:
         if storage.is_remote(dest):
             storage.upload_file(local, url)
         else:
-            # a kernel-side copy (sendfile / copy_file_range): no bytes through Python
-            write_local_atomically(storage.get_fs(url)[1], lambda tmp, src=local: shutil.copyfile(src, tmp))
+            write_local_atomically(storage.get_fs(url)[1], lambda tmp, src=local: _link_or_copy(src, tmp))
     log.info("uploaded checkpoint %s: %d files, %.1f MiB in %.2fs", dest, len(names), total / 2**20,
              time.perf_counter() - t0)
     return names

@@ -6,7 +6,7 @@ the step's own CPU time was unchanged. As torch DCP's ``AsyncCheckpointerType.PR
 ``async_with_pinned_mem`` do, the snapshot's tensors live in shared-memory staging buffers
 (:class:`~.snapshot.StagingBuffers` with ``shared=True``) and one process per run, spawned at the first
 checkpoint and running at a lower CPU priority, turns them into files. A message carries the snapshot
-with references in place of its staged tensors, and the handles of buffers allocated since the previous
+pickled with references in place of its staged tensors, and the handles of buffers allocated since the previous
 message (once per run unless a shape changes; the few small tensors left, RNG states, go as handles too);
 the reply is the list of files written, or the writer's exception, raised again in the caller.
 
@@ -20,6 +20,7 @@ state): like a spawn-context DataLoader, a script that trains at module level ne
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import multiprocessing
 import os
@@ -27,7 +28,8 @@ import pickle
 import threading
 import time
 from multiprocessing.connection import Connection
-from typing import Any, NamedTuple
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
 
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the reductions that send shared tensors as handles)
@@ -44,30 +46,34 @@ __all__ = ["SnapshotWriter"]
 WRITER_NICENESS = 10
 
 
-class _Ref(NamedTuple):
-    """A staging buffer's place in a snapshot sent to the writer."""
-    key: str
+class _RefPickler(ForkingPickler):
+    """Pickles a snapshot for the writer with its staged tensors as their buffers' keys (a persistent id
+    looked up by ``id``: one dict lookup per object, no walk building a copy of the snapshot first); any other
+    tensor goes as a shared-memory handle, as :class:`ForkingPickler` sends it."""
+
+    def __init__(self, file: io.BytesIO, buffers: StagingBuffers) -> None:
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self._key_of = buffers.key_of
+
+    def persistent_id(self, obj: Any) -> str | None:
+        return self._key_of(obj)
 
 
-def _to_refs(obj: Any, buffers: StagingBuffers) -> Any:
-    if isinstance(obj, torch.Tensor):
-        key = buffers.key_of(obj)
-        return obj if key is None else _Ref(key)
-    if isinstance(obj, dict):
-        return {k: _to_refs(v, buffers) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_to_refs(v, buffers) for v in obj)
-    return obj
+class _RefUnpickler(pickle.Unpickler):
+    """The writer's side of :class:`_RefPickler`: a key is the writer's mapping of that staging buffer."""
+
+    def __init__(self, file: io.BytesIO, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__(file)
+        self._tensors = tensors
+
+    def persistent_load(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
 
 
-def _from_refs(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(obj, _Ref):
-        return tensors[obj.key]
-    if isinstance(obj, dict):
-        return {k: _from_refs(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-        return type(obj)(_from_refs(v, tensors) for v in obj)
-    return obj
+def _dumps(snap: Snapshot, buffers: StagingBuffers) -> bytes:
+    out = io.BytesIO()
+    _RefPickler(out, buffers).dump(snap)
+    return out.getvalue()
 
 
 def _serve(conn: Connection) -> None:
@@ -86,11 +92,10 @@ def _serve(conn: Connection) -> None:
             return
         if message is None:
             return
-        snap, new_buffers = message
+        payload, new_buffers = message
         tensors.update(new_buffers)
         try:
-            snap.model = _from_refs(snap.model, tensors)
-            snap.trainer = _from_refs(snap.trainer, tensors)
+            snap = _RefUnpickler(io.BytesIO(payload), tensors).load()
             cpu0 = time.process_time()
             written = snap.write_here()
             reply: tuple = ("done", written, (snap.written_s, time.process_time() - cpu0))
@@ -148,10 +153,9 @@ class SnapshotWriter:
                     self._warned = True
                 return snap.write_here()
             conn = self._start()
-            wire = dataclasses.replace(snap, writer=None, model=_to_refs(snap.model, self.buffers),
-                                       trainer=_to_refs(snap.trainer, self.buffers))
+            payload = _dumps(dataclasses.replace(snap, writer=None), self.buffers)
             try:
-                conn.send((wire, self.buffers.take_new()))
+                conn.send((payload, self.buffers.take_new()))
                 status, result, times = conn.recv()
             except (EOFError, OSError, BrokenPipeError) as exc:
                 code = self._process.exitcode if self._process is not None else None
