@@ -317,7 +317,6 @@ def list_names(url: str) -> list[str]:
     return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
 
 
-
 # What pyarrow's S3 errors (OSError with the AWS error name in the text) mean when they are answers, not outages
 _ARROW_ANSWERS: tuple[tuple[str, type[OSError]], ...] = (
     ("NO_SUCH_BUCKET", FileNotFoundError), ("ACCESS_DENIED", PermissionError),
