@@ -5,8 +5,6 @@ soft-target distillation, and an incremental KV-cached step for generation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,10 +16,26 @@ from mplug2.models.attention import (BertEmbeddings, BertLayer, BertLMHead, KVCa
 REDUCTIONS = ("token_mean", "sequence_sum", "none")
 
 
-@dataclass
 class DecoderOutput:
-    loss: Tensor | None  # scalar, or (B,) per-sequence sums for reduction="none"
-    logits: Tensor       # (B, L, V), unshifted
+    """``loss`` (scalar, or (B,) per-sequence sums for reduction="none") and the LM head's ``logits`` (B, L, V),
+    unshifted. The vocabulary projection is the costliest op of a small decoder (V = 30522), so the loss projects
+    only the positions that carry a target and ``logits`` is computed on first use."""
+
+    def __init__(self, loss: Tensor | None, hidden: Tensor, head: nn.Module):
+        self.loss = loss
+        self.hidden = hidden   # (B, L, D): the last layer's states
+        self._head = head
+        self._logits: Tensor | None = None
+
+    @property
+    def logits(self) -> Tensor:
+        if self._logits is None:
+            self._logits = self._head(self.hidden)
+        return self._logits
+
+    def logits_at(self, select: Tensor) -> Tensor:
+        """Logits (N, V) of the positions where the (B, L) boolean ``select`` is true."""
+        return self._logits[select] if self._logits is not None else self._head(self.hidden[select])
 
 
 class TextDecoder(nn.Module):
@@ -50,34 +64,36 @@ class TextDecoder(nn.Module):
         return x
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, memory: Tensor, memory_mask: Tensor,
-                labels: Tensor | None = None, *, reduction: str = "token_mean", soft_logits: Tensor | None = None,
-                alpha: float = 0.0) -> DecoderOutput:
+                labels: Tensor | None = None, *, reduction: str = "token_mean",
+                soft_logits: Tensor | DecoderOutput | None = None, alpha: float = 0.0) -> DecoderOutput:
         """Teacher-forced pass. ``labels`` (B, L) use -100 for ignored positions (pads, prompt); the loss compares
-        logits at t with labels at t+1. With ``soft_logits`` (momentum decoder, same shape as logits) each token's
-        loss is ``(1-alpha)*CE + alpha*softCE``."""
+        logits at t with labels at t+1. With ``soft_logits`` (the momentum decoder's output, or logits of the same
+        shape as ours) each token's loss is ``(1-alpha)*CE + alpha*softCE``."""
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        logits = self.lm_head(self.hidden_states(input_ids, attention_mask, memory, memory_mask))
+        out = DecoderOutput(None, self.hidden_states(input_ids, attention_mask, memory, memory_mask), self.lm_head)
         if labels is None:
-            return DecoderOutput(loss=None, logits=logits)
+            return out
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-        shifted = logits[:, :-1].float()
         target = labels[:, 1:]
         valid = target.ne(-100)
-        tok = F.cross_entropy(shifted.transpose(1, 2), target, ignore_index=-100, reduction="none")
+        at = torch.cat([valid, valid.new_zeros(valid.shape[0], 1)], 1)   # position t predicts the label at t + 1
+        logits = out.logits_at(at).float()                      # (N, V): only the positions that carry a loss
+        tok_valid = F.cross_entropy(logits, target[valid], reduction="none")
         if soft_logits is not None and alpha > 0:
-            soft = F.softmax(soft_logits[:, :-1].float(), dim=-1)
-            soft_ce = -(soft * F.log_softmax(shifted, dim=-1)).sum(-1)
-            tok = (1 - alpha) * tok + alpha * soft_ce
-        tok = tok * valid
+            soft_at = soft_logits.logits_at(at) if isinstance(soft_logits, DecoderOutput) else soft_logits[at]
+            soft = F.softmax(soft_at.float(), dim=-1)
+            tok_valid = (1 - alpha) * tok_valid - alpha * (soft * F.log_softmax(logits, dim=-1)).sum(-1)
+        tok = tok_valid.new_zeros(valid.shape).masked_scatter(valid, tok_valid)
         if reduction == "token_mean":
             loss = tok.sum() / valid.sum().clamp(min=1)
         elif reduction == "sequence_sum":
             loss = tok.sum(dim=1).mean()
         else:
             loss = tok.sum(dim=1)
-        return DecoderOutput(loss=loss, logits=logits)
+        out.loss = loss
+        return out
 
     # ------------------------------------------------------------------ incremental (generation) pass
     def new_cache(self) -> list[KVCache]:

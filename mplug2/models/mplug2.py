@@ -76,8 +76,8 @@ class MPLUG2(nn.Module):
         return self.mlm_head(states)
 
     def decode(self, input_ids: Tensor, attention_mask: Tensor, memory: Tensor, memory_mask: Tensor,
-               labels: Tensor | None = None, *, reduction: str = "token_mean", soft_logits: Tensor | None = None,
-               alpha: float = 0.0) -> DecoderOutput:
+               labels: Tensor | None = None, *, reduction: str = "token_mean",
+               soft_logits: Tensor | DecoderOutput | None = None, alpha: float = 0.0) -> DecoderOutput:
         return self.decoder(input_ids, attention_mask, memory, memory_mask, labels, reduction=reduction,
                             soft_logits=soft_logits, alpha=alpha)
 

@@ -81,7 +81,8 @@ def mask_tokens(input_ids: Tensor, attention_mask: Tensor, cfg: MaskingConfig,
 
 
 def mlm_loss(logits: Tensor, labels: Tensor, soft_logits: Tensor | None = None, alpha: float = 0.0) -> Tensor:
-    """Mean over labelled tokens of ``(1−α)·CE + α·softCE(softmax(soft_logits))``.
+    """Mean over labelled tokens of ``(1−α)·CE + α·softCE(softmax(soft_logits))``; ``logits`` (..., V) and
+    ``labels`` (...) may be the whole batch or only its masked positions.
 
     A batch where no token was selected returns a zero that still depends on ``logits`` (so every
     parameter keeps a gradient and DDP does not stall on unused parameters).

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.objectives.itc import ITCConfig, ITCHead, caption_ids
 from mplug2.objectives.itm import ITMHead, itm_loss
-from mplug2.objectives.mlm import MaskingConfig, mask_tokens, mlm_loss
+from mplug2.objectives.mlm import IGNORE_INDEX, MaskingConfig, mask_tokens, mlm_loss
 from mplug2.objectives.momentum import MomentumPairs
 from mplug2.objectives.prefix_lm import PrefixSplitter
 
@@ -193,13 +193,14 @@ class MPLUG2Pretrainer(nn.Module):
         if cfg.mlm_weight > 0:
             masked, labels = mask_tokens(ids, mask, self.masking)
             _, fused = model.fuse(model.encode_text(masked, mask), mask, vis, vis_mask)
-            logits = model.mlm_logits(fused)
+            chosen = labels != IGNORE_INDEX   # the vocabulary projection runs on the ~15 % masked tokens only
+            logits = model.mlm_logits(fused[chosen])
             soft = None
             if m_model is not None and alpha > 0:
                 with torch.no_grad():
                     _, fused_m = m_model.fuse(m_model.encode_text(masked, mask), mask, vis_m, vis_mask)
-                    soft = m_model.mlm_logits(fused_m)
-            out["mlm"] = mlm_loss(logits, labels, soft, alpha)
+                    soft = m_model.mlm_logits(fused_m[chosen])
+            out["mlm"] = mlm_loss(logits, labels[chosen], soft, alpha)
         else:
             out["mlm"] = zero
 
@@ -215,7 +216,7 @@ class MPLUG2Pretrainer(nn.Module):
                     v_fm, t_fm = m_model.fuse(m_model.encode_text(split.prefix_ids, split.prefix_mask),
                                               split.prefix_mask, vis_m, vis_mask)
                     soft = m_model.decode(split.target_ids, split.target_mask, torch.cat([v_fm, t_fm], 1),
-                                          mem_mask).logits
+                                          mem_mask)   # projected to the vocabulary only where a loss is taken
             dec = model.decode(split.target_ids, split.target_mask, memory, mem_mask, labels=split.target_labels,
                                reduction="token_mean", soft_logits=soft, alpha=alpha)
             out["prefix_lm"] = dec.loss
