@@ -3,10 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
 PY     := $(VENV)/bin/python
-# pytest-xdist workers: most tests keep one core busy (a Ray start-up, a single-threaded run), so two modules
-# at a time keep a 2-core machine busy (docs/benchmarks.md, "Suite time")
-TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: install demo test test-fast bench clean
 
@@ -22,10 +18,10 @@ demo: install
 	$(VENV)/bin/mplug2-demo
 
 test: install
-	$(PYTEST)
+	$(PY) -m pytest
 
 test-fast: install
-	$(PYTEST) -m "not slow"
+	$(PY) -m pytest -m "not slow"
 
 bench: install
 	$(PY) -m bench

@@ -18,25 +18,6 @@ from mplug2.runtime import setup_process_env
 
 setup_process_env()
 
-# `make test` runs the suite on two xdist workers, a test module per worker at a time (`--dist loadfile`, so a
-# module's shared fixtures, e.g. a pretraining run, are built once). Workers take modules in collection order:
-# the longest first (measured, docs/benchmarks.md), then the other slow modules, so that no long module starts
-# last while the other worker idles.
-LONGEST_FIRST = ("train/test_learning.py", "train/test_tasks_learn.py", "test_demo.py", "test_readme_commands.py",
-                 "train/test_resume_ray.py", "ops/test_jobs_e2e.py", "train/test_fsdp.py", "train/test_hygiene.py",
-                 "train/test_grounding_learns.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> tuple[int, int]:
-        path = item.path.as_posix()
-        longest = next((i for i, m in enumerate(LONGEST_FIRST) if path.endswith("tests/" + m)), None)
-        if longest is not None:
-            return (0, longest)
-        return (1, 0) if item.get_closest_marker("slow") else (2, 0)
-
-    items.sort(key=rank)   # stable: the order within a module is kept
-
 
 @pytest.fixture(scope="session")
 def scratch_root() -> Path:

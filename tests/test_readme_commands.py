@@ -84,7 +84,7 @@ def test_readme_using_it_runs_as_written_from_another_folder(tmp_path) -> None:
         f"echo '>>> {i}'\n{c}\n" for i, c in enumerate(to_run))
     try:
         proc = subprocess.run(["bash", "-c", script], cwd=work, env=env, capture_output=True, text=True,
-                              timeout=1500)
+                              timeout=900)
         out = proc.stdout + proc.stderr
         ran = re.findall(r"^>>> (\d+)$", proc.stdout, re.M)
         failed = to_run[int(ran[-1])] if ran and proc.returncode else None
