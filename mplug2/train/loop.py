@@ -208,6 +208,7 @@ class TrainLoop:
                              data_state=self.loader.state_dict(), config_fingerprint=self._fingerprint,
                              buffers=self._staging, write_manifest=True, wait_for_ranks_s=0, overlap=True)
         snap.writer, snap.durable = self._writer.write, False     # a staging folder: uploaded, then deleted
+        snap.make_dirs = False                                     # ... and never made again once gone
         self._last_ckpt = snap
         self._logs_due = True
         self.hooks.report(metrics, snap, self.step)

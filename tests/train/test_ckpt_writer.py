@@ -6,6 +6,7 @@ writer that died is a clear error and the next checkpoint gets a fresh one; clos
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 
 import pytest
@@ -139,3 +140,20 @@ def test_overlapped_snapshot_copies_buffers_now_and_weights_beside_the_next_step
     trainer = torch.load(tmp_path / "s1" / "trainer_state.pt", weights_only=True)
     state = trainer["optimizer"]["state"][0]
     assert all(torch.equal(state[k], v) for k, v in adam.items())
+
+
+def test_staging_snapshot_whose_folder_is_gone_fails_and_makes_no_folder(trained, tmp_path):
+    """A worker's staging folder lives under the run's scratch folder, which the driver removes when the run ends,
+    also when a worker died while another's writer was still busy: that write fails instead of making the folders
+    again (they were left in /tmp, where nothing removes them)."""
+    model, optimizer = trained
+    scratch = tmp_path / "mplug2-scratch-run"
+    stage = scratch / "worker-0" / "mplug2-ckpt-0"
+    stage.mkdir(parents=True)
+    snap = take_snapshot(str(stage), model=model, optimizer=optimizer, scheduler=None, step=1, extra=None, rank=0,
+                         world_size=1, data_state={"cursor": 1}, config_fingerprint="d", write_manifest=True)
+    snap.durable, snap.make_dirs = False, False
+    shutil.rmtree(scratch)
+    with pytest.raises(OSError):
+        snap.write()
+    assert not scratch.exists()

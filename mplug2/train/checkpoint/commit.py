@@ -49,10 +49,13 @@ def _upload_rank(name: str) -> int:
     return 1 if name.startswith("done_rank") else 0
 
 
-def write_local_atomically(path: str, to_file: Callable[[str], object], durable: bool = True) -> None:
+def write_local_atomically(path: str, to_file: Callable[[str], object], durable: bool = True,
+                           make_parents: bool = True) -> None:
     """Make a local file appear whole or not at all: ``to_file(tmp)`` writes it beside ``path``, fsync when
-    ``durable`` (survives a crash; a staging copy that is uploaded and deleted needs none), ``os.replace``."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    ``durable`` (survives a crash; a staging copy that is uploaded and deleted needs none), ``os.replace``.
+    ``make_parents=False`` fails when the folder is gone instead of creating it again."""
+    if make_parents:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.partial.{os.getpid()}"
     try:
         to_file(tmp)

@@ -223,7 +223,7 @@ def _torch_bytes(obj: Any) -> bytes:
 
 
 def _write_file(directory: str, name: str, to_file: Callable[[str], None], to_bytes: Callable[[], bytes],
-                durable: bool) -> int:
+                durable: bool, make_dirs: bool = True) -> int:
     """Write one payload file so that readers see all of it or nothing; returns its size. A local folder gets
     it straight from the serialiser (``to_file(path)``: safetensors writes from the tensors' memory, no bytes
     object of the whole file; :func:`.commit.write_local_atomically`). Remote: ``to_bytes()`` in one PUT."""
@@ -233,7 +233,7 @@ def _write_file(directory: str, name: str, to_file: Callable[[str], None], to_by
         storage.atomic_write(url, data)
         return len(data)
     path = storage.get_fs(url)[1]
-    write_local_atomically(path, to_file, durable)
+    write_local_atomically(path, to_file, durable, make_parents=make_dirs)
     return os.path.getsize(path)
 
 
@@ -257,6 +257,10 @@ class Snapshot:
     write_manifest: bool = False                       # rank 0: commit after the marker
     wait_for_ranks_s: float = 0.0                      # ... once every rank's marker is there (0: do not wait)
     durable: bool = True                               # fsync the payload (False: a staging folder, uploaded)
+    # False for a staging folder made for this snapshot under the run's scratch folder: if it is gone, the run
+    # has ended (a worker died and the driver removed the scratch folder while the writer was still busy), and
+    # the write fails rather than create the folders again under /tmp, where nothing would remove them
+    make_dirs: bool = True
     taken_s: float = 0.0                               # seconds the snapshot held the training thread
     # CUDA: an event after the device-to-host copies, which run on without blocking the step; write() waits
     copied: Any = field(default=None, repr=False, compare=False)
@@ -293,7 +297,7 @@ class Snapshot:
         def to_file(path: str) -> None:
             with open(path, "wb") as f:
                 f.write(data)
-        return _write_file(self.directory, name, to_file, lambda: data, self.durable)
+        return _write_file(self.directory, name, to_file, lambda: data, self.durable, self.make_dirs)
 
     def write_here(self) -> list[str]:
         """Serialise into :attr:`directory` in this thread: payload, this rank's ``done`` marker, then (rank 0,
@@ -306,11 +310,13 @@ class Snapshot:
             model = self.model
             sizes[MODEL_FILE] = _write_file(self.directory, MODEL_FILE,
                                             lambda path: write_tensor_file(path, model, metadata),
-                                            lambda: tensor_file_bytes(model, metadata), self.durable)
+                                            lambda: tensor_file_bytes(model, metadata), self.durable,
+                                            self.make_dirs)
         if self.trainer is not None:
             trainer = self.trainer
             sizes[TRAINER_FILE] = _write_file(self.directory, TRAINER_FILE, lambda path: torch.save(trainer, path),
-                                              lambda: _torch_bytes(trainer), self.durable)
+                                              lambda: _torch_bytes(trainer), self.durable,
+                                              self.make_dirs)
         small = {rng_file(self.rank): _torch_bytes(self.rng), data_file(self.rank): self.data_json}
         for name, data in small.items():
             sizes[name] = self._write_bytes(name, data)
