@@ -58,9 +58,9 @@ def test_two_worker_run_listens_on_loopback_leaks_no_secret_and_leaves_no_temp_f
                "--run-name", "hyg", "--storage", "s3://hyg/runs", "--num-cpus", "2",
                "--set", f"data.train=[{{name: images, path: '{shards}', num_frames: 1}}]",
                "--set", "data.batch_size=4", "--set", "data.shuffle_buffer=8",
-               "--set", "schedule.total_steps=6", "--set", "schedule.ckpt_every_steps=2",
+               "--set", "schedule.total_steps=8", "--set", "schedule.ckpt_every_steps=2",
                "--set", "schedule.log_every_steps=1", "--set", "optim.warmup_steps=1",
-               "--set", "scale.max_failures=0", "--set", "debug.fail_at_step=3", "--set", "debug.fail_rank=1"]
+               "--set", "scale.max_failures=0", "--set", "debug.fail_at_step=5", "--set", "debug.fail_rank=1"]
         log = open(tmp_path / "run.log", "w")
         proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -81,7 +81,7 @@ def test_two_worker_run_listens_on_loopback_leaks_no_secret_and_leaves_no_temp_f
             log.close()
         out = (tmp_path / "run.log").read_text()
         assert proc.returncode != 0, out[-3000:]
-        assert "injected failure after step 3" in out, out[-3000:]
+        assert "injected failure after step 5" in out, out[-3000:]
         assert any("RayTrainWorker" in c for c in listeners.values()), listeners   # the rendezvous store
         public = {a: c for a, c in listeners.items() if not is_loopback(a[0])}
         assert public == {}, f"listening beyond loopback: {public}"

@@ -37,7 +37,8 @@ PRETRAIN_STEPS = 150
 # Each budget clears its bar with room (docs/benchmarks.md, issue 15s): retrieval at 60 steps R@1 27.8 / 22.2 %
 # against a bar of 8.3 %, captioning at 180 steps CIDEr 361 against 243, text classification at 30 steps 100 %
 # against 75 %. QA keeps its budgets: at 250 (generation) / 200 (ranking) steps it sits within 1-5 points of its bar.
-STEPS = {"retrieval": 60, "image_retrieval": 60, "caption": 180, "qa": 400, "qa_rank": 300, "classify": 300,
+# QA by ranking: 45.8 % at 300 steps once the LM heads projected only labelled positions (bar 46.9), 56.2 % at 400.
+STEPS = {"retrieval": 60, "image_retrieval": 60, "caption": 180, "qa": 400, "qa_rank": 400, "classify": 300,
          "text_classify": 30}
 EVAL_VIDEOS, EVAL_IMAGES = 36, 36
 
