@@ -145,7 +145,7 @@ def test_overlapped_snapshot_copies_buffers_now_and_weights_beside_the_next_step
 def test_staging_snapshot_whose_folder_is_gone_fails_and_makes_no_folder(trained, tmp_path):
     """A worker's staging folder lives under the run's scratch folder, which the driver removes when the run ends,
     also when a worker died while another's writer was still busy: that write fails instead of making the folders
-    again (they were left in /tmp, where nothing removes them)."""
+    again (they would be left in /tmp, where nothing removes them)."""
     model, optimizer = trained
     scratch = tmp_path / "mplug2-scratch-run"
     stage = scratch / "worker-0" / "mplug2-ckpt-0"
