@@ -82,7 +82,11 @@ class TextDecoder(nn.Module):
         logits = out.logits_at(at).float()                      # (N, V): only the positions that carry a loss
         tok_valid = F.cross_entropy(logits, target[valid], reduction="none")
         if soft_logits is not None and alpha > 0:
-            soft_at = soft_logits.logits_at(at) if isinstance(soft_logits, DecoderOutput) else soft_logits[at]
+            if isinstance(soft_logits, DecoderOutput):
+                with torch.no_grad():          # a teacher's targets: projected here, but never differentiated
+                    soft_at = soft_logits.logits_at(at)
+            else:
+                soft_at = soft_logits[at]
             soft = F.softmax(soft_at.float(), dim=-1)
             tok_valid = (1 - alpha) * tok_valid - alpha * (soft * F.log_softmax(logits, dim=-1)).sum(-1)
         tok = tok_valid.new_zeros(valid.shape).masked_scatter(valid, tok_valid)

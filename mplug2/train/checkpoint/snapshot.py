@@ -297,7 +297,10 @@ class Snapshot:
         def to_file(path: str) -> None:
             with open(path, "wb") as f:
                 f.write(data)
-        return _write_file(self.directory, name, to_file, lambda: data, self.durable, self.make_dirs)
+        return self._write(name, to_file, lambda: data)
+
+    def _write(self, name: str, to_file: Callable[[str], None], to_bytes: Callable[[], bytes]) -> int:
+        return _write_file(self.directory, name, to_file, to_bytes, self.durable, self.make_dirs)
 
     def write_here(self) -> list[str]:
         """Serialise into :attr:`directory` in this thread: payload, this rank's ``done`` marker, then (rank 0,
@@ -308,15 +311,12 @@ class Snapshot:
         if self.model is not None:
             metadata = {"format": "pt", "aliases": json.dumps(self.aliases)}
             model = self.model
-            sizes[MODEL_FILE] = _write_file(self.directory, MODEL_FILE,
-                                            lambda path: write_tensor_file(path, model, metadata),
-                                            lambda: tensor_file_bytes(model, metadata), self.durable,
-                                            self.make_dirs)
+            sizes[MODEL_FILE] = self._write(MODEL_FILE, lambda path: write_tensor_file(path, model, metadata),
+                                                 lambda: tensor_file_bytes(model, metadata))
         if self.trainer is not None:
             trainer = self.trainer
-            sizes[TRAINER_FILE] = _write_file(self.directory, TRAINER_FILE, lambda path: torch.save(trainer, path),
-                                              lambda: _torch_bytes(trainer), self.durable,
-                                              self.make_dirs)
+            sizes[TRAINER_FILE] = self._write(TRAINER_FILE, lambda path: torch.save(trainer, path),
+                                                   lambda: _torch_bytes(trainer))
         small = {rng_file(self.rank): _torch_bytes(self.rng), data_file(self.rank): self.data_json}
         for name, data in small.items():
             sizes[name] = self._write_bytes(name, data)
