@@ -312,11 +312,11 @@ class Snapshot:
             metadata = {"format": "pt", "aliases": json.dumps(self.aliases)}
             model = self.model
             sizes[MODEL_FILE] = self._write(MODEL_FILE, lambda path: write_tensor_file(path, model, metadata),
-                                                 lambda: tensor_file_bytes(model, metadata))
+                                            lambda: tensor_file_bytes(model, metadata))
         if self.trainer is not None:
             trainer = self.trainer
             sizes[TRAINER_FILE] = self._write(TRAINER_FILE, lambda path: torch.save(trainer, path),
-                                                   lambda: _torch_bytes(trainer))
+                                              lambda: _torch_bytes(trainer))
         small = {rng_file(self.rank): _torch_bytes(self.rng), data_file(self.rank): self.data_json}
         for name, data in small.items():
             sizes[name] = self._write_bytes(name, data)
