@@ -9,6 +9,7 @@ SHUFFLE_BUFFER = 1000        # samples per stream's shuffle buffer
 SHARDS_IN_FLIGHT = 4         # shards interleaved per stream
 MAX_TEXT_LEN = 30            # tokens per caption (the release's max_words is 30 too)
 AUGMENT = True               # RandAugment on top of crop + flip in training
+CROP_SCALE = (0.5, 1.0)      # area range of the training random-resized crop (ALBEF / BLIP)
 AUGMENT_ON = "cpu"           # cpu: loader workers finish the pixels; device: the training device does
 AUGMENT_ON_CHOICES = ("cpu", "device")
 PREFETCH_FACTOR = 2          # batches each DataLoader worker keeps ready

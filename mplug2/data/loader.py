@@ -53,7 +53,7 @@ class LoaderConfig:
     shards_in_flight: int = defaults.SHARDS_IN_FLIGHT
     shuffle_buffer: int = defaults.SHUFFLE_BUFFER
     randaug: bool = defaults.AUGMENT
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: tuple[float, float] = defaults.CROP_SCALE
     # cpu: workers return normalised float pixels; device: uint8 pixels + the drawn ops, finished on the
     # training device by mplug2.data.augment.finish_batch (train loaders only; eval is always "cpu")
     augment_on: str = defaults.AUGMENT_ON

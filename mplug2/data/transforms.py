@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
+from mplug2.data import defaults
+
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "TransformConfig", "AugParams", "VideoTransform", "sample_frame_indices",
     "frames_to_tensor", "RANDAUG_OPS",
@@ -32,7 +34,7 @@ MAX_LEVEL = 10.0
 class TransformConfig:
     res: int = 224
     train: bool = True
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    crop_scale: tuple[float, float] = defaults.CROP_SCALE
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True
     randaug: bool = True

@@ -98,7 +98,7 @@ def build_train_loader(cfg: TrainConfig, mcfg: MPLUG2Config, rank: int, world_si
             prefix=c.path, corpus=c.name, split=c.split, batch_size=d.batch_size, num_workers=d.num_workers, seed=cfg.seed,
             train=True, res=mcfg.vision.image_res, num_frames=c.num_frames, max_length=d.max_text_len,
             tokenizer=mcfg.tokenizer, shards_in_flight=d.shards_in_flight, shuffle_buffer=d.shuffle_buffer,
-            randaug=d.augment, augment_on=d.augment_on,
+            randaug=d.augment, crop_scale=d.crop_scale, augment_on=d.augment_on,
             multiprocessing_context="forkserver" if d.num_workers else None,
             label_key=cfg.label_key, max_bad_samples=d.max_bad_samples, max_bad_fraction=d.max_bad_fraction,
             read_attempts=d.read_attempts,

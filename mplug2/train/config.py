@@ -46,6 +46,8 @@ class DataConfig:
     shards_in_flight: int = loader_defaults.SHARDS_IN_FLIGHT
     max_text_len: int = loader_defaults.MAX_TEXT_LEN
     augment: bool = loader_defaults.AUGMENT
+    # Area range of the training crop; narrow it where a caption names what a crop changes (size, position).
+    crop_scale: tuple[float, float] = loader_defaults.CROP_SCALE
     augment_on: str = loader_defaults.AUGMENT_ON     # cpu | device (GPU nodes: the CPU only decodes)
     # Damaged shards / samples are skipped and counted; the run fails past either budget (mplug2.data.damage).
     max_bad_samples: int | None = loader_defaults.MAX_BAD_SAMPLES
@@ -137,6 +139,9 @@ class TrainConfig:
         if self.scale.strategy not in STRATEGIES:
             raise ValueError(f"scale.strategy must be one of {STRATEGIES}, got {self.scale.strategy!r} "
                              "(fsdp2 = torch fully_shard, not Ray's FSDP1 prepare_model)")
+        lo, hi = self.data.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"data.crop_scale must be (low, high) with 0 < low <= high <= 1, got {self.data.crop_scale}")
         if self.data.augment_on not in loader_defaults.AUGMENT_ON_CHOICES:
             raise ValueError(f"data.augment_on must be one of {loader_defaults.AUGMENT_ON_CHOICES}, "
                              f"got {self.data.augment_on!r}")
@@ -162,6 +167,8 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         d = dict(d)
         data = dict(d.pop("data", {}) or {})
+        if "crop_scale" in data:
+            data["crop_scale"] = tuple(data["crop_scale"])
         data["train"] = [c if isinstance(c, CorpusConfig) else CorpusConfig(**c) for c in data.get("train", [])]
         if data.get("eval") is not None and not isinstance(data["eval"], CorpusConfig):
             data["eval"] = CorpusConfig(**data["eval"])

@@ -65,6 +65,18 @@ def test_train_augmentation_is_random_per_sample_and_reproducible():
     assert 0.45 <= min(areas) and max(areas) <= 1.0 + 1e-9
 
 
+def test_crop_scale_bounds_the_training_crop():
+    """``crop_scale`` is the area range of the training crop: a caption that names a size or a speed relative to
+    the frame (the synthetic corpus) stays true only where the crop cannot magnify past its classes' margin."""
+    for scale in ((0.5, 1.0), (0.8, 1.0)):
+        t = VideoTransform(TransformConfig(res=16, train=True, randaug=False, crop_scale=scale))
+        crops = [t.draw(40, 30, random.Random(s)).crop for s in range(300)]
+        areas = [w * h / (40 * 30) for _, _, w, h in crops]
+        assert scale[0] - 0.02 <= min(areas) < scale[0] + 0.1 and max(areas) <= 1.0 + 1e-9, (scale, min(areas))
+    whole = VideoTransform(TransformConfig(res=16, train=True, randaug=False, crop_scale=(1.0, 1.0)))
+    assert {whole.draw(32, 32, random.Random(s)).crop for s in range(50)} == {(0, 0, 32, 32)}
+
+
 def test_frame_subsampling():
     rng = random.Random(0)
     assert sample_frame_indices(16, 8, train=False, rng=rng) == [0, 2, 4, 6, 8, 10, 12, 14]

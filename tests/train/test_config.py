@@ -48,7 +48,8 @@ def test_fingerprint_tracks_numerics_not_operations():
 
 
 @pytest.mark.parametrize("bad", [dict(task="nope"), dict(resume="maybe"), dict(run_name="a/b"),
-                                 dict(scale={"strategy": "fsdp"}), dict(scale={"precision": "fp16"})])
+                                 dict(scale={"strategy": "fsdp"}), dict(scale={"precision": "fp16"}),
+                                 dict(data={"crop_scale": [0.0, 1.0]}), dict(data={"crop_scale": [0.9, 0.5]})])
 def test_bad_configs_fail_at_start_up(bad):
     with pytest.raises(ValueError):
         TrainConfig.from_dict({"run_name": "r", **bad})
@@ -60,3 +61,18 @@ def test_warmup_then_cosine_schedule():
     f = lr_lambda(cfg)
     assert f(0) < f(5) < f(9) <= 1.0
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+
+
+def test_crop_scale_reaches_the_training_loader(tmp_path):
+    """``data.crop_scale`` (YAML list or ``--set``) is the crop range the training loader's transform draws from."""
+    from mplug2.train.build import build_train_loader
+    from tests.data.shards_fixture import write_shards
+
+    write_shards(str(tmp_path / "images"), [32], size=(40, 36))
+    cfg = TrainConfig.from_yaml(ROOT / "retrieval_tiny.yaml", overrides={"data.crop_scale": "[0.8, 1.0]"})
+    assert cfg.data.crop_scale == (0.8, 1.0)
+    cfg = TrainConfig.from_dict({**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "eval": None,
+                                 "train": [{"name": "images", "path": str(tmp_path / "images"), "num_frames": 1}]}})
+    loader = build_train_loader(cfg, model_config(cfg), rank=0, world_size=1)
+    assert loader.loaders["images"].builder.transform.cfg.crop_scale == (0.8, 1.0)
+    assert TrainConfig(run_name="r").data.crop_scale == (0.5, 1.0)      # the ALBEF / BLIP default
