@@ -50,25 +50,36 @@ def _decode(hexaddr: str, v6: bool) -> tuple[str, int]:
     return socket.inet_ntop(socket.AF_INET, raw[::-1]), int(port, 16)
 
 
-def listening_sockets(pid: int) -> list[tuple[str, int]]:
-    """``(address, port)`` of every TCP socket ``pid`` holds in LISTEN state (IPv4 and IPv6)."""
+def listening_table(pid: int | str = "self") -> dict[str, tuple[str, int]]:
+    """Socket inode -> ``(address, port)`` of every TCP socket in LISTEN state in ``pid``'s network namespace
+    (IPv4 and IPv6). Read once per sample: every process of a run shares the namespace, and the table is long."""
+    out = {}
+    for name, v6 in (("tcp", False), ("tcp6", True)):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                next(f)
+                for line in f:
+                    cols = line.split()
+                    if cols[3] == "0A":     # 0A = LISTEN
+                        out[cols[9]] = _decode(cols[1], v6)
+        except OSError:
+            continue
+    return out
+
+
+def listening_sockets(pid: int, table: dict[str, tuple[str, int]] | None = None) -> list[tuple[str, int]]:
+    """``(address, port)`` of every TCP socket ``pid`` holds in LISTEN state (``table``: a
+    :func:`listening_table` of its namespace, read by the caller for many processes at once)."""
     try:
-        inodes = set()
+        table = listening_table(pid) if table is None else table
+        out = []
         for fd in os.listdir(f"/proc/{pid}/fd"):
             try:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
                 continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-        out = []
-        for name, v6 in (("tcp", False), ("tcp6", True)):
-            with open(f"/proc/{pid}/net/{name}") as f:
-                next(f)
-                for line in f:
-                    cols = line.split()
-                    if cols[3] == "0A" and cols[9] in inodes:     # 0A = LISTEN
-                        out.append(_decode(cols[1], v6))
+            if target.startswith("socket:[") and target[8:-1] in table:
+                out.append(table[target[8:-1]])
         return out
     except OSError:      # the process ended meanwhile
         return []

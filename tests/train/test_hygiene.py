@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hygiene import descendants, files_containing, is_loopback, listening_sockets
+from tests.hygiene import descendants, files_containing, is_loopback, listening_sockets, listening_table
 
 pytestmark = pytest.mark.slow
 
@@ -67,8 +67,9 @@ def test_two_worker_run_listens_on_loopback_leaks_no_secret_and_leaves_no_temp_f
         listeners: dict[tuple[str, int], str] = {}
         try:
             while True:   # sample the run's process tree until it ends
+                table = listening_table()   # one read of the namespace's table per sample: fast under load
                 for pid, cmdline in descendants(proc.pid).items():
-                    for addr in listening_sockets(pid):
+                    for addr in listening_sockets(pid, table):
                         listeners.setdefault(addr, cmdline[:80])
                 try:
                     proc.wait(timeout=0.2)
