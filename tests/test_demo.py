@@ -54,6 +54,20 @@ def _training_started(ray_temp: Path) -> bool:
     return False
 
 
+def _run_in_own_group(cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run`` in a process group of its own, killed whole if the run fails or the test is stopped
+    (pytest-timeout): killing the demo's process alone would leave its S3 server and Ray behind."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def test_ctrl_c_then_rerun_resumes_and_cleans_up(tmp_path):
     workdir = tmp_path / "demo"
     cmd = [sys.executable, "-m", "jobs.demo", "--workdir", str(workdir), *SMALL]
@@ -85,7 +99,7 @@ def test_ctrl_c_then_rerun_resumes_and_cleans_up(tmp_path):
     assert not (workdir / "stages" / "finetune_qa.json").exists()
     assert _wait_gone(needles) == [], "processes left after Ctrl-C"
 
-    run2 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    run2 = _run_in_own_group(cmd, env, timeout=900)
     out2 = run2.stdout + run2.stderr
     assert run2.returncode == 0, out2[-4000:]
     assert "Traceback" not in out2, out2[-4000:]
@@ -106,5 +120,5 @@ def test_ctrl_c_then_rerun_resumes_and_cleans_up(tmp_path):
     shutil.rmtree(tmp, ignore_errors=True)
     assert left == [], "temporary files left outside the workdir"
 
-    run3 = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    run3 = _run_in_own_group(cmd, env, timeout=300)
     assert run3.returncode == 0 and "finetune_qa: done earlier, skipped" in run3.stdout
