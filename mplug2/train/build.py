@@ -116,7 +116,8 @@ def resolve_init(url: str) -> str:
     if storage.exists(storage.join(url, "model.safetensors")) or storage.exists(storage.join(url, DCP_METADATA)):
         return url
 
-    found = find_latest_valid(list_step_checkpoints(url))
+    steps = list_step_checkpoints(url)
+    found = find_latest_valid(steps) if steps else None      # no folder, or no checkpoint in it: no warning first
     if found is None:
         raise FileNotFoundError(f"{url}: neither a model folder (model.safetensors) nor a run with a valid checkpoint")
     return found

@@ -57,6 +57,21 @@ class ConfigFileError(ValueError):
     """The run config cannot be read or names an unusable path / placeholder."""
 
 
+def _check_init_from(cfg: TrainConfig) -> None:
+    """A fresh run's ``init_from`` names weights that exist, checked here before Ray starts: in a worker, a
+    wrong path surfaced as a training-function traceback after the cluster came up."""
+    from mplug2.train.build import resolve_init
+    from mplug2.train.trainer import has_previous_run
+
+    if cfg.init_from is None or has_previous_run(cfg):      # a resumed run starts from its own checkpoint
+        return
+    try:
+        resolve_init(cfg.init_from)
+    except FileNotFoundError as e:
+        raise ConfigFileError(f"init_from={e}; set it to a pretraining run's folder or a model folder "
+                              "(--set init_from=...)") from e
+
+
 def _train(args: argparse.Namespace, task: str | None) -> int:
     from mplug2.train.trainer import fit, latest_eval, run_dir
 
@@ -69,6 +84,7 @@ def _train(args: argparse.Namespace, task: str | None) -> int:
         get_task(cfg.task).preflight(cfg)
     except (OSError, ValueError) as e:
         raise ConfigFileError(str(e)) from e
+    _check_init_from(cfg)
     init_ray(args.address, num_cpus=args.num_cpus)
     t0 = time.time()
     result = fit(cfg)

@@ -168,7 +168,7 @@ class TrainConfig:
         d = dict(d)
         data = dict(d.pop("data", {}) or {})
         if "crop_scale" in data:
-            data["crop_scale"] = tuple(data["crop_scale"])
+            data["crop_scale"] = _crop_scale(data["crop_scale"])
         data["train"] = [c if isinstance(c, CorpusConfig) else CorpusConfig(**c) for c in data.get("train", [])]
         if data.get("eval") is not None and not isinstance(data["eval"], CorpusConfig):
             data["eval"] = CorpusConfig(**data["eval"])
@@ -225,6 +225,16 @@ class TrainConfig:
         keep["global_batch"] = self.data.batch_size * self.optim.grad_accum * self.scale.num_workers
         keep["total_steps"] = self.schedule.total_steps
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _crop_scale(value: Any) -> tuple[float, float]:
+    """``[low, high]`` from YAML / ``--set`` as a pair of floats, or one line saying what is wrong."""
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    if not ok:
+        raise ValueError(f"data.crop_scale must be two numbers [low, high] (area fractions of the frame the "
+                         f"training crop keeps), e.g. [0.8, 1.0]; got {value!r}")
+    return float(value[0]), float(value[1])
 
 
 def set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:

@@ -49,7 +49,8 @@ def test_fingerprint_tracks_numerics_not_operations():
 
 @pytest.mark.parametrize("bad", [dict(task="nope"), dict(resume="maybe"), dict(run_name="a/b"),
                                  dict(scale={"strategy": "fsdp"}), dict(scale={"precision": "fp16"}),
-                                 dict(data={"crop_scale": [0.0, 1.0]}), dict(data={"crop_scale": [0.9, 0.5]})])
+                                 dict(data={"crop_scale": [0.0, 1.0]}), dict(data={"crop_scale": [0.9, 0.5]}),
+                                 dict(data={"crop_scale": 0.8}), dict(data={"crop_scale": ["a", 1]})])
 def test_bad_configs_fail_at_start_up(bad):
     with pytest.raises(ValueError):
         TrainConfig.from_dict({"run_name": "r", **bad})
@@ -76,3 +77,15 @@ def test_crop_scale_reaches_the_training_loader(tmp_path):
     loader = build_train_loader(cfg, model_config(cfg), rank=0, world_size=1)
     assert loader.loaders["images"].builder.transform.cfg.crop_scale == (0.8, 1.0)
     assert TrainConfig(run_name="r").data.crop_scale == (0.5, 1.0)      # the ALBEF / BLIP default
+
+
+def test_finetune_with_a_missing_init_from_fails_in_one_line_before_starting_ray(tmp_path, capsys):
+    """A fresh run's ``init_from`` is checked on the driver: one line naming the setting, no Ray started."""
+    from mplug2.train.cli import main as train_cli
+
+    missing = tmp_path / "no-such-run"
+    rc = train_cli(["finetune", "--config", str(ROOT / "retrieval_tiny.yaml"), "--storage", str(tmp_path / "runs"),
+                    "--set", f"init_from={missing}", "--address", "127.0.0.1:1"])   # never reached
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0, err
+    assert err.startswith(f"mplug2-train: error: init_from={missing}: neither a model folder") and "--set init_from=" in err
