@@ -37,7 +37,7 @@ SPEEDS: dict[str, float] = {"slowly": 0.25, "quickly": 0.6}                     
 # left / right: ALBEF's default area range (0.5, 1) magnifies up to 1.41x, which puts a small shape (radius up to
 # 0.14) at a big one's size (from 0.2) and carries a quick one (travel 0.6) out of the crop. (0.8, 1) magnifies at
 # most 1.12x. Measured on the learning test's retrieval fine-tune (docs/benchmarks.md, issue 14, stop 15): median
-# text->video R@1 43 -> 54 %, worst seed 22 -> 39 %.
+# text->video R@1 43 -> 50 %, worst seed 22 -> 40 % (with no RandAugment and a quarter of ITM negatives uniform).
 TRAIN_CROP_SCALE = (0.8, 1.0)
 
 

@@ -141,7 +141,8 @@ class TrainConfig:
                              "(fsdp2 = torch fully_shard, not Ray's FSDP1 prepare_model)")
         lo, hi = self.data.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"data.crop_scale must be (low, high) with 0 < low <= high <= 1, got {self.data.crop_scale}")
+            raise ValueError(f"data.crop_scale must be (low, high) with 0 < low <= high <= 1, "
+                             f"got {self.data.crop_scale}")
         if self.data.augment_on not in loader_defaults.AUGMENT_ON_CHOICES:
             raise ValueError(f"data.augment_on must be one of {loader_defaults.AUGMENT_ON_CHOICES}, "
                              f"got {self.data.augment_on!r}")

@@ -72,7 +72,8 @@ def test_crop_scale_bounds_the_training_crop():
         t = VideoTransform(TransformConfig(res=16, train=True, randaug=False, crop_scale=scale))
         crops = [t.draw(40, 30, random.Random(s)).crop for s in range(300)]
         areas = [w * h / (40 * 30) for _, _, w, h in crops]
-        assert scale[0] - 0.02 <= min(areas) < scale[0] + 0.1 and max(areas) <= 1.0 + 1e-9, (scale, min(areas))
+        assert scale[0] - 0.02 <= min(areas) < scale[0] + 0.1, (scale, min(areas))
+        assert max(areas) <= 1.0 + 1e-9, (scale, max(areas))
     whole = VideoTransform(TransformConfig(res=16, train=True, randaug=False, crop_scale=(1.0, 1.0)))
     assert {whole.draw(32, 32, random.Random(s)).crop for s in range(50)} == {(0, 0, 32, 32)}
 

@@ -88,4 +88,5 @@ def test_finetune_with_a_missing_init_from_fails_in_one_line_before_starting_ray
                     "--set", f"init_from={missing}", "--address", "127.0.0.1:1"])   # never reached
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0, err
-    assert err.startswith(f"mplug2-train: error: init_from={missing}: neither a model folder") and "--set init_from=" in err
+    assert err.startswith(f"mplug2-train: error: init_from={missing}: neither a model folder"), err
+    assert "--set init_from=" in err, err
