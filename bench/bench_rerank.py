@@ -8,7 +8,9 @@ ITC alone, ITM alone and ``sim / temp + w · log p(match)`` on each query's ITC 
 :func:`~mplug2.tasks.retrieval.rerank_score`), the correlation of the two heads' scores over the top-k (a re-ranker
 that only repeats ITC cannot improve on it), ITM on held-out hard pairs (evaluation's ``itm_hard_*`` figures),
 and, for the synthetic corpus, how often each head puts a caption's own clip above a clip that differs from it in
-one of colour / shape / direction. Not a timing: a diagnosis.
+one of colour / shape / direction / size / speed (the others equal). The evaluation rule's changes to ITC's
+top-1 are counted per query: changed, won (to the right item), lost (from it); a re-ranker whose wins barely
+outnumber its losses only adds noise. Not a timing: a diagnosis.
 """
 
 from __future__ import annotations
@@ -22,14 +24,14 @@ from mplug2.inference import Predictor
 from mplug2.tasks.retrieval import rerank_score
 from mplug2.train.evalset import load_eval_set
 
-ATTRIBUTES = ("colour", "shape", "direction")
+ATTRIBUTES = ("colour", "shape", "direction", "size", "speed")
 
 
 def _attributes(caption: str) -> dict[str, str | None]:
-    from pipelines.synthetic import COLOURS, DIRECTIONS, SHAPES
+    from pipelines.synthetic import COLOURS, DIRECTIONS, SHAPES, SIZES, SPEEDS
 
     words = caption.split()
-    vocab = {"colour": COLOURS, "shape": SHAPES, "direction": DIRECTIONS}
+    vocab = {"colour": COLOURS, "shape": SHAPES, "direction": DIRECTIONS, "size": SIZES, "speed": SPEEDS}
     return {a: next((w for w in words if w in v), None) for a, v in vocab.items()}
 
 
@@ -65,10 +67,12 @@ def main() -> None:
     v2t_top = torch.zeros(n, n, dtype=torch.bool).scatter_(1, sim.topk(k, dim=1).indices, True)
     gold = torch.arange(n)
 
+    def top1(score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (score.masked_fill(~t2v_top, float("-inf")).argmax(0),
+                score.masked_fill(~v2t_top, float("-inf")).argmax(1))
+
     def r1(score: torch.Tensor) -> tuple[float, float]:
-        t2v = score.masked_fill(~t2v_top, float("-inf")).argmax(0)
-        v2t = score.masked_fill(~v2t_top, float("-inf")).argmax(1)
-        return 100 * (t2v == gold).float().mean().item(), 100 * (v2t == gold).float().mean().item()
+        return tuple(100 * (top == gold).float().mean().item() for top in top1(score))
 
     print(f"{n} items, ITC temperature {temp:.4f}, re-rank depth {k}; R@1 text->item / item->text")
     rules = [("ITC alone (cosine)", sim), ("ITM alone (log p(match))", logp)]
@@ -78,6 +82,11 @@ def main() -> None:
     for name, score in rules:
         t, v = r1(score)
         print(f"  {name:36s} {t:5.1f}  {v:5.1f}")
+    evaluation = next(score for name, score in rules if name.endswith("(evaluation)"))
+    for direction, itc_top, new_top in zip(("text->item", "item->text"), top1(sim), top1(evaluation)):
+        changed = itc_top != new_top
+        print(f"evaluation's re-rank vs ITC alone, {direction}: top-1 changed for {int(changed.sum())} of {n} "
+              f"queries, won {int((changed & (new_top == gold)).sum())}, lost {int((changed & (itc_top == gold)).sum())}")
     wrong = hard_pair_wrong_items(sim, range(n))                                    # (captions, 2)
     hard = itm_hard_pair_metrics(torch.cat([logp[gold, gold][:, None], logp[wrong, gold[:, None]]], 1),
                                  hard_pair_itc(sim, range(n)))
@@ -87,11 +96,12 @@ def main() -> None:
     corr = torch.corrcoef(torch.stack([sim[t2v_top], logp[t2v_top]]))[0, 1].item()
     print(f"correlation of ITC cosine and ITM log p(match) over each caption's top-{k}: {corr:.3f}")
     attrs = [_attributes(c) for c in captions]
-    if all(a["colour"] and a["shape"] and a["direction"] for a in attrs):
+    named = [a for a in ATTRIBUTES if all(x[a] for x in attrs)]      # the attributes every caption names
+    if named:
         print("caption's own clip above a clip differing in one attribute (t2v): ITC / ITM right")
-        for a in ATTRIBUTES:
+        for a in named:
             pairs = [(i, j) for j in range(n) for i in range(n) if attrs[i][a] != attrs[j][a]
-                     and all(attrs[i][b] == attrs[j][b] for b in ATTRIBUTES if b != a)]
+                     and all(attrs[i][b] == attrs[j][b] for b in named if b != a)]
             if pairs:
                 itc = sum(float(sim[j, j] > sim[i, j]) for i, j in pairs) / len(pairs)
                 itm_ = sum(float(logp[j, j] > logp[i, j]) for i, j in pairs) / len(pairs)
