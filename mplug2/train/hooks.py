@@ -168,6 +168,7 @@ class LocalHooks:
 
     def close(self) -> None:
         """Keep the newest ``keep_last`` checkpoints (rank 0, once every upload ended)."""
+        self.uploader.close()
         if self._prune_due:
             self._prune_due = False
             prune_checkpoints(self.run_dir, self.cfg.schedule.keep_last)

@@ -418,6 +418,7 @@ class TrainLoop:
                 png = os.path.join(self.log_dir, "curves.png")
                 plot_curves(jsonl, png)
             self._sync_logs()
+        self._log_uploader.close()
         self.metrics.close()
         self._remove_local_logs()
 

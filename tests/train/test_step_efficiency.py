@@ -151,7 +151,7 @@ def test_background_upload_error_surfaces_in_the_training_thread():
     uploader.wait(block=False)                  # still running: returns at once, nothing to raise
     release.set()
     uploader.submit(failing, "step_00000002")   # waits for step 1 first
-    uploader._thread.join()
+    assert uploader._idle.wait(60)          # the failed upload has ended
     with pytest.raises(OSError, match="disk full while uploading step_00000002"):
         uploader.wait(block=False)
     uploader.submit(lambda: None, "step_00000003")
