@@ -288,7 +288,7 @@ def components(args: argparse.Namespace, repeats: int = 6) -> None:
             upload_checkpoint(local, str(scratch / "local" / f"step_{i:08d}"))
             add("copy to a local destination (fsync)", time.process_time() - c0)
             shutil.rmtree(local)
-        loop.loader.close()
+        loop.close()
     finally:
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)

@@ -19,6 +19,26 @@ from mplug2.runtime import setup_process_env
 setup_process_env()
 
 
+def _own_temp_entries() -> set[str]:
+    """This project's entries in the temp folder (``mplug2-*``), the test session's own scratch folder aside."""
+    root = tempfile.gettempdir()
+    return {os.path.join(root, n) for n in os.listdir(root)
+            if n.startswith("mplug2-") and not n.startswith("mplug2-tests-")}
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_temp_files():
+    """Every test leaves the temp folder as it found it: a staging checkpoint, a log copy or a media download
+    that outlives its run is a leak on a user's machine (each run would add one). Fails the test that left it,
+    naming it, and removes it so the next test starts clean."""
+    before = _own_temp_entries()
+    yield
+    left = sorted(_own_temp_entries() - before)
+    for path in left:
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+    assert not left, f"the test left these in the temp folder: {left}"
+
+
 @pytest.fixture(scope="session")
 def scratch_root() -> Path:
     root = Path(tempfile.mkdtemp(prefix="mplug2-tests-"))

@@ -433,6 +433,13 @@ class TrainLoop:
             log.warning("rank %d: closing the writers of a failed run: %r", self.rank, exc)
         self._remove_local_logs()
 
+    def close(self) -> None:
+        """Release what a loop driven step by step holds (benchmarks, tests): the loader's workers, the
+        checkpoint writer process, the metric writers and the local temp copy of a remote run's logs. Nothing
+        is exported or uploaded: :meth:`run` ends with :meth:`finish` instead."""
+        self.loader.close()
+        self.abort()
+
     def _remove_local_logs(self) -> None:
         if storage.is_remote(self.run_dir):     # the local copy of the logs (synced to storage) is a temp folder
             shutil.rmtree(self.log_dir, ignore_errors=True)

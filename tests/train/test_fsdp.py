@@ -303,8 +303,7 @@ def test_two_rank_dcp_checkpoint_loads_into_one_process(runs, monkeypatch):
         loop.step = ck.step
         values, _ = loop.train_step()
         assert torch.isfinite(torch.tensor(values["loss"])) and loop.step == CKPT + 1
-        loop.loader.close()
-        loop.metrics.close()
+        loop.close()
 
 
 def test_init_from_fsdp2_run_for_finetuning(runs):
