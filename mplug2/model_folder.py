@@ -15,7 +15,8 @@ from mplug2 import storage
 from mplug2.models.mplug2 import CONFIG_FILE, WEIGHTS_FILE, MPLUG2
 
 HEAD_FILE = "head.safetensors"      # task heads exported beside the bare model (ITC/ITM, classifier)
-_OPTIONAL = (HEAD_FILE, "classes.json")
+RERANK_FILE = "rerank.json"         # retrieval: the re-rank's ITM weight, chosen on a validation corpus
+_OPTIONAL = (HEAD_FILE, "classes.json", RERANK_FILE)
 
 
 @contextlib.contextmanager
@@ -50,3 +51,13 @@ def read_heads(url: str) -> dict[str, Tensor]:
     if not storage.exists(head_url):
         return {}
     return load_safetensors(storage.read_bytes(head_url))
+
+
+def read_rerank_weight(url: str) -> float | None:
+    """The re-rank's ITM weight a retrieval run exported beside the model (``rerank.json``), or None."""
+    import json
+
+    rerank_url = storage.join(url, RERANK_FILE)
+    if not storage.exists(rerank_url):
+        return None
+    return float(json.loads(storage.read_bytes(rerank_url))["itm_weight"])

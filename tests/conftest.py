@@ -26,17 +26,18 @@ def _own_temp_entries() -> set[str]:
             if n.startswith("mplug2-") and not n.startswith("mplug2-tests-")}
 
 
-@pytest.fixture(autouse=True)
-def no_leftover_temp_files():
-    """Every test leaves the temp folder as it found it: a staging checkpoint, a log copy or a media download
-    that outlives its run is a leak on a user's machine (each run would add one). Fails the test that left it,
-    naming it, and removes it so the next test starts clean."""
+@pytest.fixture(scope="module", autouse=True)
+def no_leftover_temp_files(request):
+    """Every test module leaves the temp folder as it found it: a staging checkpoint, a log copy or a media
+    download that outlives its run is a leak on a user's machine (each run would add one). Checked per module,
+    after its own fixtures have ended (some run several trainings in the background across its tests, whose
+    folders are alive until then); fails naming the module and removes what it left, so the next starts clean."""
     before = _own_temp_entries()
     yield
     left = sorted(_own_temp_entries() - before)
     for path in left:
         shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
-    assert not left, f"the test left these in the temp folder: {left}"
+    assert not left, f"{request.module.__name__} left these in the temp folder: {left}"
 
 
 @pytest.fixture(scope="session")

@@ -51,14 +51,15 @@ class Predictor:
 
     def __init__(self, model: MPLUG2, tokenizer, *, heads: dict[str, Tensor] | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 num_frames: int | None = None) -> None:
+                 num_frames: int | None = None, rerank_itm_weight: float = 1.0) -> None:
         self.device = torch.device(device)
         self.dtype = dtype or _default_dtype(self.device)
         self.config: MPLUG2Config = model.config
         self.tok = tokenizer
         with torch.random.fork_rng(devices=[]):    # untrained heads: the same in every process
             torch.manual_seed(_HEAD_SEED)
-            self.retriever = Retriever(model, tokenizer, RetrievalConfig(queue_size=0, distill=False))
+            self.retriever = Retriever(model, tokenizer, RetrievalConfig(queue_size=0, distill=False,
+                                                                         rerank_itm_weight=rerank_itm_weight))
         self.heads_trained = self._load_heads(heads or {})
         self._warned = False
         self.retriever.to(self.device, self.dtype).eval()
@@ -71,11 +72,13 @@ class Predictor:
     def load(cls, model_dir: str, *, device: str = "cpu", dtype: torch.dtype | None = None,
              num_frames: int | None = None) -> "Predictor":
         """A local or ``s3://`` model folder; bf16 on CUDA and fp32 on CPU unless ``dtype`` says otherwise."""
-        from mplug2.model_folder import load_model_folder, read_heads
+        from mplug2.model_folder import load_model_folder, read_heads, read_rerank_weight
 
         model = load_model_folder(model_dir)
         tok = load_tokenizer(model.config.tokenizer)
-        return cls(model, tok, heads=read_heads(model_dir), device=device, dtype=dtype, num_frames=num_frames)
+        weight = read_rerank_weight(model_dir)
+        return cls(model, tok, heads=read_heads(model_dir), device=device, dtype=dtype, num_frames=num_frames,
+                   rerank_itm_weight=1.0 if weight is None else weight)
 
     def _load_heads(self, heads: dict[str, Tensor]) -> bool:
         """Copy ITC projections / ITM head (and the trained ITC temperature, which :meth:`rerank_scores` needs;
@@ -148,9 +151,11 @@ class Predictor:
 
     def rerank_scores(self, itm_logits: Tensor, cosine: Tensor) -> Tensor:
         """Evaluation's re-rank score (:func:`~mplug2.tasks.retrieval.rerank_score`) of pairs with these ITM
-        logits ``(B, 2)`` and ITC cosines ``(B,)``, at the trained temperature."""
+        logits ``(B, 2)`` and ITC cosines ``(B,)``, at the trained temperature and the ITM weight the model's
+        retrieval run chose on its validation corpus (``rerank.json``; 1 without one)."""
         temp = self.retriever.core.itc.temp.detach().item()
-        return rerank_score(itm_logits.float().cpu(), cosine.float().cpu(), temp)
+        return rerank_score(itm_logits.float().cpu(), cosine.float().cpu(), temp,
+                            itm_weight=self.retriever.cfg.rerank_itm_weight)
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

@@ -8,6 +8,7 @@ pairs with :func:`rerank_score`; everything outside the top-k scores −inf.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,22 +20,69 @@ from mplug2.eval.retrieval_metrics import (hard_pair_itc, hard_pair_wrong_items,
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.objectives.pretrain import MPLUG2Pretrainer, PretrainConfig
 
-__all__ = ["RetrievalConfig", "RetrievalScores", "Retriever", "evaluate_retrieval", "rerank_score"]
+__all__ = ["RetrievalConfig", "RetrievalScores", "Retriever", "RerankCandidates", "evaluate_retrieval", "rerank_score",
+           "rerank_hits", "choose_itm_weight", "RERANK_ITM_WEIGHTS"]
 
 _OUTSIDE = float("-inf")   # below every re-ranked score, whatever the temperature
 
 
-def rerank_score(itm_logits: Tensor, sim: Tensor, temp: float | Tensor) -> Tensor:
-    """Score of re-ranked pairs: ITC logit ``sim / temp`` + ITM ``log p(match)``.
+def rerank_score(itm_logits: Tensor, sim: Tensor, temp: float | Tensor, itm_weight: float = 1.0) -> Tensor:
+    """Score of re-ranked pairs: ITC logit ``sim / temp`` + ``itm_weight`` · ITM ``log p(match)``.
 
     Both terms are log-likelihoods on the scale each head was trained on (ITC's softmax over candidates takes
-    ``sim / temp``; the ITM head's softmax gives ``log p(match)``), so the sum ranks by the product of the two
-    heads' probabilities. The raw ``ITM logit + cosine`` of mPLUG / BLIP mixes an unbounded logit with a cosine
-    whose spread over a query's top-k is a few hundredths: any noise in a weak ITM head overrides the ITC order
-    (issue 14: re-ranking *below* ITC alone); here an uninformative ITM head (same logits for every candidate)
-    leaves the ITC order as it is.
+    ``sim / temp``; the ITM head's softmax gives ``log p(match)``), so at weight 1 the sum ranks by the product
+    of the two heads' probabilities. The raw ``ITM logit + cosine`` of mPLUG / BLIP mixes an unbounded logit with
+    a cosine whose spread over a query's top-k is a few hundredths: any noise in a weak ITM head overrides the
+    ITC order (issue 14: re-ranking *below* ITC alone); here an uninformative ITM head (same logits for every
+    candidate) leaves the ITC order as it is. The weight is chosen on a validation corpus
+    (:func:`choose_itm_weight`); 0 keeps ITC's order.
     """
-    return sim / temp + torch.log_softmax(itm_logits.float(), dim=-1)[:, 1]
+    return sim / temp + itm_weight * torch.log_softmax(itm_logits.float(), dim=-1)[:, 1]
+
+
+# The ITM weights a validation corpus chooses from (0: ITC alone); 1 is the default without one.
+RERANK_ITM_WEIGHTS: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+@dataclass
+class RerankCandidates:
+    """Each query's ITC top-k and the two terms :func:`rerank_score` adds for them."""
+
+    top: Tensor        # (queries, k) candidate indices, ITC's order
+    itc: Tensor        # (queries, k) sim / temp
+    itm_logp: Tensor   # (queries, k) ITM log p(match)
+
+    def scores(self, itm_weight: float) -> Tensor:
+        return self.itc + itm_weight * self.itm_logp
+
+    def top1(self, itm_weight: float) -> Tensor:
+        """(queries,) the candidate each query ranks first at this weight."""
+        return self.top.gather(1, self.scores(itm_weight).argmax(1, keepdim=True)).squeeze(1)
+
+
+def rerank_hits(i2t: RerankCandidates, t2i: RerankCandidates, item_rows: Sequence[int], text_rows: Sequence[int],
+                text_to_item: Sequence[int], weights: Sequence[float] = RERANK_ITM_WEIGHTS) -> Tensor:
+    """``(len(weights), 2)``: how many of these item queries (column 0) and text queries (column 1) rank their
+    own text / item first at each ITM weight. Counts of disjoint query sets add up across ranks."""
+    owner = torch.as_tensor(list(text_to_item), dtype=torch.long, device=i2t.top.device)
+    items = torch.as_tensor(list(item_rows), dtype=torch.long, device=i2t.top.device)
+    gold = owner[torch.as_tensor(list(text_rows), dtype=torch.long, device=t2i.top.device)]
+    return torch.tensor([[int((owner[i2t.top1(w)] == items).sum()) if len(items) else 0,
+                          int((t2i.top1(w) == gold).sum()) if len(gold) else 0] for w in weights])
+
+
+def choose_itm_weight(hits: Tensor, n_items: int, n_texts: int,
+                      weights: Sequence[float] = RERANK_ITM_WEIGHTS) -> tuple[float, dict[float, float]]:
+    """The weight whose mean R@1 (item→text and text→item, percent) is highest, and every weight's figure.
+    Ties go to the weight nearest 1 (the product of the two heads' probabilities), then to the smaller one:
+    a validation corpus moves the weight only where it measures a difference."""
+    r1 = {w: 50.0 * (float(h[0]) / max(n_items, 1) + float(h[1]) / max(n_texts, 1)) for w, h in zip(weights, hits)}
+    best = max(r1.values())
+
+    def distance(w: float) -> tuple[float, float]:
+        return (abs(math.log2(w)) if w > 0 else math.inf, w)
+
+    return min((w for w in weights if r1[w] == best), key=distance), r1
 
 
 @dataclass
@@ -43,7 +91,8 @@ class RetrievalConfig:
     queue_size: int | None = None     # None -> model config
     distill: bool = True
     global_batch: int | None = None
-    itm_weight: float = 1.0
+    itm_weight: float = 1.0           # of the ITM loss in training
+    rerank_itm_weight: float = 1.0    # of ITM's log p(match) in the re-rank (rerank_score); data.val tunes it
     batch_size: int = 32              # evaluation chunk size
 
 
@@ -140,24 +189,49 @@ class Retriever(nn.Module):
     def rerank(self, sim: Tensor, vis: Tensor, vmask: Tensor, text: Tensor, tmask: Tensor,
                item_rows: Sequence[int], text_rows: Sequence[int], k: int | None = None) -> tuple[Tensor, Tensor]:
         """ITM re-rank of the top-k ITC candidates for the given query rows only (a rank's share of the
-        queries): ``(i2t (len(item_rows), N_texts), t2i (len(text_rows), N_items))``, −inf outside the top-k."""
+        queries): ``(i2t (len(item_rows), N_texts), t2i (len(text_rows), N_items))``, −inf outside the top-k,
+        scored by :func:`rerank_score` at ``cfg.rerank_itm_weight``."""
+        i2t_c, t2i_c = self.candidates(sim, vis, vmask, text, tmask, item_rows, text_rows, k)
+        w = self.cfg.rerank_itm_weight
+        i2t = torch.full((len(item_rows), sim.shape[1]), _OUTSIDE, dtype=sim.dtype, device=sim.device)
+        i2t.scatter_(1, i2t_c.top, i2t_c.scores(w).to(sim.dtype))
+        t2i = torch.full((len(text_rows), sim.shape[0]), _OUTSIDE, dtype=sim.dtype, device=sim.device)
+        t2i.scatter_(1, t2i_c.top, t2i_c.scores(w).to(sim.dtype))
+        return i2t, t2i
+
+    @torch.no_grad()
+    def candidates(self, sim: Tensor, vis: Tensor, vmask: Tensor, text: Tensor, tmask: Tensor,
+                   item_rows: Sequence[int], text_rows: Sequence[int], k: int | None = None
+                   ) -> tuple[RerankCandidates, RerankCandidates]:
+        """Each given query's ITC top-k with ITM run on it: ``(item→text, text→item)``."""
         n_items, n_texts = sim.shape
         k = min(k or self.cfg.k_test, n_texts)
+        k2 = min(k, n_items)
         temp = float(self.core.itc.temp)
-        i2t = torch.full((len(item_rows), n_texts), _OUTSIDE, dtype=sim.dtype, device=sim.device)
-        for r, i in enumerate(item_rows):
+
+        def empty(width: int) -> RerankCandidates:
+            return RerankCandidates(torch.empty(0, width, dtype=torch.long, device=sim.device),
+                                    torch.empty(0, width, device=sim.device), torch.empty(0, width, device=sim.device))
+
+        def stack(parts: list[tuple[Tensor, Tensor, Tensor]], width: int) -> RerankCandidates:
+            if not parts:
+                return empty(width)
+            top, itc, logp = (torch.stack(x) for x in zip(*parts))
+            return RerankCandidates(top, itc.float(), logp)
+
+        i2t = []
+        for i in item_rows:
             top_sim, top = sim[i].topk(k)
             logits = self._chunked_itm(vis[i:i + 1].expand(k, -1, -1), vmask[i:i + 1].expand(k, -1),
                                        text[top], tmask[top])
-            i2t[r, top] = rerank_score(logits, top_sim, temp).to(sim.dtype)
-        k2 = min(k, n_items)
-        t2i = torch.full((len(text_rows), n_items), _OUTSIDE, dtype=sim.dtype, device=sim.device)
-        for r, j in enumerate(text_rows):
+            i2t.append((top, top_sim / temp, torch.log_softmax(logits.float(), dim=-1)[:, 1]))
+        t2i = []
+        for j in text_rows:
             top_sim, top = sim[:, j].topk(k2)
             logits = self._chunked_itm(vis[top], vmask[top], text[j:j + 1].expand(k2, -1, -1),
                                        tmask[j:j + 1].expand(k2, -1))
-            t2i[r, top] = rerank_score(logits, top_sim, temp).to(sim.dtype)
-        return i2t, t2i
+            t2i.append((top, top_sim / temp, torch.log_softmax(logits.float(), dim=-1)[:, 1]))
+        return stack(i2t, k), stack(t2i, k2)
 
     @torch.no_grad()
     def hard_pair_logp(self, sim: Tensor, vis: Tensor, vmask: Tensor, text: Tensor, tmask: Tensor,

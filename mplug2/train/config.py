@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from mplug2.data import defaults as loader_defaults
-from mplug2.train.tasks import get_task
+from mplug2.train.tasks import calibrated_tasks, get_task
 
 STRATEGIES = ("ddp", "fsdp2")   # scale.strategy: mplug2.train.parallel
 PLACEHOLDER = "s3://my-bucket"   # configs/pretrain_base.yaml ships it: a run refuses it by field name
@@ -39,6 +39,9 @@ class CorpusConfig:
 class DataConfig:
     train: list[CorpusConfig] = field(default_factory=list)
     eval: CorpusConfig | None = None
+    # A validation corpus, apart from eval: what a task tunes for inference is chosen here, never on eval
+    # (retrieval: the ITM weight of the re-rank). Only for tasks with a calibration (TaskSpec.calibrate).
+    val: CorpusConfig | None = None
     batch_size: int = 8          # per rank, per micro-step
     eval_batch_size: int = 16
     num_workers: int = 0         # DataLoader workers per rank (0: in the trainer process)
@@ -134,6 +137,9 @@ class TrainConfig:
         spec = get_task(self.task)
         spec.options(self.task_options)
         spec.validate(self)
+        if self.data.val is not None and spec.calibrate is None:
+            raise ValueError(f"data.val: task {self.task!r} tunes nothing on a validation corpus (only "
+                             f"{', '.join(calibrated_tasks())} do); remove data.val or evaluate with data.eval")
         if self.resume not in ("auto", "never"):
             raise ValueError("resume must be 'auto' or 'never'")
         if self.scale.strategy not in STRATEGIES:
@@ -171,8 +177,9 @@ class TrainConfig:
         if "crop_scale" in data:
             data["crop_scale"] = _crop_scale(data["crop_scale"])
         data["train"] = [c if isinstance(c, CorpusConfig) else CorpusConfig(**c) for c in data.get("train", [])]
-        if data.get("eval") is not None and not isinstance(data["eval"], CorpusConfig):
-            data["eval"] = CorpusConfig(**data["eval"])
+        for split in ("eval", "val"):
+            if data.get(split) is not None and not isinstance(data[split], CorpusConfig):
+                data[split] = CorpusConfig(**data[split])
         optim = dict(d.pop("optim", {}) or {})
         if "betas" in optim:
             optim["betas"] = tuple(optim["betas"])
@@ -209,8 +216,9 @@ class TrainConfig:
             d["model"] = local(self.model, "model")
         for i, corpus in enumerate(d["data"]["train"]):
             corpus["path"] = local(corpus["path"], f"data.train[{i}].path")
-        if d["data"]["eval"] is not None:
-            d["data"]["eval"]["path"] = local(d["data"]["eval"]["path"], "data.eval.path")
+        for split in ("eval", "val"):
+            if d["data"][split] is not None:
+                d["data"][split]["path"] = local(d["data"][split]["path"], f"data.{split}.path")
         return TrainConfig.from_dict(d)
 
     def to_yaml(self, path: str | Path) -> None:

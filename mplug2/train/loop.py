@@ -39,7 +39,7 @@ from mplug2.train.checkpoint import (
     Snapshot, StagingBuffers, find_latest_valid, list_step_checkpoints, load_checkpoint, take_snapshot,
 )
 from mplug2.train.checkpoint.writer import SnapshotWriter
-from mplug2.train.config import TrainConfig
+from mplug2.train.config import CorpusConfig, TrainConfig
 from mplug2.train.evalset import cached_eval_set
 from mplug2.train.hooks import Hooks, LocalHooks, RayHooks
 from mplug2.train.metrics import MetricsLogger, plot_curves
@@ -285,16 +285,21 @@ class TrainLoop:
 
     def evaluate(self) -> dict[str, float]:
         """The task's evaluation on the configured eval corpus: this rank scores its slice (decoded once per
-        process), the task gathers the pieces; every rank returns the same numbers."""
-        c = self.cfg.data.eval
-        if self.spec.load_eval is not None:      # text-only tasks read their own eval files
-            data = self.spec.load_eval(self.cfg, c.path, self.rank, self.world_size)
-        else:
-            data = cached_eval_set(c.path, c.split, c.num_frames, self.mcfg.vision.image_res,
-                                   label_key=self.cfg.label_key, rank=self.rank, world_size=self.world_size)
+        process), the task gathers the pieces; every rank returns the same numbers. With a validation corpus
+        (``data.val``) the task first tunes its inference setting there (:attr:`TaskSpec.calibrate`); what it
+        chose follows the eval figures."""
         ctx = EvalContext(self.tokenizer, max_text_len=self.cfg.data.max_text_len, device=self.device,
                           options=self.cfg.options)
-        return self.spec.evaluate(self.task, data, ctx)
+        chosen = {}
+        if self.cfg.data.val is not None and self.spec.calibrate is not None:
+            chosen = self.spec.calibrate(self.task, self._eval_data(self.cfg.data.val), ctx)
+        return {**self.spec.evaluate(self.task, self._eval_data(self.cfg.data.eval), ctx), **chosen}
+
+    def _eval_data(self, c: CorpusConfig) -> Any:
+        if self.spec.load_eval is not None:      # text-only tasks read their own eval files
+            return self.spec.load_eval(self.cfg, c.path, self.rank, self.world_size)
+        return cached_eval_set(c.path, c.split, c.num_frames, self.mcfg.vision.image_res,
+                               label_key=self.cfg.label_key, rank=self.rank, world_size=self.world_size)
 
     def run(self) -> dict[str, float]:
         """Train to ``total_steps``; returns the last logged metrics (rank 0); evaluates as configured when the

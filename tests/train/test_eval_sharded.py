@@ -19,6 +19,8 @@ from tests.tiny import one_thread  # noqa: F401  (fixture)
 
 WORLD, N = 2, 9            # an odd count: the ranks' slices differ in size
 TASKS = {"retrieval": {}, "caption": {}, "qa": {}, "classify": {"classes": ["a", "b", "c"]}}
+CALIBRATED = "retrieval-calibrated"     # the re-rank's ITM weight chosen on a validation corpus first
+TASKS[CALIBRATED] = {}
 
 
 def _data() -> EvalSet:
@@ -30,15 +32,17 @@ def _data() -> EvalSet:
                    answers=[words[i % 4] for i in range(N)], labels=["abc"[i % 3] for i in range(N)])
 
 
-def _scores(task_name: str, data: EvalSet) -> dict[str, float]:
+def _scores(name: str, data: EvalSet) -> dict[str, float]:
     torch.manual_seed(0)
     tok = load_tokenizer("tiny")
-    cfg = TrainConfig(run_name="e", task=task_name, model="tiny", **TASKS[task_name])
+    task_name = "retrieval" if name == CALIBRATED else name
+    cfg = TrainConfig(run_name="e", task=task_name, model="tiny", **TASKS[name])
     spec = get_task(task_name)
     task = spec.build(cfg, MPLUG2(MPLUG2Config.preset("tiny")), tok, 1).eval()
+    ctx = EvalContext(tok, max_text_len=12, batch_size=4, options=cfg.options)
     with torch.no_grad():
-        return spec.evaluate(task, data, EvalContext(tok, max_text_len=12, batch_size=4,
-                                                     options=cfg.options))
+        chosen = spec.calibrate(task, data, ctx) if name == CALIBRATED else {}
+        return {**spec.evaluate(task, data, ctx), **chosen}
 
 
 def _worker(rank: int, port: int, results: dict) -> None:

@@ -18,7 +18,8 @@ from mplug2.train.tasks.retrieval import RetrievalOptions
 from mplug2.train.tasks.spec import EvalContext, TaskSpec, gather
 from mplug2.train.tasks.text_classify import TextClassifyOptions
 
-__all__ = ["TaskSpec", "EvalContext", "REGISTRY", "get_task", "task_names", "describe_tasks", "gather",
+__all__ = ["TaskSpec", "EvalContext", "REGISTRY", "get_task", "task_names", "calibrated_tasks", "describe_tasks",
+           "gather",
            "RetrievalOptions", "QAOptions", "GroundingOptions", "TextClassifyOptions"]
 
 # One module per task, each defining its SPEC; this table's order is the order `--help` lists them in.
@@ -28,6 +29,11 @@ REGISTRY: dict[str, TaskSpec] = {m.SPEC.name: m.SPEC for m in (
 
 def task_names() -> tuple[str, ...]:
     return tuple(REGISTRY)
+
+
+def calibrated_tasks() -> tuple[str, ...]:
+    """The tasks that tune an inference setting on a validation corpus (``data.val``)."""
+    return tuple(name for name, spec in REGISTRY.items() if spec.calibrate is not None)
 
 
 def get_task(name: str) -> TaskSpec:

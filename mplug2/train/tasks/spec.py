@@ -39,6 +39,10 @@ class TaskSpec:
     summary: str
     build: Callable[[RunConfig, MPLUG2, Any, int], nn.Module]
     evaluate: Callable[[nn.Module, EvalSet, EvalContext], dict[str, float]] | None = None
+    # Tunes an inference setting of the task module on the validation corpus (``data.val``) before each
+    # evaluation, so that nothing is chosen on the eval corpus; returns what it chose and measured. The
+    # setting travels with the export (export_files / import_fields).
+    calibrate: Callable[[nn.Module, EvalSet, EvalContext], dict[str, float]] | None = None
     options_type: type = dict
     validate: Callable[[RunConfig], None] = lambda cfg: None
     # files written beside the exported model (name -> bytes), and config fields read back from them
