@@ -159,17 +159,24 @@ def plot_curves(jsonl_path: str, out_png: str, *, keys: list[str] | None = None)
     series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
     once = [k for k in keys if len(series[k]) == 1]
     panels = [k for k in keys if len(series[k]) > 1]
-    n = len(panels) + (1 if once else 0)
-    cols = min(3, n)
-    nrows = math.ceil(n / cols)
-    width, height = 4.5 * cols, 3 * nrows
+    cols = min(3, len(panels)) if panels else 1
+    curve_rows = math.ceil(len(panels) / cols) if panels else 0
+    # the metrics logged once (an evaluation's figures, often 20 or more): a table across the figure's width, in
+    # up to three (metric, value) column groups, each row a fixed 0.22 in, so that no row is cut off
+    groups = min(3, len(once))
+    lines = math.ceil(len(once) / groups) if once else 0
+    table_h = 0.22 * (lines + 1) + 0.35 if once else 0.0
+    width = 4.5 * max(cols, groups)
+    height = 3 * curve_rows + table_h + 0.4 + (1.35 if once and curve_rows else 0.0)
     # Panels of a fixed size with fixed margins (inches): tight_layout measured every label of every panel and
     # took ~40 % of the plot's time, ~1 s at the end of every run.
-    fig, axes = plt.subplots(nrows, cols, figsize=(width, height), squeeze=False,
-                             gridspec_kw=dict(left=0.75 / width, right=1 - 0.2 / width, bottom=0.5 / height,
-                                              top=1 - 0.3 / height, wspace=0.3, hspace=0.45))
-    flat = list(axes.flat)
-    for ax, k in zip(flat, panels):
+    fig = plt.figure(figsize=(width, height))
+    n_rows = curve_rows + (1 if once else 0)
+    grid = fig.add_gridspec(n_rows, max(cols, groups), height_ratios=[3] * curve_rows + ([table_h] if once else []),
+                            left=0.75 / width, right=1 - 0.2 / width, bottom=0.1 / height, top=1 - 0.3 / height,
+                            wspace=0.3, hspace=1.35 / ((3 * curve_rows + table_h) / n_rows))   # ~1.35 in between
+    for i, k in enumerate(panels):
+        ax = fig.add_subplot(grid[i // cols, i % cols])
         pts = series[k]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         if len(pts) <= 10:                       # evaluations: points, each with its value
@@ -182,14 +189,22 @@ def plot_curves(jsonl_path: str, out_png: str, *, keys: list[str] | None = None)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
     if once:
-        ax = flat[len(panels)]
+        ax = fig.add_subplot(grid[curve_rows, :])
         ax.axis("off")
-        cells = [[k, f"{series[k][0][1]:.4g}", str(series[k][0][0])] for k in once]
-        table = ax.table(cellText=cells, colLabels=["metric", "value", "step"], loc="upper center", cellLoc="left")
+        steps = {series[k][0][0] for k in once}
+        same_step = len(steps) == 1
+
+        def cell(k: str) -> list[str]:
+            step, value = series[k][0]
+            return [k, f"{value:.4g}" + ("" if same_step else f" (step {step})")]
+
+        cells = [sum((cell(once[g * lines + i]) if g * lines + i < len(once) else ["", ""] for g in range(groups)),
+                     []) for i in range(lines)]
+        table = ax.table(cellText=cells, colLabels=["metric", "value"] * groups, cellLoc="left", bbox=[0, 0, 1, 1],
+                         colWidths=[0.72 / groups, 0.28 / groups] * groups)
         table.auto_set_font_size(False)
-        table.set_fontsize(7)
-    for ax in flat[n:]:
-        ax.axis("off")
+        table.set_fontsize(8)
+        ax.set_title(f"logged once (step {steps.pop()})" if same_step else "logged once", fontsize=9)
     os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
