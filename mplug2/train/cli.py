@@ -72,6 +72,25 @@ def _check_init_from(cfg: TrainConfig) -> None:
                               "(--set init_from=...)") from e
 
 
+def _check_eval_corpora(cfg: TrainConfig) -> None:
+    """The eval and validation corpora have shards of their split, checked here before Ray starts: a wrong path
+    otherwise failed the run's evaluation after the whole training (and a resumed complete run does not evaluate
+    again). Text-only tasks read their own eval files and check them in their preflight."""
+    from mplug2.data.dataset_index import load_index
+
+    spec = get_task(cfg.task)
+    if spec.evaluate is None or spec.load_eval is not None:
+        return
+    for name, corpus in (("data.eval", cfg.data.eval), ("data.val", cfg.data.val)):
+        if corpus is None:
+            continue
+        try:
+            load_index(corpus.path, corpus.split)
+        except (OSError, ValueError) as e:
+            raise ConfigFileError(f"{name} (split {corpus.split!r}): {e}; point {name}.path at a folder of shards "
+                                  f"(`mplug2-data shard --split {corpus.split}`)") from e
+
+
 def _train(args: argparse.Namespace, task: str | None) -> int:
     from mplug2.train.trainer import fit, latest_eval, run_dir
 
@@ -85,6 +104,7 @@ def _train(args: argparse.Namespace, task: str | None) -> int:
     except (OSError, ValueError) as e:
         raise ConfigFileError(str(e)) from e
     _check_init_from(cfg)
+    _check_eval_corpora(cfg)
     init_ray(args.address, num_cpus=args.num_cpus)
     t0 = time.time()
     result = fit(cfg)

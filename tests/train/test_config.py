@@ -90,3 +90,21 @@ def test_finetune_with_a_missing_init_from_fails_in_one_line_before_starting_ray
     assert rc == 2 and err.count("\n") == 0, err
     assert err.startswith(f"mplug2-train: error: init_from={missing}: neither a model folder"), err
     assert "--set init_from=" in err, err
+
+
+def test_finetune_with_a_missing_validation_corpus_fails_in_one_line_before_starting_ray(tmp_path, capsys):
+    """The eval and validation corpora are checked on the driver too: a wrong path used to fail the evaluation
+    after the whole training."""
+    from mplug2.train.cli import main as train_cli
+    from tests.data.shards_fixture import write_shards
+
+    write_shards(str(tmp_path / "eval"), [4], split="eval")
+    missing = tmp_path / "no-such-corpus"
+    rc = train_cli(["finetune", "--config", str(ROOT / "retrieval_tiny.yaml"), "--storage", str(tmp_path / "runs"),
+                    "--set", "init_from=null", "--set", f"data.eval.path={tmp_path / 'eval'}",
+                    "--set", "data.val.name=val", "--set", "data.val.split=val", "--set", f"data.val.path={missing}",
+                    "--address", "127.0.0.1:1"])   # never reached
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0, err
+    assert err.startswith(f"mplug2-train: error: data.val (split 'val'): {missing}: neither dataset.json"), err
+    assert "point data.val.path at a folder of shards" in err, err
