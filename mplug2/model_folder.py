@@ -53,11 +53,21 @@ def read_heads(url: str) -> dict[str, Tensor]:
     return load_safetensors(storage.read_bytes(head_url))
 
 
-def read_rerank_weight(url: str) -> float | None:
-    """The re-rank's ITM weight a retrieval run exported beside the model (``rerank.json``), or None."""
+def rerank_file(itm_weight: float) -> bytes:
+    """``rerank.json``'s bytes for a retrieval run's chosen ITM weight."""
     import json
 
+    return json.dumps({"itm_weight": itm_weight}).encode()
+
+
+def parse_rerank_file(raw: bytes) -> float:
+    """The ITM weight in ``rerank.json``'s bytes."""
+    import json
+
+    return float(json.loads(raw)["itm_weight"])
+
+
+def read_rerank_weight(url: str) -> float | None:
+    """The re-rank's ITM weight a retrieval run exported beside the model (``rerank.json``), or None."""
     rerank_url = storage.join(url, RERANK_FILE)
-    if not storage.exists(rerank_url):
-        return None
-    return float(json.loads(storage.read_bytes(rerank_url))["itm_weight"])
+    return parse_rerank_file(storage.read_bytes(rerank_url)) if storage.exists(rerank_url) else None

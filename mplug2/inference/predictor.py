@@ -51,15 +51,15 @@ class Predictor:
 
     def __init__(self, model: MPLUG2, tokenizer, *, heads: dict[str, Tensor] | None = None,
                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 num_frames: int | None = None, rerank_itm_weight: float = 1.0) -> None:
+                 num_frames: int | None = None, rerank_itm_weight: float | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = dtype or _default_dtype(self.device)
         self.config: MPLUG2Config = model.config
         self.tok = tokenizer
         with torch.random.fork_rng(devices=[]):    # untrained heads: the same in every process
             torch.manual_seed(_HEAD_SEED)
-            self.retriever = Retriever(model, tokenizer, RetrievalConfig(queue_size=0, distill=False,
-                                                                         rerank_itm_weight=rerank_itm_weight))
+            weight = {} if rerank_itm_weight is None else {"rerank_itm_weight": rerank_itm_weight}  # None: default
+            self.retriever = Retriever(model, tokenizer, RetrievalConfig(queue_size=0, distill=False, **weight))
         self.heads_trained = self._load_heads(heads or {})
         self._warned = False
         self.retriever.to(self.device, self.dtype).eval()
@@ -76,9 +76,8 @@ class Predictor:
 
         model = load_model_folder(model_dir)
         tok = load_tokenizer(model.config.tokenizer)
-        weight = read_rerank_weight(model_dir)
         return cls(model, tok, heads=read_heads(model_dir), device=device, dtype=dtype, num_frames=num_frames,
-                   rerank_itm_weight=1.0 if weight is None else weight)
+                   rerank_itm_weight=read_rerank_weight(model_dir))
 
     def _load_heads(self, heads: dict[str, Tensor]) -> bool:
         """Copy ITC projections / ITM head (and the trained ITC temperature, which :meth:`rerank_scores` needs;

@@ -291,7 +291,7 @@ class TrainLoop:
         ctx = EvalContext(self.tokenizer, max_text_len=self.cfg.data.max_text_len, device=self.device,
                           options=self.cfg.options)
         chosen = {}
-        if self.cfg.data.val is not None and self.spec.calibrate is not None:
+        if self.cfg.data.val is not None:       # TrainConfig admits it only for tasks with a calibration
             chosen = self.spec.calibrate(self.task, self._eval_data(self.cfg.data.val), ctx)
         return {**self.spec.evaluate(self.task, self._eval_data(self.cfg.data.eval), ctx), **chosen}
 

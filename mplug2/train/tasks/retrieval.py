@@ -4,14 +4,13 @@ the re-rank's ITM weight is chosen there before each evaluation and exported bes
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from mplug2.model_folder import RERANK_FILE
+from mplug2.model_folder import RERANK_FILE, parse_rerank_file, rerank_file
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.train.evalset import EvalSet
 from mplug2.train.tasks.spec import EvalContext, RunConfig, TaskSpec, by_position, gather, rank_and_world
@@ -124,12 +123,12 @@ def _calibrate_retrieval(task: nn.Module, data: EvalSet, ctx: EvalContext) -> di
 
 
 def _rerank_file(task: nn.Module) -> dict[str, bytes]:
-    return {RERANK_FILE: json.dumps({"itm_weight": task.cfg.rerank_itm_weight}).encode()}
+    return {RERANK_FILE: rerank_file(task.cfg.rerank_itm_weight)}
 
 
 def _rerank_from_export(read: Callable[[str], bytes | None]) -> dict[str, Any]:
     raw = read(RERANK_FILE)          # exports made before the weight was recorded: the default
-    return {"task_options": {"rerank_itm_weight": float(json.loads(raw)["itm_weight"])}} if raw is not None else {}
+    return {"task_options": {"rerank_itm_weight": parse_rerank_file(raw)}} if raw is not None else {}
 
 
 SPEC = TaskSpec("retrieval", "text<->video/image retrieval: ITC top-k, ITM re-rank; R@1/5/10 both ways",
