@@ -312,6 +312,8 @@ class TrainLoop:
         ckpt_times = no_ckpt                  # of the last checkpoint, logged with the step after it
         if self.step >= s.total_steps:
             log.info("rank %d: run already complete at step %d", self.rank, self.step)
+        else:
+            self._writer.start()
         bar = progress_bar(self.rank, s.total_steps, self.step, f"{cfg.task} {cfg.run_name}")
         while self.step < s.total_steps:
             values, times = self.train_step()

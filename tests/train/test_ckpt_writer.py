@@ -109,20 +109,20 @@ def test_overlapped_snapshot_copies_buffers_now_and_weights_beside_the_next_step
     and AdamW state are copied in a thread while training goes on, and the files hold the snapshot's step."""
     import threading
 
-    from mplug2.train.checkpoint import snapshot as snapshot_mod
+    from mplug2.train.checkpoint import staging as staging_mod
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 3))
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.randn(4, 16)).sum().backward()
     optimizer.step()
-    release, real_run = threading.Event(), snapshot_mod.BackgroundCopy._run
+    release, real_run = threading.Event(), staging_mod.BackgroundCopy._run
 
     def gated_run(self, dsts, srcs):
         assert release.wait(60), "the test never released the background copy"
         real_run(self, dsts, srcs)
 
-    monkeypatch.setattr(snapshot_mod.BackgroundCopy, "_run", gated_run)
+    monkeypatch.setattr(staging_mod.BackgroundCopy, "_run", gated_run)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
     adam = {k: v.clone() for k, v in optimizer.state[model[0].weight].items()}
     snap = take_snapshot(str(tmp_path / "s1"), model=model, optimizer=optimizer, scheduler=None, step=1, extra={},
@@ -157,3 +157,26 @@ def test_staging_snapshot_whose_folder_is_gone_fails_and_makes_no_folder(trained
     with pytest.raises(OSError):
         snap.write()
     assert not scratch.exists()
+
+
+def test_tensors_outside_the_staging_buffers_go_to_the_writer_by_value():
+    """RNG states and other small tensors travel inside the message (no shared-memory segment and no
+    file-descriptor hand-off per checkpoint); staged tensors travel as their buffers' keys."""
+    import io
+
+    from mplug2.train.checkpoint.writer import _RefPickler, _RefUnpickler
+
+    buffers = StagingBuffers(shared=True)
+    staged = buffers.copy("model/w", torch.arange(6.0))
+    buffers.flush()
+    loose = {"rng": torch.randint(0, 255, (5056,), dtype=torch.uint8),
+             "scalar": torch.tensor(3.5, dtype=torch.bfloat16), "empty": torch.zeros(0, 4),
+             "strided": torch.arange(12).reshape(3, 4).t(),
+             "keys": torch.tensor([1, 2**31 + 5, 7], dtype=torch.int64).to(torch.uint32)}   # numpy's RNG keys
+    out = io.BytesIO()
+    _RefPickler(out, buffers).dump({"staged": staged, **loose})
+    got = _RefUnpickler(io.BytesIO(out.getvalue()), {"model/w": staged}).load()
+    assert got["staged"] is staged
+    for name, t in loose.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+        assert not got[name].is_shared(), name

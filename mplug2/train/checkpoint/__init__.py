@@ -13,9 +13,9 @@ Under FSDP2 (``scale.strategy: fsdp2``) the model and optimizer are a torch DCP 
 (:mod:`.dcp`), and ``trainer_state.pt`` then holds no optimizer.
 
 The modules, one concept each: :mod:`.layout` (names, version, provenance), :mod:`.snapshot` (the state
-copied on the training thread and serialised later), :mod:`.commit` (payload, markers, manifest last; what
-makes a folder valid), :mod:`.retention` (a run's checkpoints: the newest valid, the ``keep_last`` kept),
-:mod:`.load` (restore), :mod:`.dcp` (FSDP2). Pure torch + storage (no Ray).
+copied on the training thread and serialised later), :mod:`.staging` (the buffers it is copied into),
+:mod:`.commit` (payload, markers, manifest last; what makes a folder valid), :mod:`.retention` (a run's
+checkpoints: the newest valid, the ``keep_last`` kept), :mod:`.load` (restore), :mod:`.dcp` (FSDP2). Pure torch + storage (no Ray).
 """
 
 from mplug2.train.checkpoint.commit import checkpoint_problems, commit_checkpoint, upload_checkpoint, \
@@ -26,8 +26,8 @@ from mplug2.train.checkpoint.layout import (
 )
 from mplug2.train.checkpoint.load import LoadedCheckpoint, load_checkpoint, read_model_tensors
 from mplug2.train.checkpoint.retention import find_latest_valid, list_step_checkpoints, prune_checkpoints
-from mplug2.train.checkpoint.snapshot import Snapshot, StagingBuffers, rng_state, save_checkpoint, \
-    set_rng_state, take_snapshot
+from mplug2.train.checkpoint.snapshot import Snapshot, rng_state, save_checkpoint, set_rng_state, take_snapshot
+from mplug2.train.checkpoint.staging import StagingBuffers
 
 __all__ = [
     "FORMAT_VERSION", "MODEL_FILE", "TRAINER_FILE", "MANIFEST_FILE", "DCP_METADATA", "STEP_PREFIX",

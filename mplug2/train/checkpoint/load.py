@@ -16,7 +16,8 @@ from mplug2.train.checkpoint.commit import checkpoint_problems
 from mplug2.train.checkpoint.dcp import is_dcp, load_dcp, read_dcp_model
 from mplug2.train.checkpoint.layout import MODEL_FILE, TRAINER_FILE, CheckpointError, config_hash, data_file, \
     read_json, rng_file
-from mplug2.train.checkpoint.snapshot import set_rng_state, unwrap_model
+from mplug2.train.checkpoint.snapshot import set_rng_state
+from mplug2.train.checkpoint.staging import unwrap_model
 from mplug2.train.parallel import is_fsdp
 
 log = logging.getLogger("mplug2.train.checkpoint")

@@ -14,16 +14,12 @@ only the small per-rank files are left to :meth:`Snapshot.write`.
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import logging
 import os
-import queue
 import random
-import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -35,6 +31,7 @@ from mplug2.train.checkpoint.commit import commit_checkpoint, write_local_atomic
 from mplug2.train.checkpoint.dcp import save_dcp
 from mplug2.train.checkpoint.layout import MANIFEST_FILE, MODEL_FILE, TRAINER_FILE, config_hash, data_file, \
     done_file, rng_file
+from mplug2.train.checkpoint.staging import BackgroundCopy, StagingBuffers, unwrap_model
 from mplug2.train.checkpoint.tensorfile import tensor_file_bytes, write_tensor_file
 from mplug2.train.parallel import is_fsdp
 
@@ -66,178 +63,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         else:
             log.warning("checkpoint has CUDA RNG states for %d devices, this process sees %d; not restored",
                         len(state["cuda"]), torch.cuda.device_count() if torch.cuda.is_available() else 0)
-
-
-# ----------------------------------------------------------------------------------------------- staging
-
-_ATOMS = frozenset({int, float, bool, str, bytes, type(None)})    # immutable: a container of them copies shallowly
-
-
-class StagingBuffers:
-    """CPU tensors a snapshot copies into, kept from one checkpoint to the next (no allocation, no page
-    faults on the step; pinned memory for asynchronous device-to-host copies when the source is on CUDA).
-
-    ``shared=True`` allocates them in shared memory (``share_memory_()``, once; pinned in place on CUDA, as
-    torch DCP's process-based async save does) so a writer process (:mod:`.writer`) reads them without a copy
-    or a pickle: :meth:`take_new` hands it the buffers allocated since the last hand-off, :meth:`key_of` names
-    the rest.
-
-    Reuse is safe only once the previous snapshot's files are written: the training loop takes the next
-    snapshot after waiting for the previous checkpoint (one in flight at most)."""
-
-    def __init__(self, shared: bool = False) -> None:
-        self.shared = shared
-        self._buffers: dict[str, torch.Tensor] = {}
-        self._keys: dict[int, str] = {}               # id(buffer) -> key, for the writer's references
-        self._new: dict[str, torch.Tensor] = {}       # allocated since the last take_new()
-        self._pending: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])   # (buffers, sources)
-        self._stable: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])    # ... unchanged until the
-        #                                                                          next optimizer step
-
-    def copy(self, key: str, t: torch.Tensor, stable: bool = False) -> torch.Tensor:
-        """The buffer for ``key``, shaped like ``t``; ``t`` is copied into it at the next :meth:`flush` (one
-        ``torch._foreach_copy_`` for the whole snapshot instead of a Python call per tensor: ~1 500 tensors
-        in the tiny model and its AdamW state). ``stable``: ``t`` does not change before the next optimizer
-        step (parameters, optimizer state; not buffers such as ITC queues, which the forward pass updates),
-        so its copy may run beside the next forward and backward (:meth:`flush` with ``background``)."""
-        if t.requires_grad:
-            t = t.detach()
-        buf = self._buffers.get(key)
-        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self._allocate(t)
-            if key in self._buffers:
-                self._keys.pop(id(self._buffers[key]), None)
-            self._buffers[key] = buf
-            if self.shared and buf.is_shared():
-                self._keys[id(buf)] = key
-                self._new[key] = buf
-        group = self._stable if stable else self._pending
-        group[0].append(buf)
-        group[1].append(t)
-        return buf
-
-    def flush(self, background: bool = False) -> BackgroundCopy | None:
-        """Copy every source registered by :meth:`copy` since the last flush into its buffer (asynchronous
-        device-to-host copies into pinned buffers on CUDA: synchronise before reading them).
-
-        ``background`` (CPU sources only): the ``stable`` sources are copied in a thread, returned; wait for it
-        (:meth:`BackgroundCopy.synchronize`) before the next optimizer step and before reading the buffers."""
-        dsts, srcs = self._pending[0] + self._stable[0], self._pending[1] + self._stable[1]
-        later = background and self._stable[0] and not any(t.is_cuda for t in srcs)
-        if later:
-            dsts, srcs = self._pending
-            later_copy = BackgroundCopy(*self._stable)
-        self._pending, self._stable = ([], []), ([], [])
-        if dsts:
-            torch._foreach_copy_(dsts, srcs, non_blocking=any(t.is_cuda for t in srcs))
-        return later_copy if later else None
-
-    def _allocate(self, t: torch.Tensor) -> torch.Tensor:
-        if not self.shared or t.numel() == 0:         # an empty tensor has no memory to share: sent by value
-            return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-        buf = torch.empty(t.shape, dtype=t.dtype, device="cpu").share_memory_()
-        if t.is_cuda:                                 # pin the shared pages in place (pin_memory() would copy)
-            import torch.cuda._pin_memory_utils as pin
-
-            pin.pin_memory(buf.data_ptr(), buf.numel() * buf.element_size())
-            weakref.finalize(buf, pin.unpin_memory, buf.data_ptr())
-        return buf
-
-    def key_of(self, t: torch.Tensor) -> str | None:
-        """The key of a shared buffer (None for any other tensor)."""
-        return self._keys.get(id(t))
-
-    def take_new(self) -> dict[str, torch.Tensor]:
-        """The shared buffers allocated (or re-allocated for a new shape) since the last call."""
-        new, self._new = self._new, {}
-        return new
-
-    def resend_all(self) -> None:
-        """Hand every shared buffer over again at the next :meth:`take_new` (to a new writer process)."""
-        self._new = {key: buf for key, buf in self._buffers.items() if id(buf) in self._keys}
-
-    def stage(self, key: str, obj: Any, stable: bool = False) -> Any:
-        """A copy of ``obj`` (nested dicts / lists / tuples) whose tensors live in the buffers, the rest
-        deep-copied (``stable``: as in :meth:`copy`, for every tensor in it)."""
-        if isinstance(obj, torch.Tensor):
-            return self.copy(key, obj, stable)
-        if isinstance(obj, dict):
-            return {k: self.stage(f"{key}/{k}", v, stable) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-            if all(type(v) in _ATOMS for v in obj):       # e.g. a param group's 500 parameter ids: one copy
-                return type(obj)(obj)
-            return type(obj)(self.stage(f"{key}/{i}", v, stable) for i, v in enumerate(obj))
-        return copy.deepcopy(obj)
-
-
-class BackgroundCopy:
-    """One batched copy off the training thread: ``torch._foreach_copy_`` holds no GIL while it copies, so on a
-    free core the memcpy of a snapshot's weights and optimizer state (~6 ms for the tiny model) leaves the
-    training thread's step. Copies run one after another in one daemon thread per process, started at the
-    first (starting a thread per checkpoint made the step wait ~1 ms for it to be scheduled)."""
-
-    _jobs: queue.SimpleQueue[BackgroundCopy] = queue.SimpleQueue()
-    _thread: threading.Thread | None = None
-    _lock = threading.Lock()
-
-    def __init__(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-        self._work: tuple[list[torch.Tensor], list[torch.Tensor]] | None = (dsts, srcs)
-        self._done = threading.Event()
-        self._error: BaseException | None = None
-        with BackgroundCopy._lock:
-            thread = BackgroundCopy._thread
-            if thread is None or not thread.is_alive():           # not alive: in a forked child
-                BackgroundCopy._jobs = queue.SimpleQueue()
-                thread = BackgroundCopy._thread = threading.Thread(
-                    target=BackgroundCopy._serve, args=(BackgroundCopy._jobs,), name="mplug2-ckpt-stage",
-                    daemon=True)
-                thread.start()
-            BackgroundCopy._jobs.put(self)
-
-    @staticmethod
-    def _serve(jobs: queue.SimpleQueue[BackgroundCopy]) -> None:
-        while True:
-            job = jobs.get()
-            try:
-                job._run(*job._work)
-            except BaseException as exc:       # raised where the copy is waited for
-                job._error = exc
-            finally:
-                job._work = None               # the sources are the live weights: not held past the copy
-                job._done.set()
-
-    def _run(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
-        torch._foreach_copy_(dsts, srcs)
-
-    def synchronize(self) -> None:
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)   # DDP / prepare_model wrappers
-
-
-def _stage_model(model: torch.nn.Module, buffers: StagingBuffers) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's tensors by name, each storage copied once; tied names recorded as aliases of the first.
-    Parameters are ``stable`` (only the optimizer step and the momentum update after it change them)."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
-    # keep_vars: parameters come as themselves, so no second walk of the module tree finds them (~1 ms of the
-    # training thread per checkpoint in the tiny model)
-    for name, t in unwrap_model(model).state_dict(keep_vars=True).items():
-        # the same memory, shape and dtype: a tied name (data_ptr = storage start + offset)
-        ident = (t.data_ptr() if t.numel() else id(t), tuple(t.shape), t.dtype)
-        if ident in seen:
-            aliases[name] = seen[ident]
-            continue
-        seen[ident] = name
-        # own, contiguous storage: safetensors accepts it
-        tensors[name] = buffers.copy(f"model/{name}", t,
-                                     stable=t.numel() > 0 and isinstance(t, torch.nn.Parameter))
-    return tensors, aliases
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -384,7 +209,7 @@ def take_snapshot(directory: str, *, model: torch.nn.Module | None, optimizer: t
                     write_manifest=write_manifest and rank == 0, wait_for_ranks_s=wait_for_ranks_s)
     if rank == 0:
         if model is not None and not sharded:
-            snap.model, snap.aliases = _stage_model(model, buffers)
+            snap.model, snap.aliases = buffers.stage_model(unwrap_model(model))
         snap.trainer = {    # the optimizer's state changes only in its step; extra may hold queues
             "step": step,
             "optimizer": buffers.stage("trainer/optimizer", optimizer.state_dict(), stable=True)

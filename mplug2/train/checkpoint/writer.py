@@ -4,10 +4,10 @@ safetensors and ``torch.save`` hold the GIL through long native calls; run in a 
 process they slowed the step after every checkpoint by 40-80 % (``docs/benchmarks.md``, issue 13), though
 the step's own CPU time was unchanged. As torch DCP's ``AsyncCheckpointerType.PROCESS`` and torchtitan's
 ``async_with_pinned_mem`` do, the snapshot's tensors live in shared-memory staging buffers
-(:class:`~.snapshot.StagingBuffers` with ``shared=True``) and one process per run, spawned at the first
-checkpoint and running at a lower CPU priority, turns them into files. A message carries the snapshot
+(:class:`~.staging.StagingBuffers` with ``shared=True``) and one process per run, spawned before the first
+training step (:meth:`SnapshotWriter.start`) and running at a lower CPU priority, turns them into files. A message carries the snapshot
 pickled with references in place of its staged tensors, and the handles of buffers allocated since the previous
-message (once per run unless a shape changes; the few small tensors left, RNG states, go as handles too);
+message (once per run unless a shape changes; the few small tensors left, RNG states, go by value);
 the reply is the list of files written, or the writer's exception, raised again in the caller.
 
 Only the local write happens there: the upload stays in the training process's background thread (network
@@ -28,14 +28,14 @@ import pickle
 import threading
 import time
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the reductions that send shared tensors as handles)
 
 from mplug2.train.checkpoint.layout import CheckpointError
-from mplug2.train.checkpoint.snapshot import Snapshot, StagingBuffers
+from mplug2.train.checkpoint.snapshot import Snapshot
+from mplug2.train.checkpoint.staging import StagingBuffers
 
 log = logging.getLogger("mplug2.train.checkpoint")
 
@@ -46,10 +46,13 @@ __all__ = ["SnapshotWriter"]
 WRITER_NICENESS = 10
 
 
-class _RefPickler(ForkingPickler):
+class _RefPickler(pickle.Pickler):
     """Pickles a snapshot for the writer with its staged tensors as their buffers' keys (a persistent id
     looked up by ``id``: one dict lookup per object, no walk building a copy of the snapshot first); any other
-    tensor goes as a shared-memory handle, as :class:`ForkingPickler` sends it."""
+    tensor (the RNG states, a few KiB) goes by value. Not as a shared-memory handle, as :class:`ForkingPickler`
+    would send it: each handle is a new shared-memory segment whose file descriptor the writer fetches from
+    multiprocessing's resource-sharer thread here, over an authenticated connection. That thread's ~26 ms of
+    CPU per checkpoint, much of it holding the GIL, was the largest cost left on the training process."""
 
     def __init__(self, file: io.BytesIO, buffers: StagingBuffers) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
@@ -57,6 +60,19 @@ class _RefPickler(ForkingPickler):
 
     def persistent_id(self, obj: Any) -> str | None:
         return self._key_of(obj)
+
+    def reducer_override(self, obj: Any) -> Any:
+        # torch's own by-value pickling of a tensor does not load again (``UntypedStorage`` has no ``dtype``)
+        if isinstance(obj, torch.Tensor):
+            flat = obj.detach().cpu().contiguous().reshape(-1)
+            return _tensor_from_bytes, (flat.view(torch.uint8).numpy().tobytes(), obj.dtype, tuple(obj.shape))
+        return NotImplemented
+
+
+def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 class _RefUnpickler(pickle.Unpickler):
@@ -128,6 +144,13 @@ class SnapshotWriter:
     @property
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        """Start the process now (else at the first write): importing torch there takes seconds of CPU, better
+        spent before the first training step than beside the steps after the first checkpoint."""
+        with self._lock:
+            if not self._closed and not multiprocessing.current_process().daemon:
+                self._start()
 
     def _start(self) -> Connection:
         if self._conn is None:

@@ -1,0 +1,262 @@
+"""Staging buffers: the CPU memory a checkpoint's tensors are copied into on the training thread.
+
+One concept: where a snapshot's tensors land and how they get there cheaply. Buffers are allocated once and
+reused (shared memory for the writer process, pinned on CUDA); the copies of a snapshot are batched into one
+``torch._foreach_copy_``, the stable part (parameters, optimizer state) optionally in a thread beside the next
+forward and backward (:class:`BackgroundCopy`); and the walk that finds a model's tensors is done once per run
+and then only checked (:class:`ModelPlan`), because on the training thread that Python walk, not the copy,
+was the larger part of a snapshot (docs/benchmarks.md, issue 13).
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+__all__ = ["BackgroundCopy", "ModelPlan", "StagingBuffers", "unwrap_model"]
+
+
+_ATOMS = frozenset({int, float, bool, str, bytes, type(None)})    # immutable: a container of them copies shallowly
+
+
+class StagingBuffers:
+    """CPU tensors a snapshot copies into, kept from one checkpoint to the next (no allocation, no page
+    faults on the step; pinned memory for asynchronous device-to-host copies when the source is on CUDA).
+
+    ``shared=True`` allocates them in shared memory (``share_memory_()``, once; pinned in place on CUDA, as
+    torch DCP's process-based async save does) so a writer process (:mod:`.writer`) reads them without a copy
+    or a pickle: :meth:`take_new` hands it the buffers allocated since the last hand-off, :meth:`key_of` names
+    the rest.
+
+    Reuse is safe only once the previous snapshot's files are written: the training loop takes the next
+    snapshot after waiting for the previous checkpoint (one in flight at most)."""
+
+    def __init__(self, shared: bool = False) -> None:
+        self.shared = shared
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._keys: dict[int, str] = {}               # id(buffer) -> key, for the writer's references
+        self._new: dict[str, torch.Tensor] = {}       # allocated since the last take_new()
+        self._pending: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])   # (buffers, sources)
+        self._stable: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])    # ... unchanged until the
+        #                                                                          next optimizer step
+        self._plan: ModelPlan | None = None
+
+    def stage_model(self, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Register copies of every tensor of ``model``'s state dict, each storage once; returns the staged
+        tensors by name and the tied names as aliases of the first. The walk is planned once
+        (:class:`ModelPlan`) and replayed while the plan holds."""
+        plan = self._plan
+        if plan is not None and plan.model is model and plan.holds():
+            return plan.stage(self)
+        plan = ModelPlan(model, self)                      # registers this snapshot's copies as it walks
+        self._plan = plan if ModelPlan.can_plan(model) else None
+        return dict(plan.tensors), dict(plan.aliases)
+
+    def _mark(self) -> tuple[int, int]:
+        return len(self._pending[0]), len(self._stable[0])
+
+    def registered_since(self, mark: tuple[int, int]) -> tuple[tuple[list, list], tuple[list, list]]:
+        """The (pending, stable) copies registered since ``mark`` (:meth:`_mark`): (buffers, sources) each."""
+        p, s = mark
+        return ((self._pending[0][p:], self._pending[1][p:]), (self._stable[0][s:], self._stable[1][s:]))
+
+    def register(self, pending: tuple[list, list], stable: tuple[list, list]) -> None:
+        """Register copies again, as :meth:`registered_since` returned them (buffers already allocated)."""
+        for group, (dsts, srcs) in ((self._pending, pending), (self._stable, stable)):
+            group[0].extend(dsts)
+            group[1].extend(srcs)
+
+    def copy(self, key: str, t: torch.Tensor, stable: bool = False) -> torch.Tensor:
+        """The buffer for ``key``, shaped like ``t``; ``t`` is copied into it at the next :meth:`flush` (one
+        ``torch._foreach_copy_`` for the whole snapshot instead of a Python call per tensor: ~1 500 tensors
+        in the tiny model and its AdamW state). ``stable``: ``t`` does not change before the next optimizer
+        step (parameters, optimizer state; not buffers such as ITC queues, which the forward pass updates),
+        so its copy may run beside the next forward and backward (:meth:`flush` with ``background``)."""
+        if t.requires_grad:
+            t = t.detach()
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._allocate(t)
+            if key in self._buffers:
+                self._keys.pop(id(self._buffers[key]), None)
+            self._buffers[key] = buf
+            if self.shared and buf.is_shared():
+                self._keys[id(buf)] = key
+                self._new[key] = buf
+        group = self._stable if stable else self._pending
+        group[0].append(buf)
+        group[1].append(t)
+        return buf
+
+    def flush(self, background: bool = False) -> BackgroundCopy | None:
+        """Copy every source registered by :meth:`copy` since the last flush into its buffer (asynchronous
+        device-to-host copies into pinned buffers on CUDA: synchronise before reading them).
+
+        ``background`` (CPU sources only): the ``stable`` sources are copied in a thread, returned; wait for it
+        (:meth:`BackgroundCopy.synchronize`) before the next optimizer step and before reading the buffers."""
+        dsts, srcs = self._pending[0] + self._stable[0], self._pending[1] + self._stable[1]
+        later = background and self._stable[0] and not any(t.is_cuda for t in srcs)
+        if later:
+            dsts, srcs = self._pending
+            later_copy = BackgroundCopy(*self._stable)
+        self._pending, self._stable = ([], []), ([], [])
+        if dsts:
+            torch._foreach_copy_(dsts, srcs, non_blocking=any(t.is_cuda for t in srcs))
+        return later_copy if later else None
+
+    def _allocate(self, t: torch.Tensor) -> torch.Tensor:
+        if not self.shared or t.numel() == 0:         # an empty tensor has no memory to share: sent by value
+            return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+        buf = torch.empty(t.shape, dtype=t.dtype, device="cpu").share_memory_()
+        if t.is_cuda:                                 # pin the shared pages in place (pin_memory() would copy)
+            import torch.cuda._pin_memory_utils as pin
+
+            pin.pin_memory(buf.data_ptr(), buf.numel() * buf.element_size())
+            weakref.finalize(buf, pin.unpin_memory, buf.data_ptr())
+        return buf
+
+    def key_of(self, t: torch.Tensor) -> str | None:
+        """The key of a shared buffer (None for any other tensor)."""
+        return self._keys.get(id(t))
+
+    def take_new(self) -> dict[str, torch.Tensor]:
+        """The shared buffers allocated (or re-allocated for a new shape) since the last call."""
+        new, self._new = self._new, {}
+        return new
+
+    def resend_all(self) -> None:
+        """Hand every shared buffer over again at the next :meth:`take_new` (to a new writer process)."""
+        self._new = {key: buf for key, buf in self._buffers.items() if id(buf) in self._keys}
+
+    def stage(self, key: str, obj: Any, stable: bool = False) -> Any:
+        """A copy of ``obj`` (nested dicts / lists / tuples) whose tensors live in the buffers, the rest
+        deep-copied (``stable``: as in :meth:`copy`, for every tensor in it)."""
+        if isinstance(obj, torch.Tensor):
+            return self.copy(key, obj, stable)
+        if isinstance(obj, dict):
+            return {k: self.stage(f"{key}/{k}", v, stable) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+            if all(type(v) in _ATOMS for v in obj):       # e.g. a param group's 500 parameter ids: one copy
+                return type(obj)(obj)
+            return type(obj)(self.stage(f"{key}/{i}", v, stable) for i, v in enumerate(obj))
+        return copy.deepcopy(obj)
+
+
+class BackgroundCopy:
+    """One batched copy off the training thread: ``torch._foreach_copy_`` holds no GIL while it copies, so on a
+    free core the memcpy of a snapshot's weights and optimizer state (~6 ms for the tiny model) leaves the
+    training thread's step. Copies run one after another in one daemon thread per process, started at the
+    first (starting a thread per checkpoint made the step wait ~1 ms for it to be scheduled)."""
+
+    _jobs: queue.SimpleQueue[BackgroundCopy] = queue.SimpleQueue()
+    _thread: threading.Thread | None = None
+    _lock = threading.Lock()
+
+    def __init__(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+        self._work: tuple[list[torch.Tensor], list[torch.Tensor]] | None = (dsts, srcs)
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        with BackgroundCopy._lock:
+            thread = BackgroundCopy._thread
+            if thread is None or not thread.is_alive():           # not alive: in a forked child
+                BackgroundCopy._jobs = queue.SimpleQueue()
+                thread = BackgroundCopy._thread = threading.Thread(
+                    target=BackgroundCopy._serve, args=(BackgroundCopy._jobs,), name="mplug2-ckpt-stage",
+                    daemon=True)
+                thread.start()
+            BackgroundCopy._jobs.put(self)
+
+    @staticmethod
+    def _serve(jobs: queue.SimpleQueue[BackgroundCopy]) -> None:
+        while True:
+            job = jobs.get()
+            try:
+                job._run(*job._work)
+            except BaseException as exc:       # raised where the copy is waited for
+                job._error = exc
+            finally:
+                job._work = None               # the sources are the live weights: not held past the copy
+                job._done.set()
+
+    def _run(self, dsts: list[torch.Tensor], srcs: list[torch.Tensor]) -> None:
+        torch._foreach_copy_(dsts, srcs)
+
+    def synchronize(self) -> None:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)   # DDP / prepare_model wrappers
+
+
+def _plain_state_dict(m: torch.nn.Module) -> bool:
+    """``m.state_dict()`` is exactly its parameters and persistent buffers (no hook, no override, no extra
+    state): what its tensors are then follows from its own dictionaries."""
+    cls, base = type(m), torch.nn.Module
+    return (not m._state_dict_hooks and not m._state_dict_pre_hooks and cls.state_dict is base.state_dict and cls._save_to_state_dict is base._save_to_state_dict
+            and getattr(cls, "get_extra_state", base.get_extra_state) is base.get_extra_state)
+
+
+class ModelPlan:
+    """Where a model's checkpointed tensors are: its ``state_dict(keep_vars=True)`` entries, tied names as
+    aliases of the first, and their staging buffers, found by one walk of the module tree.
+
+    Later snapshots check the plan instead of walking again (:meth:`holds`): every module's parameters,
+    buffers and children are the same objects under the same names, over the same memory (``data_ptr``, shape,
+    dtype: a ``.data`` swap or a re-tie shows), and no state-dict hook was added. ~0.5 ms instead of ~3.5 ms
+    per snapshot in the tiny model's 484 modules. A model whose state dict is not plain (hooks, an override,
+    extra state) gets no plan: it is walked every time."""
+
+    def __init__(self, model: torch.nn.Module, buffers: StagingBuffers) -> None:
+        self.model = model
+        self._modules = list(model.modules())
+        self._shape = self._structure()
+        self.tensors: dict[str, torch.Tensor] = {}         # name -> staging buffer
+        self.aliases: dict[str, str] = {}
+        sources: list[torch.Tensor] = []
+        mark = buffers._mark()
+        seen: dict[tuple[int, tuple[int, ...], torch.dtype], str] = {}
+        for name, t in model.state_dict(keep_vars=True).items():
+            sources.append(t)
+            # the same memory, shape and dtype: a tied name (data_ptr = storage start + offset)
+            ident = (t.data_ptr() if t.numel() else id(t), tuple(t.shape), t.dtype)
+            if ident in seen:
+                self.aliases[name] = seen[ident]
+                continue
+            seen[ident] = name
+            # parameters are ``stable``: only the optimizer step and the momentum update after it change them
+            self.tensors[name] = buffers.copy(f"model/{name}", t,
+                                              stable=t.numel() > 0 and isinstance(t, torch.nn.Parameter))
+        self._sources = sources                                   # held: their ids stay theirs
+        self._memory = self._where(sources)
+        self._copies = buffers.registered_since(mark)             # (pending, stable) pairs, replayed
+
+    @staticmethod
+    def can_plan(model: torch.nn.Module) -> bool:
+        return all(_plain_state_dict(m) for m in model.modules())
+
+    def _structure(self) -> list[tuple]:
+        return [(tuple(m._parameters), tuple(map(id, m._parameters.values())), tuple(m._buffers),
+                 tuple(map(id, m._buffers.values())), tuple(map(id, m._modules.values())),
+                 tuple(sorted(m._non_persistent_buffers_set)), len(m._state_dict_hooks),
+                 len(m._state_dict_pre_hooks)) for m in self._modules]
+
+    @staticmethod
+    def _where(sources: list[torch.Tensor]) -> list[tuple]:
+        return [(t.data_ptr(), t.shape, t.dtype) for t in sources]
+
+    def holds(self) -> bool:
+        """The model's tensors are still the ones this plan found, where it found them."""
+        return self._structure() == self._shape and self._where(self._sources) == self._memory
+
+    def stage(self, buffers: StagingBuffers) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Register this snapshot's copies (as :meth:`StagingBuffers.copy` would); the staged tensors by name."""
+        buffers.register(*self._copies)
+        return dict(self.tensors), dict(self.aliases)
