@@ -77,7 +77,8 @@ def test_a_change_the_plan_has_not_seen_walks_again():
         m._non_persistent_buffers_set.discard("scratch")
 
     def hook(m):
-        m.body[0]._register_state_dict_hook(lambda module, sd, prefix, meta: sd.update({prefix + "note": torch.ones(1)}))
+        m.body[0]._register_state_dict_hook(
+            lambda module, sd, prefix, meta: sd.update({prefix + "note": torch.ones(1)}))
 
     for change in (replace_parameter, swap_data, untie, new_buffer, new_module, persistent_again, hook):
         before = buffers._plan

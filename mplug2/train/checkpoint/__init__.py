@@ -15,7 +15,8 @@ Under FSDP2 (``scale.strategy: fsdp2``) the model and optimizer are a torch DCP 
 The modules, one concept each: :mod:`.layout` (names, version, provenance), :mod:`.snapshot` (the state
 copied on the training thread and serialised later), :mod:`.staging` (the buffers it is copied into),
 :mod:`.commit` (payload, markers, manifest last; what makes a folder valid), :mod:`.retention` (a run's
-checkpoints: the newest valid, the ``keep_last`` kept), :mod:`.load` (restore), :mod:`.dcp` (FSDP2). Pure torch + storage (no Ray).
+checkpoints: the newest valid, the ``keep_last`` kept), :mod:`.load` (restore), :mod:`.dcp` (FSDP2).
+Pure torch + storage (no Ray).
 """
 
 from mplug2.train.checkpoint.commit import checkpoint_problems, commit_checkpoint, upload_checkpoint, \

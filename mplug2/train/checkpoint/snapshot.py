@@ -1,12 +1,12 @@
 """A checkpoint in two halves: a consistent in-memory snapshot on the training thread, the files later.
 
 :func:`take_snapshot` copies everything a resume needs at this optimizer step into CPU memory (model and
-optimizer tensors into reusable staging buffers, pinned when the source is on CUDA; scheduler, ``extra``,
-RNG and data cursor as plain Python), then training may change its tensors at once. :meth:`Snapshot.write`
-serialises that copy into the folder (``model.safetensors``, ``trainer_state.pt``, ``rng_rank{r}.pt``,
-``data_rank{r}.json``, the ``done`` marker, on rank 0 the manifest), in a writer process (:mod:`.writer`,
-the training loop's way) or inline (:func:`save_checkpoint`). This is the split torch DCP's ``async_save`` and torchtitan make: the step pays
-for a memory copy, not for serialisation, disk and network.
+optimizer tensors into reusable staging buffers, :mod:`.staging`; scheduler, ``extra``, RNG and data cursor
+as plain Python), then training may change its tensors at once. :meth:`Snapshot.write` serialises that copy
+into the folder (``model.safetensors``, ``trainer_state.pt``, ``rng_rank{r}.pt``, ``data_rank{r}.json``, the
+``done`` marker, on rank 0 the manifest), in a writer process (:mod:`.writer`, the training loop's way) or
+inline (:func:`save_checkpoint`). This is the split torch DCP's ``async_save`` and torchtitan make: the step
+pays for a memory copy, not for serialisation, disk and network.
 
 Under FSDP2 the model and optimizer go through DCP (:mod:`.dcp`, a collective) while the snapshot is taken;
 only the small per-rank files are left to :meth:`Snapshot.write`.

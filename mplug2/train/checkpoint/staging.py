@@ -200,7 +200,8 @@ def _plain_state_dict(m: torch.nn.Module) -> bool:
     """``m.state_dict()`` is exactly its parameters and persistent buffers (no hook, no override, no extra
     state): what its tensors are then follows from its own dictionaries."""
     cls, base = type(m), torch.nn.Module
-    return (not m._state_dict_hooks and not m._state_dict_pre_hooks and cls.state_dict is base.state_dict and cls._save_to_state_dict is base._save_to_state_dict
+    return (not m._state_dict_hooks and not m._state_dict_pre_hooks and cls.state_dict is base.state_dict
+            and cls._save_to_state_dict is base._save_to_state_dict
             and getattr(cls, "get_extra_state", base.get_extra_state) is base.get_extra_state)
 
 
@@ -210,7 +211,7 @@ class ModelPlan:
 
     Later snapshots check the plan instead of walking again (:meth:`holds`): every module's parameters,
     buffers and children are the same objects under the same names, over the same memory (``data_ptr``, shape,
-    dtype: a ``.data`` swap or a re-tie shows), and no state-dict hook was added. ~0.5 ms instead of ~3.5 ms
+    dtype: a ``.data`` swap or a re-tie shows), and no state-dict hook was added: ~1 ms instead of ~3.7 ms
     per snapshot in the tiny model's 484 modules. A model whose state dict is not plain (hooks, an override,
     extra state) gets no plan: it is walked every time."""
 

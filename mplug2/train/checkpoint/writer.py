@@ -5,10 +5,11 @@ process they slowed the step after every checkpoint by 40-80 % (``docs/benchmark
 the step's own CPU time was unchanged. As torch DCP's ``AsyncCheckpointerType.PROCESS`` and torchtitan's
 ``async_with_pinned_mem`` do, the snapshot's tensors live in shared-memory staging buffers
 (:class:`~.staging.StagingBuffers` with ``shared=True``) and one process per run, spawned before the first
-training step (:meth:`SnapshotWriter.start`) and running at a lower CPU priority, turns them into files. A message carries the snapshot
-pickled with references in place of its staged tensors, and the handles of buffers allocated since the previous
-message (once per run unless a shape changes; the few small tensors left, RNG states, go by value);
-the reply is the list of files written, or the writer's exception, raised again in the caller.
+training step (:meth:`SnapshotWriter.start`) and running at a lower CPU priority, turns them into files. A
+message carries the snapshot pickled with references in place of its staged tensors, and the handles of
+buffers allocated since the previous message (once per run unless a shape changes; the few small tensors
+left, RNG states, go by value); the reply is the list of files written, or the writer's exception, raised
+again in the caller.
 
 Only the local write happens there: the upload stays in the training process's background thread (network
 waits release the GIL; storage credentials, retries and their logs stay where the run is), so the writer
