@@ -107,3 +107,33 @@ def test_a_model_whose_state_dict_is_not_plain_is_walked_every_time():
         got, _ = _staged(model, buffers)
         assert buffers._plan is None
         assert int(got["0.calls"]) == calls                # asked for at each snapshot
+
+
+def test_shared_buffers_are_carved_from_few_segments(monkeypatch):
+    """Thousands of state tensors (Base pretraining with AdamW has ~5,000) take one shared segment, one open
+    file descriptor and one handle to the writer per segment, not per tensor; no two buffers overlap, and
+    a buffer larger than a segment gets one of its own."""
+    import os
+
+    from mplug2.train.checkpoint import staging
+
+    monkeypatch.setattr(staging, "SEGMENT_BYTES", 1 << 20)
+    fds = len(os.listdir("/proc/self/fd"))
+    buffers = StagingBuffers(shared=True)
+    dtypes = (torch.float32, torch.bfloat16, torch.int64)
+    sources = {f"t{i}": torch.full((i % 7 + 1, 3), float(i), dtype=dtypes[i % 3]) for i in range(3000)}
+    sources["big"] = torch.arange(600_000, dtype=torch.float32)          # 2.4 MiB: its own segment
+    sources["scalar"] = torch.tensor(2.5, dtype=torch.float64)
+    staged = {k: buffers.copy(k, t) for k, t in sources.items()}
+    buffers.flush()
+    segments, views = buffers.take_new()
+    assert 1 < len(segments) <= 4 and len(os.listdir("/proc/self/fd")) - fds <= len(segments)
+    assert set(views) == set(sources) and buffers.take_new() == ({}, {})
+    for key, t in sources.items():
+        assert torch.equal(staged[key], t) and staged[key].dtype == t.dtype, key
+        assert torch.equal(staging.segment_view(segments[views[key][0]], *views[key][1:]), t), key
+    big = views["big"][0]
+    assert segments[big].numel() == sources["big"].numel() * 4 and sum(v[0] == big for v in views.values()) == 1
+    buffers.resend_all()                                  # a new writer process gets everything again
+    again_segments, again_views = buffers.take_new()
+    assert again_segments.keys() == segments.keys() and again_views == views

@@ -11,6 +11,7 @@ was the larger part of a snapshot (docs/benchmarks.md, issue 13).
 from __future__ import annotations
 
 import copy
+import math
 import queue
 import threading
 import weakref
@@ -18,20 +19,77 @@ from typing import Any
 
 import torch
 
-__all__ = ["BackgroundCopy", "ModelPlan", "StagingBuffers", "unwrap_model"]
+__all__ = ["BackgroundCopy", "ModelPlan", "SharedSegments", "StagingBuffers", "segment_view", "unwrap_model"]
 
 
 _ATOMS = frozenset({int, float, bool, str, bytes, type(None)})    # immutable: a container of them copies shallowly
+
+
+SegmentView = tuple[int, int, torch.dtype, tuple[int, ...]]    # (segment, byte offset, dtype, shape)
+
+SEGMENT_BYTES = 64 << 20        # shared memory per segment (a larger buffer gets a segment of its own size)
+_ALIGN = 64                     # byte alignment of each buffer in a segment (any dtype's view, SIMD copies)
+
+
+def segment_view(segment: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """The buffer at ``offset`` of a uint8 ``segment``, as ``dtype`` and ``shape`` (here and in the writer)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    return segment[offset:offset + nbytes].view(dtype).view(shape)
+
+
+class SharedSegments:
+    """Shared memory for the staging buffers, carved from segments of :data:`SEGMENT_BYTES`.
+
+    One segment per buffer (``share_memory_()`` on each) cost one open file descriptor per tensor here and
+    one handle per tensor to the writer. The tiny model with its AdamW state has ~1,500 tensors; Base
+    pretraining has ~5,000, past the common soft ``ulimit -n`` of 1024. The tiny model's first checkpoint
+    also spent 0.3 s of its step allocating them and ~4 s handing them over. Carved, a checkpoint holds one
+    descriptor and one handle per 64 MiB. The last segment's unused tail is the price: under 64 MiB.
+    Buffers for CUDA sources come from segments pinned whole (one ``cudaHostRegister`` per segment)."""
+
+    def __init__(self) -> None:
+        self.segments: list[torch.Tensor] = []            # uint8, shared
+        self._tail: dict[bool, tuple[int, int]] = {}      # pinned -> (segment, first free byte)
+        self._sent = 0                                    # segments handed over by take_new()
+
+    def carve(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...], pinned: bool) -> SegmentView:
+        index, used = self._tail.get(pinned, (-1, 0))
+        offset = -(-used // _ALIGN) * _ALIGN
+        if index < 0 or offset + nbytes > self.segments[index].numel():
+            index, offset = self._new_segment(max(nbytes, SEGMENT_BYTES), pinned), 0
+        self._tail[pinned] = (index, offset + nbytes)
+        return index, offset, dtype, shape
+
+    def _new_segment(self, nbytes: int, pinned: bool) -> int:
+        segment = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+        if pinned:                                    # pin the shared pages in place (pin_memory() would copy)
+            import torch.cuda._pin_memory_utils as pin
+
+            pin.pin_memory(segment.data_ptr(), nbytes)
+            weakref.finalize(segment, pin.unpin_memory, segment.data_ptr())
+        self.segments.append(segment)
+        return len(self.segments) - 1
+
+    def view(self, spec: SegmentView) -> torch.Tensor:
+        return segment_view(self.segments[spec[0]], *spec[1:])
+
+    def take_new(self) -> dict[int, torch.Tensor]:
+        new = {i: self.segments[i] for i in range(self._sent, len(self.segments))}
+        self._sent = len(self.segments)
+        return new
+
+    def resend_all(self) -> None:
+        self._sent = 0
 
 
 class StagingBuffers:
     """CPU tensors a snapshot copies into, kept from one checkpoint to the next (no allocation, no page
     faults on the step; pinned memory for asynchronous device-to-host copies when the source is on CUDA).
 
-    ``shared=True`` allocates them in shared memory (``share_memory_()``, once; pinned in place on CUDA, as
-    torch DCP's process-based async save does) so a writer process (:mod:`.writer`) reads them without a copy
-    or a pickle: :meth:`take_new` hands it the buffers allocated since the last hand-off, :meth:`key_of` names
-    the rest.
+    ``shared=True`` carves them from shared memory (:class:`SharedSegments`, once; pinned in place on CUDA,
+    as torch DCP's process-based async save does) so a writer process (:mod:`.writer`) reads them without a
+    copy or a pickle: :meth:`take_new` hands it what was allocated since the last hand-off, :meth:`key_of`
+    names the rest.
 
     Reuse is safe only once the previous snapshot's files are written: the training loop takes the next
     snapshot after waiting for the previous checkpoint (one in flight at most)."""
@@ -40,7 +98,9 @@ class StagingBuffers:
         self.shared = shared
         self._buffers: dict[str, torch.Tensor] = {}
         self._keys: dict[int, str] = {}               # id(buffer) -> key, for the writer's references
-        self._new: dict[str, torch.Tensor] = {}       # allocated since the last take_new()
+        self._segments = SharedSegments()
+        self._specs: dict[str, SegmentView] = {}      # key -> where its shared buffer lies
+        self._new: dict[str, SegmentView] = {}        # allocated since the last take_new()
         self._pending: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])   # (buffers, sources)
         self._stable: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])    # ... unchanged until the
         #                                                                          next optimizer step
@@ -81,13 +141,13 @@ class StagingBuffers:
             t = t.detach()
         buf = self._buffers.get(key)
         if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
-            buf = self._allocate(t)
             if key in self._buffers:
                 self._keys.pop(id(self._buffers[key]), None)
-            self._buffers[key] = buf
-            if self.shared and buf.is_shared():
+                self._specs.pop(key, None)
+            buf = self._buffers[key] = self._allocate(t, key)
+            if key in self._specs:
                 self._keys[id(buf)] = key
-                self._new[key] = buf
+                self._new[key] = self._specs[key]
         group = self._stable if stable else self._pending
         group[0].append(buf)
         group[1].append(t)
@@ -109,29 +169,28 @@ class StagingBuffers:
             torch._foreach_copy_(dsts, srcs, non_blocking=any(t.is_cuda for t in srcs))
         return later_copy if later else None
 
-    def _allocate(self, t: torch.Tensor) -> torch.Tensor:
+    def _allocate(self, t: torch.Tensor, key: str) -> torch.Tensor:
         if not self.shared or t.numel() == 0:         # an empty tensor has no memory to share: sent by value
             return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
-        buf = torch.empty(t.shape, dtype=t.dtype, device="cpu").share_memory_()
-        if t.is_cuda:                                 # pin the shared pages in place (pin_memory() would copy)
-            import torch.cuda._pin_memory_utils as pin
-
-            pin.pin_memory(buf.data_ptr(), buf.numel() * buf.element_size())
-            weakref.finalize(buf, pin.unpin_memory, buf.data_ptr())
-        return buf
+        spec = self._segments.carve(t.numel() * t.element_size(), t.dtype, tuple(t.shape), pinned=t.is_cuda)
+        self._specs[key] = spec
+        return self._segments.view(spec)
 
     def key_of(self, t: torch.Tensor) -> str | None:
         """The key of a shared buffer (None for any other tensor)."""
         return self._keys.get(id(t))
 
-    def take_new(self) -> dict[str, torch.Tensor]:
-        """The shared buffers allocated (or re-allocated for a new shape) since the last call."""
+    def take_new(self) -> tuple[dict[int, torch.Tensor], dict[str, SegmentView]]:
+        """What a writer process has not been handed yet: the shared segments created since the last call (one
+        handle each) and where the buffers allocated (or re-allocated for a new shape) since then lie in them
+        (:func:`segment_view` rebuilds each there)."""
         new, self._new = self._new, {}
-        return new
+        return self._segments.take_new(), new
 
     def resend_all(self) -> None:
-        """Hand every shared buffer over again at the next :meth:`take_new` (to a new writer process)."""
-        self._new = {key: buf for key, buf in self._buffers.items() if id(buf) in self._keys}
+        """Hand every segment and buffer over again at the next :meth:`take_new` (to a new writer process)."""
+        self._segments.resend_all()
+        self._new = dict(self._specs)
 
     def stage(self, key: str, obj: Any, stable: bool = False) -> Any:
         """A copy of ``obj`` (nested dicts / lists / tuples) whose tensors live in the buffers, the rest

@@ -6,9 +6,10 @@ the step's own CPU time was unchanged. As torch DCP's ``AsyncCheckpointerType.PR
 ``async_with_pinned_mem`` do, the snapshot's tensors live in shared-memory staging buffers
 (:class:`~.staging.StagingBuffers` with ``shared=True``) and one process per run, spawned before the first
 training step (:meth:`SnapshotWriter.start`) and running at a lower CPU priority, turns them into files. A
-message carries the snapshot pickled with references in place of its staged tensors, and the handles of
-buffers allocated since the previous message (once per run unless a shape changes; the few small tensors
-left, RNG states, go by value); the reply is the list of files written, or the writer's exception, raised
+message carries the snapshot pickled with references in place of its staged tensors, the handles of the
+shared segments created since the previous message and where the buffers allocated since then lie in them
+(once per run unless a shape changes: :class:`~.staging.SharedSegments`; the few small tensors left, RNG
+states, go by value); the reply is the list of files written, or the writer's exception, raised
 again in the caller.
 
 Only the local write happens there: the upload stays in the training process's background thread (network
@@ -36,7 +37,7 @@ import torch.multiprocessing  # noqa: F401  (registers the reductions that send 
 
 from mplug2.train.checkpoint.layout import CheckpointError
 from mplug2.train.checkpoint.snapshot import Snapshot
-from mplug2.train.checkpoint.staging import StagingBuffers
+from mplug2.train.checkpoint.staging import StagingBuffers, segment_view
 
 log = logging.getLogger("mplug2.train.checkpoint")
 
@@ -101,7 +102,8 @@ def _serve(conn: Connection) -> None:
     except OSError:
         pass
     torch.set_num_threads(1)
-    tensors: dict[str, torch.Tensor] = {}            # the shared staging buffers, mapped once each
+    segments: dict[int, torch.Tensor] = {}           # the shared staging memory, mapped once each
+    tensors: dict[str, torch.Tensor] = {}            # the staging buffers in it, by key
     while True:
         try:
             message = conn.recv()
@@ -109,8 +111,10 @@ def _serve(conn: Connection) -> None:
             return
         if message is None:
             return
-        payload, new_buffers = message
-        tensors.update(new_buffers)
+        payload, (new_segments, new_buffers) = message
+        segments.update(new_segments)
+        tensors.update({key: segment_view(segments[index], *where)
+                        for key, (index, *where) in new_buffers.items()})
         try:
             snap = _RefUnpickler(io.BytesIO(payload), tensors).load()
             cpu0 = time.process_time()
