@@ -117,7 +117,8 @@ def test_shared_buffers_are_carved_from_few_segments(monkeypatch):
 
     from mplug2.train.checkpoint import staging
 
-    monkeypatch.setattr(staging, "SEGMENT_BYTES", 1 << 20)
+    monkeypatch.setattr(staging, "SEGMENT_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(staging, "SEGMENT_MAX_BYTES", 1 << 20)
     fds = len(os.listdir("/proc/self/fd"))
     buffers = StagingBuffers(shared=True)
     dtypes = (torch.float32, torch.bfloat16, torch.int64)

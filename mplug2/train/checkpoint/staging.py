@@ -27,7 +27,10 @@ _ATOMS = frozenset({int, float, bool, str, bytes, type(None)})    # immutable: a
 
 SegmentView = tuple[int, int, torch.dtype, tuple[int, ...]]    # (segment, byte offset, dtype, shape)
 
-SEGMENT_BYTES = 64 << 20        # shared memory per segment (a larger buffer gets a segment of its own size)
+# a new segment holds a quarter of the staging memory allocated so far, within these bounds (a larger buffer
+# gets a segment of its own size): few segments for a large model, little unused tail for a small one
+SEGMENT_MIN_BYTES = 8 << 20
+SEGMENT_MAX_BYTES = 256 << 20
 _ALIGN = 64                     # byte alignment of each buffer in a segment (any dtype's view, SIMD copies)
 
 
@@ -38,26 +41,33 @@ def segment_view(segment: torch.Tensor, offset: int, dtype: torch.dtype, shape: 
 
 
 class SharedSegments:
-    """Shared memory for the staging buffers, carved from segments of :data:`SEGMENT_BYTES`.
+    """Shared memory for the staging buffers, carved from a few segments.
 
     One segment per buffer (``share_memory_()`` on each) cost one open file descriptor per tensor here and
     one handle per tensor to the writer. The tiny model with its AdamW state has ~1,500 tensors; Base
     pretraining has ~5,000, past the common soft ``ulimit -n`` of 1024. The tiny model's first checkpoint
     also spent 0.3 s of its step allocating them and ~4 s handing them over. Carved, a checkpoint holds one
-    descriptor and one handle per 64 MiB. The last segment's unused tail is the price: under 64 MiB.
+    descriptor and one handle per segment: ~5 for the tiny model, ~25 for Base. The last segment's unused
+    tail is the price (``share_memory_`` commits a segment whole): at most 8 MiB or a quarter of the rest.
     Buffers for CUDA sources come from segments pinned whole (one ``cudaHostRegister`` per segment)."""
 
     def __init__(self) -> None:
         self.segments: list[torch.Tensor] = []            # uint8, shared
-        self._tail: dict[bool, tuple[int, int]] = {}      # pinned -> (segment, first free byte)
+        self._used: list[int] = []                        # per segment: first free byte
+        self._pinned: list[bool] = []
         self._sent = 0                                    # segments handed over by take_new()
 
     def carve(self, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...], pinned: bool) -> SegmentView:
-        index, used = self._tail.get(pinned, (-1, 0))
-        offset = -(-used // _ALIGN) * _ALIGN
-        if index < 0 or offset + nbytes > self.segments[index].numel():
-            index, offset = self._new_segment(max(nbytes, SEGMENT_BYTES), pinned), 0
-        self._tail[pinned] = (index, offset + nbytes)
+        """Room for a buffer: the first segment (of the same pinning) with space left, else a new one."""
+        for index, segment in enumerate(self.segments):
+            offset = -(-self._used[index] // _ALIGN) * _ALIGN
+            if self._pinned[index] == pinned and offset + nbytes <= segment.numel():
+                break
+        else:
+            allocated = sum(segment.numel() for segment in self.segments)
+            size = max(nbytes, min(SEGMENT_MAX_BYTES, max(SEGMENT_MIN_BYTES, allocated // 4)))
+            index, offset = self._new_segment(size, pinned), 0
+        self._used[index] = offset + nbytes
         return index, offset, dtype, shape
 
     def _new_segment(self, nbytes: int, pinned: bool) -> int:
@@ -68,6 +78,8 @@ class SharedSegments:
             pin.pin_memory(segment.data_ptr(), nbytes)
             weakref.finalize(segment, pin.unpin_memory, segment.data_ptr())
         self.segments.append(segment)
+        self._used.append(0)
+        self._pinned.append(pinned)
         return len(self.segments) - 1
 
     def view(self, spec: SegmentView) -> torch.Tensor:
