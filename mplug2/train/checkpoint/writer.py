@@ -51,10 +51,9 @@ WRITER_NICENESS = 10
 class _RefPickler(pickle.Pickler):
     """Pickles a snapshot for the writer with its staged tensors as their buffers' keys (a persistent id
     looked up by ``id``: one dict lookup per object, no walk building a copy of the snapshot first); any other
-    tensor (the RNG states, a few KiB) goes by value. Not as a shared-memory handle, as :class:`ForkingPickler`
-    would send it: each handle is a new shared-memory segment whose file descriptor the writer fetches from
-    multiprocessing's resource-sharer thread here, over an authenticated connection. That thread's ~26 ms of
-    CPU per checkpoint, much of it holding the GIL, was the largest cost left on the training process."""
+    tensor (the RNG states, a few KiB) goes by value. :class:`ForkingPickler` would send it as a handle: a
+    new shared-memory segment per tensor and checkpoint, whose file descriptor the writer fetches from
+    multiprocessing's resource-sharer thread here over an authenticated connection, for a few KiB."""
 
     def __init__(self, file: io.BytesIO, buffers: StagingBuffers) -> None:
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
