@@ -4,6 +4,7 @@ read from a local path or ``s3://``: the one reader that fine-tuning's ``init_fr
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -55,15 +56,11 @@ def read_heads(url: str) -> dict[str, Tensor]:
 
 def rerank_file(itm_weight: float) -> bytes:
     """``rerank.json``'s bytes for a retrieval run's chosen ITM weight."""
-    import json
-
     return json.dumps({"itm_weight": itm_weight}).encode()
 
 
 def parse_rerank_file(raw: bytes) -> float:
     """The ITM weight in ``rerank.json``'s bytes."""
-    import json
-
     return float(json.loads(raw)["itm_weight"])
 
 

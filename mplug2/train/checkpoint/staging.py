@@ -126,7 +126,7 @@ class StagingBuffers:
         if plan is not None and plan.model is model and plan.holds():
             return plan.stage(self)
         plan = ModelPlan(model, self)                      # registers this snapshot's copies as it walks
-        self._plan = plan if ModelPlan.can_plan(model) else None
+        self._plan = plan if plan.replayable else None
         return dict(plan.tensors), dict(plan.aliases)
 
     def _mark(self) -> tuple[int, int]:
@@ -310,9 +310,10 @@ class ModelPlan:
         self._memory = self._where(sources)
         self._copies = buffers.registered_since(mark)             # (pending, stable) pairs, replayed
 
-    @staticmethod
-    def can_plan(model: torch.nn.Module) -> bool:
-        return all(_plain_state_dict(m) for m in model.modules())
+    @property
+    def replayable(self) -> bool:
+        """Every module's state dict is plain: checking the plan can stand in for walking again."""
+        return all(_plain_state_dict(m) for m in self._modules)
 
     def _structure(self) -> list[tuple]:
         return [(tuple(m._parameters), tuple(map(id, m._parameters.values())), tuple(m._buffers),
