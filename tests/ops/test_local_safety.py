@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -95,7 +97,7 @@ def test_embedded_s3_secret_is_random_per_folder_0600_and_env_names_the_file(tmp
     assert not any(a in v or "from-the-user" in v for v in env.values())
 
 
-def test_embedded_s3_leaves_no_socket_in_tmp_after_a_crash_restart_and_stop(tmp_path) -> None:
+def test_embedded_s3_leaves_no_socket_in_tmp_after_a_crash_restart_and_stop() -> None:
     """weed's default unix sockets are ``/tmp/seaweedfs-*-<port>.sock``, never removed: one per run piled up."""
     from mplug2.s3server import S3Server
 
@@ -104,20 +106,25 @@ def test_embedded_s3_leaves_no_socket_in_tmp_after_a_crash_restart_and_stop(tmp_
         ports |= {p + 10000 for p in ports}
         return sorted(p.name for p in Path("/tmp").glob("seaweedfs-*.sock") if int(p.stem.rsplit("-", 1)[1]) in ports)
 
-    srv = S3Server(root=tmp_path / "s3").start()
+    # a short data folder of its own: under a long TMPDIR, tmp_path's would leave no room for a unix socket path
+    # (the server then keeps weed's /tmp default and removes it on stop, which the last line checks too)
+    root = Path(tempfile.mkdtemp(prefix="s3sock-", dir="/tmp"))
     try:
-        assert list((tmp_path / "s3" / "sock").glob("seaweedfs-s3-*.sock"))    # in the data folder, not /tmp
-        srv.kill()                                                            # a crash, then a restart in place
-        srv.start()
+        srv = S3Server(root=root / "s3").start()
+        try:
+            assert list((root / "s3" / "sock").glob("seaweedfs-s3-*.sock"))    # in the data folder, not /tmp
+            srv.kill()                                                        # a crash, then a restart in place
+            srv.start()
+        finally:
+            srv.stop()
     finally:
-        srv.stop()
+        shutil.rmtree(root, ignore_errors=True)
     assert ours(srv) == []
 
 
 def test_local_ray_temp_dir_keeps_rays_sockets_within_the_kernel_limit(monkeypatch) -> None:
     """A long ``TMPDIR`` put Ray's dashboard sockets past 107 bytes: its modules died at start, Ray printed a
     traceback and ``ray.init`` waited ~60 s for a dashboard that never came (every demo test run paid it twice)."""
-    import tempfile
 
     from jobs.demo import ray_temp_dir
     from mplug2.runtime import init_ray, local_ray_temp_dir, ray_temp_dir_fits
