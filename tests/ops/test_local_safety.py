@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
@@ -108,17 +107,14 @@ def test_embedded_s3_leaves_no_socket_in_tmp_after_a_crash_restart_and_stop() ->
 
     # a short data folder of its own: under a long TMPDIR, tmp_path's would leave no room for a unix socket path
     # (the server then keeps weed's /tmp default and removes it on stop, which the last line checks too)
-    root = Path(tempfile.mkdtemp(prefix="s3sock-", dir="/tmp"))
-    try:
-        srv = S3Server(root=root / "s3").start()
+    with tempfile.TemporaryDirectory(prefix="s3sock-", dir="/tmp") as root:
+        srv = S3Server(root=Path(root) / "s3").start()
         try:
-            assert list((root / "s3" / "sock").glob("seaweedfs-s3-*.sock"))    # in the data folder, not /tmp
-            srv.kill()                                                        # a crash, then a restart in place
+            assert list((Path(root) / "s3" / "sock").glob("seaweedfs-s3-*.sock"))   # in the data folder, not /tmp
+            srv.kill()                                                               # a crash, then a restart
             srv.start()
         finally:
             srv.stop()
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
     assert ours(srv) == []
 
 
