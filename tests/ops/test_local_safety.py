@@ -107,10 +107,11 @@ def test_embedded_s3_leaves_no_socket_in_tmp_after_a_crash_restart_and_stop() ->
 
     # a short data folder of its own: under a long TMPDIR, tmp_path's would leave no room for a unix socket path
     # (the server then keeps weed's /tmp default and removes it on stop, which the last line checks too)
-    with tempfile.TemporaryDirectory(prefix="s3sock-", dir="/tmp") as root:
-        srv = S3Server(root=Path(root) / "s3").start()
+    with tempfile.TemporaryDirectory(prefix="s3sock-", dir="/tmp") as tmp:
+        root = Path(tmp) / "s3"
+        srv = S3Server(root=root).start()
         try:
-            assert list((Path(root) / "s3" / "sock").glob("seaweedfs-s3-*.sock"))   # in the data folder, not /tmp
+            assert list((root / "sock").glob("seaweedfs-s3-*.sock"))    # in the data folder, not /tmp
             srv.kill()                                                               # a crash, then a restart
             srv.start()
         finally:
@@ -121,7 +122,6 @@ def test_embedded_s3_leaves_no_socket_in_tmp_after_a_crash_restart_and_stop() ->
 def test_local_ray_temp_dir_keeps_rays_sockets_within_the_kernel_limit(monkeypatch) -> None:
     """A long ``TMPDIR`` put Ray's dashboard sockets past 107 bytes: its modules died at start, Ray printed a
     traceback and ``ray.init`` waited ~60 s for a dashboard that never came (every demo test run paid it twice)."""
-
     from jobs.demo import ray_temp_dir
     from mplug2.runtime import init_ray, local_ray_temp_dir, ray_temp_dir_fits
 
