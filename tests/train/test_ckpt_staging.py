@@ -1,9 +1,12 @@
-"""Staging a model for a checkpoint: the walk that finds its tensors is planned once and replayed, and every
-snapshot still holds exactly what ``state_dict()`` holds at that moment, tied weights as aliases. A change the
-plan cannot have seen (a replaced parameter, a ``.data`` swap, a new buffer, module or state-dict hook) makes
-the next snapshot walk again; a model whose state dict is not plain is walked every time."""
+"""Staging a model and its optimizer for a checkpoint: the walks that find their tensors are planned once and
+replayed, and every snapshot still holds exactly what ``state_dict()`` holds at that moment, tied weights as
+aliases. A change the plan cannot have seen (a replaced parameter or optimizer state tensor, a ``.data`` swap, a
+new buffer, module or state-dict hook) makes the next snapshot walk again; a model whose state dict is not plain,
+or an optimizer state holding Python numbers, is walked every time."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -138,3 +141,93 @@ def test_shared_buffers_are_carved_from_few_segments(monkeypatch):
     buffers.resend_all()                                  # a new writer process gets everything again
     again_segments, again_views = buffers.take_new()
     assert again_segments.keys() == segments.keys() and again_views == views
+
+
+# ------------------------------------------------------------------------------------------ optimizer state
+
+def _staged_optimizer(opt: torch.optim.Optimizer, buffers: StagingBuffers) -> dict:
+    staged = buffers.stage_optimizer("trainer/optimizer", opt)
+    buffers.flush()
+    return {"state": {i: {k: v.clone() for k, v in s.items()} for i, s in staged["state"].items()},
+            "param_groups": staged["param_groups"]}
+
+
+def _assert_is_optimizer_state(got: dict, opt: torch.optim.Optimizer) -> None:
+    expected = opt.state_dict()
+    assert got["param_groups"] == expected["param_groups"]
+    assert set(got["state"]) == set(expected["state"])
+    for i, entry in expected["state"].items():
+        assert set(got["state"][i]) == set(entry)
+        for k, v in entry.items():
+            assert torch.equal(got["state"][i][k], v), (i, k)
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int = 1) -> None:
+    for _ in range(steps):
+        model.train()(torch.randint(0, 10, (4,))).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _lm() -> nn.Module:
+    return nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 3))
+
+
+def test_the_optimizer_plan_is_replayed_and_each_snapshot_holds_its_moment():
+    torch.manual_seed(0)
+    model = _lm()
+    opt, buffers = torch.optim.AdamW(model.parameters(), lr=1e-2), StagingBuffers()
+    _assert_is_optimizer_state(_staged_optimizer(opt, buffers), opt)        # before the first step: no state
+    _train(model, opt)
+    got = _staged_optimizer(opt, buffers)                                    # the state appeared: walked again
+    _assert_is_optimizer_state(got, opt)
+    plan = buffers._optimizer_plans["trainer/optimizer"]
+    assert plan is not None
+    for step in range(3):
+        _train(model, opt)
+        opt.param_groups[0]["lr"] *= 0.5                                     # the groups are staged afresh
+        got = _staged_optimizer(opt, buffers)
+        assert buffers._optimizer_plans["trainer/optimizer"] is plan, step   # replayed
+        _assert_is_optimizer_state(got, opt)
+        assert got["param_groups"][0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_a_replaced_optimizer_state_is_walked_again():
+    torch.manual_seed(0)
+    model = _lm()
+    opt, buffers = torch.optim.AdamW(model.parameters(), lr=1e-2), StagingBuffers()
+    _train(model, opt, 2)
+    _staged_optimizer(opt, buffers)
+    first = buffers._optimizer_plans["trainer/optimizer"]
+    saved = copy.deepcopy(opt.state_dict())
+    _train(model, opt)
+    opt.load_state_dict(saved)                    # new tensors: the plan's sources are gone from the state
+    got = _staged_optimizer(opt, buffers)
+    assert buffers._optimizer_plans["trainer/optimizer"] is not first
+    _assert_is_optimizer_state(got, opt)
+    model[2].weight.requires_grad_(False)         # fewer parameters step from now on: still the same tensors,
+    second = buffers._optimizer_plans["trainer/optimizer"]
+    _train(model, opt)
+    _assert_is_optimizer_state(_staged_optimizer(opt, buffers), opt)
+    assert buffers._optimizer_plans["trainer/optimizer"] is second
+
+
+def test_an_optimizer_state_with_python_numbers_is_walked_every_time():
+    class Counting(torch.optim.SGD):
+        """Counts its steps in a Python int per parameter, as older optimizers did."""
+
+        def step(self, closure=None):
+            super().step(closure)
+            for group in self.param_groups:
+                for p in group["params"]:
+                    self.state[p]["count"] = self.state[p].get("count", 0) + 1
+
+    torch.manual_seed(0)
+    model = _lm()
+    opt, buffers = Counting(model.parameters(), lr=1e-2, momentum=0.9), StagingBuffers()
+    for count in (1, 2):
+        _train(model, opt)
+        got = buffers.stage_optimizer("trainer/optimizer", opt)
+        buffers.flush()
+        assert buffers._optimizer_plans["trainer/optimizer"] is None
+        assert {s["count"] for s in got["state"].values()} == {count}       # read at each snapshot

@@ -212,7 +212,7 @@ def take_snapshot(directory: str, *, model: torch.nn.Module | None, optimizer: t
             snap.model, snap.aliases = buffers.stage_model(unwrap_model(model))
         snap.trainer = {    # the optimizer's state changes only in its step; extra may hold queues
             "step": step,
-            "optimizer": buffers.stage("trainer/optimizer", optimizer.state_dict(), stable=True)
+            "optimizer": buffers.stage_optimizer("trainer/optimizer", optimizer)
             if optimizer is not None and not sharded else None,
             "scheduler": buffers.stage("trainer/scheduler", scheduler.state_dict()) if scheduler is not None else None,
             "extra": buffers.stage("trainer/extra", extra or {}),

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["BackgroundCopy", "ModelPlan", "SharedSegments", "StagingBuffers", "segment_view", "unwrap_model"]
+__all__ = ["BackgroundCopy", "ModelPlan", "OptimizerPlan", "SharedSegments", "StagingBuffers", "segment_view",
+           "unwrap_model"]
 
 
 _ATOMS = frozenset({int, float, bool, str, bytes, type(None)})    # immutable: a container of them copies shallowly
@@ -117,6 +118,7 @@ class StagingBuffers:
         self._stable: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])    # ... unchanged until the
         #                                                                          next optimizer step
         self._plan: ModelPlan | None = None
+        self._optimizer_plans: dict[str, OptimizerPlan | None] = {}
 
     def stage_model(self, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Register copies of every tensor of ``model``'s state dict, each storage once; returns the staged
@@ -128,6 +130,21 @@ class StagingBuffers:
         plan = ModelPlan(model, self)                      # registers this snapshot's copies as it walks
         self._plan = plan if plan.replayable else None
         return dict(plan.tensors), dict(plan.aliases)
+
+    def stage_optimizer(self, key: str, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """``optimizer.state_dict()`` staged as :meth:`stage` with ``stable`` stages it (same keys, same
+        buffers); the walk over the per-parameter state is planned once (:class:`OptimizerPlan`) and replayed
+        while the plan holds."""
+        state = optimizer.state_dict()
+        plan = self._optimizer_plans.get(key)
+        if plan is not None and plan.optimizer is optimizer and plan.holds(state["state"]):
+            per_param = plan.stage(self)
+        else:
+            plan = OptimizerPlan(optimizer, state["state"], self, key)
+            self._optimizer_plans[key] = plan if plan.replayable else None
+            per_param = plan.staged
+        return {k: {i: dict(s) for i, s in per_param.items()} if k == "state" else
+                self.stage(f"{key}/{k}", v, stable=True) for k, v in state.items()}
 
     def _mark(self) -> tuple[int, int]:
         return len(self._pending[0]), len(self._stable[0])
@@ -333,3 +350,54 @@ class ModelPlan:
         """Register this snapshot's copies (as :meth:`StagingBuffers.copy` would); the staged tensors by name."""
         buffers.register(*self._copies)
         return dict(self.tensors), dict(self.aliases)
+
+
+class OptimizerPlan:
+    """Where an optimizer's per-parameter state tensors are (``state_dict()["state"]``) and their staging
+    buffers, found by one walk; later snapshots check that every entry is still the same tensor over the same
+    memory (:meth:`holds`) and replay the copies.
+
+    Optimizers update that state in place (AdamW's moments and step count), and walking it was, once the
+    model's walk was planned, the larger part of a snapshot on the training thread: ~1,500 entries for the
+    tiny model, ~3 ms (docs/benchmarks.md, issue 13). A replaced tensor (``load_state_dict``, a new
+    parameter's first step) shows in the check and the next snapshot walks again. A state holding anything
+    but tensors (an optimizer that counts its steps in a Python int) gets no plan: it is walked every time."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, state: dict[Any, Any], buffers: StagingBuffers,
+                 key: str) -> None:
+        self.optimizer = optimizer
+        mark = buffers._mark()
+        self.staged: dict[Any, Any] = buffers.stage(f"{key}/state", state, stable=True)
+        self._copies = buffers.registered_since(mark)
+        self._sources = self._tensors(state)                      # held: their ids stay theirs
+        self.replayable = self._sources is not None
+        self._layout = self._keys(state)
+        self._memory = ModelPlan._where(self._sources) if self._sources is not None else []
+
+    @staticmethod
+    def _tensors(state: dict[Any, Any]) -> list[torch.Tensor] | None:
+        out = []
+        for entry in state.values():
+            if not isinstance(entry, dict):
+                return None
+            for value in entry.values():
+                if not isinstance(value, torch.Tensor):
+                    return None
+                out.append(value)
+        return out
+
+    @staticmethod
+    def _keys(state: dict[Any, Any]) -> list[tuple]:
+        return [(index, tuple(entry)) for index, entry in state.items()]
+
+    def holds(self, state: dict[Any, Any]) -> bool:
+        """``state`` holds the very tensors this plan found, under the same keys, where it found them."""
+        tensors = self._tensors(state)
+        return (tensors is not None and len(tensors) == len(self._sources)
+                and all(a is b for a, b in zip(tensors, self._sources))
+                and self._keys(state) == self._layout and ModelPlan._where(tensors) == self._memory)
+
+    def stage(self, buffers: StagingBuffers) -> dict[Any, Any]:
+        """Register this snapshot's copies (as :meth:`StagingBuffers.stage` would); the staged state."""
+        buffers.register(*self._copies)
+        return self.staged
