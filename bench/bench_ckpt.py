@@ -8,8 +8,9 @@ Per step, the interval between the ends of consecutive training steps: after a c
 checkpoint's snapshot and hand-off, and the next step, which runs while the checkpoint is written and uploaded.
 Printed per run: the median interval after checkpoint steps and after the other steps and their ratio (issue
 13: within 10 %), in wall time and in CPU time of the training thread (CPU time survives the load of a shared
-machine), the time that thread was runnable but had no core, and its wait for data (the loader's worker
-shares the cores); the snapshot's time on the step; the wait for the previous checkpoint; and the CPU each checkpoint
+machine), the time that thread was runnable but had no core, its wait for data (the loader's worker
+shares the cores), and the time the hypervisor gave this VM's cores to others (steal: on a shared host, wall time
+that none of the above explains); the snapshot's time on the step; the wait for the previous checkpoint; and the CPU each checkpoint
 costs off the critical path, by process: the trainer's other threads (upload, log sync, TensorBoard), the
 writer process, the S3 server (which shares this machine's cores here; on a cluster it is elsewhere). With
 ``--repeat`` a last line gives the median ratio over the runs; a second table splits the trainer's other
@@ -45,6 +46,13 @@ def _runqueue_wait_s() -> float:
     """Seconds this thread has waited for a core (runnable, not running) since it started (schedstat)."""
     with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
         return int(f.read().split()[1]) / 1e9
+
+
+def _steal_s() -> float:
+    """Seconds the hypervisor ran something else while this VM's vCPUs wanted to run (all vCPUs, since boot;
+    ``/proc/stat``'s steal column, in clock ticks): wall time no thread of this machine is charged for."""
+    with open("/proc/stat") as f:
+        return int(f.readline().split()[8]) / _TICK
 
 
 def _cpu_s(stat_path: str) -> float | None:
@@ -164,8 +172,8 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
             schedule=dict(total_steps=args.steps, ckpt_every_steps=args.every, log_every_steps=1000, keep_last=2),
             scale=dict(num_workers=1)))
         loop = TrainLoop(cfg, rank=0, world_size=1, device=torch.device(args.device), hooks=LocalHooks(cfg, 0))
-        ends: list[tuple[int, float, float, float, float]] = []   # (step, wall, thread CPU, runqueue wait,
-        data_wait = [0.0]                                           # data wait so far) at step ends
+        ends: list[tuple[int, float, ...]] = []   # (step, wall, thread CPU, runqueue wait, data wait so far,
+        data_wait = [0.0]                           # hypervisor steal so far) at step ends
         snapshots: list[tuple[float, float]] = []           # (wait, snapshot) seconds per checkpoint
         taken = []                                          # the checkpoints' snapshots (their write's CPU)
         train_step, save = loop.train_step, loop.save
@@ -173,7 +181,8 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
         def timed_step():
             out = train_step()                # its loss values are read on the host: the step has ended
             data_wait[0] += out[1].data_wait_s
-            ends.append((loop.step, time.perf_counter(), time.thread_time(), _runqueue_wait_s(), data_wait[0]))
+            ends.append((loop.step, time.perf_counter(), time.thread_time(), _runqueue_wait_s(), data_wait[0],
+                         _steal_s()))
             return out
 
         def timed_save(metrics):
@@ -192,16 +201,19 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
         if server is not None:
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    intervals: dict[str, list[float]] = {f"{m}_{k}": [] for m in ("wall", "cpu", "rq", "data")
+    intervals: dict[str, list[float]] = {f"{m}_{k}": [] for m in ("wall", "cpu", "rq", "data", "steal")
                                          for k in ("ckpt", "other")}
-    for (step, w0, c0, q0, d0), (_, w1, c1, q1, d1) in zip(ends[1:], ends[2:]):   # the first: start-up, FLOP count
+    for (step, w0, c0, q0, d0, s0), (_, w1, c1, q1, d1, s1) in zip(ends[1:], ends[2:]):   # the first: start-up, FLOP count
         kind = "ckpt" if step % args.every == 0 else "other"
         intervals[f"wall_{kind}"].append(w1 - w0)
         intervals[f"cpu_{kind}"].append(c1 - c0)
         intervals[f"rq_{kind}"].append(q1 - q0)
         intervals[f"data_{kind}"].append(d1 - d0)
+        intervals[f"steal_{kind}"].append(s1 - s0)
     n_ckpt = len(snapshots)
-    med = {k: 1000 * statistics.median(v) for k, v in intervals.items()}
+    # steal comes in whole clock ticks (10 ms): its mean per interval, the others' medians
+    med = {k: 1000 * (statistics.mean if k.startswith("steal") else statistics.median)(v)
+           for k, v in intervals.items()}
     return {**med, "ratio": med["wall_ckpt"] / med["wall_other"], "cpu_ratio": med["cpu_ckpt"] / med["cpu_other"],
             "snapshot": 1000 * statistics.median(s for _, s in snapshots),
             "wait": 1000 * statistics.median(w for w, _ in snapshots),
@@ -326,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--steps {args.steps} leaves fewer than two checkpoint intervals at --every {args.every}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     print("| storage | steps | every | median step, other (ms) | median step, checkpoint (ms) | ratio | training "
-          "thread CPU, other / checkpoint (ms) | CPU ratio | waiting for a core, other / checkpoint (ms) | waiting for data, other / checkpoint (ms) | snapshot (ms) | wait for the previous (ms) | CPU per "
+          "thread CPU, other / checkpoint (ms) | CPU ratio | waiting for a core, other / checkpoint (ms) | waiting for data, other / checkpoint (ms) | hypervisor steal, other / checkpoint (ms, mean) | snapshot (ms) | wait for the previous (ms) | CPU per "
           "checkpoint off the step: trainer threads / writer / S3 server (ms) | load (1 min) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     ratios, cpu_ratios, threads = [], [], []
     for _ in range(args.repeat):
         r = run_once(args)
@@ -340,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{f' ({args.s3_cores} core)' if args.s3_cores and args.storage == 's3' else ''}"
               f"{f', {args.preset} on {args.device}' if args.device != 'cpu' or args.preset != 'tiny' else ''} | {args.steps} | {args.every} | "
               f"{r['wall_other']:.0f} | {r['wall_ckpt']:.0f} | {r['ratio']:.2f} | {r['cpu_other']:.0f} / "
-              f"{r['cpu_ckpt']:.0f} | {r['cpu_ratio']:.2f} | {r['rq_other']:.0f} / {r['rq_ckpt']:.0f} | {r['data_other']:.0f} / {r['data_ckpt']:.0f} | {r['snapshot']:.1f} | {r['wait']:.1f} | "
+              f"{r['cpu_ckpt']:.0f} | {r['cpu_ratio']:.2f} | {r['rq_other']:.0f} / {r['rq_ckpt']:.0f} | {r['data_other']:.0f} / {r['data_ckpt']:.0f} | {r['steal_other']:.0f} / {r['steal_ckpt']:.0f} | {r['snapshot']:.1f} | {r['wait']:.1f} | "
               f"{r['bg_trainer_threads']:.0f} / {r['bg_writer']:.0f} / {server} | {r['load']:.1f} |", flush=True)
     kinds = sorted({k for t in threads for k in t}, key=lambda k: -statistics.median(t.get(k, 0.0) for t in threads))
     print("\nThe trainer's other threads, CPU per checkpoint (ms; median over the runs; they run whether or not a "
