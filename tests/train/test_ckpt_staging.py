@@ -231,3 +231,29 @@ def test_an_optimizer_state_with_python_numbers_is_walked_every_time():
         buffers.flush()
         assert buffers._optimizer_plans["trainer/optimizer"] is None
         assert {s["count"] for s in got["state"].values()} == {count}       # read at each snapshot
+
+
+def test_an_optimizer_state_dict_of_another_layout_is_staged_whole():
+    class Pair(torch.optim.AdamW):
+        """A wrapper whose state dict nests two optimizers' (no top-level ``state``)."""
+
+        def __init__(self, a: torch.optim.Optimizer, b: torch.optim.Optimizer) -> None:
+            self.a, self.b = a, b
+
+        def state_dict(self):
+            return {"a": self.a.state_dict(), "b": self.b.state_dict()}
+
+    torch.manual_seed(0)
+    model = _lm()
+    a = torch.optim.AdamW(model[:2].parameters(), lr=1e-2)
+    b = torch.optim.AdamW(model[2].parameters(), lr=1e-2)
+    buffers = StagingBuffers()
+    for _ in range(2):
+        model(torch.randint(0, 10, (4,))).sum().backward()
+        a.step(), b.step()
+        staged = buffers.stage_optimizer("trainer/optimizer", Pair(a, b))
+        buffers.flush()
+        for name, opt in (("a", a), ("b", b)):
+            got = {"state": {i: {k: v.clone() for k, v in s.items()} for i, s in staged[name]["state"].items()},
+                   "param_groups": staged[name]["param_groups"]}
+            _assert_is_optimizer_state(got, opt)

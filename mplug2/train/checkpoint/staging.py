@@ -136,15 +136,16 @@ class StagingBuffers:
         buffers); the walk over the per-parameter state is planned once (:class:`OptimizerPlan`) and replayed
         while the plan holds."""
         state = optimizer.state_dict()
+        if not isinstance(state.get("state"), dict):          # not torch's layout: walked every time
+            return self.stage(key, state, stable=True)
         plan = self._optimizer_plans.get(key)
         if plan is not None and plan.optimizer is optimizer and plan.holds(state["state"]):
-            per_param = plan.stage(self)
+            per_param = {i: dict(entry) for i, entry in plan.stage(self).items()}   # the plan's own stay as found
         else:
             plan = OptimizerPlan(optimizer, state["state"], self, key)
             self._optimizer_plans[key] = plan if plan.replayable else None
             per_param = plan.staged
-        return {k: {i: dict(s) for i, s in per_param.items()} if k == "state" else
-                self.stage(f"{key}/{k}", v, stable=True) for k, v in state.items()}
+        return {k: per_param if k == "state" else self.stage(f"{key}/{k}", v, stable=True) for k, v in state.items()}
 
     def _mark(self) -> tuple[int, int]:
         return len(self._pending[0]), len(self._stable[0])
