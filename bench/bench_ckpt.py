@@ -172,7 +172,7 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
             schedule=dict(total_steps=args.steps, ckpt_every_steps=args.every, log_every_steps=1000, keep_last=2),
             scale=dict(num_workers=1)))
         loop = TrainLoop(cfg, rank=0, world_size=1, device=torch.device(args.device), hooks=LocalHooks(cfg, 0))
-        ends: list[tuple[int, float, ...]] = []   # (step, wall, thread CPU, runqueue wait, data wait so far,
+        ends: list[tuple[float, ...]] = []        # (step, wall, thread CPU, runqueue wait, data wait so far,
         data_wait = [0.0]                           # hypervisor steal so far) at step ends
         snapshots: list[tuple[float, float]] = []           # (wait, snapshot) seconds per checkpoint
         taken = []                                          # the checkpoints' snapshots (their write's CPU)
