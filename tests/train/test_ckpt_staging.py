@@ -145,11 +145,16 @@ def test_shared_buffers_are_carved_from_few_segments(monkeypatch):
 
 # ------------------------------------------------------------------------------------------ optimizer state
 
+def _cloned(staged: dict) -> dict:
+    """A staged optimizer state dict with its tensors copied out of the (reused) staging buffers."""
+    return {"state": {i: {k: v.clone() for k, v in s.items()} for i, s in staged["state"].items()},
+            "param_groups": staged["param_groups"]}
+
+
 def _staged_optimizer(opt: torch.optim.Optimizer, buffers: StagingBuffers) -> dict:
     staged = buffers.stage_optimizer("trainer/optimizer", opt)
     buffers.flush()
-    return {"state": {i: {k: v.clone() for k, v in s.items()} for i, s in staged["state"].items()},
-            "param_groups": staged["param_groups"]}
+    return _cloned(staged)
 
 
 def _assert_is_optimizer_state(got: dict, opt: torch.optim.Optimizer) -> None:
@@ -205,11 +210,11 @@ def test_a_replaced_optimizer_state_is_walked_again():
     got = _staged_optimizer(opt, buffers)
     assert buffers._optimizer_plans["trainer/optimizer"] is not first
     _assert_is_optimizer_state(got, opt)
-    model[2].weight.requires_grad_(False)         # fewer parameters step from now on: still the same tensors,
+    model[2].weight.requires_grad_(False)         # fewer parameters step from now on, over the same tensors:
     second = buffers._optimizer_plans["trainer/optimizer"]
     _train(model, opt)
     _assert_is_optimizer_state(_staged_optimizer(opt, buffers), opt)
-    assert buffers._optimizer_plans["trainer/optimizer"] is second
+    assert buffers._optimizer_plans["trainer/optimizer"] is second     # the plan holds
 
 
 def test_an_optimizer_state_with_python_numbers_is_walked_every_time():
@@ -254,6 +259,4 @@ def test_an_optimizer_state_dict_of_another_layout_is_staged_whole():
         staged = buffers.stage_optimizer("trainer/optimizer", Pair(a, b))
         buffers.flush()
         for name, opt in (("a", a), ("b", b)):
-            got = {"state": {i: {k: v.clone() for k, v in s.items()} for i, s in staged[name]["state"].items()},
-                   "param_groups": staged[name]["param_groups"]}
-            _assert_is_optimizer_state(got, opt)
+            _assert_is_optimizer_state(_cloned(staged[name]), opt)
