@@ -3,8 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PIP    := $(VENV)/bin/pip
 PY     := $(VENV)/bin/python
-# pytest-xdist workers for `make test`: whole modules run two at a time on the 2-core CI machine (tests/conftest.py)
-TEST_WORKERS ?= 2
 
 .PHONY: install demo test test-fast bench clean
 
@@ -20,10 +18,10 @@ demo: install
 	$(VENV)/bin/mplug2-demo
 
 test: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest
 
 test-fast: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PY) -m pytest -m "not slow"
 
 bench: install
 	$(PY) -m bench

@@ -2,10 +2,6 @@
 
 Both bind to 127.0.0.1 and are stopped at session end. Tests that need S3 take ``s3_bucket`` (a unique
 ``s3://`` prefix); tests that need Ray take ``ray_local``.
-
-``make test`` runs two pytest-xdist workers, each a session of its own (its own S3 server, Ray and temp folder),
-with whole modules as the unit of work (``--dist loadfile``): a module's fixtures may run trainings across its
-tests, and its temp-leak check must see only its own files.
 """
 
 from __future__ import annotations
@@ -21,45 +17,6 @@ import pytest
 from mplug2.runtime import setup_process_env
 
 setup_process_env()
-
-
-def _private_temp_folder_per_worker() -> None:
-    """Under pytest-xdist, point this worker's temp folder (``TMPDIR``, for itself and every process it starts)
-    at a folder of its own, so the per-module leak check below never sees the other worker's files. Removed at the
-    end of the session (:func:`pytest_sessionfinish`); kept short for the Unix sockets made below it."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker and not os.environ.get("MPLUG2_TESTS_WORKER_TMP"):
-        private = tempfile.mkdtemp(prefix=f"pytest-{worker}-", dir=tempfile.gettempdir())
-        os.environ["TMPDIR"] = os.environ["MPLUG2_TESTS_WORKER_TMP"] = private
-        tempfile.tempdir = None   # gettempdir() caches its answer: read TMPDIR again
-
-
-_private_temp_folder_per_worker()
-
-# The modules that take longest (docs/benchmarks.md, "the suite"), heaviest first. With two workers they are handed
-# out first, so that the short modules fill in around them and both workers finish together.
-SLOWEST_MODULES = (
-    "tests/train/test_learning.py", "tests/test_demo.py", "tests/test_readme_commands.py",
-    "tests/train/test_tasks_learn.py", "tests/train/test_resume_ray.py", "tests/ops/test_jobs_e2e.py",
-    "tests/train/test_fsdp.py", "tests/train/test_hygiene.py",
-)
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist, run the slowest modules first (longest-first packing onto the two workers); a plain
-    ``pytest`` keeps the usual order."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return
-    rank = {path: i for i, path in enumerate(SLOWEST_MODULES)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))   # stable: the rest keep order
-
-
-@pytest.hookimpl(trylast=True)   # after the session fixtures (S3, Ray) have been torn down
-def pytest_sessionfinish(session, exitstatus) -> None:
-    """Remove this worker's private temp folder (:func:`_private_temp_folder_per_worker`)."""
-    private = os.environ.get("MPLUG2_TESTS_WORKER_TMP")
-    if private and os.environ.get("PYTEST_XDIST_WORKER"):
-        shutil.rmtree(private, ignore_errors=True)
 
 
 def _own_temp_entries() -> set[str]:
