@@ -74,7 +74,7 @@ def test_a_dead_writer_is_a_clear_error_and_the_next_checkpoint_gets_a_new_one(t
         _snapshot(tmp_path / "s1", model, optimizer, 1, buffers, writer).write()
         first = writer.pid
         os.kill(first, signal.SIGKILL)
-        with pytest.raises(CheckpointError, match="writer process died"):
+        with pytest.raises(CheckpointError, match=rf"writer process died \(pid {first} killed by SIGKILL\)"):
             _snapshot(tmp_path / "s2", model, optimizer, 2, buffers, writer).write()
         _snapshot(tmp_path / "s3", model, optimizer, 3, buffers, writer).write()   # every buffer sent again
         assert writer.pid != first and validate_checkpoint(str(tmp_path / "s3"))

@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -128,6 +129,24 @@ def _serve(conn: Connection) -> None:
         conn.send(reply)
 
 
+def _how_it_ended(process: multiprocessing.process.BaseProcess | None, wait_s: float = 5.0) -> str:
+    """How the writer process ended, for the error: its pipe reads as closed a moment before the kernel reaps
+    it, so wait briefly for its exit status. A signal is named (SIGKILL: the OOM killer or an operator; SIGBUS:
+    shared memory, ``/dev/shm``, ran out), else the exit code."""
+    if process is None:
+        return "never started"
+    process.join(wait_s)
+    code = process.exitcode
+    if code is None:
+        return f"pid {process.pid} still running after its pipe closed"
+    if code < 0:
+        try:
+            return f"pid {process.pid} killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"pid {process.pid} killed by signal {-code}"
+    return f"pid {process.pid} exit code {code}"
+
+
 class SnapshotWriter:
     """Write snapshots whose tensors are in ``buffers`` (``shared=True``) in a process of their own.
 
@@ -185,10 +204,10 @@ class SnapshotWriter:
                 conn.send((payload, self.buffers.take_new()))
                 status, result, times = conn.recv()
             except (EOFError, OSError, BrokenPipeError) as exc:
-                code = self._process.exitcode if self._process is not None else None
+                how = _how_it_ended(self._process)
                 self._stop(kill=True)
-                raise CheckpointError(f"checkpoint writer process died (exit code {code}) while writing step "
-                                      f"{snap.step} into {snap.directory}") from exc
+                raise CheckpointError(f"checkpoint writer process died ({how}) while writing step {snap.step} "
+                                      f"into {snap.directory}; the next checkpoint starts a new one") from exc
         if status == "error":
             raise result
         snap.written_s, snap.written_cpu_s = times
