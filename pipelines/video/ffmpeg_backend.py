@@ -135,10 +135,13 @@ def run_ffmpeg(argv: list[str], timeout_s: float, expect_bytes: int | None = Non
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    """SIGKILL ffmpeg's process group, unless ffmpeg was reaped already (its pid may belong to another process
+    by now)."""
+    if proc.returncode is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     proc.wait()
 
 

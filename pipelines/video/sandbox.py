@@ -47,15 +47,14 @@ class _Worker:
         return self.recv_conn.recv()
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the worker and any ffmpeg it started
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            self.proc.kill()
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        """SIGKILL the worker and any ffmpeg it started. Only while it is unreaped: once reaped, its pid (the
+        group's id) is free for the kernel to give to another process, which a stale killpg would kill."""
+        if self.proc.returncode is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
         self.send_conn.close()
         self.recv_conn.close()
 

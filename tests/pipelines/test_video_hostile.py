@@ -125,3 +125,22 @@ def test_ffmpeg_exit_code_and_stderr_are_reported(tmp_path):
     argv = [ffmpeg_binary(), "-nostdin", "-loglevel", "error", "-i", str(tmp_path / "nope.mp4"), "-f", "null", "-"]
     out, rc, err = run_ffmpeg(argv, timeout_s=10)
     assert rc != 0 and "nope.mp4" in err and out == b""
+
+
+def test_closing_an_exited_decoder_worker_signals_no_reusable_pid(monkeypatch):
+    """A decoder worker that exits on its own (end of its request pipe) is reaped, and its pid, the id of its
+    process group, is then free for the kernel to reuse: closing it must not ``killpg`` that pid, which would
+    kill whatever process got it (on a busy machine with ``pid_max`` 32768 that happens)."""
+    from pipelines.video import sandbox
+
+    worker = sandbox._Worker()
+    signalled: list[int] = []
+    real_killpg = os.killpg
+    monkeypatch.setattr(sandbox.os, "killpg", lambda pgid, sig: (signalled.append(pgid), real_killpg(pgid, sig)))
+    worker.close()
+    assert worker.proc.returncode == 0, "the worker ends cleanly at end of file on its request pipe"
+    assert signalled == []
+    # A worker still running when killed loses its whole group, as before.
+    stuck = sandbox._Worker()
+    stuck.kill()
+    assert signalled == [stuck.proc.pid] and stuck.proc.returncode == -9
