@@ -124,7 +124,7 @@ class S3Server:
     port: int = 0  # 0: pick a free one
     buckets: tuple[str, ...] = ("mplug2",)
     access_key: str = DEFAULT_ACCESS_KEY
-    secret_key: str | None = None    # None: folder_secret(root)
+    secret_key: str | None = field(default=None, repr=False)    # None: folder_secret(root); never in a repr
     startup_timeout_s: float = 60.0
     # at most this many cores running the server's Go code at once (GOMAXPROCS; None: all): on a machine it
     # shares with a training process, one core leaves the other to training (bench/bench_ckpt.py)
@@ -280,7 +280,7 @@ class S3Server:
             if self.proc is not None:
                 if self.proc.poll() is not None:
                     break
-            elif not _pid_alive(pid):
+            elif not _serves(pid, self.root):
                 break
             time.sleep(0.1)
         else:
@@ -323,7 +323,7 @@ class S3Server:
         st = json.loads(path.read_text())
         srv = cls(root=Path(root), port=st["port"], buckets=tuple(st["buckets"]), access_key=st["access_key"],
                   secret_key=folder_secret(Path(root)))
-        srv.pid = st["pid"] if _pid_alive(st["pid"]) else None
+        srv.pid = st["pid"] if _serves(st["pid"], srv.root) else None
         return srv
 
 
@@ -364,6 +364,19 @@ def _pid_alive(pid: int | None) -> bool:
             return f.read().split()[2] != "Z"
     except OSError:
         return True
+
+
+def _serves(pid: int | None, root: Path) -> bool:
+    """Whether ``pid`` is a live SeaweedFS serving ``root``. The pid in ``server.json`` outlives its process (a
+    crash, a reboot) and the kernel hands it to another process, which ``stop`` must never signal and whose
+    presence must not make ``start`` answer "already running"."""
+    if not _pid_alive(pid):
+        return False
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"-dir={Path(root).absolute()}".encode() in args
 
 
 def main(argv: list[str] | None = None) -> int:

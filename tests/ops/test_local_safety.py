@@ -94,6 +94,8 @@ def test_embedded_s3_secret_is_random_per_folder_0600_and_env_names_the_file(tmp
     env = S3Server(root=tmp_path / "a", port=8333).env()
     assert env["AWS_SHARED_CREDENTIALS_FILE"] == str(creds)
     assert not any(a in v or "from-the-user" in v for v in env.values())
+    # a server in an assertion, a log line or a traceback's locals shows no secret
+    assert a not in repr(S3Server(root=tmp_path / "a", secret_key=a))
 
 
 def test_embedded_s3_leaves_no_socket_in_tmp_after_a_crash_restart_and_stop() -> None:
@@ -117,6 +119,34 @@ def test_embedded_s3_leaves_no_socket_in_tmp_after_a_crash_restart_and_stop() ->
         finally:
             srv.stop()
     assert ours(srv) == []
+
+
+def test_mplug2_s3_stop_never_signals_a_pid_reused_by_another_process(tmp_path, capsys) -> None:
+    """``server.json`` keeps the pid of a server that may be long gone (a crash, a reboot); the kernel gives that
+    pid to other processes. ``stop`` then says "not running" and signals nothing, ``start`` does not answer
+    "already running"; the pid of the live server it names is still recognised and stopped."""
+    from mplug2.s3server import S3Server, main as s3_main
+
+    root = tmp_path / "s3"
+    srv = S3Server(root=root).start()
+    try:
+        srv.save_state()
+        assert S3Server.from_state(root).pid == srv.pid          # the live server is ours
+    finally:
+        srv.stop()
+    # another process, leader of its own group, now holds the pid server.json names
+    other = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                             start_new_session=True)
+    try:
+        state = json.loads((root / "server.json").read_text())
+        (root / "server.json").write_text(json.dumps({**state, "pid": other.pid}))
+        assert S3Server.from_state(root).pid is None
+        assert s3_main(["stop", "--dir", str(root)]) == 0
+        assert capsys.readouterr().out.strip() == "not running"
+        assert other.poll() is None, "stop signalled a process that is not the server"
+    finally:
+        other.stdin.close()
+        other.wait(timeout=30)
 
 
 def test_local_ray_temp_dir_keeps_rays_sockets_within_the_kernel_limit(monkeypatch) -> None:
