@@ -376,7 +376,8 @@ def _serves(pid: int | None, root: Path) -> bool:
         args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return f"-dir={Path(root).absolute()}".encode() in args
+    dirs = [a[len(b"-dir="):].decode(errors="replace") for a in args if a.startswith(b"-dir=")]
+    return any(Path(d).resolve() == Path(root).resolve() for d in dirs)     # the same folder, however spelt
 
 
 def main(argv: list[str] | None = None) -> int:
