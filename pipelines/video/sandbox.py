@@ -54,6 +54,7 @@ class _Worker:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
+            self.proc.kill()      # the worker itself, should the group be out of reach (not yet reaped: safe)
             self.proc.wait()
         self.send_conn.close()
         self.recv_conn.close()
