@@ -108,3 +108,25 @@ def files_containing(roots: list[Path], needle: str, skip: set[Path] = frozenset
                 except OSError:
                     continue
     return hits
+
+
+SEMAPHORE_DIR = Path("/dev/shm")
+
+
+def named_semaphores() -> set[Path]:
+    """multiprocessing's named POSIX semaphores (``sem.mp-*``). A spawn-context pool's queues hold five; its
+    resource tracker unlinks them at exit, so a run killed with its whole process group leaves them behind."""
+    return set(SEMAPHORE_DIR.glob("sem.mp-*"))
+
+
+def unmapped(paths: set[Path]) -> list[Path]:
+    """Those of ``paths`` that still exist and that no process has open (an open named semaphore is mapped into
+    its holders' memory, ``/proc/<pid>/maps``): left behind, not in use."""
+    mapped: set[str] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                mapped.update(line.split()[-1] for line in f if "/dev/shm/sem." in line)
+        except OSError:
+            continue
+    return sorted(p for p in paths if p.exists() and str(p) not in mapped)

@@ -14,6 +14,7 @@ import pytest
 
 from pipelines import shards
 from pipelines.verify import verify_dataset
+from tests.hygiene import named_semaphores, unmapped
 from tests.pipelines.conftest import write_images
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,6 +79,7 @@ def test_sigkill_mid_run_then_incremental_resume(tmp_path, http_server, executor
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths live under it
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
+    semaphores = named_semaphores()
     try:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True, env=env)
@@ -99,10 +101,15 @@ def test_sigkill_mid_run_then_incremental_resume(tmp_path, http_server, executor
         committed = {n for n in os.listdir(out) if n.endswith("_stats.json")}
         assert 3 <= len(committed) < 12, "the kill must land mid-run"
         assert not (out / "dataset.json").exists()  # loaders see no dataset yet, so no uncommitted shard either
+        # the kill took the local pool's resource tracker too (same group): its named semaphores are ours to remove
+        for path in unmapped(named_semaphores() - semaphores):
+            path.unlink(missing_ok=True)
+        semaphores = named_semaphores()
         http_server.delay_s = 0.0
         res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     finally:
         _kill_leftovers(ray_tmp)
+    assert unmapped(named_semaphores() - semaphores) == [], "a run that ended cleanly left semaphores in /dev/shm"
     assert res.returncode == 0, res.stderr[-2000:]
     # only the uncommitted shards were redone
     assert f"{12 - len(committed)} written, {len(committed)} skipped" in res.stdout, res.stdout
