@@ -7,6 +7,7 @@
 | model  | forward + backward time, peak memory (and MFU on a GPU) for tiny / base / large |
 | loader | training loader samples/s and CPU ms per sample (PIL reference vs tensor path, augment_on cpu / device) |
 | ckpt   | checkpoint steps vs other steps on the critical path (background uploads to S3) |
+| interference | a training step's CPU beside memory copies / file writes on the other core (the floor of `ckpt`) |
 | train  | loader alone vs training step; Ray Train step vs a plain torch.distributed loop |
 | caption | captions/s through the inference API, with and without the KV cache (tiny on CPU; base/large on GPU) |
 | official | peak RSS of `import-official` on a Large-shaped release checkpoint (bound: 1.3x its size) |
@@ -24,6 +25,7 @@ import sys
 
 BENCHES = {"images": "bench.bench_images", "frames": "bench.bench_frames", "model": "bench.bench_model",
            "loader": "bench.bench_loader", "train": "bench.bench_train", "ckpt": "bench.bench_ckpt",
+           "interference": "bench.bench_interference",
            "official": "bench.bench_official", "caption": "bench.bench_caption", "infer": "bench.bench_infer",
            "tests": "bench.bench_tests", "rerank": "bench.bench_rerank"}
 

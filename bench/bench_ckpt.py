@@ -16,7 +16,9 @@ writer process, the S3 server (which shares this machine's cores here; on a clus
 ``--repeat`` a last line gives the median ratio over the runs; a second table splits the trainer's other
 threads' CPU by kind (Python thread name, or a native thread's OS name). The 1-minute load average is printed per run.
 ``--s3-nice 19`` runs the S3 server below everything else, ``--s3-cores 1`` on one core at a time: stand-ins
-for an S3 that is not on these cores.
+for an S3 that is not on these cores. ``--snapshot-only`` takes each snapshot and drops it (no write, no upload):
+the part of the ratio the snapshot and its copy leave. ``--components`` measures a checkpoint's parts one by one.
+``python -m bench interference`` shows what work on the other core does to the training step.
 """
 
 from __future__ import annotations
@@ -71,6 +73,57 @@ def _thread_comm(pid: int, tid: str) -> str:
             return f"native: {f.read().strip()}"
     except OSError:
         return "?"
+
+
+def _tiny_loop(args: argparse.Namespace, scratch: Path, storage_url: str, *, run_name: str, total_steps: int,
+               every: int, device: str = "cpu", hooks=None):
+    """The benchmark's training run: the ``--preset`` model pretraining on four small image shards."""
+    import torch
+
+    from mplug2.train.config import TrainConfig
+    from mplug2.train.hooks import LocalHooks
+    from mplug2.train.loop import TrainLoop
+    from tests.data.shards_fixture import write_shards
+
+    shards = str(scratch / "images")
+    write_shards(shards, [64] * 4, size=(40, 36))
+    cfg = TrainConfig.from_dict(dict(
+        run_name=run_name, storage=storage_url, task="pretrain", seed=0,
+        model={"preset": args.preset, "queue_size": 16, "tokenizer": "bert-base-uncased",
+               "text": {"vocab_size": 30522}},     # captions differ by digits, which tiny maps to [UNK]
+        data=dict(train=[dict(name="images", path=shards, num_frames=1)], batch_size=args.batch_size,
+                  shuffle_buffer=16, shards_in_flight=2, max_text_len=12),
+        optim=dict(warmup_steps=1),
+        schedule=dict(total_steps=total_steps, ckpt_every_steps=every, log_every_steps=1000, keep_last=2),
+        scale=dict(num_workers=1)))
+    return TrainLoop(cfg, rank=0, world_size=1, device=torch.device(device),
+                     hooks=hooks(cfg) if hooks is not None else LocalHooks(cfg, 0))
+
+
+class _SnapshotOnlyHooks:
+    """``--snapshot-only``: each checkpoint is taken (the snapshot and its copy beside the next step) and then
+    dropped: no write, no upload. What is left of a checkpoint's cost on the step without them."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def report(self, metrics, checkpoint, step) -> None:
+        if checkpoint is not None:
+            checkpoint.wait_staged()
+            checkpoint.written_cpu_s = 0.0
+            shutil.rmtree(checkpoint.directory, ignore_errors=True)
+
+    def wait_for_upload(self, block: bool = True) -> None:
+        pass
+
+    def upload_in_flight(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def resume_from(self) -> None:
+        return None
 
 
 @dataclass
@@ -141,13 +194,8 @@ class CpuSampler:
 
 
 def run_once(args: argparse.Namespace) -> dict[str, float]:
-    import torch
-
     from mplug2.s3server import S3Server
-    from mplug2.train.config import TrainConfig
-    from mplug2.train.hooks import LocalHooks
-    from mplug2.train.loop import TrainLoop, _run_or_abort
-    from tests.data.shards_fixture import write_shards
+    from mplug2.train.loop import _run_or_abort
 
     scratch = Path(tempfile.mkdtemp(prefix="bench-ckpt-"))
     server = S3Server(root=scratch / "s3", buckets=("bench",), max_cores=args.s3_cores or None) \
@@ -159,19 +207,9 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
     try:
         if server is not None:
             os.environ.update(server.env())
-        shards = str(scratch / "images")
-        write_shards(shards, [64] * 4, size=(40, 36))
-        cfg = TrainConfig.from_dict(dict(
-            run_name="ckpt", storage="s3://bench/runs" if server is not None else str(scratch / "runs"),
-            task="pretrain", seed=0,
-            model={"preset": args.preset, "queue_size": 16, "tokenizer": "bert-base-uncased",
-                   "text": {"vocab_size": 30522}},     # captions differ by digits, which tiny maps to [UNK]
-            data=dict(train=[dict(name="images", path=shards, num_frames=1)], batch_size=args.batch_size,
-                      shuffle_buffer=16, shards_in_flight=2, max_text_len=12),
-            optim=dict(warmup_steps=1),
-            schedule=dict(total_steps=args.steps, ckpt_every_steps=args.every, log_every_steps=1000, keep_last=2),
-            scale=dict(num_workers=1)))
-        loop = TrainLoop(cfg, rank=0, world_size=1, device=torch.device(args.device), hooks=LocalHooks(cfg, 0))
+        loop = _tiny_loop(args, scratch, "s3://bench/runs" if server is not None else str(scratch / "runs"),
+                          run_name="ckpt", total_steps=args.steps, every=args.every, device=args.device,
+                          hooks=_SnapshotOnlyHooks if args.snapshot_only else None)
         ends: list[tuple[float, ...]] = []        # (step, wall, thread CPU, runqueue wait, data wait so far,
         data_wait = [0.0]                           # hypervisor steal so far) at step ends
         snapshots: list[tuple[float, float]] = []           # (wait, snapshot) seconds per checkpoint
@@ -229,15 +267,9 @@ def components(args: argparse.Namespace, repeats: int = 6) -> None:
     tiny model after two training steps: where the milliseconds of the runs above go."""
     import hashlib
 
-    import torch
 
     from mplug2.s3server import S3Server
     from mplug2.train.checkpoint import StagingBuffers, prune_checkpoints, take_snapshot, upload_checkpoint
-    from mplug2.train.config import TrainConfig
-    from mplug2.train.hooks import LocalHooks
-    from mplug2.train.loop import TrainLoop
-    from tests.data.shards_fixture import write_shards
-
     scratch = Path(tempfile.mkdtemp(prefix="bench-ckpt-parts-"))
     server = S3Server(root=scratch / "s3", buckets=("bench",))
     server.start()
@@ -248,16 +280,7 @@ def components(args: argparse.Namespace, repeats: int = 6) -> None:
 
     try:
         os.environ.update(server.env())
-        shards = str(scratch / "images")
-        write_shards(shards, [64] * 4, size=(40, 36))
-        cfg = TrainConfig.from_dict(dict(
-            run_name="parts", storage="s3://bench/runs", task="pretrain", seed=0,
-            model={"preset": args.preset, "queue_size": 16, "tokenizer": "bert-base-uncased",
-                   "text": {"vocab_size": 30522}},
-            data=dict(train=[dict(name="images", path=shards, num_frames=1)], batch_size=args.batch_size,
-                      shuffle_buffer=16, shards_in_flight=2, max_text_len=12),
-            schedule=dict(total_steps=100, ckpt_every_steps=1000, keep_last=2), scale=dict(num_workers=1)))
-        loop = TrainLoop(cfg, rank=0, world_size=1, device=torch.device("cpu"), hooks=LocalHooks(cfg, 0))
+        loop = _tiny_loop(args, scratch, "s3://bench/runs", run_name="parts", total_steps=100, every=1000)
         for _ in range(3):
             c0 = time.thread_time()
             loop.train_step()
@@ -327,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs, one row each, then the median ratio")
     ap.add_argument("--components", action="store_true",
                     help="instead: CPU per checkpoint part by part (snapshot, write, upload client / server, prune)")
+    ap.add_argument("--snapshot-only", action="store_true",
+                    help="take each checkpoint's snapshot, then drop it: no write, no upload")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.components:
@@ -348,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios.append(r["ratio"])
         cpu_ratios.append(r["cpu_ratio"])
         server = f"{r['bg_s3_server']:.0f}" if args.storage == "s3" else "—"
-        print(f"| {args.storage}{f' (nice {args.s3_nice})' if args.s3_nice else ''}"
+        print(f"| {args.storage}{' (snapshot only)' if args.snapshot_only else ''}"
+              f"{f' (nice {args.s3_nice})' if args.s3_nice else ''}"
               f"{f' ({args.s3_cores} core)' if args.s3_cores and args.storage == 's3' else ''}"
               f"{f', {args.preset} on {args.device}' if args.device != 'cpu' or args.preset != 'tiny' else ''} | {args.steps} | {args.every} | "
               f"{r['wall_other']:.0f} | {r['wall_ckpt']:.0f} | {r['ratio']:.2f} | {r['cpu_other']:.0f} / "
