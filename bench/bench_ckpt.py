@@ -17,7 +17,8 @@ writer process, the S3 server (which shares this machine's cores here; on a clus
 threads' CPU by kind (Python thread name, or a native thread's OS name). The 1-minute load average is printed per run.
 ``--s3-nice 19`` runs the S3 server below everything else, ``--s3-cores 1`` on one core at a time: stand-ins
 for an S3 that is not on these cores. ``--snapshot-only`` takes each snapshot and drops it (no write, no upload):
-the part of the ratio the snapshot and its copy leave. ``--components`` measures a checkpoint's parts one by one.
+the part of the ratio the snapshot and its copy leave; ``--no-checkpoint`` takes none (the ratio of the same
+intervals with nothing between them: this machine's noise floor). ``--components`` measures a checkpoint's parts one by one.
 ``python -m bench interference`` shows what work on the other core does to the training step.
 """
 
@@ -215,6 +216,9 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
         snapshots: list[tuple[float, float]] = []           # (wait, snapshot) seconds per checkpoint
         taken = []                                          # the checkpoints' snapshots (their write's CPU)
         train_step, save = loop.train_step, loop.save
+        if args.no_checkpoint:            # the same intervals, nothing done between them: the ratio's own floor
+            def save(metrics: dict[str, float]) -> dict[str, float]:
+                return {"ckpt_wait_s": 0.0, "ckpt_snapshot_s": 0.0, "ckpt_background_s": 0.0}
 
         def timed_step():
             out = train_step()                # its loss values are read on the host: the step has ended
@@ -226,7 +230,8 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
         def timed_save(metrics):
             times = save(metrics)
             snapshots.append((times["ckpt_wait_s"], times["ckpt_snapshot_s"]))
-            taken.append(loop._last_ckpt)
+            if loop._last_ckpt is not None:
+                taken.append(loop._last_ckpt)
             return times
 
         loop.train_step, loop.save = timed_step, timed_save
@@ -258,7 +263,8 @@ def run_once(args: argparse.Namespace) -> dict[str, float]:
             **{f"bg_{k}": 1000 * v / n_ckpt for k, v in cpu.items()}, "checkpoints": n_ckpt,
             "threads": {k: 1000 * v / n_ckpt for k, v in sampler.by_thread().items()},
             # the writer's own CPU per write (its process's start-up, importing torch, is not a checkpoint's)
-            "bg_writer": 1000 * statistics.median(s.written_cpu_s for s in taken if s.written_cpu_s is not None),
+            "bg_writer": 1000 * statistics.median([s.written_cpu_s for s in taken if s.written_cpu_s is not None]
+                                                  or [0.0]),
             "load": max(load0, os.getloadavg()[0])}
 
 
@@ -350,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="runs, one row each, then the median ratio")
     ap.add_argument("--components", action="store_true",
                     help="instead: CPU per checkpoint part by part (snapshot, write, upload client / server, prune)")
-    ap.add_argument("--snapshot-only", action="store_true",
+    only = ap.add_mutually_exclusive_group()
+    only.add_argument("--no-checkpoint", action="store_true",
+                      help="take no checkpoint at all: the ratio's floor (the same intervals, nothing between them)")
+    only.add_argument("--snapshot-only", action="store_true",
                     help="take each checkpoint's snapshot, then drop it: no write, no upload")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -373,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
         ratios.append(r["ratio"])
         cpu_ratios.append(r["cpu_ratio"])
         server = f"{r['bg_s3_server']:.0f}" if args.storage == "s3" else "—"
-        print(f"| {args.storage}{' (snapshot only)' if args.snapshot_only else ''}"
+        mode = " (no checkpoint)" if args.no_checkpoint else " (snapshot only)" if args.snapshot_only else ""
+        print(f"| {args.storage}{mode}"
               f"{f' (nice {args.s3_nice})' if args.s3_nice else ''}"
               f"{f' ({args.s3_cores} core)' if args.s3_cores and args.storage == 's3' else ''}"
               f"{f', {args.preset} on {args.device}' if args.device != 'cpu' or args.preset != 'tiny' else ''} | {args.steps} | {args.every} | "
