@@ -28,5 +28,6 @@ $PY -m bench loader --path cpu,device --batches 20 --num-workers 4 --out "$OUT/l
 {
   $PY -m bench ckpt --device cuda --steps 24 --every 3 --repeat 2
   $PY -m bench ckpt --device cuda --steps 24 --every 3 --storage local
+  $PY -m bench ckpt --device cuda --steps 24 --every 3 --storage local --no-checkpoint   # the ratio's floor
   $PY -m bench ckpt --device cuda --preset base --storage local --steps 44 --every 20
 } | tee "$OUT/ckpt.md"
