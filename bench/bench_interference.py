@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the neighbours")
     ap.add_argument("--steps", type=int, default=12, help="training steps per neighbour and round")
     args = ap.parse_args(argv)
+    if min(args.rounds, args.steps, args.batch_size) < 1:
+        ap.error("--rounds, --steps and --batch-size must be at least 1")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     interference(args)
     return 0
