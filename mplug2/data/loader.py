@@ -24,6 +24,7 @@ from mplug2.data import defaults
 from mplug2.data.augment import TensorTransform
 from mplug2.data.collate import BatchBuilder, Tokenize
 from mplug2.data.damage import DamageLedger
+from mplug2.data.handoff import small_by_value
 from mplug2.data.dataset_index import DatasetIndex, load_index
 from mplug2.data.stream import CorpusStream, Cursor, EpochPlan, StreamConfig, derive_seed
 from mplug2.data.transforms import TransformConfig, VideoTransform
@@ -92,7 +93,8 @@ class CorpusDataset(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for raw in self.stream.iter_batches(self.start, worker=worker, num_workers=num_workers):
-            yield self.builder(raw)
+            batch = self.builder(raw)
+            yield small_by_value(batch) if info is not None else batch     # a worker's: small tensors by value
 
 
 class CorpusLoader:

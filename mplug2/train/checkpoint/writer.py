@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.multiprocessing  # noqa: F401  (registers the reductions that send shared tensors as handles)
 
+from mplug2.tensor_bytes import tensor_reduction
 from mplug2.train.checkpoint.layout import CheckpointError
 from mplug2.train.checkpoint.snapshot import Snapshot
 from mplug2.train.checkpoint.staging import StagingBuffers, segment_view
@@ -66,15 +67,8 @@ class _RefPickler(pickle.Pickler):
     def reducer_override(self, obj: Any) -> Any:
         # torch's own by-value pickling of a tensor does not load again (``UntypedStorage`` has no ``dtype``)
         if isinstance(obj, torch.Tensor):
-            flat = obj.detach().cpu().contiguous().reshape(-1)
-            return _tensor_from_bytes, (flat.view(torch.uint8).numpy().tobytes(), obj.dtype, tuple(obj.shape))
+            return tensor_reduction(obj)
         return NotImplemented
-
-
-def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    if not data:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
 
 
 class _RefUnpickler(pickle.Unpickler):
