@@ -24,8 +24,8 @@ from mplug2.data import defaults
 from mplug2.data.augment import TensorTransform
 from mplug2.data.collate import BatchBuilder, Tokenize
 from mplug2.data.damage import DamageLedger
-from mplug2.data.handoff import small_by_value
 from mplug2.data.dataset_index import DatasetIndex, load_index
+from mplug2.data.handoff import small_by_value
 from mplug2.data.stream import CorpusStream, Cursor, EpochPlan, StreamConfig, derive_seed
 from mplug2.data.transforms import TransformConfig, VideoTransform
 
