@@ -18,8 +18,8 @@ threads' CPU by kind (Python thread name, or a native thread's OS name). The 1-m
 ``--s3-nice 19`` runs the S3 server below everything else, ``--s3-cores 1`` on one core at a time: stand-ins
 for an S3 that is not on these cores. ``--snapshot-only`` takes each snapshot and drops it (no write, no upload):
 the part of the ratio the snapshot and its copy leave; ``--no-checkpoint`` takes none (the ratio of the same
-intervals with nothing between them: this machine's noise floor). ``--components`` measures a checkpoint's parts one by one.
-``python -m bench interference`` shows what work on the other core does to the training step.
+intervals with nothing between them: this machine's noise floor). ``--components`` measures a checkpoint's
+parts one by one. ``python -m bench interference`` shows what work on the other core does to the training step.
 """
 
 from __future__ import annotations
@@ -273,9 +273,9 @@ def components(args: argparse.Namespace, repeats: int = 6) -> None:
     tiny model after two training steps: where the milliseconds of the runs above go."""
     import hashlib
 
-
     from mplug2.s3server import S3Server
     from mplug2.train.checkpoint import StagingBuffers, prune_checkpoints, take_snapshot, upload_checkpoint
+
     scratch = Path(tempfile.mkdtemp(prefix="bench-ckpt-parts-"))
     server = S3Server(root=scratch / "s3", buckets=("bench",))
     server.start()
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     only.add_argument("--no-checkpoint", action="store_true",
                       help="take no checkpoint at all: the ratio's floor (the same intervals, nothing between them)")
     only.add_argument("--snapshot-only", action="store_true",
-                    help="take each checkpoint's snapshot, then drop it: no write, no upload")
+                      help="take each checkpoint's snapshot, then drop it: no write, no upload")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.components:
