@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mplug2.models.mplug2 import MPLUG2
+from mplug2.models.vision import LocalTemporal
 from mplug2.objectives.itc import ITCConfig, ITCHead, caption_ids
 from mplug2.objectives.itm import ITMHead, itm_loss
 from mplug2.objectives.mlm import IGNORE_INDEX, MaskingConfig, mask_tokens, mlm_loss
@@ -74,13 +75,19 @@ def is_no_decay(name: str, p: Tensor) -> bool:
 
 
 def param_groups(module: nn.Module, lr: float, lr_vision: float, weight_decay: float,
-                 vision_prefixes: tuple[str, ...] = ("model.vision.",), lr_temp: float | None = None) -> list[dict]:
+                 vision_prefixes: tuple[str, ...] = ("model.vision.",), lr_temp: float | None = None,
+                 lr_temporal: float | None = None) -> list[dict]:
     """AdamW groups: (vision | rest) x (decay | no decay); frozen tensors are left out. ``lr_temp`` (when
-    given) puts the ITC temperatures in a group of their own at that learning rate, without decay.
+    given) puts the ITC temperatures in a group of their own at that learning rate, without decay;
+    ``lr_temporal`` (when given) puts every :class:`~mplug2.models.vision.LocalTemporal` module's parameters in
+    ``temporal_*`` groups at that learning rate, with the same decay rule.
 
     Each group carries a ``name`` for logging. Tied parameters appear once.
     """
-    groups: dict[tuple[bool, bool], list] = {(v, d): [] for v in (True, False) for d in (True, False)}
+    temporal = ({id(p) for m in module.modules() if isinstance(m, LocalTemporal) for p in m.parameters()}
+                if lr_temporal is not None else set())
+    lrs = {"vision": lr_vision, "temporal": lr_temporal, "rest": lr}
+    groups: dict[tuple[str, bool], list] = {(k, d): [] for k in lrs for d in (True, False)}
     temps: list[Tensor] = []
     seen: set[int] = set()
     for name, p in module.named_parameters():
@@ -90,13 +97,12 @@ def param_groups(module: nn.Module, lr: float, lr_vision: float, weight_decay: f
         if lr_temp is not None and _TEMP_NAME.search(name):
             temps.append(p)
             continue
-        vision = name.startswith(vision_prefixes)
-        groups[(vision, not is_no_decay(name, p))].append(p)
+        kind = "temporal" if id(p) in temporal else "vision" if name.startswith(vision_prefixes) else "rest"
+        groups[(kind, not is_no_decay(name, p))].append(p)
     out = []
-    for (vision, decay), params in groups.items():
+    for (kind, decay), params in groups.items():
         if params:
-            out.append({"name": f"{'vision' if vision else 'rest'}_{'decay' if decay else 'no_decay'}",
-                        "params": params, "lr": lr_vision if vision else lr,
+            out.append({"name": f"{kind}_{'decay' if decay else 'no_decay'}", "params": params, "lr": lrs[kind],
                         "weight_decay": weight_decay if decay else 0.0})
     if temps:
         out.append({"name": "temp", "params": temps, "lr": lr_temp, "weight_decay": 0.0})
@@ -152,9 +158,9 @@ class MPLUG2Pretrainer(nn.Module):
             self.momentum.update()
         self.num_updates += 1
 
-    def param_groups(self, lr: float, lr_vision: float, weight_decay: float, lr_temp: float | None = None
-                     ) -> list[dict]:
-        return param_groups(self, lr, lr_vision, weight_decay, lr_temp=lr_temp)
+    def param_groups(self, lr: float, lr_vision: float, weight_decay: float, lr_temp: float | None = None,
+                     lr_temporal: float | None = None) -> list[dict]:
+        return param_groups(self, lr, lr_vision, weight_decay, lr_temp=lr_temp, lr_temporal=lr_temporal)
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -124,9 +124,9 @@ class Retriever(nn.Module):
     def momentum_update(self) -> None:
         self.core.momentum_update()
 
-    def param_groups(self, lr: float, lr_vision: float, weight_decay: float, lr_temp: float | None = None
-                     ) -> list[dict]:
-        return self.core.param_groups(lr, lr_vision, weight_decay, lr_temp=lr_temp)
+    def param_groups(self, lr: float, lr_vision: float, weight_decay: float, lr_temp: float | None = None,
+                     lr_temporal: float | None = None) -> list[dict]:
+        return self.core.param_groups(lr, lr_vision, weight_decay, lr_temp=lr_temp, lr_temporal=lr_temporal)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

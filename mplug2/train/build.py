@@ -50,12 +50,13 @@ def vision_prefixes(module: nn.Module) -> tuple[str, ...]:
 
 
 def build_optimizer(cfg: TrainConfig, task: nn.Module) -> torch.optim.Optimizer:
-    """AdamW with two learning rates (vision lower) and the spec's no-decay rule."""
+    """AdamW with the spec's two learning rates (vision lower), the temperature's and the temporal modules'
+    own where configured, and the spec's no-decay rule."""
     from mplug2.objectives.pretrain import param_groups
 
     o = cfg.optim
     groups = param_groups(task, o.lr, o.lr_vision, o.weight_decay, vision_prefixes=vision_prefixes(task),
-                          lr_temp=o.lr_temp)
+                          lr_temp=o.lr_temp, lr_temporal=o.lr_temporal)
     for g in groups:
         g["initial_lr"] = g["lr"]
     from mplug2.train.parallel import optimizer_impl

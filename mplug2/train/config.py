@@ -67,6 +67,10 @@ class OptimConfig:
     # logits scale by ~1/temp, their gradient spikes past the clip, and ITM negatives drawn from softmax(sim/temp)
     # become the one nearest caption. ALBEF / mPLUG train it at their base lr, 1e-4: the default.
     lr_temp: float | None = 1e-4
+    # The local temporal modules' learning rate (None: lr_vision). They start as exact zero and are the only path
+    # by which frame order (a clip's direction) reaches the heads; at a small model's lr_vision they barely leave
+    # zero within a short run. The demo trains them at 10x (docs/benchmarks.md, issue 14: +13-16 points of R@1).
+    lr_temporal: float | None = None
     weight_decay: float = 0.02
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 10

@@ -92,3 +92,23 @@ def test_temperature_gets_its_own_learning_rate(tok):
     assert groups["temp"]["lr"] == 1e-4 and groups["temp"]["weight_decay"] == 0.0
     assert all(id(pt.itc.temp) not in {id(p) for p in g["params"]} for n, g in groups.items() if n != "temp")
     assert "temp" not in {g["name"] for g in pt.param_groups(lr=2e-3, lr_vision=2e-3, weight_decay=0.02)}
+
+
+def test_temporal_modules_get_their_own_learning_rate(tok):
+    """``lr_temporal`` puts every LocalTemporal parameter (and only those) in ``temporal_*`` groups at that rate,
+    with the usual decay rule; without it they stay in the vision groups at ``lr_vision``."""
+    from mplug2.models.vision import LocalTemporal
+
+    pt = MPLUG2Pretrainer(MPLUG2(MPLUG2Config.preset("tiny")), tok, PretrainConfig(queue_size=0, distill=False))
+    lt = {id(p) for m in pt.modules() if isinstance(m, LocalTemporal) for p in m.parameters() if p.requires_grad}
+    assert lt
+    groups = {g["name"]: g for g in pt.param_groups(lr=2e-3, lr_vision=1e-3, weight_decay=0.02, lr_temporal=1e-2)}
+    ids = {n: {id(p) for p in g["params"]} for n, g in groups.items()}
+    assert ids["temporal_decay"] | ids["temporal_no_decay"] == lt
+    assert not lt & (ids["vision_decay"] | ids["vision_no_decay"] | ids["rest_decay"] | ids["rest_no_decay"])
+    assert groups["temporal_decay"]["lr"] == groups["temporal_no_decay"]["lr"] == 1e-2
+    assert groups["temporal_decay"]["weight_decay"] == 0.02 and groups["temporal_no_decay"]["weight_decay"] == 0.0
+    assert sum(len(g) for g in ids.values()) == len({id(p) for p in pt.parameters() if p.requires_grad})
+    plain = {g["name"]: g for g in pt.param_groups(lr=2e-3, lr_vision=1e-3, weight_decay=0.02)}
+    assert not any(n.startswith("temporal") for n in plain)
+    assert lt <= {id(p) for n in ("vision_decay", "vision_no_decay") for p in plain[n]["params"]}
