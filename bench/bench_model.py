@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
             print(f"[bench] {preset} failed (exit {proc.returncode})", file=sys.stderr)
             return 1
+        for note in (ln for ln in proc.stderr.splitlines() if ln.startswith("[bench]")):
+            print(note, file=sys.stderr)
         rows.append(json.loads(lines[-1][len("RESULT "):]))
 
     hdr = (f"{'preset':<7}{'device':<7}{'dtype':<6}{'params':>9}{'batch':>6}{'frames':>7}{'vis.tok':>8}"
