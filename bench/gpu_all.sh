@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU figure of issue 13 in one go (9 min 16 s on one H200 on 2026-12-04, about a minute more since): model MFU for Base 8 frames and
-# Large 16 frames, eager and compiled, bf16; the loader's CPU cost with augment_on=device on this node's CPUs;
-# checkpoint steps vs other steps on CUDA (pinned shared staging, device-to-host copies not waited for on the step).
-# Results go to bench/results/gpu/*.json and the tables to stdout; paste them into docs/benchmarks.md.
+# Every GPU figure of issue 13 in one go (9 min 16 s on one H200 on 2026-12-04, about a minute more since): model
+# MFU for Base 8 frames and Large 16 frames, eager and compiled, bf16; the loader's CPU cost with augment_on=device
+# on this node's CPUs; checkpoint steps vs other steps on CUDA (pinned shared staging, device-to-host copies not
+# waited for on the step). Results go to bench/results/gpu/*.json (or $GPU_OUT) and the tables to stdout; paste
+# them into docs/benchmarks.md.
 #
 #   bash bench/gpu_all.sh            # from the repository root, with the project's venv active
 #   GPU_OUT=/some/dir PYTHON=python3 bash bench/gpu_all.sh   # results elsewhere, another interpreter
