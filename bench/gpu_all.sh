@@ -37,7 +37,8 @@ $PY -m bench loader --path cpu,device --batches 20 --num-workers 4 --out "$OUT/l
   fi
 } | tee "$OUT/ckpt.md"
 model --presets base --frames 8 --batch 32 --steps 5 --warmup 3 --compile --json "$OUT/model_base_f8_compiled.json"
-model --presets large --frames 16 --batch 8 --steps 5 --warmup 3 --compile --json "$OUT/model_large_f16_compiled.json"
+model --presets large --frames 16 --batch 8 --steps 5 --warmup 3 --compile \
+  --json "$OUT/model_large_f16_compiled.json"
 model --presets large --frames 16 --batch 32 --steps 3 --warmup 3 --checkpointing --compile \
   --json "$OUT/model_large_f16_b32_ckpt_compiled.json"
 # four checkpoints, so that the first (which allocates the pinned staging buffers) is not half the median
