@@ -103,7 +103,7 @@ def run_child(args: argparse.Namespace) -> dict:
 
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
-    try:    # the counter runs the step eager (compiled regions fall back): more memory than the timed steps
+    try:    # one more step, under a dispatch mode: it can need more memory than the timed steps did
         with counter:
             train_step(model, *batch, autocast)
         flops = counter.get_total_flops()
