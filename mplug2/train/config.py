@@ -79,6 +79,15 @@ class OptimConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
 
+    def __post_init__(self) -> None:
+        for name in ("lr", "lr_vision", "lr_temp", "lr_temporal"):
+            value = getattr(self, name)
+            if value is None and name in ("lr_temp", "lr_temporal"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"optim.{name} must be a learning rate (a number >= 0, e.g. 2e-4)"
+                                 f"{' or null' if name in ('lr_temp', 'lr_temporal') else ''}; got {value!r}")
+
 
 @dataclass
 class ScheduleConfig:

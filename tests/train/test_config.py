@@ -108,3 +108,13 @@ def test_finetune_with_a_missing_validation_corpus_fails_in_one_line_before_star
     assert rc == 2 and err.count("\n") == 0, err
     assert err.startswith(f"mplug2-train: error: data.val (split 'val'): {missing}: neither dataset.json"), err
     assert "point data.val.path at a folder of shards" in err, err
+
+
+@pytest.mark.parametrize("key,value", [("optim.lr", "abc"), ("optim.lr_temporal", "fast"), ("optim.lr_vision", "-1")])
+def test_a_learning_rate_that_is_not_one_fails_in_one_line_before_starting_ray(tmp_path, capsys, key, value):
+    from mplug2.train.cli import main as train_cli
+
+    rc = train_cli(["finetune", "--config", str(ROOT / "retrieval_tiny.yaml"), "--storage", str(tmp_path / "runs"),
+                    "--set", f"{key}={value}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and f"{key} must be a learning rate" in err, err
