@@ -118,7 +118,7 @@ def _worker(rank: int, port: int, results: dict):
 
 @pytest.fixture(scope="module")
 def dist_results():
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:   # not fork: the session holds a Ray driver
         results = manager.dict()
         mp.spawn(_worker, args=(free_loopback_port(), results), nprocs=WORLD, join=True)
         return {r: results[r] for r in range(WORLD)}

@@ -57,7 +57,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
 
 @pytest.fixture(scope="module")
 def sharded():
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:   # not fork: the session holds a Ray driver
         results = manager.dict()
         mp.spawn(_worker, args=(free_loopback_port(), results), nprocs=WORLD, join=True)
         return {r: dict(results[r]) for r in range(WORLD)}

@@ -141,7 +141,7 @@ def test_two_ranks_evaluate_their_halves_and_report_the_single_process_numbers(t
     path = _tsv(tmp_path / "dev.tsv", *DEV_ROWS)
     single = _dev_scores(path)
     assert set(single) == {"items", "accuracy", "f1", "matthews"} and single["items"] == 11
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:   # not fork: the session holds a Ray driver
         results = manager.dict()
         mp.spawn(_rank, args=(free_loopback_port(), path, results), nprocs=2, join=True)
         results = {r: dict(results[r]) for r in range(2)}
