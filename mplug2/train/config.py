@@ -18,6 +18,7 @@ import yaml
 
 from mplug2.data import defaults as loader_defaults
 from mplug2.train.tasks import calibrated_tasks, get_task
+from mplug2.typed_config import check_bounds, check_fields, check_keys, float_from_text
 
 STRATEGIES = ("ddp", "fsdp2")   # scale.strategy: mplug2.train.parallel
 PLACEHOLDER = "s3://my-bucket"   # configs/pretrain_base.yaml ships it: a run refuses it by field name
@@ -81,7 +82,8 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         for name in ("lr", "lr_vision", "lr_temp", "lr_temporal"):
-            value = getattr(self, name)
+            value = float_from_text(getattr(self, name))     # YAML 1.1 reads `lr: 3e-4` as a string
+            setattr(self, name, value)
             if value is None and name in ("lr_temp", "lr_temporal"):
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
@@ -148,6 +150,7 @@ class TrainConfig:
     task_options: dict[str, Any] = field(default_factory=dict)   # the task's own typed options (tasks.py)
 
     def __post_init__(self) -> None:
+        self._check_types_and_ranges()
         spec = get_task(self.task)
         spec.options(self.task_options)
         spec.validate(self)
@@ -175,6 +178,21 @@ class TrainConfig:
         if not self.run_name or "/" in self.run_name:
             raise ValueError("run_name must be a non-empty name without '/'")
 
+    def _check_types_and_ranges(self) -> None:
+        check_fields(self, "")
+        for name, bounds in SECTION_BOUNDS.items():
+            section = getattr(self, name)
+            check_fields(section, name)
+            check_bounds(section, name, bounds)
+        corpora = [(f"data.train[{i}]", c) for i, c in enumerate(self.data.train)]
+        corpora += [(f"data.{split}", getattr(self.data, split)) for split in ("eval", "val")
+                    if getattr(self.data, split) is not None]
+        for where, corpus in corpora:
+            check_fields(corpus, where)
+            check_bounds(corpus, where, CORPUS_BOUNDS)
+        if not all(0.0 <= b < 1.0 for b in self.optim.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got {self.optim.betas!r}")
+
     # --- (de)serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -186,22 +204,28 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Build from nested plain values (a YAML file's); unknown keys and misshapen sections fail in one line."""
         d = dict(d)
-        data = dict(d.pop("data", {}) or {})
+        check_keys(cls, d, "")
+        data = _section(d.pop("data", None), DataConfig, "data")
         if "crop_scale" in data:
             data["crop_scale"] = _crop_scale(data["crop_scale"])
-        data["train"] = [c if isinstance(c, CorpusConfig) else CorpusConfig(**c) for c in data.get("train", [])]
+        train = data.get("train") or []
+        if not isinstance(train, list):
+            raise ValueError(f"data.train must be a list of corpora ({{name, path, ...}} each); got {train!r}")
+        data["train"] = [_corpus(c, f"data.train[{i}]") for i, c in enumerate(train)]
         for split in ("eval", "val"):
-            if data.get(split) is not None and not isinstance(data[split], CorpusConfig):
-                data[split] = CorpusConfig(**data[split])
-        optim = dict(d.pop("optim", {}) or {})
-        if "betas" in optim:
+            if data.get(split) is not None:
+                data[split] = _corpus(data[split], f"data.{split}")
+        optim = _section(d.pop("optim", None), OptimConfig, "optim")
+        if isinstance(optim.get("betas"), list):
             optim["betas"] = tuple(optim["betas"])
+        sections = {name: _section(d.pop(name, None), kind, name)
+                    for name, kind in (("schedule", ScheduleConfig), ("scale", ScaleConfig), ("debug", DebugConfig))}
         return cls(
             data=DataConfig(**data), optim=OptimConfig(**optim),
-            schedule=ScheduleConfig(**(d.pop("schedule", {}) or {})),
-            scale=ScaleConfig(**(d.pop("scale", {}) or {})),
-            debug=DebugConfig(**(d.pop("debug", {}) or {})),
+            schedule=ScheduleConfig(**sections["schedule"]), scale=ScaleConfig(**sections["scale"]),
+            debug=DebugConfig(**sections["debug"]),
             **d,
         )
 
@@ -248,6 +272,44 @@ class TrainConfig:
         keep["global_batch"] = self.data.batch_size * self.optim.grad_accum * self.scale.num_workers
         keep["total_steps"] = self.schedule.total_steps
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Each numeric field's range (least, most; None: open), checked with its type when a config is built. Optional
+# fields (None) pass. The loop divides by log_every_steps and ckpt_every_steps; Ray keeps at least one checkpoint.
+SECTION_BOUNDS: dict[str, dict[str, tuple[float | None, float | None]]] = {
+    "data": {"batch_size": (1, None), "eval_batch_size": (1, None), "num_workers": (0, None),
+             "shuffle_buffer": (1, None), "shards_in_flight": (1, None), "max_text_len": (3, None),
+             "max_bad_samples": (0, None), "max_bad_fraction": (0.0, 1.0), "read_attempts": (1, None)},
+    "optim": {"weight_decay": (0.0, None), "warmup_steps": (0, None), "min_lr_ratio": (0.0, 1.0),
+              "grad_clip": (0.0, None), "grad_accum": (1, None)},
+    "schedule": {"total_steps": (1, None), "ckpt_every_steps": (1, None), "eval_every_steps": (0, None),
+                 "log_every_steps": (1, None), "keep_last": (1, None)},
+    "scale": {"num_workers": (1, None), "cpus_per_worker": (0.0, None), "max_failures": (-1, None),
+              "timeout_s": (1, None), "peak_tflops": (0.0, None)},
+    "debug": {"fail_at_step": (1, None), "fail_rank": (0, None)},
+}
+CORPUS_BOUNDS: dict[str, tuple[float | None, float | None]] = {"weight": (0.0, None), "num_frames": (1, None)}
+
+
+def _section(raw: Any, kind: type, name: str) -> dict[str, Any]:
+    """A config section's keys as a dict, checked against ``kind``'s fields (absent or null: the defaults)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{name} must be a mapping of {kind.__name__} fields; got {raw!r}")
+    check_keys(kind, raw, name)
+    return dict(raw)
+
+
+def _corpus(raw: Any, where: str) -> CorpusConfig:
+    if isinstance(raw, CorpusConfig):
+        return raw
+    fields = _section(raw, CorpusConfig, where)
+    missing = [k for k in ("name", "path") if k not in fields]
+    if missing:
+        raise ValueError(f"{where} needs {' and '.join(missing)} (a corpus is {{name, path, weight, num_frames, "
+                         f"split}}); got {raw!r}")
+    return CorpusConfig(**fields)
 
 
 def _crop_scale(value: Any) -> tuple[float, float]:

@@ -118,3 +118,41 @@ def test_a_learning_rate_that_is_not_one_fails_in_one_line_before_starting_ray(t
                     "--set", f"{key}={value}"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and f"{key} must be a learning rate" in err, err
+
+
+@pytest.mark.parametrize("setting,message", [
+    ("schedule.total_steps=abc", "schedule.total_steps must be an integer; got 'abc' (a string)"),
+    ("seed=x", "seed must be an integer; got 'x' (a string)"),
+    ("scale.num_workers=1.5", "scale.num_workers must be an integer; got 1.5"),
+    ("scale.use_gpu=maybe", "scale.use_gpu must be true or false; got 'maybe' (a string)"),
+    ("schedule.log_every_steps=0", "schedule.log_every_steps must be >= 1; got 0"),
+    ("data.max_bad_fraction=2", "data.max_bad_fraction must be between 0.0 and 1.0; got 2"),
+    ("data.batchsize=3", "data: unknown key 'batchsize' (did you mean 'data.batch_size'?); known: train, eval,"),
+    ("runname=x", "unknown key 'runname' (did you mean 'run_name'?); known: run_name, storage,"),
+    ("schedule=5", "schedule must be a mapping of ScheduleConfig fields; got 5"),
+    ("data.eval.nmae=x", "data.eval: unknown key 'nmae' (did you mean 'data.eval.name'?)"),
+    ("optim.betas=[0.9,1.5]", "optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got (0.9, 1.5)"),
+])
+def test_a_wrong_key_type_or_range_fails_in_one_line_naming_the_field_before_starting_ray(tmp_path, capsys, setting,
+                                                                                         message):
+    """Before: a typo read as a Python signature error and wrong values reached the workers (or Ray's wait for
+    a cluster) and failed there."""
+    from mplug2.train.cli import main as train_cli
+
+    rc = train_cli(["pretrain", "--config", str(ROOT / "pretrain_tiny.yaml"), "--storage", str(tmp_path / "runs"),
+                    "--set", setting, "--address", "127.0.0.1:1"])       # never reached: the check runs first
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0, err
+    assert err.startswith(f"mplug2-train: error: {ROOT / 'pretrain_tiny.yaml'}: {message}"), err
+
+
+def test_yaml_floats_without_a_dot_are_numbers_and_ints_stay_ints(tmp_path):
+    """PyYAML reads `3e-4` as a string (YAML 1.1); a float field takes the number. An int in a float field stays
+    an int, so the run's fingerprint (which hashes the values) is what it was."""
+    path = tmp_path / "run.yaml"
+    path.write_text("run_name: r\noptim: {lr: 3e-4, weight_decay: 0, lr_temporal: 1E-3}\nscale: {peak_tflops: 1e3}\n")
+    cfg = TrainConfig.from_yaml(path)
+    assert (cfg.optim.lr, cfg.optim.lr_temporal, cfg.scale.peak_tflops) == (3e-4, 1e-3, 1000.0)
+    assert type(cfg.optim.weight_decay) is int
+    assert cfg.fingerprint() == TrainConfig.from_dict({"run_name": "r", "optim": {
+        "lr": 3e-4, "weight_decay": 0, "lr_temporal": 1e-3}}).fingerprint()
