@@ -40,7 +40,8 @@ def check_keys(cls: type, raw: Mapping[str, Any], section: str) -> None:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {_dotted(section, close[0])!r}?)" if close else ""
             where = f"{section}: " if section else ""
-            raise ValueError(f"{where}unknown key {key!r}{hint}; known: {', '.join(names)}")
+            known = f"; known: {', '.join(names)}" if not close or len(names) <= 20 else ""   # a long list: the hint
+            raise ValueError(f"{where}unknown key {key!r}{hint}{known}")
 
 
 def _is_number(value: Any) -> bool:

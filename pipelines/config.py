@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from mplug2.typed_config import check_fields, check_keys
 from pipelines.errors import ConfigError
 from pipelines.resize import RESIZE_MODES
 
@@ -169,6 +170,10 @@ class PreprocessConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise :class:`ConfigError` for any option that cannot work, before anything is written."""
+        try:
+            check_fields(self, "")              # a YAML value of the wrong type: one line naming the field
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if not self.manifest:
             raise ConfigError("no manifest given (--manifest)")
         if not self.output:
@@ -248,11 +253,11 @@ class PreprocessConfig:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> "PreprocessConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
         merged = {**(data or {}), **{k: v for k, v in overrides.items() if v is not None}}
-        unknown = sorted(set(merged) - names)
-        if unknown:
-            raise ConfigError(f"unknown config keys: {unknown}")
+        try:
+            check_keys(cls, merged, "")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if merged.get("max_aspect_ratio") is None:
             merged.pop("max_aspect_ratio", None)
         return cls(**merged)

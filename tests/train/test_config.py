@@ -156,3 +156,21 @@ def test_yaml_floats_without_a_dot_are_numbers_and_ints_stay_ints(tmp_path):
     assert type(cfg.optim.weight_decay) is int
     assert cfg.fingerprint() == TrainConfig.from_dict({"run_name": "r", "optim": {
         "lr": 3e-4, "weight_decay": 0, "lr_temporal": 1e-3}}).fingerprint()
+
+
+@pytest.mark.parametrize("line,message", [
+    ("sampels_per_shard: 5", "unknown key 'sampels_per_shard' (did you mean 'samples_per_shard'?)"),
+    ("samples_per_shard: abc", "samples_per_shard must be an integer; got 'abc' (a string)"),
+    ("image_size: 1e2", "image_size must be an integer; got '1e2' (a string)"),
+    ("drop_cols: key", "drop_cols must be a list; got 'key' (a string)"),
+])
+def test_a_preprocess_yaml_with_a_wrong_key_or_type_fails_in_one_line(tmp_path, capsys, line, message):
+    """Before: a value of the wrong type in the YAML ended in a traceback from the validation's comparison."""
+    from pipelines.cli import main as data_cli
+
+    config = tmp_path / "p.yaml"
+    config.write_text(f"manifest: [{tmp_path / 'm.csv'}]\noutput: {tmp_path / 'out'}\n{line}\n")
+    assert data_cli(["shard", "--config", str(config), "--local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mplug2-data: error: {message}", err
+    assert not (tmp_path / "out").exists()
