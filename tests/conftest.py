@@ -70,10 +70,10 @@ def s3_bucket(s3_server) -> str:
 def ray_local(s3_server):
     """A local Ray (2 CPUs, small object store) whose workers see the S3 env vars.
 
-    Started once, by the first test that takes it, and shut down right after the last one (see
-    ``pytest_runtest_teardown``), not at session end: while it is up this process is a Ray driver, and a driver
-    whose raylet or GCS dies is ended by Ray's core worker with ``_exit(1)``, which takes the whole session down
-    without a word (no traceback, no summary)."""
+    While it is up this process is a Ray driver: a driver whose raylet or GCS dies is ended by Ray's core worker
+    with ``_exit(1)``, which takes the session down without a traceback or summary. Shutting it down after its
+    last user instead of at session end was tried and not kept: a Ray Data thread a test left running then
+    started a new local Ray on its own (docs/benchmarks.md, stop 25). Never fork this process (spawn instead)."""
     import ray
 
     from mplug2.runtime import init_ray
@@ -84,24 +84,3 @@ def ray_local(s3_server):
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
 
-
-_LAST_RAY_USER = pytest.StashKey[str]()
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    users = [item.nodeid for item in items if "ray_local" in getattr(item, "fixturenames", ())]
-    if users:
-        config.stash[_LAST_RAY_USER] = users[-1]
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
-    """After the last test that takes ``ray_local`` (directly or through a fixture), end the driver."""
-    try:
-        return (yield)
-    finally:
-        if item.nodeid == item.config.stash.get(_LAST_RAY_USER, None):
-            import ray
-
-            if ray.is_initialized():
-                ray.shutdown()
