@@ -92,14 +92,18 @@ def render_frames(spec: ClipSpec, *, num_frames: int = 16, size: int = 64) -> np
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int = 8) -> None:
-    """Encode frames as H.264 mp4 with PyAV (deterministic settings)."""
+    """Encode frames as H.264 mp4 with PyAV, byte for byte the same on every run. x264's macroblock-tree rate
+    control (``mbtree``, on by default) gave other bytes, and other decoded pixels (up to 9 levels), for the same
+    frames now and then, depending on what the process had encoded before, threads or not; the corpora, and the
+    learning figures and the demo's table trained on them, then differed between runs (docs/benchmarks.md,
+    stop 25). Without it 300 encodes of one clip gave one file."""
     import av
 
     with av.open(str(path), mode="w", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"preset": "veryfast", "crf": "18", "g": str(fps)}
+        stream.options = {"preset": "veryfast", "crf": "18", "g": str(fps), "x264-params": "mbtree=0"}
         for arr in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(arr, format="rgb24")):
                 container.mux(packet)
