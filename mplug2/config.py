@@ -101,6 +101,8 @@ class MPLUG2Config:
     alpha: float = 0.4
     mlm_probability: float = 0.15
     itm_random_negatives: float = 0.0   # share of ITM negatives drawn uniformly, not by ITC similarity (itm.py)
+    itm_reversed_negatives: float = 0.0  # share of a batch's clips ITM also sees played backwards, as non-matches
+                                         # of their own caption (itm.py: only for captions that state a direction)
     num_frames: int = 16
     max_text_len: int = 30
     max_answer_len: int = 10
@@ -228,6 +230,8 @@ class MPLUG2Config:
             errs.append("momentum and alpha must be in [0, 1]")
         if not 0.0 <= self.itm_random_negatives <= 1.0:
             errs.append(f"itm_random_negatives={self.itm_random_negatives} must be in [0, 1]")
+        if not 0.0 <= self.itm_reversed_negatives <= 1.0:
+            errs.append(f"itm_reversed_negatives={self.itm_reversed_negatives} must be in [0, 1]")
         if errs:
             raise ValueError("invalid MPLUG2Config: " + "; ".join(errs))
         return self

@@ -14,6 +14,15 @@ Retrieval fine-tuning lowers it (ALBEF / BLIP fine-tune on hard negatives only):
 contrasts ITC already ranks right, hard ones the near-identical candidates that ITM re-ranks. The tiny configs and
 the demo keep a quarter uniform, which measured better than none once the crop kept their captions true
 (docs/benchmarks.md, issue 14).
+
+``reversed_share`` (model config ``itm_reversed_negatives``) adds the arrow of time: that share of the batch's clips
+is also encoded played backwards and paired with its own caption as a non-match (Wei et al., "Learning and Using
+the Arrow of Time", CVPR 2018; Bagad et al., "Test of Time", CVPR 2023). A reversed clip has the same objects,
+colours and speed, so only motion tells it from the original; in-batch negatives rarely differ in direction
+alone (issue 14: ITC and ITM were both at chance on held-out clips that differ only in direction). It is only
+right for corpora whose captions state the direction of motion ("moving left", "opens the door"): a caption
+that holds both ways ("a dog on a beach") would be taught a false non-match. Off by default; images (T = 1)
+are never reversed.
 """
 
 from __future__ import annotations
@@ -25,9 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ITMOutput", "ITMHead", "sample_hard_negatives", "itm_loss", "FuseFn"]
+__all__ = ["ITMOutput", "ITMHead", "sample_hard_negatives", "itm_loss", "reversed_clip_logits", "FuseFn",
+           "EncodeVisionFn"]
 
 FuseFn = Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]  # (text, tmask, vis, vmask) -> (V_f, T_f)
+EncodeVisionFn = Callable[[Tensor], tuple[Tensor, Tensor]]                  # pixels -> (V, V_mask)
 
 
 @dataclass
@@ -129,3 +140,20 @@ def itm_loss(fuse: FuseFn, head: ITMHead, vis: Tensor, vis_mask: Tensor, text: T
         w = torch.cat([torch.ones(b, device=vis.device), has_neg.float(), has_neg.float()])
         loss = (F.cross_entropy(logits, labels, reduction="none") * w).sum() / w.sum()
     return ITMOutput(loss=loss, logits=logits, labels=labels, neg_text_for_image=neg_t, neg_image_for_text=neg_v)
+
+
+def reversed_clip_logits(encode_vision: EncodeVisionFn, fuse: FuseFn, head: ITMHead, pixels: Tensor, text: Tensor,
+                         text_mask: Tensor, share: float) -> Tensor | None:
+    """ITM logits ``(n, 2)`` of the first ``n = round(share * B)`` clips played backwards (time axis of
+    ``pixels`` (B, 3, T, H, W) flipped), each fused with its own caption: non-matches (label 0) for the ITM
+    loss. ``None`` when there are none to add: ``share`` rounds to 0 or the batch holds images (T = 1). The
+    loader shuffles, so the first rows are a random draw; the reversed clips go through the vision encoder
+    with gradient, which is where direction is learned (the temporal modules)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"ITM reversed share must be in [0, 1], got {share}")
+    n = round(share * pixels.shape[0])
+    if n == 0 or pixels.shape[2] < 2:
+        return None
+    vis, vis_mask = encode_vision(pixels[:n].flip(2))
+    _, fused = fuse(text[:n], text_mask[:n], vis, vis_mask)
+    return head(fused).float()

@@ -6,7 +6,8 @@ model and of the ITC projections. One call of :meth:`forward` on a batch::
 
     {"pixels": (B,3,T,H,W) float, "input_ids": (B,L) long, "attention_mask": (B,L) long, "ids": (B,) long?}
 
-returns ``{"loss", "itc", "itm", "mlm", "prefix_lm", "itm_acc", "alpha", "temp"}``. Call
+returns ``{"loss", "itc", "itm", "mlm", "prefix_lm", "itm_acc", "alpha", "temp"}`` (and ``itm_rev_acc``, the
+share of time-reversed clips ITM calls a non-match, with ``itm_reversed_negatives``). Call
 :meth:`momentum_update` once per *optimizer* step (not per micro-batch); it also advances the α ramp.
 :meth:`param_groups` implements §7's optimiser rule. Under DDP wrap this module with
 ``forward_sync_buffers=False`` (``broadcast_buffers=False`` on older torch) so the queues are not broadcast.
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from mplug2.models.mplug2 import MPLUG2
 from mplug2.models.vision import LocalTemporal
 from mplug2.objectives.itc import ITCConfig, ITCHead, caption_ids
-from mplug2.objectives.itm import ITMHead, itm_loss
+from mplug2.objectives.itm import ITMHead, itm_loss, reversed_clip_logits
 from mplug2.objectives.mlm import IGNORE_INDEX, MaskingConfig, mask_tokens, mlm_loss
 from mplug2.objectives.momentum import MomentumPairs
 from mplug2.objectives.prefix_lm import PrefixSplitter
@@ -193,6 +194,13 @@ class MPLUG2Pretrainer(nn.Module):
                            ids=sample_ids, text_ids=text_ids, random_mix=model.config.itm_random_negatives)
             out["itm"] = itm.loss
             out["itm_acc"] = (itm.logits.argmax(1) == itm.labels).float().mean().detach()
+            rev = reversed_clip_logits(model.encode_vision, model.fuse, self.itm_head, pixels, text, mask,
+                                       model.config.itm_reversed_negatives)
+            if rev is not None:   # one cross-entropy over the 3B pairs and the reversed clips (all non-matches)
+                n_pairs, n_rev = itm.logits.shape[0], rev.shape[0]
+                rev_loss = F.cross_entropy(rev, torch.zeros(n_rev, dtype=torch.long, device=dev))
+                out["itm"] = (n_pairs * itm.loss + n_rev * rev_loss) / (n_pairs + n_rev)
+                out["itm_rev_acc"] = (rev.argmax(1) == 0).float().mean().detach()
         else:
             out["itm"] = zero
 

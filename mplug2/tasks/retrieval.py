@@ -119,7 +119,7 @@ class Retriever(nn.Module):
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = self.core(batch)
-        return {k: out[k] for k in ("loss", "itc", "itm", "itm_acc", "alpha", "temp") if k in out}
+        return {k: out[k] for k in ("loss", "itc", "itm", "itm_acc", "itm_rev_acc", "alpha", "temp") if k in out}
 
     def momentum_update(self) -> None:
         self.core.momentum_update()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from mplug2.objectives.itm import ITMHead, itm_loss, sample_hard_negatives
+from mplug2.objectives.itm import ITMHead, itm_loss, reversed_clip_logits, sample_hard_negatives
 from mplug2.objectives.mlm import IGNORE_INDEX, MaskingConfig, mask_tokens, mlm_loss
 from mplug2.objectives.momentum import MomentumPairs, make_momentum_twin, momentum_update
 
@@ -212,3 +212,28 @@ def test_itm_loss_survives_rows_without_a_negative():
     mixed = torch.tensor([7, 7, 7, 8])
     out = itm_loss(fuse, head, vis, vm, text, tm, sim, sim.t().contiguous(), ids=mixed, text_ids=mixed)
     assert (out.neg_text_for_image[:3] == 3).all() and (out.neg_text_for_image[3] != 3)
+
+
+def test_reversed_clips_are_each_clip_played_backwards_with_its_own_caption():
+    b, t, d = 4, 3, 8
+    pixels = torch.randn(b, 3, t, 4, 4)
+    text, tmask = torch.randn(b, 5, d), torch.ones(b, 5, dtype=torch.long)
+    seen, proj = {}, torch.randn(3, d)
+
+    def encode_vision(px):
+        seen["pixels"] = px
+        return px.flatten(2).transpose(1, 2) @ proj, torch.ones(px.shape[0], px.shape[2] * 16, dtype=torch.long)
+
+    def fuse(t_, tm, v, vm):
+        seen["text"] = t_
+        return v, t_ + v[:, :1]
+
+    logits = reversed_clip_logits(encode_vision, fuse, ITMHead(d), pixels, text, tmask, share=0.5)
+    assert logits.shape == (2, 2) and logits.dtype == torch.float32
+    assert torch.equal(seen["pixels"], pixels[:2, :, [2, 1, 0]])        # the first two clips, frames reversed
+    assert torch.equal(seen["text"], text[:2])                          # each with its own caption
+    assert reversed_clip_logits(encode_vision, fuse, ITMHead(d), pixels, text, tmask, share=0.1) is None
+    images = pixels[:, :, :1]                                           # T = 1: nothing to reverse
+    assert reversed_clip_logits(encode_vision, fuse, ITMHead(d), images, text, tmask, share=1.0) is None
+    with pytest.raises(ValueError, match="reversed share"):
+        reversed_clip_logits(encode_vision, fuse, ITMHead(d), pixels, text, tmask, share=1.5)
