@@ -193,6 +193,14 @@ class MPLUG2Config:
                 errs.append(f"{name} must be a positive int, got {val!r}")
         if fu.layers < 0:
             errs.append(f"fusion.layers must be >= 0, got {fu.layers}")
+        for name, val in [("temp", self.temp), ("momentum", self.momentum), ("alpha", self.alpha),
+                          ("mlm_probability", self.mlm_probability), ("embed_dim", self.embed_dim),
+                          ("queue_size", self.queue_size), ("itm_random_negatives", self.itm_random_negatives),
+                          ("itm_reversed_negatives", self.itm_reversed_negatives), ("vision.drop_path", v.drop_path),
+                          ("vision.lt_bottleneck_ratio", v.lt_bottleneck_ratio), ("text.init_std", t.init_std),
+                          ("text.hidden_dropout", t.hidden_dropout), ("text.attn_dropout", t.attn_dropout)]:
+            if isinstance(val, bool) or not isinstance(val, (int, float)):   # a YAML typo, not a number
+                errs.append(f"{name} must be a number, got {val!r}")
         if errs:
             raise ValueError("; ".join(errs))
         if v.width % v.heads:

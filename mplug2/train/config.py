@@ -151,6 +151,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_types_and_ranges()
+        if isinstance(self.model, dict):     # checked here, before Ray: the workers built it after start-up
+            from mplug2.config import MPLUG2Config
+
+            try:
+                MPLUG2Config.from_dict(self.model)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"model: {e}") from e
         spec = get_task(self.task)
         spec.options(self.task_options)
         spec.validate(self)

@@ -132,6 +132,11 @@ def test_a_learning_rate_that_is_not_one_fails_in_one_line_before_starting_ray(t
     ("schedule=5", "schedule must be a mapping of ScheduleConfig fields; got 5"),
     ("data.eval.nmae=x", "data.eval: unknown key 'nmae' (did you mean 'data.eval.name'?)"),
     ("optim.betas=[0.9,1.5]", "optim.betas must be two numbers in [0, 1), e.g. [0.9, 0.999]; got (0.9, 1.5)"),
+    # the model section: before, these reached Ray's wait for a cluster (or a TypeError in the workers)
+    ("model.itm_reversed_negatives=abc", "model: itm_reversed_negatives must be a number, got 'abc'"),
+    ("model.momentum=1.5", "model: invalid MPLUG2Config: momentum and alpha must be in [0, 1]"),
+    ("model.text.hidden=abc", "model: text.hidden must be a positive int, got 'abc'"),
+    ("model.bogus=1", "model: unknown MPLUG2Config keys: ['bogus']"),
 ])
 def test_a_wrong_key_type_or_range_fails_in_one_line_naming_the_field_before_starting_ray(tmp_path, capsys, setting,
                                                                                          message):
