@@ -11,9 +11,9 @@ valid candidates: ``(1 - u) · softmax + u · uniform``. Pure hard negatives can
 start: when captions differ by one attribute the hardest negative is a near-identical clip, and a head that cannot
 yet tell them apart sits at the "no match" prior; uniform draws give it easy, informative contrasts as well.
 Retrieval fine-tuning lowers it (ALBEF / BLIP fine-tune on hard negatives only): uniform negatives teach ITM the
-contrasts ITC already ranks right, hard ones the near-identical candidates that ITM re-ranks. The tiny configs and
-the demo keep a quarter uniform, which measured better than none once the crop kept their captions true
-(docs/benchmarks.md, issue 14).
+contrasts ITC already ranks right, hard ones the near-identical candidates that ITM re-ranks. A quarter uniform
+measured better than none until the reversed clips below; with them, the demo, the learning test and
+``configs/retrieval_tiny.yaml`` draw every retrieval negative by similarity (docs/benchmarks.md, issue 14).
 
 ``reversed_share`` (model config ``itm_reversed_negatives``) adds the arrow of time: that share of the batch's clips
 is also encoded played backwards and paired with its own caption as a non-match (Wei et al., "Learning and Using
