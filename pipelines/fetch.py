@@ -212,6 +212,7 @@ class Fetcher:
 
         opts = self.opts
         deadline = time.monotonic() + opts.timeout_s
+        complete = body_started = False
         retries = urllib3.Retry(total=10, connect=0, read=0, status=0, other=0, redirect=5, raise_on_status=False)
         resp = self.pool.request("GET", url, preload_content=False, retries=retries,
                                  timeout=urllib3.Timeout(connect=opts.timeout_s, read=opts.timeout_s))
@@ -231,16 +232,37 @@ class Fetcher:
             length = resp.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > opts.max_bytes:
                 raise SampleError(TOO_LARGE, f"Content-Length {length} > max_bytes {opts.max_bytes}")
-            buf = bytearray()
+            buf, body_started = bytearray(), True
             for chunk in resp.stream(_CHUNK):
                 buf += chunk
                 if len(buf) > opts.max_bytes:
                     raise SampleError(TOO_LARGE, f"body over max_bytes {opts.max_bytes}")
                 if time.monotonic() > deadline:
                     raise SampleError(TIMEOUT, f"download exceeded {opts.timeout_s}s")
+            complete = True
             return bytes(buf)
         finally:
-            resp.release_conn() if resp.status < 300 else resp.drain_conn()
+            _hand_back(resp, complete, body_started)
+
+
+_DRAIN_MAX = 64 << 10  # unread bodies up to this size are read off so the connection can be kept
+
+
+def _hand_back(resp, complete: bool, body_started: bool) -> None:
+    """Return the connection to the pool only when no byte of this response is left unread on it.
+
+    A body left unread (an opt-out, a declared length over the cap, an error page) would otherwise be read as the
+    next response on that keep-alive connection: a spurious protocol error, a retry, and a duplicate request to the
+    server. A small body refused on its headers is drained so the connection stays warm; a body cut off while
+    streaming (cap, timeout, broken transfer) or a large one closes the connection.
+    """
+    if not complete:
+        length = resp.headers.get("Content-Length")
+        if not body_started and length and length.isdigit() and int(length) <= _DRAIN_MAX:
+            resp.drain_conn()
+        else:
+            resp.close()
+    resp.release_conn()
 
 
 def _short(exc: BaseException, n: int = 200) -> str:

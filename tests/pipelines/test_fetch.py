@@ -68,6 +68,27 @@ def test_x_robots_tag_opt_out(http_server):
     assert robots_opt_out(["mplug2-ray: none"]) and not robots_opt_out(["otherbot: noai", "nosnippet"])
 
 
+def test_a_refused_body_is_never_read_as_the_next_response(http_server):
+    """Opt-outs, declared sizes over the cap, non-media types and error pages are refused on their headers. Their
+    unread bodies must not stay on the keep-alive connection: the next download from that host would read them as
+    its response, fail, retry and ask the server twice (seen as a flaky ``attempts`` count in the shard sidecars)."""
+    s = http_server
+    s.routes["/ok.jpg"] = (200, {"Content-Type": "image/jpeg"}, JPEG)
+    refused = {"/noai": ((200, {"X-Robots-Tag": "noai"}, JPEG), "opted_out"),
+               "/declared-big": ((200, {}, b"\xff\xd8" + b"\0" * 30_000), "too_large"),
+               "/page": ((200, {"Content-Type": "text/html"}, b"<html>" + b"x" * 5_000), "not_media"),
+               "/forbidden": ((403, {}, b"<html>no</html>" * 200), "download_error"),
+               "/streamed-big": ((200, {"Content-Length": None}, b"\xff\xd8" + b"\0" * 30_000), "too_large")}
+    f = Fetcher(FetchOptions(retries=2, backoff_s=0.01, max_bytes=20_000, pool_size=1))
+    for n, (path, (route, reason)) in enumerate(refused.items(), 1):
+        s.routes[path] = route
+        assert _reason(f, s.url(path)) == reason
+        got = f.fetch(s.url("/ok.jpg"))
+        assert (got.data, got.attempts) == (JPEG, 1), path
+        assert (s.hits[path], s.hits["/ok.jpg"]) == (1, n), path  # nothing asked twice
+    f.close()
+
+
 def test_stalled_server_times_out():
     f = Fetcher(FetchOptions(timeout_s=0.5, retries=0))
     # A server that accepts the connection but never answers: read timeout.
