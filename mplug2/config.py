@@ -11,9 +11,12 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+import typing
 from typing import Any
 
 import yaml
+
+from mplug2.typed_config import float_from_text
 
 IMAGE_MODES = ("skip", "centre", "repeat")
 
@@ -154,9 +157,9 @@ class MPLUG2Config:
                 bad = set(v) - names
                 if bad:
                     raise ValueError(f"unknown keys in config section {k!r}: {sorted(bad)}")
-                kwargs[k] = subs[k](**v)
+                kwargs[k] = subs[k](**_yaml_floats(subs[k], v))
             else:
-                kwargs[k] = v
+                kwargs[k] = _yaml_floats(cls, {k: v})[k]
         missing = [k for k in subs if k not in kwargs]
         if missing:
             raise ValueError(f"config is missing sections {missing} (or give `preset: tiny|base|large`)")
@@ -276,3 +279,10 @@ _PRESETS: dict[str, MPLUG2Config] = {
 }
 
 PRESET_NAMES = tuple(_PRESETS)
+
+
+def _yaml_floats(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
+    """``raw`` with float fields given in YAML 1.1's string form (PyYAML reads ``temp: 7e-2`` as ``"7e-2"``) as
+    numbers, as the run config's sections take them; anything else is left for :meth:`MPLUG2Config.validate`."""
+    hints = typing.get_type_hints(cls)
+    return {k: float_from_text(v) if hints.get(k) is float else v for k, v in raw.items()}

@@ -163,6 +163,20 @@ def test_yaml_floats_without_a_dot_are_numbers_and_ints_stay_ints(tmp_path):
         "lr": 3e-4, "weight_decay": 0, "lr_temporal": 1e-3}}).fingerprint()
 
 
+def test_the_model_section_takes_yaml_floats_without_a_dot_too(tmp_path):
+    """Before: `model: {temp: 7e-2}` failed ("temp must be a number, got '7e-2'") where `optim: {lr: 3e-4}` passed."""
+    from mplug2.train.build import model_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("run_name: r\nmodel: {preset: tiny, temp: 7e-2, itm_reversed_negatives: 5E-1, "
+                    "vision: {drop_path: 1e-1}, text: {hidden_dropout: 0}}\n")
+    mcfg = model_config(TrainConfig.from_yaml(path))
+    assert (mcfg.temp, mcfg.itm_reversed_negatives, mcfg.vision.drop_path) == (0.07, 0.5, 0.1)
+    assert type(mcfg.text.hidden_dropout) is int       # as in the other sections: an int stays an int
+    with pytest.raises(ValueError, match="temp must be a number, got '7e-2x'"):
+        TrainConfig.from_dict({"run_name": "r", "model": {"preset": "tiny", "temp": "7e-2x"}})
+
+
 @pytest.mark.parametrize("line,message", [
     ("sampels_per_shard: 5", "unknown key 'sampels_per_shard' (did you mean 'samples_per_shard'?)"),
     ("samples_per_shard: abc", "samples_per_shard must be an integer; got 'abc' (a string)"),
