@@ -18,8 +18,9 @@ threads' CPU by kind (Python thread name, or a native thread's OS name). The 1-m
 ``--s3-nice 19`` runs the S3 server below everything else, ``--s3-cores 1`` on one core at a time: stand-ins
 for an S3 that is not on these cores. ``--snapshot-only`` takes each snapshot and drops it (no write, no upload):
 the part of the ratio the snapshot and its copy leave; ``--no-checkpoint`` takes none (the ratio of the same
-intervals with nothing between them: this machine's noise floor). ``--components`` measures a checkpoint's
-parts one by one. ``python -m bench interference`` shows what work on the other core does to the training step.
+intervals with nothing between them: this machine's noise floor). ``--keep-last N`` with N at least the
+checkpoints taken deletes none (each background job otherwise first deletes the checkpoint that falls out of the
+newest 2). ``--components`` measures a checkpoint's parts one by one. ``python -m bench interference`` shows what work on the other core does to the training step.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def _tiny_loop(args: argparse.Namespace, scratch: Path, storage_url: str, *, run
         data=dict(train=[dict(name="images", path=shards, num_frames=1)], batch_size=args.batch_size,
                   shuffle_buffer=16, shards_in_flight=2, max_text_len=12),
         optim=dict(warmup_steps=1),
-        schedule=dict(total_steps=total_steps, ckpt_every_steps=every, log_every_steps=1000, keep_last=2),
+        schedule=dict(total_steps=total_steps, ckpt_every_steps=every, log_every_steps=1000,
+                      keep_last=getattr(args, "keep_last", 2)),
         scale=dict(num_workers=1)))
     return TrainLoop(cfg, rank=0, world_size=1, device=torch.device(device),
                      hooks=hooks(cfg) if hooks is not None else LocalHooks(cfg, 0))
@@ -352,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--s3-nice", type=int, default=0, help="niceness of the S3 server (19: below everything)")
     ap.add_argument("--s3-cores", type=int, default=0,
                     help="cores the S3 server's Go code may run on at once (GOMAXPROCS; 0: all)")
+    ap.add_argument("--keep-last", type=int, default=2,
+                    help="checkpoints kept: each checkpoint's background job first deletes those past it (at least "
+                         "the number taken: nothing deleted, to see what the deletion costs)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (staging buffers pinned, copies not waited for)")
     ap.add_argument("--repeat", type=int, default=1, help="runs, one row each, then the median ratio")
     ap.add_argument("--components", action="store_true",
@@ -386,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {args.storage}{mode}"
               f"{f' (nice {args.s3_nice})' if args.s3_nice else ''}"
               f"{f' ({args.s3_cores} core)' if args.s3_cores and args.storage == 's3' else ''}"
+              f"{f' (keep {args.keep_last})' if args.keep_last != 2 else ''}"
               f"{f', {args.preset} on {args.device}' if args.device != 'cpu' or args.preset != 'tiny' else ''} | {args.steps} | {args.every} | "
               f"{r['wall_other']:.0f} | {r['wall_ckpt']:.0f} | {r['ratio']:.2f} | {r['cpu_other']:.0f} / "
               f"{r['cpu_ckpt']:.0f} | {r['cpu_ratio']:.2f} | {r['rq_other']:.0f} / {r['rq_ckpt']:.0f} | {r['data_other']:.0f} / {r['data_ckpt']:.0f} | {r['steal_other']:.0f} / {r['steal_ckpt']:.0f} | {r['snapshot']:.1f} | {r['wait']:.1f} | "
