@@ -373,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.every < 1:
         ap.error("--every must be at least 1")
+    if args.keep_last < 1:
+        ap.error("--keep-last must be at least 1 (a number at least the checkpoints taken deletes none)")
     if args.steps < 2 * args.every + 2:
         ap.error(f"--steps {args.steps} leaves fewer than two checkpoint intervals at --every {args.every}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
