@@ -20,7 +20,8 @@ for an S3 that is not on these cores. ``--snapshot-only`` takes each snapshot an
 the part of the ratio the snapshot and its copy leave; ``--no-checkpoint`` takes none (the ratio of the same
 intervals with nothing between them: this machine's noise floor). ``--keep-last N`` with N at least the
 checkpoints taken deletes none (each background job otherwise first deletes the checkpoint that falls out of the
-newest 2). ``--components`` measures a checkpoint's parts one by one. ``python -m bench interference`` shows what work on the other core does to the training step.
+newest 2). ``--components`` measures a checkpoint's parts one by one. ``python -m bench interference`` shows
+what work on the other core does to the training step.
 """
 
 from __future__ import annotations

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-import typing
 from typing import Any
 
 import yaml
@@ -159,11 +159,11 @@ class MPLUG2Config:
                     raise ValueError(f"unknown keys in config section {k!r}: {sorted(bad)}")
                 kwargs[k] = subs[k](**_yaml_floats(subs[k], v))
             else:
-                kwargs[k] = _yaml_floats(cls, {k: v})[k]
+                kwargs[k] = v
         missing = [k for k in subs if k not in kwargs]
         if missing:
             raise ValueError(f"config is missing sections {missing} (or give `preset: tiny|base|large`)")
-        cfg = cls(**kwargs)
+        cfg = cls(**_yaml_floats(cls, kwargs))
         cfg.validate()
         return cfg
 
