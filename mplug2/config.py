@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,12 +197,10 @@ class MPLUG2Config:
                 errs.append(f"{name} must be a positive int, got {val!r}")
         if fu.layers < 0:
             errs.append(f"fusion.layers must be >= 0, got {fu.layers}")
-        for name, val in [("temp", self.temp), ("momentum", self.momentum), ("alpha", self.alpha),
-                          ("mlm_probability", self.mlm_probability), ("embed_dim", self.embed_dim),
-                          ("queue_size", self.queue_size), ("itm_random_negatives", self.itm_random_negatives),
-                          ("itm_reversed_negatives", self.itm_reversed_negatives), ("vision.drop_path", v.drop_path),
-                          ("vision.lt_bottleneck_ratio", v.lt_bottleneck_ratio), ("text.init_std", t.init_std),
-                          ("text.hidden_dropout", t.hidden_dropout), ("text.attn_dropout", t.attn_dropout)]:
+        numbers = [(f"{prefix}{name}", getattr(obj, name))
+                   for prefix, obj in (("", self), ("vision.", v), ("text.", t), ("fusion.", fu), ("decoder.", de))
+                   for name in _float_fields(type(obj))]
+        for name, val in [*numbers, ("embed_dim", self.embed_dim), ("queue_size", self.queue_size)]:
             if isinstance(val, bool) or not isinstance(val, (int, float)):   # a YAML typo, not a number
                 errs.append(f"{name} must be a number, got {val!r}")
         if errs:
@@ -281,8 +280,15 @@ _PRESETS: dict[str, MPLUG2Config] = {
 PRESET_NAMES = tuple(_PRESETS)
 
 
+@functools.lru_cache(maxsize=None)
+def _float_fields(cls: type) -> tuple[str, ...]:
+    """The fields of config dataclass ``cls`` annotated ``float``: read from YAML strings, checked to be numbers."""
+    hints = typing.get_type_hints(cls)
+    return tuple(f.name for f in dataclasses.fields(cls) if hints[f.name] is float)
+
+
 def _yaml_floats(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` with float fields given in YAML 1.1's string form (PyYAML reads ``temp: 7e-2`` as ``"7e-2"``) as
     numbers, as the run config's sections take them; anything else is left for :meth:`MPLUG2Config.validate`."""
-    hints = typing.get_type_hints(cls)
-    return {k: float_from_text(v) if hints.get(k) is float else v for k, v in raw.items()}
+    floats = _float_fields(cls)
+    return {k: float_from_text(v) if k in floats else v for k, v in raw.items()}
