@@ -39,6 +39,7 @@ from mplug2.data.collate import SampleError, decode_sample
 from mplug2.data.dataset_index import DatasetIndex, ShardInfo, load_index
 from mplug2.data.stream import iter_tar_samples
 from mplug2.inference.index import SCHEMA as EMBEDDING_SCHEMA
+from mplug2.side_threads import single_threaded_torch
 
 log = logging.getLogger(__name__)
 
@@ -315,6 +316,7 @@ def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         return False
 
     def work() -> None:
+        single_threaded_torch()          # the model's OpenMP team keeps the cores (mplug2.side_threads)
         try:
             for item in it:
                 if not put(item):

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from mplug2.side_threads import single_threaded_torch
+
 __all__ = ["BackgroundCopy", "ModelPlan", "OptimizerPlan", "SharedSegments", "StagingBuffers", "segment_view",
            "unwrap_model"]
 
@@ -262,6 +264,7 @@ class BackgroundCopy:
 
     @staticmethod
     def _serve(jobs: queue.SimpleQueue[BackgroundCopy]) -> None:
+        single_threaded_torch()      # an OpenMP team here would slow every step of the training thread
         while True:
             job = jobs.get()
             try:
