@@ -71,6 +71,7 @@ class PredictorLike(Protocol):
     """What this module needs of ``mplug2.inference.predictor.Predictor``."""
 
     num_frames: int
+    device: torch.device
 
     def pixels_from_frames(self, frames: Sequence[Any]) -> torch.Tensor: ...
     def embed_media(self, pixels: torch.Tensor) -> torch.Tensor: ...
@@ -300,9 +301,11 @@ def _decoded_batches(predictor: PredictorLike, shard: ShardInfo, batch_size: int
         yield batch
 
 
-def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+def _prefetch(it: Iterator[Any], depth: int = 2, *, cores_busy: bool = False) -> Iterator[Any]:
     """Run ``it`` in a thread ``depth`` items ahead: JPEG decoding overlaps the model (both release the GIL).
-    An error in ``it`` is raised here; when the consumer stops early the thread stops at its next hand-over."""
+    An error in ``it`` is raised here; when the consumer stops early the thread stops at its next hand-over.
+    ``cores_busy`` (a model on the CPU, whose OpenMP team uses the cores): the thread's torch ops get no team of
+    their own (:mod:`mplug2.side_threads`); beside a GPU model they keep theirs."""
     q: queue.Queue = queue.Queue(depth)
     end, stop = object(), threading.Event()
 
@@ -316,7 +319,8 @@ def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
         return False
 
     def work() -> None:
-        single_threaded_torch()          # the model's OpenMP team keeps the cores (mplug2.side_threads)
+        if cores_busy:
+            single_threaded_torch()
         try:
             for item in it:
                 if not put(item):
@@ -379,7 +383,8 @@ def infer_shard(predictor: PredictorLike, shard: ShardInfo, output: str, options
     columns: dict[str, list] = {}
     samples = 0
     try:
-        for batch in _prefetch(_decoded_batches(predictor, shard, options.batch_size)):
+        for batch in _prefetch(_decoded_batches(predictor, shard, options.batch_size),
+                               cores_busy=predictor.device.type == "cpu"):
             for k, v in _rows_for(predictor, batch, options, shard.url).items():
                 columns.setdefault(k, []).extend(v)
             samples += len(batch)
