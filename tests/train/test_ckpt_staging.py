@@ -1,7 +1,7 @@
 """Staging a model and its optimizer for a checkpoint: the walks that find their tensors are planned once and
 replayed, and every snapshot still holds exactly what ``state_dict()`` holds at that moment, tied weights as
 aliases. A change the plan cannot have seen (a replaced parameter or optimizer state tensor, a ``.data`` swap, a
-new buffer, module or state-dict hook) makes the next snapshot walk again; a model whose state dict is not plain,
+new buffer, a new or renamed module, a state-dict hook) makes the next snapshot walk again; a model whose state dict is not plain,
 or an optimizer state holding Python numbers, is walked every time."""
 
 from __future__ import annotations
@@ -76,6 +76,10 @@ def test_a_change_the_plan_has_not_seen_walks_again():
     def new_module(m):
         m.tail = nn.Linear(10, 2)
 
+    def rename_module(m):              # the same child objects, in the same order, under another name
+        m.out = m.tail
+        del m.tail
+
     def persistent_again(m):
         m._non_persistent_buffers_set.discard("scratch")
 
@@ -83,7 +87,8 @@ def test_a_change_the_plan_has_not_seen_walks_again():
         m.body[0]._register_state_dict_hook(
             lambda module, sd, prefix, meta: sd.update({prefix + "note": torch.ones(1)}))
 
-    for change in (replace_parameter, swap_data, untie, new_buffer, new_module, persistent_again, hook):
+    for change in (replace_parameter, swap_data, untie, new_buffer, new_module, rename_module, persistent_again,
+                   hook):
         before = buffers._plan
         change(model)
         got, aliases = _staged(model, buffers)

@@ -338,7 +338,7 @@ class ModelPlan:
 
     def _structure(self) -> list[tuple]:
         return [(tuple(m._parameters), tuple(map(id, m._parameters.values())), tuple(m._buffers),
-                 tuple(map(id, m._buffers.values())), tuple(map(id, m._modules.values())),
+                 tuple(map(id, m._buffers.values())), tuple(m._modules), tuple(map(id, m._modules.values())),
                  tuple(sorted(m._non_persistent_buffers_set)), len(m._state_dict_hooks),
                  len(m._state_dict_pre_hooks)) for m in self._modules]
 
