@@ -1,8 +1,8 @@
 """Staging a model and its optimizer for a checkpoint: the walks that find their tensors are planned once and
 replayed, and every snapshot still holds exactly what ``state_dict()`` holds at that moment, tied weights as
 aliases. A change the plan cannot have seen (a replaced parameter or optimizer state tensor, a ``.data`` swap, a
-new buffer, a new or renamed module, a state-dict hook) makes the next snapshot walk again; a model whose state dict is not plain,
-or an optimizer state holding Python numbers, is walked every time."""
+new buffer, a new or renamed module, a state-dict hook) makes the next snapshot walk again; a model whose state
+dict is not plain, or an optimizer state holding Python numbers, is walked every time."""
 
 from __future__ import annotations
 
