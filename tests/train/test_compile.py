@@ -33,7 +33,7 @@ def _losses(task, batch) -> list[float]:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        out.append(float(loss))
+        out.append(loss.item())
     return out
 
 
