@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mplug2.typed_config import float_from_text
+from mplug2.typed_config import float_fields, float_from_text
 
 IMAGE_MODES = ("skip", "centre", "repeat")
 
@@ -199,7 +197,7 @@ class MPLUG2Config:
             errs.append(f"fusion.layers must be >= 0, got {fu.layers}")
         numbers = [(f"{prefix}{name}", getattr(obj, name))
                    for prefix, obj in (("", self), ("vision.", v), ("text.", t), ("fusion.", fu), ("decoder.", de))
-                   for name in _float_fields(type(obj))]
+                   for name in float_fields(type(obj))]
         for name, val in [*numbers, ("embed_dim", self.embed_dim), ("queue_size", self.queue_size)]:
             if isinstance(val, bool) or not isinstance(val, (int, float)):   # a YAML typo, not a number
                 errs.append(f"{name} must be a number, got {val!r}")
@@ -280,15 +278,8 @@ _PRESETS: dict[str, MPLUG2Config] = {
 PRESET_NAMES = tuple(_PRESETS)
 
 
-@functools.lru_cache(maxsize=None)
-def _float_fields(cls: type) -> tuple[str, ...]:
-    """The fields of config dataclass ``cls`` annotated ``float``: read from YAML strings, checked to be numbers."""
-    hints = typing.get_type_hints(cls)
-    return tuple(f.name for f in dataclasses.fields(cls) if hints[f.name] is float)
-
-
 def _yaml_floats(cls: type, raw: dict[str, Any]) -> dict[str, Any]:
     """``raw`` with float fields given in YAML 1.1's string form (PyYAML reads ``temp: 7e-2`` as ``"7e-2"``) as
     numbers, as the run config's sections take them; anything else is left for :meth:`MPLUG2Config.validate`."""
-    floats = _float_fields(cls)
+    floats = float_fields(cls)
     return {k: float_from_text(v) if k in floats else v for k, v in raw.items()}

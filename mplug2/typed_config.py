@@ -18,7 +18,7 @@ import types
 import typing
 from typing import Any, Mapping
 
-__all__ = ["check_keys", "check_fields", "check_bounds", "float_from_text"]
+__all__ = ["check_keys", "check_fields", "check_bounds", "float_fields", "float_from_text"]
 
 _FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
@@ -144,6 +144,13 @@ def check_bounds(obj: Any, section: str, bounds: Mapping[str, tuple[float | None
             want = (f"between {lo} and {hi}" if lo is not None and hi is not None
                     else f">= {lo}" if lo is not None else f"<= {hi}")
             raise ValueError(f"{_dotted(section, name)} must be {want}; got {value!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def float_fields(cls: type) -> tuple[str, ...]:
+    """The fields of dataclass ``cls`` annotated ``float`` (for a config that checks its numbers itself)."""
+    hints = _hints(cls)
+    return tuple(f.name for f in dataclasses.fields(cls) if hints[f.name] is float)
 
 
 def float_from_text(value: Any) -> Any:
