@@ -1,8 +1,9 @@
 """Staging a model and its optimizer for a checkpoint: the walks that find their tensors are planned once and
 replayed, and every snapshot still holds exactly what ``state_dict()`` holds at that moment, tied weights as
 aliases. A change the plan cannot have seen (a replaced parameter or optimizer state tensor, a ``.data`` swap, a
-new buffer, a new or renamed module, a state-dict hook) makes the next snapshot walk again; a model whose state
-dict is not plain, or an optimizer state holding Python numbers, is walked every time."""
+new buffer, a new or renamed module, a state-dict hook, a module's class swapped) makes the next snapshot walk
+again; a model whose state dict is not plain, or an optimizer state holding Python numbers, is walked every
+time."""
 
 from __future__ import annotations
 
@@ -95,6 +96,27 @@ def test_a_change_the_plan_has_not_seen_walks_again():
         _assert_is_state_dict(got, model)
         assert ("head.weight" in aliases) == (model.head.weight is model.embed.weight), change.__name__
         assert buffers._plan is not before, change.__name__
+
+
+def test_a_module_whose_class_was_swapped_walks_again():
+    """The same objects under the same names, of a class whose state dict holds an entry more (extra state): the
+    plan's check sees the class, so the snapshot holds that entry, and the model is walked from then on."""
+
+    class NormWithState(nn.BatchNorm1d):
+        def get_extra_state(self):
+            return torch.ones(2)
+
+        def set_extra_state(self, state):
+            pass
+
+    torch.manual_seed(0)
+    model, buffers = Tied(), StagingBuffers()
+    _staged(model, buffers)
+    assert buffers._plan is not None
+    model.body[1].__class__ = NormWithState
+    got, _ = _staged(model, buffers)
+    _assert_is_state_dict(got, model)
+    assert "body.1._extra_state" in got and buffers._plan is None
 
 
 def test_a_model_whose_state_dict_is_not_plain_is_walked_every_time():

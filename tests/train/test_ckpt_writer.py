@@ -14,6 +14,7 @@ import torch
 
 from mplug2.train.checkpoint import CheckpointError, StagingBuffers, read_model_tensors, take_snapshot, \
     validate_checkpoint
+from mplug2.train.checkpoint.layout import TRAINER_FILE
 from mplug2.train.checkpoint.writer import SnapshotWriter
 
 
@@ -64,6 +65,24 @@ def test_writer_process_writes_each_step_and_raises_its_errors(trained, tmp_path
         os.kill(pid, 0)                            # stopped and reaped: no process left behind
     with pytest.raises(CheckpointError, match="closed"):
         _snapshot(tmp_path / "s5", model, optimizer, 5, buffers, writer).write()
+
+
+def test_trainer_state_holds_the_optimizer_state_bytes_not_the_shared_segments(trained, tmp_path):
+    """The staging buffers are carved from shared segments of 8 MiB and more; ``torch.save`` writes a tensor's
+    whole storage, so a writer that saw plain views of a segment wrote all of it into ``trainer_state.pt``."""
+    model, optimizer = trained
+    buffers = StagingBuffers(shared=True)
+    writer = SnapshotWriter(buffers)
+    try:
+        _snapshot(tmp_path / "s1", model, optimizer, 1, buffers, writer).write()
+    finally:
+        writer.close()
+    state_bytes = sum(t.numel() * t.element_size() for entry in optimizer.state.values() for t in entry.values())
+    size = os.path.getsize(tmp_path / "s1" / TRAINER_FILE)
+    assert state_bytes < size < state_bytes + (64 << 10), (size, state_bytes)
+    saved = torch.load(tmp_path / "s1" / TRAINER_FILE, weights_only=True)["optimizer"]["state"]
+    expected = optimizer.state_dict()["state"]
+    assert all(torch.equal(saved[i][k], v) for i, entry in expected.items() for k, v in entry.items())
 
 
 def test_a_dead_writer_is_a_clear_error_and_the_next_checkpoint_gets_a_new_one(trained, tmp_path):

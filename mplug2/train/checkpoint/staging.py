@@ -15,7 +15,10 @@ import math
 import queue
 import threading
 import weakref
-from typing import Any
+from dataclasses import dataclass
+from itertools import chain, repeat
+from operator import attrgetter, is_
+from typing import Any, Iterable
 
 import torch
 
@@ -26,6 +29,11 @@ __all__ = ["BackgroundCopy", "ModelPlan", "OptimizerPlan", "SharedSegments", "St
 
 
 _ATOMS = frozenset({int, float, bool, str, bytes, type(None)})    # immutable: a container of them copies shallowly
+# read from many modules or tensors at once by map(): C-level, no Python frame per object
+_PARAMETERS, _BUFFERS, _CHILDREN = (attrgetter(a) for a in ("_parameters", "_buffers", "_modules"))
+_NON_PERSISTENT = attrgetter("_non_persistent_buffers_set")
+_SD_HOOKS, _SD_PRE_HOOKS = attrgetter("_state_dict_hooks"), attrgetter("_state_dict_pre_hooks")
+_SHAPE, _DTYPE, _IS_CUDA = attrgetter("shape"), attrgetter("dtype"), attrgetter("is_cuda")
 
 
 SegmentView = tuple[int, int, torch.dtype, tuple[int, ...]]    # (segment, byte offset, dtype, shape)
@@ -37,9 +45,17 @@ SEGMENT_MAX_BYTES = 256 << 20
 _ALIGN = 64                     # byte alignment of each buffer in a segment (any dtype's view, SIMD copies)
 
 
-def segment_view(segment: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """The buffer at ``offset`` of a uint8 ``segment``, as ``dtype`` and ``shape`` (here and in the writer)."""
+def segment_view(segment: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...],
+                 own_storage: bool = False) -> torch.Tensor:
+    """The buffer at ``offset`` of a uint8 ``segment``, as ``dtype`` and ``shape`` (here and in the writer).
+
+    ``own_storage``: a tensor whose storage is exactly the buffer's bytes, still in the segment's memory. A
+    plain view's storage is the whole segment, and ``torch.save`` writes a tensor's whole storage: the tiny
+    model's ``trainer_state.pt`` was 24.6 MB for 16.4 MB of optimizer state, the rest of the segments
+    (model weights, unused tails) written along."""
     nbytes = math.prod(shape) * dtype.itemsize
+    if own_storage and nbytes:
+        return torch.frombuffer(segment.numpy()[offset:offset + nbytes], dtype=torch.uint8).view(dtype).view(shape)
     return segment[offset:offset + nbytes].view(dtype).view(shape)
 
 
@@ -86,7 +102,8 @@ class SharedSegments:
         return len(self.segments) - 1
 
     def view(self, spec: SegmentView) -> torch.Tensor:
-        return segment_view(self.segments[spec[0]], *spec[1:])
+        # own storage (torch.save writes only its bytes) unless pinned: a pinned segment's views keep its storage
+        return segment_view(self.segments[spec[0]], *spec[1:], own_storage=not self._pinned[spec[0]])
 
     def take_new(self) -> dict[int, torch.Tensor]:
         new = {i: self.segments[i] for i in range(self._sent, len(self.segments))}
@@ -142,7 +159,7 @@ class StagingBuffers:
             return self.stage(key, state, stable=True)
         plan = self._optimizer_plans.get(key)
         if plan is not None and plan.optimizer is optimizer and plan.holds(state["state"]):
-            per_param = {i: dict(entry) for i, entry in plan.stage(self).items()}   # the plan's own stay as found
+            per_param = plan.stage(self)       # the plan's own, shared by its snapshots as the buffers are
         else:
             plan = OptimizerPlan(optimizer, state["state"], self, key)
             self._optimizer_plans[key] = plan if plan.replayable else None
@@ -192,13 +209,14 @@ class StagingBuffers:
         ``background`` (CPU sources only): the ``stable`` sources are copied in a thread, returned; wait for it
         (:meth:`BackgroundCopy.synchronize`) before the next optimizer step and before reading the buffers."""
         dsts, srcs = self._pending[0] + self._stable[0], self._pending[1] + self._stable[1]
-        later = background and self._stable[0] and not any(t.is_cuda for t in srcs)
+        on_cuda = any(map(_IS_CUDA, srcs))
+        later = background and self._stable[0] and not on_cuda
         if later:
             dsts, srcs = self._pending
             later_copy = BackgroundCopy(*self._stable)
         self._pending, self._stable = ([], []), ([], [])
         if dsts:
-            torch._foreach_copy_(dsts, srcs, non_blocking=any(t.is_cuda for t in srcs))
+            torch._foreach_copy_(dsts, srcs, non_blocking=on_cuda)
         return later_copy if later else None
 
     def _allocate(self, t: torch.Tensor, key: str) -> torch.Tensor:
@@ -232,7 +250,7 @@ class StagingBuffers:
         if isinstance(obj, dict):
             return {k: self.stage(f"{key}/{k}", v, stable) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
-            if all(type(v) in _ATOMS for v in obj):       # e.g. a param group's 500 parameter ids: one copy
+            if _ATOMS.issuperset(map(type, obj)):        # e.g. a param group's 500 parameter ids: one copy
                 return type(obj)(obj)
             return type(obj)(self.stage(f"{key}/{i}", v, stable) for i, v in enumerate(obj))
         return copy.deepcopy(obj)
@@ -297,20 +315,47 @@ def _plain_state_dict(m: torch.nn.Module) -> bool:
             and getattr(cls, "get_extra_state", base.get_extra_state) is base.get_extra_state)
 
 
+@dataclass
+class _Structure:
+    """What :class:`ModelPlan` checks, as flat lists (one entry per module, dictionary or entry)."""
+
+    types: list[type]
+    dicts: list[dict]                        # every module's parameters, then buffers, then children
+    sizes: list[int]
+    names: list[str]                         # their keys, in order
+    values: list[Any]                        # their values, in order (compared by identity)
+    non_persistent: list[frozenset]
+    hooks: list[int]                         # state-dict hooks, then pre-hooks, per module
+
+
+def _same_objects(live: Iterable[Any], found: list[Any]) -> bool:
+    """``live`` is ``found`` element for element, by identity (a replaced tensor of equal value shows; ``==``
+    would compare a one-element tensor's value). Compares C-level: no Python call per element."""
+    live = live if isinstance(live, list) else list(live)
+    return len(live) == len(found) and all(map(is_, live, found))
+
+
+def _where(sources: list[torch.Tensor]) -> tuple[list[int], list[torch.Size], list[torch.dtype]]:
+    """Where each tensor's memory is, its shape and dtype (a ``.data`` swap, a re-tie or a resize shows)."""
+    return list(map(torch.Tensor.data_ptr, sources)), list(map(_SHAPE, sources)), list(map(_DTYPE, sources))
+
+
 class ModelPlan:
     """Where a model's checkpointed tensors are: its ``state_dict(keep_vars=True)`` entries, tied names as
     aliases of the first, and their staging buffers, found by one walk of the module tree.
 
-    Later snapshots check the plan instead of walking again (:meth:`holds`): every module's parameters,
-    buffers and children are the same objects under the same names, over the same memory (``data_ptr``, shape,
-    dtype: a ``.data`` swap or a re-tie shows), and no state-dict hook was added: ~1 ms instead of ~3.7 ms
-    per snapshot in the tiny model's 484 modules. A model whose state dict is not plain (hooks, an override,
-    extra state) gets no plan: it is walked every time."""
+    Later snapshots check the plan instead of walking again (:meth:`holds`): every module is of the same class
+    and holds the same parameter, buffer and child dictionaries with the same objects under the same names, over
+    the same memory (``data_ptr``, shape, dtype: a ``.data`` swap or a re-tie shows), with the same
+    non-persistent buffers and no state-dict hook added. The check runs as C-level ``map`` passes over flat
+    lists, not a Python loop per module: for the tiny model's 484 modules ~1.0 ms instead of ~1.4 ms right after
+    a training step (0.6 ms with warm caches; a walk is ~3.7 ms). A model whose state dict is not plain (hooks,
+    an override, extra state) gets no plan: it is walked every time."""
 
     def __init__(self, model: torch.nn.Module, buffers: StagingBuffers) -> None:
         self.model = model
         self._modules = list(model.modules())
-        self._shape = self._structure()
+        self._shape = self._structure(self._modules)
         self.tensors: dict[str, torch.Tensor] = {}         # name -> staging buffer
         self.aliases: dict[str, str] = {}
         sources: list[torch.Tensor] = []
@@ -328,7 +373,7 @@ class ModelPlan:
             self.tensors[name] = buffers.copy(f"model/{name}", t,
                                               stable=t.numel() > 0 and isinstance(t, torch.nn.Parameter))
         self._sources = sources                                   # held: their ids stay theirs
-        self._memory = self._where(sources)
+        self._memory = _where(sources)
         self._copies = buffers.registered_since(mark)             # (pending, stable) pairs, replayed
 
     @property
@@ -336,19 +381,28 @@ class ModelPlan:
         """Every module's state dict is plain: checking the plan can stand in for walking again."""
         return all(_plain_state_dict(m) for m in self._modules)
 
-    def _structure(self) -> list[tuple]:
-        return [(tuple(m._parameters), tuple(map(id, m._parameters.values())), tuple(m._buffers),
-                 tuple(map(id, m._buffers.values())), tuple(m._modules), tuple(map(id, m._modules.values())),
-                 tuple(sorted(m._non_persistent_buffers_set)), len(m._state_dict_hooks),
-                 len(m._state_dict_pre_hooks)) for m in self._modules]
-
     @staticmethod
-    def _where(sources: list[torch.Tensor]) -> list[tuple]:
-        return [(t.data_ptr(), t.shape, t.dtype) for t in sources]
+    def _structure(modules: list[torch.nn.Module]) -> _Structure:
+        dicts = [*map(_PARAMETERS, modules), *map(_BUFFERS, modules), *map(_CHILDREN, modules)]
+        return _Structure(
+            types=list(map(type, modules)), dicts=dicts, sizes=list(map(len, dicts)),
+            names=list(chain.from_iterable(dicts)), values=list(chain.from_iterable(map(dict.values, dicts))),
+            non_persistent=list(map(frozenset, map(_NON_PERSISTENT, modules))),
+            hooks=[*map(len, map(_SD_HOOKS, modules)), *map(len, map(_SD_PRE_HOOKS, modules))])
 
     def holds(self) -> bool:
         """The model's tensors are still the ones this plan found, where it found them."""
-        return self._structure() == self._shape and self._where(self._sources) == self._memory
+        modules, shape = self._modules, self._shape
+        if not (_same_objects(map(type, modules), shape.types)
+                and _same_objects([*map(_PARAMETERS, modules), *map(_BUFFERS, modules), *map(_CHILDREN, modules)],
+                                  shape.dicts)):
+            return False
+        dicts = shape.dicts                  # the very dictionaries found: now their contents
+        return (list(map(len, dicts)) == shape.sizes and list(chain.from_iterable(dicts)) == shape.names
+                and _same_objects(chain.from_iterable(map(dict.values, dicts)), shape.values)
+                and list(map(_NON_PERSISTENT, modules)) == shape.non_persistent
+                and [*map(len, map(_SD_HOOKS, modules)), *map(len, map(_SD_PRE_HOOKS, modules))] == shape.hooks
+                and _where(self._sources) == self._memory)
 
     def stage(self, buffers: StagingBuffers) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Register this snapshot's copies (as :meth:`StagingBuffers.copy` would); the staged tensors by name."""
@@ -373,33 +427,23 @@ class OptimizerPlan:
         mark = buffers._mark()
         self.staged: dict[Any, Any] = buffers.stage(f"{key}/state", state, stable=True)
         self._copies = buffers.registered_since(mark)
-        self._sources = self._tensors(state)                      # held: their ids stay theirs
-        self.replayable = self._sources is not None
-        self._layout = self._keys(state)
-        self._memory = ModelPlan._where(self._sources) if self._sources is not None else []
-
-    @staticmethod
-    def _tensors(state: dict[Any, Any]) -> list[torch.Tensor] | None:
-        out = []
-        for entry in state.values():
-            if not isinstance(entry, dict):
-                return None
-            for value in entry.values():
-                if not isinstance(value, torch.Tensor):
-                    return None
-                out.append(value)
-        return out
-
-    @staticmethod
-    def _keys(state: dict[Any, Any]) -> list[tuple]:
-        return [(index, tuple(entry)) for index, entry in state.items()]
+        entries = list(state.values())
+        self.replayable = all(isinstance(e, dict) and all(isinstance(v, torch.Tensor) for v in e.values())
+                              for e in entries)
+        self._indices = list(state)
+        self._sizes = list(map(len, entries)) if self.replayable else []
+        self._names = list(chain.from_iterable(entries)) if self.replayable else []
+        self._sources = list(chain.from_iterable(map(dict.values, entries))) if self.replayable else []
+        self._memory = _where(self._sources)                      # _sources held: their ids stay theirs
 
     def holds(self, state: dict[Any, Any]) -> bool:
         """``state`` holds the very tensors this plan found, under the same keys, where it found them."""
-        tensors = self._tensors(state)
-        return (tensors is not None and len(tensors) == len(self._sources)
-                and all(a is b for a, b in zip(tensors, self._sources))
-                and self._keys(state) == self._layout and ModelPlan._where(tensors) == self._memory)
+        entries = list(state.values())
+        if list(state) != self._indices or not all(map(isinstance, entries, repeat(dict))):
+            return False
+        return (list(map(len, entries)) == self._sizes and list(chain.from_iterable(entries)) == self._names
+                and _same_objects(chain.from_iterable(map(dict.values, entries)), self._sources)
+                and _where(self._sources) == self._memory)
 
     def stage(self, buffers: StagingBuffers) -> dict[Any, Any]:
         """Register this snapshot's copies (as :meth:`StagingBuffers.stage` would); the staged state."""

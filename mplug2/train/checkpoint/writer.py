@@ -107,7 +107,7 @@ def _serve(conn: Connection) -> None:
             return
         payload, (new_segments, new_buffers) = message
         segments.update(new_segments)
-        tensors.update({key: segment_view(segments[index], *where)
+        tensors.update({key: segment_view(segments[index], *where, own_storage=True)
                         for key, (index, *where) in new_buffers.items()})
         try:
             snap = _RefUnpickler(io.BytesIO(payload), tensors).load()
