@@ -69,7 +69,8 @@ def test_writer_process_writes_each_step_and_raises_its_errors(trained, tmp_path
 
 def test_trainer_state_holds_the_optimizer_state_bytes_not_the_shared_segments(trained, tmp_path):
     """The staging buffers are carved from shared segments of 8 MiB and more; ``torch.save`` writes a tensor's
-    whole storage, so a writer that saw plain views of a segment wrote all of it into ``trainer_state.pt``."""
+    whole storage, so a writer that saw plain views of a segment wrote all of it into ``trainer_state.pt``. The
+    same holds when the training process writes the snapshot itself."""
     model, optimizer = trained
     buffers = StagingBuffers(shared=True)
     writer = SnapshotWriter(buffers)
@@ -77,12 +78,14 @@ def test_trainer_state_holds_the_optimizer_state_bytes_not_the_shared_segments(t
         _snapshot(tmp_path / "s1", model, optimizer, 1, buffers, writer).write()
     finally:
         writer.close()
+    _snapshot(tmp_path / "s2", model, optimizer, 2, buffers, writer).write_here()   # a daemonic process's way
     state_bytes = sum(t.numel() * t.element_size() for entry in optimizer.state.values() for t in entry.values())
-    size = os.path.getsize(tmp_path / "s1" / TRAINER_FILE)
-    assert state_bytes < size < state_bytes + (64 << 10), (size, state_bytes)
-    saved = torch.load(tmp_path / "s1" / TRAINER_FILE, weights_only=True)["optimizer"]["state"]
     expected = optimizer.state_dict()["state"]
-    assert all(torch.equal(saved[i][k], v) for i, entry in expected.items() for k, v in entry.items())
+    for folder in ("s1", "s2"):
+        size = os.path.getsize(tmp_path / folder / TRAINER_FILE)
+        assert state_bytes < size < state_bytes + (64 << 10), (folder, size, state_bytes)
+        saved = torch.load(tmp_path / folder / TRAINER_FILE, weights_only=True)["optimizer"]["state"]
+        assert all(torch.equal(saved[i][k], v) for i, entry in expected.items() for k, v in entry.items()), folder
 
 
 def test_a_dead_writer_is_a_clear_error_and_the_next_checkpoint_gets_a_new_one(trained, tmp_path):
