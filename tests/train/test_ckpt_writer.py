@@ -28,11 +28,11 @@ def trained():
     return model, optimizer
 
 
-def _snapshot(directory, model, optimizer, step: int, buffers: StagingBuffers, writer: SnapshotWriter):
+def _snapshot(directory, model, optimizer, step: int, buffers: StagingBuffers, writer: SnapshotWriter | None):
     snap = take_snapshot(str(directory), model=model, optimizer=optimizer, scheduler=None, step=step,
                          extra={"best": 0.5}, rank=0, world_size=1, data_state={"cursor": step},
                          config_fingerprint={"run": "w"}, buffers=buffers, write_manifest=True)
-    snap.writer = writer.write
+    snap.writer = writer.write if writer is not None else None
     return snap
 
 
@@ -86,6 +86,37 @@ def test_trainer_state_holds_the_optimizer_state_bytes_not_the_shared_segments(t
         assert state_bytes < size < state_bytes + (64 << 10), (folder, size, state_bytes)
         saved = torch.load(tmp_path / folder / TRAINER_FILE, weights_only=True)["optimizer"]["state"]
         assert all(torch.equal(saved[i][k], v) for i, entry in expected.items() for k, v in entry.items()), folder
+
+
+def test_the_writer_keeps_the_plans_structures_and_gets_a_changed_one(trained, tmp_path):
+    """After the first hand-off the model's and the optimizer's staged structures go as keys (the writer holds
+    them); a model that changed (a new module: a new plan) sends its new structure, and the files hold it."""
+    import dataclasses
+
+    from mplug2.train.checkpoint.writer import _dumps
+
+    model, optimizer = trained
+    buffers = StagingBuffers(shared=True)
+    first = _snapshot(tmp_path / "probe1", model, optimizer, 1, buffers, None)
+    payload, new, held = _dumps(dataclasses.replace(first, writer=None), buffers)
+    assert len(new) == 2 and held == frozenset(new)                 # the model's dict, the optimizer's state
+    again = _snapshot(tmp_path / "probe2", model, optimizer, 2, buffers, None)
+    payload2, new2, held2 = _dumps(dataclasses.replace(again, writer=None), buffers, held)
+    assert new2 == {} and held2 == held and len(payload2) < len(payload) + sum(map(len, new.values())) / 4
+
+    writer = SnapshotWriter(buffers)
+    try:
+        for step in (1, 2, 3):
+            if step == 3:
+                model.append(torch.nn.Linear(3, 2))                 # a new plan, a new structure
+            _snapshot(tmp_path / f"s{step}", model, optimizer, step, buffers, writer).write()
+            saved = read_model_tensors(str(tmp_path / f"s{step}"))
+            assert saved.keys() == model.state_dict().keys(), step
+            assert all(torch.equal(saved[k], v) for k, v in model.state_dict().items()), step
+            with torch.no_grad():
+                model[0].weight.add_(1.0)
+    finally:
+        writer.close()
 
 
 def test_a_dead_writer_is_a_clear_error_and_the_next_checkpoint_gets_a_new_one(trained, tmp_path):

@@ -138,6 +138,10 @@ class StagingBuffers:
         #                                                                          next optimizer step
         self._plan: ModelPlan | None = None
         self._optimizer_plans: dict[str, OptimizerPlan | None] = {}
+        # the plans' staged structures (id -> key, object held so that its id stays its own): a writer process
+        # keeps each one it was sent, and later hand-offs name it instead of pickling it again
+        self._structures: dict[int, tuple[str, Any]] = {}
+        self._structure_count = 0
 
     def stage_model(self, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Register copies of every tensor of ``model``'s state dict, each storage once; returns the staged
@@ -146,9 +150,13 @@ class StagingBuffers:
         plan = self._plan
         if plan is not None and plan.model is model and plan.holds():
             return plan.stage(self)
+        if plan is not None:
+            self._forget_structure(plan.tensors)
         plan = ModelPlan(model, self)                      # registers this snapshot's copies as it walks
         self._plan = plan if plan.replayable else None
-        return dict(plan.tensors), dict(plan.aliases)
+        if self._plan is not None:
+            self._add_structure(plan.tensors)
+        return plan.tensors, dict(plan.aliases)
 
     def stage_optimizer(self, key: str, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """``optimizer.state_dict()`` staged as :meth:`stage` with ``stable`` stages it (same keys, same
@@ -161,8 +169,12 @@ class StagingBuffers:
         if plan is not None and plan.optimizer is optimizer and plan.holds(state["state"]):
             per_param = plan.stage(self)       # the plan's own, shared by its snapshots as the buffers are
         else:
+            if plan is not None:
+                self._forget_structure(plan.staged)
             plan = OptimizerPlan(optimizer, state["state"], self, key)
             self._optimizer_plans[key] = plan if plan.replayable else None
+            if plan.replayable:
+                self._add_structure(plan.staged)
             per_param = plan.staged
         return {k: per_param if k == "state" else self.stage(f"{key}/{k}", v, stable=True) for k, v in state.items()}
 
@@ -229,6 +241,19 @@ class StagingBuffers:
     def key_of(self, t: torch.Tensor) -> str | None:
         """The key of a shared buffer (None for any other tensor)."""
         return self._keys.get(id(t))
+
+    def structure_key(self, obj: Any) -> str | None:
+        """The key of a plan's staged structure (the model's name -> buffer dict, an optimizer's per-parameter
+        state): the same object, unchanged, in every snapshot while its plan holds. None for anything else."""
+        entry = self._structures.get(id(obj))
+        return entry[0] if entry is not None else None
+
+    def _add_structure(self, obj: Any) -> None:
+        self._structure_count += 1
+        self._structures[id(obj)] = (f"structure/{self._structure_count}", obj)
+
+    def _forget_structure(self, obj: Any) -> None:
+        self._structures.pop(id(obj), None)
 
     def take_new(self) -> tuple[dict[int, torch.Tensor], dict[str, SegmentView]]:
         """What a writer process has not been handed yet: the shared segments created since the last call (one
@@ -405,9 +430,10 @@ class ModelPlan:
                 and _where(self._sources) == self._memory)
 
     def stage(self, buffers: StagingBuffers) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Register this snapshot's copies (as :meth:`StagingBuffers.copy` would); the staged tensors by name."""
+        """Register this snapshot's copies (as :meth:`StagingBuffers.copy` would); the staged tensors by name (the
+        plan's own dict, shared by its snapshots as the buffers in it are: read, never changed)."""
         buffers.register(*self._copies)
-        return dict(self.tensors), dict(self.aliases)
+        return self.tensors, dict(self.aliases)
 
 
 class OptimizerPlan:
