@@ -360,6 +360,16 @@ def _same_objects(live: Iterable[Any], found: list[Any]) -> bool:
     return len(live) == len(found) and all(map(is_, live, found))
 
 
+def _module_dicts(modules: list[torch.nn.Module]) -> list[dict]:
+    """Every module's parameter dictionary, then every buffer dictionary, then every child dictionary."""
+    return [*map(_PARAMETERS, modules), *map(_BUFFERS, modules), *map(_CHILDREN, modules)]
+
+
+def _hook_counts(modules: list[torch.nn.Module]) -> list[int]:
+    """Every module's number of state-dict hooks, then of state-dict pre-hooks."""
+    return [*map(len, map(_SD_HOOKS, modules)), *map(len, map(_SD_PRE_HOOKS, modules))]
+
+
 def _where(sources: list[torch.Tensor]) -> tuple[list[int], list[torch.Size], list[torch.dtype]]:
     """Where each tensor's memory is, its shape and dtype (a ``.data`` swap, a re-tie or a resize shows)."""
     return list(map(torch.Tensor.data_ptr, sources)), list(map(_SHAPE, sources)), list(map(_DTYPE, sources))
@@ -408,26 +418,23 @@ class ModelPlan:
 
     @staticmethod
     def _structure(modules: list[torch.nn.Module]) -> _Structure:
-        dicts = [*map(_PARAMETERS, modules), *map(_BUFFERS, modules), *map(_CHILDREN, modules)]
+        dicts = _module_dicts(modules)
         return _Structure(
             types=list(map(type, modules)), dicts=dicts, sizes=list(map(len, dicts)),
             names=list(chain.from_iterable(dicts)), values=list(chain.from_iterable(map(dict.values, dicts))),
-            non_persistent=list(map(frozenset, map(_NON_PERSISTENT, modules))),
-            hooks=[*map(len, map(_SD_HOOKS, modules)), *map(len, map(_SD_PRE_HOOKS, modules))])
+            non_persistent=list(map(frozenset, map(_NON_PERSISTENT, modules))), hooks=_hook_counts(modules))
 
     def holds(self) -> bool:
         """The model's tensors are still the ones this plan found, where it found them."""
         modules, shape = self._modules, self._shape
         if not (_same_objects(map(type, modules), shape.types)
-                and _same_objects([*map(_PARAMETERS, modules), *map(_BUFFERS, modules), *map(_CHILDREN, modules)],
-                                  shape.dicts)):
+                and _same_objects(_module_dicts(modules), shape.dicts)):
             return False
         dicts = shape.dicts                  # the very dictionaries found: now their contents
         return (list(map(len, dicts)) == shape.sizes and list(chain.from_iterable(dicts)) == shape.names
                 and _same_objects(chain.from_iterable(map(dict.values, dicts)), shape.values)
                 and list(map(_NON_PERSISTENT, modules)) == shape.non_persistent
-                and [*map(len, map(_SD_HOOKS, modules)), *map(len, map(_SD_PRE_HOOKS, modules))] == shape.hooks
-                and _where(self._sources) == self._memory)
+                and _hook_counts(modules) == shape.hooks and _where(self._sources) == self._memory)
 
     def stage(self, buffers: StagingBuffers) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """Register this snapshot's copies (as :meth:`StagingBuffers.copy` would); the staged tensors by name (the
